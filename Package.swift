@@ -1,0 +1,36 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+// One job per module; see README "Source layout".
+let package = Package(
+    name: "swiftlet",
+    products: [
+        .executable(name: "swiftlet", targets: ["swiftlet"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        // C shim: linux-libc-dev headers and ioctl numbers Swift cannot import as macros. Nothing else in C.
+        .target(name: "CLinux"),
+        // Guest physical memory: regions, bounds-checked access, iovecs.
+        .target(name: "GuestMemory", dependencies: ["CLinux"]),
+        // /dev/kvm, VM, vCPU, memory slots, irqchip, ioeventfd, irqfd.
+        .target(name: "KVM", dependencies: ["CLinux", "GuestMemory"]),
+        // Linux boot protocol, zero page, e820, page tables, GDT, ACPI and MP tables.
+        .target(name: "Boot", dependencies: ["GuestMemory"]),
+        // Legacy devices: 16550 UART, CMOS RTC, i8042, boot-time marker.
+        .target(name: "Devices", dependencies: ["CLinux", "GuestMemory"]),
+        // Builds a machine from a configuration and runs its lifecycle.
+        .target(name: "VMM", dependencies: ["CLinux", "KVM", "GuestMemory", "Boot", "Devices"]),
+        .executableTarget(name: "swiftlet", dependencies: [
+            "VMM",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+        .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"]),
+        .testTarget(name: "KVMTests", dependencies: ["KVM", "GuestMemory", "CLinux"]),
+        .testTarget(name: "BootTests", dependencies: ["Boot", "GuestMemory"]),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "GuestMemory"]),
+    ],
+    swiftLanguageModes: [.v5]
+)

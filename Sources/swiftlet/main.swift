@@ -1,0 +1,2 @@
+import VMM
+print("swiftlet: not built yet")
