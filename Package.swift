@@ -19,10 +19,12 @@ let package = Package(
         .target(name: "KVM", dependencies: ["CLinux", "GuestMemory"]),
         // Linux boot protocol, zero page, e820, page tables, GDT, ACPI and MP tables.
         .target(name: "Boot", dependencies: ["GuestMemory"]),
+        // Split virtqueues, the virtio-mmio transport, feature negotiation.
+        .target(name: "Virtio", dependencies: ["CLinux", "GuestMemory"]),
         // Legacy devices: 16550 UART, CMOS RTC, i8042, boot-time marker.
         .target(name: "Devices", dependencies: ["CLinux", "GuestMemory"]),
         // Builds a machine from a configuration and runs its lifecycle.
-        .target(name: "VMM", dependencies: ["CLinux", "KVM", "GuestMemory", "Boot", "Devices"]),
+        .target(name: "VMM", dependencies: ["CLinux", "KVM", "GuestMemory", "Boot", "Devices", "Virtio"]),
         .executableTarget(name: "swiftlet", dependencies: [
             "VMM",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -30,6 +32,7 @@ let package = Package(
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"]),
         .testTarget(name: "KVMTests", dependencies: ["KVM", "GuestMemory", "CLinux"]),
         .testTarget(name: "BootTests", dependencies: ["Boot", "GuestMemory"]),
+        .testTarget(name: "VirtioTests", dependencies: ["Virtio", "GuestMemory"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "GuestMemory"]),
     ],
     swiftLanguageModes: [.v5]
