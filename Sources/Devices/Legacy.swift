@@ -1,0 +1,129 @@
+// Small legacy devices: CMOS RTC, i8042 (reset only), the ACPI sleep/reset register,
+// and the boot-time marker.
+import Glibc
+
+/// CMOS RTC at ports 0x70 (index) and 0x71 (data), reporting the host's UTC time in BCD,
+/// 24-hour mode. Without it the stock kernel spends seconds probing absent ports.
+public final class CMOSRTC: PortDevice, @unchecked Sendable {
+    private let lock = Mutex()
+    private var index: UInt8 = 0
+    private var nvram = [UInt8](repeating: 0, count: 128)
+    private let now: () -> time_t
+
+    public init(now: @escaping () -> time_t = { time(nil) }) {
+        self.now = now
+        nvram[0x0a] = 0x26  // 32.768 kHz divider, 1024 Hz rate, UIP clear
+        nvram[0x0b] = 0x02  // 24-hour, BCD
+        nvram[0x0d] = 0x80  // RTC valid (battery good)
+    }
+
+    @inline(__always) static func bcd(_ v: Int32) -> UInt8 { UInt8((v / 10) << 4 | (v % 10)) }
+
+    public func read(offset: UInt16, size: Int) -> UInt32 {
+        lock.withLock {
+            guard offset == 1 else { return UInt32(index) }
+            var t = now()
+            var tm = Glibc.tm()
+            gmtime_r(&t, &tm)
+            let v: UInt8
+            switch index {
+            case 0x00: v = Self.bcd(tm.tm_sec)
+            case 0x02: v = Self.bcd(tm.tm_min)
+            case 0x04: v = Self.bcd(tm.tm_hour)
+            case 0x06: v = Self.bcd(tm.tm_wday + 1)
+            case 0x07: v = Self.bcd(tm.tm_mday)
+            case 0x08: v = Self.bcd(tm.tm_mon + 1)
+            case 0x09: v = Self.bcd(tm.tm_year % 100)
+            case 0x32: v = Self.bcd((tm.tm_year + 1900) / 100)
+            case 0x0c: v = 0  // no interrupt flags pending
+            default: v = nvram[Int(index & 0x7f)]
+            }
+            return UInt32(v)
+        }
+    }
+
+    public func write(offset: UInt16, size: Int, value: UInt32) {
+        lock.withLock {
+            if offset == 0 {
+                index = UInt8(truncatingIfNeeded: value) & 0x7f  // bit 7 is the NMI mask
+            } else if offset == 1 {
+                // Time registers are read from the host clock; keep the control bits the
+                // guest sets (it may ask for binary or 12-hour mode: honoured only as storage).
+                switch index {
+                case 0x0a: nvram[0x0a] = (UInt8(truncatingIfNeeded: value) & 0x7f)
+                case 0x0c, 0x0d: break  // read-only
+                default: nvram[Int(index)] = UInt8(truncatingIfNeeded: value)
+                }
+            }
+        }
+    }
+}
+
+/// i8042 keyboard controller, just enough for Linux's `reboot=k`: the reset command
+/// (0xFE written to the command port) ends the VM as a reboot.
+public final class I8042: PortDevice, @unchecked Sendable {
+    private let onEvent: (MachineEvent) -> Void
+    public init(onEvent: @escaping (MachineEvent) -> Void) { self.onEvent = onEvent }
+
+    // Base port 0x60: offset 0 is data (0x60), offset 4 is status/command (0x64).
+    public func read(offset: UInt16, size: Int) -> UInt32 { 0 }  // no data, buffers empty
+
+    public func write(offset: UInt16, size: Int, value: UInt32) {
+        if offset == 4 && UInt8(truncatingIfNeeded: value) == 0xfe { onEvent(.reboot) }
+    }
+}
+
+/// The hardware-reduced ACPI sleep control and reset register (one byte at port 0x3c0,
+/// described in the FADT). Writing SLP_TYP=5 with SLP_EN powers off; the reset value
+/// reboots.
+public final class ACPISleepRegister: PortDevice, @unchecked Sendable {
+    public static let port: UInt16 = 0x3c0
+    public static let resetValue: UInt8 = 0x01
+    public static let s5Type: UInt8 = 5
+    private let onEvent: (MachineEvent) -> Void
+    public init(onEvent: @escaping (MachineEvent) -> Void) { self.onEvent = onEvent }
+
+    public func read(offset: UInt16, size: Int) -> UInt32 { 0 }
+
+    public func write(offset: UInt16, size: Int, value: UInt32) {
+        let v = UInt8(truncatingIfNeeded: value)
+        if v == Self.resetValue {
+            onEvent(.reboot)
+        } else if v & 0x20 != 0 && (v >> 2) & 0x07 == Self.s5Type {
+            onEvent(.powerOff)
+        }
+    }
+}
+
+/// The boot-time marker: when the guest writes byte 123 at its address, the time since
+/// swiftlet started is recorded (first write wins) and reported.
+public final class BootMarker: MMIODevice, @unchecked Sendable {
+    public static let address: UInt64 = 0xd000_0000
+    public static let size: UInt64 = 0x1000
+    public static let magic: UInt64 = 123
+    private let start: UInt64
+    private let lock = Mutex()
+    private var stamp: UInt64? = nil
+    private let onMark: (UInt64) -> Void
+
+    /// `start` is swiftlet's start in monotonicNanos(); `onMark` gets the elapsed nanoseconds.
+    public init(start: UInt64, onMark: @escaping (UInt64) -> Void = { _ in }) {
+        self.start = start
+        self.onMark = onMark
+    }
+
+    public var elapsedNanos: UInt64? { lock.withLock { stamp } }
+
+    public func read(offset: UInt64, size: Int) -> UInt64 { 0 }
+
+    public func write(offset: UInt64, size: Int, value: UInt64) {
+        guard offset == 0, value & 0xff == Self.magic else { return }
+        let elapsed = monotonicNanos() &- start
+        let first: Bool = lock.withLock {
+            if stamp != nil { return false }
+            stamp = elapsed
+            return true
+        }
+        if first { onMark(elapsed) }
+    }
+}

@@ -1,0 +1,137 @@
+import XCTest
+import Glibc
+@testable import Devices
+
+final class SerialTests: XCTestCase {
+    final class Sink { var bytes: [UInt8] = []; var irqs = 0 }
+
+    func makeSerial() -> (Serial16550, Sink) {
+        let s = Sink()
+        let u = Serial16550(output: { s.bytes.append($0) }, interrupt: { s.irqs += 1 })
+        return (u, s)
+    }
+
+    func testTransmitGoesToOutput() {
+        let (u, s) = makeSerial()
+        for c in "hi\n".utf8 { u.write(offset: 0, size: 1, value: UInt32(c)) }
+        XCTAssertEqual(s.bytes, Array("hi\n".utf8))
+        XCTAssertEqual(u.read(offset: 5, size: 1) & 0x60, 0x60, "THR empty and transmitter empty")
+        XCTAssertEqual(s.irqs, 0, "no interrupt while IER is 0")
+    }
+
+    func testTHREInterruptFiresOnEnableAndClearsOnIIRRead() {
+        let (u, s) = makeSerial()
+        u.write(offset: 1, size: 1, value: 0x02)
+        XCTAssertEqual(s.irqs, 1)
+        XCTAssertEqual(u.read(offset: 2, size: 1) & 0x0f, 0x02)
+        XCTAssertEqual(u.read(offset: 2, size: 1) & 0x0f, 0x01, "reading IIR cleared THRI")
+        u.write(offset: 0, size: 1, value: 0x41)
+        XCTAssertEqual(s.irqs, 2)
+    }
+
+    func testReceiveFIFOBoundsAndInterrupts() {
+        let (u, s) = makeSerial()
+        u.write(offset: 1, size: 1, value: 0x01)
+        let input = [UInt8](repeating: 0x61, count: 100)
+        let taken = input.withUnsafeBytes { u.enqueueInput($0) }
+        XCTAssertEqual(taken, 64, "FIFO holds 64 bytes; the rest waits")
+        XCTAssertEqual(s.irqs, 1)
+        XCTAssertEqual(u.read(offset: 2, size: 1) & 0x0f, 0x04)
+        var got = 0
+        while u.read(offset: 5, size: 1) & 1 == 1 { _ = u.read(offset: 0, size: 1); got += 1 }
+        XCTAssertEqual(got, 64)
+        XCTAssertEqual(u.receiveSpace, 64)
+        XCTAssertEqual(u.read(offset: 0, size: 1), 0, "empty FIFO reads 0")
+    }
+
+    func testDivisorLatchAndScratch() {
+        let (u, s) = makeSerial()
+        u.write(offset: 3, size: 1, value: 0x80)
+        u.write(offset: 0, size: 1, value: 0x01)
+        u.write(offset: 1, size: 1, value: 0x02)
+        XCTAssertEqual(u.read(offset: 0, size: 1), 1)
+        XCTAssertEqual(u.read(offset: 1, size: 1), 2)
+        u.write(offset: 3, size: 1, value: 0x03)
+        XCTAssertTrue(s.bytes.isEmpty, "DLAB writes are not output")
+        u.write(offset: 7, size: 1, value: 0x5a)
+        XCTAssertEqual(u.read(offset: 7, size: 1), 0x5a)
+        XCTAssertEqual(u.read(offset: 42, size: 1), 0, "offsets past the UART read 0")
+        u.write(offset: 42, size: 1, value: 0xff)
+    }
+
+    func testLoopbackAsThe8250ProbeUsesIt() {
+        let (u, s) = makeSerial()
+        u.write(offset: 4, size: 1, value: 0x10 | 0x0a)  // loop, RTS, OUT2
+        XCTAssertEqual(u.read(offset: 6, size: 1) & 0xf0, 0x90)
+        u.write(offset: 0, size: 1, value: 0x55)
+        XCTAssertTrue(s.bytes.isEmpty)
+        XCTAssertEqual(u.read(offset: 0, size: 1), 0x55)
+    }
+}
+
+final class LegacyTests: XCTestCase {
+    func testRTCReportsBCDTime() {
+        // 2026-11-21 10:20:33 UTC, a Saturday.
+        let rtc = CMOSRTC(now: { 1_795_256_433 })
+        func reg(_ i: UInt8) -> UInt32 { rtc.write(offset: 0, size: 1, value: UInt32(i)); return rtc.read(offset: 1, size: 1) }
+        XCTAssertEqual(reg(0x00), 0x33)
+        XCTAssertEqual(reg(0x02), 0x20)
+        XCTAssertEqual(reg(0x04), 0x10)
+        XCTAssertEqual(reg(0x07), 0x21)
+        XCTAssertEqual(reg(0x08), 0x11)
+        XCTAssertEqual(reg(0x09), 0x26)
+        XCTAssertEqual(reg(0x32), 0x20)
+        XCTAssertEqual(reg(0x06), 0x07)
+        XCTAssertEqual(reg(0x0d), 0x80)
+        XCTAssertEqual(reg(0x0a) & 0x80, 0, "update never in progress")
+        // NMI-mask bit and out-of-range indices stay inside the 128-byte NVRAM.
+        rtc.write(offset: 0, size: 1, value: 0xff)
+        rtc.write(offset: 1, size: 1, value: 0x12)
+        XCTAssertEqual(rtc.read(offset: 1, size: 1), 0x12)
+    }
+
+    func testResetAndSleepRegisters() {
+        var events: [MachineEvent] = []
+        let kbd = I8042(onEvent: { events.append($0) })
+        kbd.write(offset: 4, size: 1, value: 0xd1)
+        kbd.write(offset: 0, size: 1, value: 0xfe)
+        XCTAssertEqual(events, [])
+        kbd.write(offset: 4, size: 1, value: 0xfe)
+        XCTAssertEqual(events, [.reboot])
+        XCTAssertEqual(kbd.read(offset: 4, size: 1) & 0x02, 0, "input buffer empty so reboot=k proceeds")
+
+        events = []
+        let pm = ACPISleepRegister(onEvent: { events.append($0) })
+        pm.write(offset: 0, size: 1, value: (3 << 2) | 0x20)  // S3: ignored
+        pm.write(offset: 0, size: 1, value: 5 << 2)           // no SLP_EN: ignored
+        XCTAssertEqual(events, [])
+        pm.write(offset: 0, size: 1, value: (5 << 2) | 0x20)
+        pm.write(offset: 0, size: 1, value: 1)
+        XCTAssertEqual(events, [.powerOff, .reboot])
+    }
+
+    func testBootMarkerRecordsFirstMagicWriteOnly() {
+        var marks: [UInt64] = []
+        let m = BootMarker(start: monotonicNanos(), onMark: { marks.append($0) })
+        m.write(offset: 0, size: 1, value: 122)
+        m.write(offset: 4, size: 1, value: 123)
+        XCTAssertNil(m.elapsedNanos)
+        m.write(offset: 0, size: 1, value: 123)
+        m.write(offset: 0, size: 1, value: 123)
+        XCTAssertNotNil(m.elapsedNanos)
+        XCTAssertEqual(marks.count, 1)
+    }
+
+    func testRangeMapRejectsOverlapAndStraddling() {
+        var map = RangeMap<Int>()
+        XCTAssertTrue(map.insert(base: 0x3f8, size: 8, 1))
+        XCTAssertFalse(map.insert(base: 0x3fc, size: 8, 2))
+        XCTAssertFalse(map.insert(base: UInt64.max - 2, size: 8, 3))
+        XCTAssertFalse(map.insert(base: 0x10, size: 0, 4))
+        XCTAssertTrue(map.insert(base: 0x70, size: 2, 5))
+        XCTAssertEqual(map.lookup(0x3fd)?.offset, 5)
+        XCTAssertEqual(map.lookup(0x71)?.device, 5)
+        XCTAssertNil(map.lookup(0x3fe, length: 4), "access straddling the end")
+        XCTAssertNil(map.lookup(0x72))
+    }
+}
