@@ -68,3 +68,77 @@ CLINUX_REQ(TUNSETPERSIST, TUNSETPERSIST)
 #undef CLINUX_REQ
 
 #endif
+
+// ---- Added for Sources/KVM (append-only section, own include guard) ----
+#ifndef SWIFTLET_CLINUX_KVM_H
+#define SWIFTLET_CLINUX_KVM_H
+#include <stddef.h>
+#include <string.h>
+#include <time.h>
+#include <signal.h>
+#include <pthread.h>
+#include <sys/eventfd.h>
+#define CLINUX_REQ2(name, expr) static inline unsigned long clinux_##name(void) { return (unsigned long)(expr); }
+CLINUX_REQ2(KVM_GET_MP_STATE, KVM_GET_MP_STATE)
+CLINUX_REQ2(KVM_SET_MP_STATE, KVM_SET_MP_STATE)
+CLINUX_REQ2(KVM_GET_CPUID2, KVM_GET_CPUID2)
+CLINUX_REQ2(KVM_GET_XCRS, KVM_GET_XCRS)
+CLINUX_REQ2(KVM_SET_XCRS, KVM_SET_XCRS)
+#undef CLINUX_REQ2
+
+// struct kvm_run field offsets (the exit union is anonymous; Swift decodes the
+// mmap'd page by offset, checked against the mapping size).
+#define CLINUX_OFF(name, expr) static inline unsigned long clinux_kvm_run_off_##name(void) { return (unsigned long)offsetof(struct kvm_run, expr); }
+CLINUX_OFF(immediate_exit, immediate_exit)
+CLINUX_OFF(exit_reason, exit_reason)
+CLINUX_OFF(io_direction, io.direction)
+CLINUX_OFF(io_size, io.size)
+CLINUX_OFF(io_port, io.port)
+CLINUX_OFF(io_count, io.count)
+CLINUX_OFF(io_data_offset, io.data_offset)
+CLINUX_OFF(mmio_phys_addr, mmio.phys_addr)
+CLINUX_OFF(mmio_data, mmio.data)
+CLINUX_OFF(mmio_len, mmio.len)
+CLINUX_OFF(mmio_is_write, mmio.is_write)
+CLINUX_OFF(fail_entry_reason, fail_entry.hardware_entry_failure_reason)
+CLINUX_OFF(internal_suberror, internal.suberror)
+CLINUX_OFF(system_event_type, system_event.type)
+#undef CLINUX_OFF
+static inline unsigned long clinux_kvm_run_size(void) { return (unsigned long)sizeof(struct kvm_run); }
+
+// Byte store/load visible to another thread (kvm_run.immediate_exit is set from a
+// thread other than the one in KVM_RUN).
+static inline void clinux_atomic_store_u8(void *p, uint8_t v) { __atomic_store_n((uint8_t *)p, v, __ATOMIC_SEQ_CST); }
+static inline uint8_t clinux_atomic_load_u8(const void *p) { return __atomic_load_n((const uint8_t *)p, __ATOMIC_SEQ_CST); }
+
+// KVM ioeventfd flags are defined through an enum of bit numbers; export them plainly.
+static inline uint32_t clinux_KVM_IOEVENTFD_FLAG_DATAMATCH(void) { return KVM_IOEVENTFD_FLAG_DATAMATCH; }
+static inline uint32_t clinux_KVM_IOEVENTFD_FLAG_PIO(void) { return KVM_IOEVENTFD_FLAG_PIO; }
+static inline uint32_t clinux_KVM_IOEVENTFD_FLAG_DEASSIGN(void) { return KVM_IOEVENTFD_FLAG_DEASSIGN; }
+
+// sigset helpers (sigset_t and its macros are awkward from Swift).
+static inline int clinux_sigset_with_only(sigset_t *s, int sig) { sigemptyset(s); return sigaddset(s, sig); }
+static inline int clinux_sigdelset(sigset_t *s, int sig) { return sigdelset(s, sig); }
+static inline int clinux_sigismember(const sigset_t *s, int sig) { return sigismember(s, sig); }
+// Installs a handler that does nothing, without SA_RESTART, so the signal only
+// interrupts blocking system calls (KVM_RUN) in the thread it is sent to.
+static inline void clinux_noop_signal_handler(int sig) { (void)sig; }
+static inline int clinux_install_noop_handler(int sig) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = clinux_noop_signal_handler;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = 0;
+    return sigaction(sig, &sa, NULL);
+}
+// Removes one pending instance of `sig` from the calling thread without blocking.
+static inline int clinux_consume_pending_signal(int sig) {
+    sigset_t s; sigemptyset(&s); sigaddset(&s, sig);
+    struct timespec ts = {0, 0};
+    return sigtimedwait(&s, NULL, &ts);
+}
+static inline int clinux_sigrtmin(void) { return SIGRTMIN; }
+// Names the calling thread (pthread_setname_np needs _GNU_SOURCE; prctl is variadic).
+#include <sys/prctl.h>
+static inline int clinux_set_thread_name(const char *name) { return prctl(PR_SET_NAME, (unsigned long)name, 0UL, 0UL, 0UL); }
+#endif // SWIFTLET_CLINUX_KVM_H
