@@ -1,0 +1,71 @@
+// Reading kernel and initrd files with open/fstat/read (no Foundation).
+import Glibc
+
+/// An open regular file. Closed on deinit.
+final class InputFile {
+    let fd: Int32
+    let size: UInt64
+    let path: String
+
+    enum Failure: Error { case notFound, unreadable(Int32) }
+
+    init(path: String) throws {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        if fd < 0 {
+            let e = errno
+            throw (e == ENOENT || e == ENOTDIR) ? Failure.notFound : Failure.unreadable(e)
+        }
+        var st = stat()
+        if fstat(fd, &st) != 0 { let e = errno; close(fd); throw Failure.unreadable(e) }
+        let fmt = st.st_mode & S_IFMT
+        if fmt == S_IFDIR { close(fd); throw Failure.unreadable(EISDIR) }
+        if fmt != S_IFREG { close(fd); throw Failure.unreadable(EINVAL) }
+        self.fd = fd
+        self.size = UInt64(st.st_size)
+        self.path = path
+    }
+
+    deinit { close(fd) }
+
+    /// Reads exactly `count` bytes from `offset` into `dst`; a file that shrank reads as EIO.
+    func read(into dst: UnsafeMutableRawPointer, count: Int, offset: UInt64 = 0) throws {
+        var done = 0
+        while done < count {
+            let n = pread(fd, dst + done, min(count - done, 1 << 30), off_t(offset) + off_t(done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw Failure.unreadable(errno)
+            }
+            if n == 0 { throw Failure.unreadable(EIO) }
+            done += n
+        }
+    }
+
+    /// The whole file as bytes.
+    func readAll() throws -> [UInt8] {
+        guard size <= UInt64(Int.max / 2) else { throw Failure.unreadable(EFBIG) }
+        let n = Int(size)
+        var out = [UInt8](repeating: 0, count: n)
+        var failure: Failure?
+        out.withUnsafeMutableBytes { buf in
+            guard let base = buf.baseAddress, n > 0 else { return }
+            do { try read(into: base, count: n) } catch { failure = error as? Failure ?? .unreadable(EIO) }
+        }
+        if let failure { throw failure }
+        return out
+    }
+}
+
+/// Reads a kernel image, mapping failures to the kernel errors.
+public func readKernelFile(_ path: String) throws -> [UInt8] {
+    do {
+        let f = try InputFile(path: path)
+        if f.size == 0 { throw BootError.emptyKernel(path) }
+        return try f.readAll()
+    } catch let e as InputFile.Failure {
+        switch e {
+        case .notFound: throw BootError.kernelNotFound(path)
+        case let .unreadable(n): throw BootError.kernelUnreadable(path, errno: n)
+        }
+    }
+}
