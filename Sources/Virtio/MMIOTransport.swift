@@ -1,0 +1,437 @@
+// virtio-mmio transport, version 2 (modern only; virtio 1.2 §4.2.2).
+//
+// Register accesses arrive from vCPU threads (MMIO exits) and are serialized by a mutex.
+// Device worker threads never take that mutex: they signal through atomics
+// (interrupt status, NEEDS_RESET, config generation), so a reset that stops and joins
+// the workers from inside a register write cannot deadlock.
+import GuestMemory
+import Synchronization
+
+/// How a running device talks back to its transport.
+public protocol VirtioInterruptSink: AnyObject, Sendable {
+    /// Sets InterruptStatus bit 0 (used buffer), then signals the interrupt.
+    func signalUsedBuffer()
+    /// Bumps ConfigGeneration, sets InterruptStatus bit 1, then signals the interrupt.
+    func signalConfigChange()
+    /// The driver broke the rules: sets DEVICE_NEEDS_RESET and (once DRIVER_OK) raises a
+    /// configuration-change interrupt. The device must stop using its queues.
+    func markNeedsReset()
+}
+
+/// A virtio device model behind a transport.
+public protocol VirtioDevice: AnyObject {
+    /// Virtio device ID (1 net, 2 block, ...).
+    var deviceType: UInt32 { get }
+    /// Maximum size of each queue (a power of two, 1...32768); the count is the number of queues.
+    var queueMaxSizes: [UInt16] { get }
+    /// Device-offered features. The transport adds VIRTIO_F_VERSION_1 and keeps only the
+    /// device-specific bits (0-23, 50-63) plus INDIRECT_DESC and EVENT_IDX.
+    var deviceFeatures: UInt64 { get }
+    /// Size of the device configuration space in bytes.
+    var configSize: Int { get }
+    /// Reads config bytes; the transport guarantees offset + buffer.count <= configSize.
+    func readConfig(offset: Int, into buffer: UnsafeMutableRawBufferPointer)
+    /// A driver write to config space (bounds guaranteed as for reads). The device
+    /// ignores writes to fields it does not allow the driver to change.
+    func writeConfig(offset: Int, bytes: UnsafeRawBufferPointer)
+    /// DRIVER_OK: start working. `queues[i]` is nil for a queue the driver did not enable.
+    /// `features` are the negotiated features. Throwing marks the device NEEDS_RESET.
+    func activate(queues: [SplitQueue?], memory: GuestMemory, features: UInt64, interrupt: any VirtioInterruptSink) throws
+    /// Stop: stop and join worker threads, drop the queues. Called on every driver reset
+    /// (status 0), whether or not the device was activated. Must be idempotent.
+    func reset()
+}
+
+extension VirtioDevice {
+    public func writeConfig(offset: Int, bytes: UnsafeRawBufferPointer) {}
+}
+
+public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable {
+    public static let magic: UInt32 = 0x7472_6976  // "virt"
+    public static let version: UInt32 = 2
+    /// "SWLT" in memory order (little-endian bytes 53 57 4c 54).
+    public static let vendorID: UInt32 = 0x544C_5753
+
+    struct QueueRegs {
+        var size: UInt32
+        var ready = false
+        var desc: UInt64 = 0
+        var driver: UInt64 = 0
+        var device: UInt64 = 0
+    }
+
+    struct State {
+        var status: UInt32 = 0
+        var deviceFeaturesSel: UInt32 = 0
+        var driverFeaturesSel: UInt32 = 0
+        var driverFeatures: UInt64 = 0
+        var queueSel: UInt32 = 0
+        var queues: [QueueRegs]
+        var activated = false
+        /// The driver set a feature bit past 63 (none is offered): FEATURES_OK is refused.
+        var driverFeaturesBeyond64 = false
+    }
+
+    public let device: any VirtioDevice
+    public let memory: GuestMemory
+    /// Features offered to the driver.
+    public let offeredFeatures: UInt64
+    let maxSizes: [UInt16]
+    let signalInterrupt: @Sendable () -> Void
+    let onQueueNotify: (@Sendable (Int) -> Void)?
+    let onReset: (@Sendable () -> Void)?
+    let log: (@Sendable (String) -> Void)?
+
+    let state: Mutex<State>
+    let interruptBits = Atomic<UInt32>(0)
+    let needsResetFlag = Atomic<Bool>(false)
+    let driverOKFlag = Atomic<Bool>(false)
+    let generation = Atomic<UInt32>(0)
+
+    /// - signalInterrupt: raise the device's interrupt (irqfd); called after the
+    ///   InterruptStatus bit is set.
+    /// - onQueueNotify: a QueueNotify write that reached the transport (not caught by an
+    ///   ioeventfd), with the queue index; only forwarded while the device is active.
+    /// - onReset: called on driver reset, after device.reset().
+    public init(device: any VirtioDevice, memory: GuestMemory,
+                signalInterrupt: @escaping @Sendable () -> Void,
+                onQueueNotify: (@Sendable (Int) -> Void)? = nil,
+                onReset: (@Sendable () -> Void)? = nil,
+                log: (@Sendable (String) -> Void)? = nil) {
+        self.device = device
+        self.memory = memory
+        self.offeredFeatures = (device.deviceFeatures & (VirtioFeature.deviceSpecificMask | VirtioFeature.transportSupported))
+            | VirtioFeature.version1
+        self.maxSizes = device.queueMaxSizes.map { min($0, SplitQueue.maxQueueSize) }
+        self.signalInterrupt = signalInterrupt
+        self.onQueueNotify = onQueueNotify
+        self.onReset = onReset
+        self.log = log
+        self.state = Mutex(State(queues: maxSizes.map { QueueRegs(size: UInt32($0)) }))
+    }
+
+    // MARK: observers (VMM, tests)
+
+    /// Status register as the driver reads it (including NEEDS_RESET).
+    public var status: UInt32 {
+        state.withLock { $0.status } | (needsResetFlag.load(ordering: .acquiring) ? VirtioStatus.needsReset : 0)
+    }
+    public var interruptStatus: UInt32 { interruptBits.load(ordering: .acquiring) }
+    public var isActivated: Bool { state.withLock { $0.activated } }
+    public var needsReset: Bool { needsResetFlag.load(ordering: .acquiring) }
+    public var configGeneration: UInt32 { generation.load(ordering: .acquiring) }
+    /// Features the driver wrote (negotiated once FEATURES_OK is set).
+    public var driverFeatures: UInt64 { state.withLock { $0.driverFeatures } }
+    public var queueCount: Int { maxSizes.count }
+    /// The queue registers of queue i (nil if there is no such queue).
+    public func queueLayout(_ i: Int) -> (layout: QueueLayout, ready: Bool)? {
+        state.withLock { s in
+            guard i >= 0, i < s.queues.count else { return nil }
+            let q = s.queues[i]
+            return (QueueLayout(size: q.size, descTable: q.desc, availRing: q.driver, usedRing: q.device), q.ready)
+        }
+    }
+
+    // MARK: VirtioInterruptSink
+
+    public func signalUsedBuffer() {
+        interruptBits.bitwiseOr(VirtioInterrupt.usedBuffer, ordering: .acquiringAndReleasing)
+        signalInterrupt()
+    }
+
+    public func signalConfigChange() {
+        generation.wrappingAdd(1, ordering: .acquiringAndReleasing)
+        interruptBits.bitwiseOr(VirtioInterrupt.configChange, ordering: .acquiringAndReleasing)
+        signalInterrupt()
+    }
+
+    public func markNeedsReset() {
+        let (was, _) = needsResetFlag.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing)
+        guard was else { return }
+        log?("virtio-mmio device type \(device.deviceType): DEVICE_NEEDS_RESET")
+        if driverOKFlag.load(ordering: .acquiring) {
+            interruptBits.bitwiseOr(VirtioInterrupt.configChange, ordering: .acquiringAndReleasing)
+            signalInterrupt()
+        }
+    }
+
+    // MARK: MMIO access
+
+    /// A read of `data.count` bytes at `offset` into the device window. Registers
+    /// (0x000-0x0ff) need aligned 4-byte accesses; config space (0x100+) takes 1, 2, 4 or
+    /// 8 bytes. Anything else reads as zeroes.
+    public func read(offset: UInt64, into data: UnsafeMutableRawBufferPointer) {
+        guard let base = data.baseAddress, data.count > 0 else { return }
+        base.initializeMemory(as: UInt8.self, repeating: 0, count: data.count)
+        if offset >= VirtioMMIOReg.config {
+            guard [1, 2, 4, 8].contains(data.count), let off = configRange(offset, data.count) else {
+                ignored("config read", offset, data.count)
+                return
+            }
+            device.readConfig(offset: off, into: data)
+            return
+        }
+        guard data.count == 4, offset % 4 == 0 else {
+            ignored("register read", offset, data.count)
+            return
+        }
+        base.storeBytes(of: readRegister(offset).littleEndian, as: UInt32.self)
+    }
+
+    /// A write of `data` at `offset`; the same access rules as read(offset:into:).
+    public func write(offset: UInt64, from data: UnsafeRawBufferPointer) {
+        guard let base = data.baseAddress, data.count > 0 else { return }
+        if offset >= VirtioMMIOReg.config {
+            guard [1, 2, 4, 8].contains(data.count), let off = configRange(offset, data.count) else {
+                ignored("config write", offset, data.count)
+                return
+            }
+            // Config writes are serialized with register accesses.
+            state.withLock { _ in device.writeConfig(offset: off, bytes: data) }
+            return
+        }
+        guard data.count == 4, offset % 4 == 0 else {
+            ignored("register write", offset, data.count)
+            return
+        }
+        writeRegister(offset, UInt32(littleEndian: base.loadUnaligned(as: UInt32.self)))
+    }
+
+    /// Convenience: a read of `size` (1, 2, 4) bytes, zero-extended.
+    public func read(offset: UInt64, size: Int) -> UInt32 {
+        guard size == 1 || size == 2 || size == 4 else { return 0 }
+        var v: UInt32 = 0
+        withUnsafeMutableBytes(of: &v) { read(offset: offset, into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<size])) }
+        return UInt32(littleEndian: v)
+    }
+
+    /// Convenience: a write of the low `size` (1, 2, 4) bytes of `value`.
+    public func write(offset: UInt64, size: Int, value: UInt32) {
+        guard size == 1 || size == 2 || size == 4 else { return }
+        var v = value.littleEndian
+        withUnsafeBytes(of: &v) { write(offset: offset, from: UnsafeRawBufferPointer(rebasing: $0[0..<size])) }
+    }
+
+    func configRange(_ offset: UInt64, _ count: Int) -> Int? {
+        let off = offset - VirtioMMIOReg.config
+        let size = UInt64(max(device.configSize, 0))
+        guard off < size, UInt64(count) <= size - off else { return nil }
+        return Int(off)
+    }
+
+    func ignored(_ what: String, _ offset: UInt64, _ count: Int) {
+        log?("virtio-mmio: ignored \(what) of \(count) bytes at 0x\(String(offset, radix: 16))")
+    }
+
+    func readRegister(_ offset: UInt64) -> UInt32 {
+        switch offset {
+        case VirtioMMIOReg.magicValue: return Self.magic
+        case VirtioMMIOReg.version: return Self.version
+        case VirtioMMIOReg.deviceID: return device.deviceType
+        case VirtioMMIOReg.vendorID: return Self.vendorID
+        case VirtioMMIOReg.interruptStatus: return interruptBits.load(ordering: .acquiring)
+        case VirtioMMIOReg.configGeneration: return generation.load(ordering: .acquiring)
+        case VirtioMMIOReg.shmLenLow, VirtioMMIOReg.shmLenHigh, VirtioMMIOReg.shmBaseLow, VirtioMMIOReg.shmBaseHigh:
+            return 0xFFFF_FFFF  // no shared memory regions: length (and base) -1
+        case VirtioMMIOReg.status: return status
+        default: break
+        }
+        return state.withLock { s -> UInt32 in
+            let q: QueueRegs? = s.queueSel < UInt32(s.queues.count) ? s.queues[Int(s.queueSel)] : nil
+            switch offset {
+            case VirtioMMIOReg.deviceFeatures:
+                switch s.deviceFeaturesSel {
+                case 0: return UInt32(truncatingIfNeeded: offeredFeatures)
+                case 1: return UInt32(truncatingIfNeeded: offeredFeatures >> 32)
+                default: return 0
+                }
+            case VirtioMMIOReg.queueNumMax: return q.map { _ in UInt32(maxSizes[Int(s.queueSel)]) } ?? 0
+            case VirtioMMIOReg.queueReady: return q?.ready == true ? 1 : 0
+            case VirtioMMIOReg.queueDescLow: return UInt32(truncatingIfNeeded: q?.desc ?? 0)
+            case VirtioMMIOReg.queueDescHigh: return UInt32(truncatingIfNeeded: (q?.desc ?? 0) >> 32)
+            case VirtioMMIOReg.queueDriverLow: return UInt32(truncatingIfNeeded: q?.driver ?? 0)
+            case VirtioMMIOReg.queueDriverHigh: return UInt32(truncatingIfNeeded: (q?.driver ?? 0) >> 32)
+            case VirtioMMIOReg.queueDeviceLow: return UInt32(truncatingIfNeeded: q?.device ?? 0)
+            case VirtioMMIOReg.queueDeviceHigh: return UInt32(truncatingIfNeeded: (q?.device ?? 0) >> 32)
+            default: return 0  // write-only, reserved, QueueReset (RING_RESET not offered)
+            }
+        }
+    }
+
+    func writeRegister(_ offset: UInt64, _ value: UInt32) {
+        switch offset {
+        case VirtioMMIOReg.interruptACK:
+            interruptBits.bitwiseAnd(~value, ordering: .acquiringAndReleasing)
+            return
+        case VirtioMMIOReg.queueNotify:
+            let notify = state.withLock { s -> Int? in
+                guard s.activated, value < UInt32(s.queues.count) else { return nil }
+                return Int(value)
+            }
+            if let q = notify { onQueueNotify?(q) } else { ignored("queue notify \(value)", offset, 4) }
+            return
+        default: break
+        }
+        var markBroken = false
+        state.withLock { s in
+            switch offset {
+            case VirtioMMIOReg.deviceFeaturesSel: s.deviceFeaturesSel = value
+            case VirtioMMIOReg.driverFeaturesSel: s.driverFeaturesSel = value
+            case VirtioMMIOReg.driverFeatures:
+                guard s.status & VirtioStatus.featuresOK == 0, s.status & VirtioStatus.driver != 0 else {
+                    ignored("driver features write in status 0x\(String(s.status, radix: 16))", offset, 4)
+                    return
+                }
+                switch s.driverFeaturesSel {
+                case 0: s.driverFeatures = (s.driverFeatures & 0xFFFF_FFFF_0000_0000) | UInt64(value)
+                case 1: s.driverFeatures = (s.driverFeatures & 0xFFFF_FFFF) | (UInt64(value) << 32)
+                default:
+                    // Bits past 63: this transport offers none, so a set bit there can never be accepted.
+                    if value != 0 { s.driverFeaturesBeyond64 = true }
+                }
+            case VirtioMMIOReg.queueSel: s.queueSel = value
+            case VirtioMMIOReg.status: markBroken = writeStatus(&s, value)
+            case VirtioMMIOReg.queueNum, VirtioMMIOReg.queueReady,
+                 VirtioMMIOReg.queueDescLow, VirtioMMIOReg.queueDescHigh,
+                 VirtioMMIOReg.queueDriverLow, VirtioMMIOReg.queueDriverHigh,
+                 VirtioMMIOReg.queueDeviceLow, VirtioMMIOReg.queueDeviceHigh:
+                markBroken = writeQueueRegister(&s, offset, value)
+            default:
+                ignored("write to read-only or reserved register", offset, 4)
+            }
+        }
+        if markBroken { markNeedsReset() }
+    }
+
+    /// Returns true if the device must be marked NEEDS_RESET.
+    func writeQueueRegister(_ s: inout State, _ offset: UInt64, _ value: UInt32) -> Bool {
+        guard s.queueSel < UInt32(s.queues.count) else {
+            ignored("queue register write for absent queue \(s.queueSel)", offset, 4)
+            return false
+        }
+        let i = Int(s.queueSel)
+        if offset == VirtioMMIOReg.queueReady {
+            if value == 0 {
+                // Allowed any time; a running device keeps its queue until reset.
+                s.queues[i].ready = false
+                return false
+            }
+            guard !s.queues[i].ready else { return false }
+            guard s.status & VirtioStatus.featuresOK != 0, s.status & VirtioStatus.driverOK == 0 else {
+                ignored("QueueReady outside FEATURES_OK..DRIVER_OK (status 0x\(String(s.status, radix: 16)))", offset, 4)
+                return false
+            }
+            let q = s.queues[i]
+            let l = QueueLayout(size: q.size, descTable: q.desc, availRing: q.driver, usedRing: q.device)
+            do {
+                try SplitQueue.validate(l, maxSize: maxSizes[i], memory: memory)
+            } catch {
+                log?("virtio-mmio device type \(device.deviceType) queue \(i): \(error)")
+                return true
+            }
+            s.queues[i].ready = true
+            return false
+        }
+        guard !s.queues[i].ready, s.status & VirtioStatus.driverOK == 0 else {
+            ignored("queue \(i) register write while ready", offset, 4)
+            return false
+        }
+        func low(_ v: inout UInt64) { v = (v & 0xFFFF_FFFF_0000_0000) | UInt64(value) }
+        func high(_ v: inout UInt64) { v = (v & 0xFFFF_FFFF) | (UInt64(value) << 32) }
+        switch offset {
+        case VirtioMMIOReg.queueNum: s.queues[i].size = value  // validated at QueueReady
+        case VirtioMMIOReg.queueDescLow: low(&s.queues[i].desc)
+        case VirtioMMIOReg.queueDescHigh: high(&s.queues[i].desc)
+        case VirtioMMIOReg.queueDriverLow: low(&s.queues[i].driver)
+        case VirtioMMIOReg.queueDriverHigh: high(&s.queues[i].driver)
+        case VirtioMMIOReg.queueDeviceLow: low(&s.queues[i].device)
+        case VirtioMMIOReg.queueDeviceHigh: high(&s.queues[i].device)
+        default: break
+        }
+        return false
+    }
+
+    /// The device status state machine. Returns true if the device must be marked
+    /// NEEDS_RESET (activation failed).
+    func writeStatus(_ s: inout State, _ value: UInt32) -> Bool {
+        if value == 0 {
+            reset(&s)
+            return false
+        }
+        let old = s.status
+        var new = value & 0xFF & ~VirtioStatus.needsReset  // NEEDS_RESET is the device's to set
+        guard new & old == old else {
+            ignored("status 0x\(String(value, radix: 16)) clears bits of 0x\(String(old, radix: 16))", VirtioMMIOReg.status, 4)
+            return false
+        }
+        let added = new & ~old
+        if added & (VirtioStatus.driver | VirtioStatus.featuresOK | VirtioStatus.driverOK) != 0,
+           new & VirtioStatus.acknowledge == 0 {
+            ignored("status 0x\(String(value, radix: 16)) without ACKNOWLEDGE", VirtioMMIOReg.status, 4)
+            return false
+        }
+        if added & VirtioStatus.featuresOK != 0 {
+            let f = s.driverFeatures
+            if new & VirtioStatus.driver == 0 || f & ~offeredFeatures != 0 || f & VirtioFeature.version1 == 0
+                || s.driverFeaturesBeyond64 {
+                log?("virtio-mmio device type \(device.deviceType): features 0x\(String(f, radix: 16)) refused (offered 0x\(String(offeredFeatures, radix: 16)))")
+                new &= ~(VirtioStatus.featuresOK | VirtioStatus.driverOK)
+            }
+        }
+        var broken = false
+        if added & VirtioStatus.driverOK != 0 {
+            if new & VirtioStatus.featuresOK == 0 {
+                new &= ~VirtioStatus.driverOK
+            } else {
+                s.status = new
+                broken = activate(&s)
+            }
+        }
+        s.status = new
+        return broken
+    }
+
+    func activate(_ s: inout State) -> Bool {
+        driverOKFlag.store(true, ordering: .releasing)
+        if needsResetFlag.load(ordering: .acquiring) {
+            // Marked before DRIVER_OK (e.g. a bad queue layout): now tell the driver.
+            interruptBits.bitwiseOr(VirtioInterrupt.configChange, ordering: .acquiringAndReleasing)
+            signalInterrupt()
+            return false
+        }
+        let f = s.driverFeatures
+        var queues: [SplitQueue?] = []
+        for (i, q) in s.queues.enumerated() {
+            guard q.ready else { queues.append(nil); continue }
+            do {
+                queues.append(try SplitQueue(memory: memory,
+                                             layout: QueueLayout(size: q.size, descTable: q.desc, availRing: q.driver, usedRing: q.device),
+                                             maxSize: maxSizes[i],
+                                             eventIdx: f & VirtioFeature.eventIdx != 0,
+                                             indirectDescriptors: f & VirtioFeature.indirectDesc != 0))
+            } catch {
+                log?("virtio-mmio device type \(device.deviceType) queue \(i): \(error)")
+                return true
+            }
+        }
+        do {
+            try device.activate(queues: queues, memory: memory, features: f, interrupt: self)
+        } catch {
+            log?("virtio-mmio device type \(device.deviceType): activation failed: \(error)")
+            return true
+        }
+        s.activated = true
+        return false
+    }
+
+    func reset(_ s: inout State) {
+        // Stop the device first (joins its workers, which only touch our atomics), then
+        // forget everything the driver set up.
+        device.reset()
+        onReset?()
+        driverOKFlag.store(false, ordering: .releasing)
+        needsResetFlag.store(false, ordering: .releasing)
+        interruptBits.store(0, ordering: .releasing)
+        s = State(queues: maxSizes.map { QueueRegs(size: UInt32($0)) })
+    }
+}
