@@ -1,0 +1,461 @@
+import Glibc
+import XCTest
+import GuestMemory
+import Synchronization
+@testable import Virtio
+
+final class MockDevice: VirtioDevice, @unchecked Sendable {
+    var deviceType: UInt32 = VirtioDeviceType.block
+    var queueMaxSizes: [UInt16] = [256, 64]
+    var deviceFeatures: UInt64 = (1 << 0) | (1 << 9) | VirtioFeature.eventIdx | VirtioFeature.indirectDesc
+        | VirtioFeature.ringPacked | (1 << 27)
+    var config: [UInt8] = Array(0..<24)
+    var writableConfig: Range<Int> = 20..<24
+    var configSize: Int { config.count }
+    var activations: [(queues: [SplitQueue?], features: UInt64)] = []
+    var resets = 0
+    var failActivate = false
+    var sink: (any VirtioInterruptSink)?
+
+    func readConfig(offset: Int, into buffer: UnsafeMutableRawBufferPointer) {
+        for i in 0..<buffer.count { buffer[i] = config[offset + i] }
+    }
+    func writeConfig(offset: Int, bytes: UnsafeRawBufferPointer) {
+        guard writableConfig.contains(offset), writableConfig.contains(offset + bytes.count - 1) else { return }
+        for i in 0..<bytes.count { config[offset + i] = bytes[i] }
+    }
+    struct Refused: Error {}
+    func activate(queues: [SplitQueue?], memory: GuestMemory, features: UInt64, interrupt: any VirtioInterruptSink) throws {
+        if failActivate { throw Refused() }
+        activations.append((queues, features))
+        sink = interrupt
+    }
+    func reset() { resets += 1; sink = nil }
+}
+
+final class Recorder: @unchecked Sendable {
+    var interrupts = 0
+    var statusAtInterrupt: [UInt32] = []
+    var notifies: [Int] = []
+    var resets = 0
+    var logs: [String] = []
+    weak var transport: VirtioMMIOTransport?
+}
+
+final class MMIOTransportTests: XCTestCase {
+    typealias R = VirtioMMIOReg
+    var mem: GuestMemory!
+    var dev: MockDevice!
+    var rec: Recorder!
+    var t: VirtioMMIOTransport!
+
+    override func setUp() {
+        mem = try! GuestMemory(layout: [(0, 0x10_0000)])
+        dev = MockDevice()
+        rec = Recorder()
+        let rec = rec!
+        t = VirtioMMIOTransport(device: dev, memory: mem,
+                                signalInterrupt: { rec.interrupts += 1; rec.statusAtInterrupt.append(rec.transport?.interruptStatus ?? 0) },
+                                onQueueNotify: { rec.notifies.append($0) },
+                                onReset: { rec.resets += 1 },
+                                log: { rec.logs.append($0) })
+        rec.transport = t
+    }
+
+    func r(_ off: UInt64) -> UInt32 { t.read(offset: off, size: 4) }
+    func w(_ off: UInt64, _ v: UInt32) { t.write(offset: off, size: 4, value: v) }
+
+    func negotiate(_ features: UInt64) {
+        w(R.status, VirtioStatus.acknowledge)
+        w(R.status, VirtioStatus.acknowledge | VirtioStatus.driver)
+        w(R.driverFeaturesSel, 0); w(R.driverFeatures, UInt32(truncatingIfNeeded: features))
+        w(R.driverFeaturesSel, 1); w(R.driverFeatures, UInt32(truncatingIfNeeded: features >> 32))
+        w(R.status, VirtioStatus.acknowledge | VirtioStatus.driver | VirtioStatus.featuresOK)
+    }
+
+    func setupQueue(_ i: UInt32, size: UInt32, desc: UInt64, avail: UInt64, used: UInt64, ready: Bool = true) {
+        w(R.queueSel, i)
+        w(R.queueNum, size)
+        w(R.queueDescLow, UInt32(truncatingIfNeeded: desc)); w(R.queueDescHigh, UInt32(desc >> 32))
+        w(R.queueDriverLow, UInt32(truncatingIfNeeded: avail)); w(R.queueDriverHigh, UInt32(avail >> 32))
+        w(R.queueDeviceLow, UInt32(truncatingIfNeeded: used)); w(R.queueDeviceHigh, UInt32(used >> 32))
+        if ready { w(R.queueReady, 1) }
+    }
+
+    let allOK = VirtioStatus.acknowledge | VirtioStatus.driver | VirtioStatus.featuresOK | VirtioStatus.driverOK
+
+    func testIdentityRegisters() {
+        XCTAssertEqual(r(R.magicValue), 0x7472_6976)
+        XCTAssertEqual(r(R.version), 2)
+        XCTAssertEqual(r(R.deviceID), 2)
+        XCTAssertEqual(r(R.vendorID), VirtioMMIOTransport.vendorID)
+        XCTAssertEqual(withUnsafeBytes(of: VirtioMMIOTransport.vendorID.littleEndian) { Array($0) }, Array("SWLT".utf8))
+        XCTAssertEqual(r(R.status), 0)
+        XCTAssertEqual(r(R.configGeneration), 0)
+        // No shared memory regions: length -1.
+        XCTAssertEqual(r(R.shmLenLow), 0xFFFF_FFFF)
+        XCTAssertEqual(r(R.shmLenHigh), 0xFFFF_FFFF)
+        XCTAssertEqual(r(R.queueReset), 0)
+    }
+
+    func testDeviceFeaturesWindow() {
+        w(R.deviceFeaturesSel, 0)
+        // Legacy bit 27 and packed ring (34) are not offered; device bits, EVENT_IDX, INDIRECT are.
+        XCTAssertEqual(r(R.deviceFeatures), 1 | (1 << 9) | (1 << 28) | (1 << 29))
+        w(R.deviceFeaturesSel, 1)
+        XCTAssertEqual(r(R.deviceFeatures), 1)  // VERSION_1 (bit 32), added by the transport
+        w(R.deviceFeaturesSel, 2)
+        XCTAssertEqual(r(R.deviceFeatures), 0)
+        w(R.deviceFeaturesSel, 0xFFFF_FFFF)
+        XCTAssertEqual(r(R.deviceFeatures), 0)
+    }
+
+    func testHappyPathInitActivatesOnce() throws {
+        XCTAssertEqual(r(R.magicValue), 0x7472_6976)
+        w(R.status, 0)
+        negotiate(VirtioFeature.version1 | VirtioFeature.eventIdx | 1)
+        XCTAssertEqual(r(R.status), VirtioStatus.acknowledge | VirtioStatus.driver | VirtioStatus.featuresOK)
+        w(R.queueSel, 0)
+        XCTAssertEqual(r(R.queueNumMax), 256)
+        XCTAssertEqual(r(R.queueReady), 0)
+        setupQueue(0, size: 128, desc: 0x1_0000, avail: 0x1_1000, used: 0x1_2000)
+        XCTAssertEqual(r(R.queueReady), 1)
+        XCTAssertEqual(r(R.queueDescLow), 0x1_0000)
+        w(R.queueSel, 1)
+        XCTAssertEqual(r(R.queueNumMax), 64)
+        XCTAssertEqual(r(R.queueReady), 0)
+        XCTAssertTrue(dev.activations.isEmpty)
+        w(R.status, allOK)
+        XCTAssertEqual(r(R.status), allOK)
+        XCTAssertEqual(dev.activations.count, 1)
+        let a = dev.activations[0]
+        XCTAssertEqual(a.features, VirtioFeature.version1 | VirtioFeature.eventIdx | 1)
+        XCTAssertEqual(a.queues.count, 2)
+        let q0 = try XCTUnwrap(a.queues[0])
+        XCTAssertNil(a.queues[1])
+        XCTAssertEqual(q0.size, 128)
+        XCTAssertTrue(q0.eventIdx)
+        XCTAssertFalse(q0.indirectDescriptors)
+        XCTAssertEqual(q0.layout, QueueLayout(size: 128, descTable: 0x1_0000, availRing: 0x1_1000, usedRing: 0x1_2000))
+        XCTAssertTrue(t.isActivated)
+        // Writing DRIVER_OK again does not re-activate.
+        w(R.status, allOK)
+        XCTAssertEqual(dev.activations.count, 1)
+        XCTAssertFalse(t.needsReset)
+    }
+
+    func testFeaturesWithoutVersion1Refused() {
+        negotiate(1)
+        XCTAssertEqual(r(R.status), VirtioStatus.acknowledge | VirtioStatus.driver)
+        // DRIVER_OK cannot follow.
+        w(R.status, allOK)
+        XCTAssertEqual(r(R.status) & (VirtioStatus.featuresOK | VirtioStatus.driverOK), 0)
+        XCTAssertTrue(dev.activations.isEmpty)
+    }
+
+    func testFeaturesNotOfferedRefused() {
+        negotiate(VirtioFeature.version1 | VirtioFeature.ringPacked)
+        XCTAssertEqual(r(R.status) & VirtioStatus.featuresOK, 0)
+        w(R.status, 0)
+        negotiate(VirtioFeature.version1 | (1 << 5))
+        XCTAssertEqual(r(R.status) & VirtioStatus.featuresOK, 0)
+        // A bit past 63 (selector 2).
+        w(R.status, 0)
+        w(R.status, VirtioStatus.acknowledge)
+        w(R.status, VirtioStatus.acknowledge | VirtioStatus.driver)
+        w(R.driverFeaturesSel, 1); w(R.driverFeatures, 1)
+        w(R.driverFeaturesSel, 2); w(R.driverFeatures, 1)
+        w(R.status, VirtioStatus.acknowledge | VirtioStatus.driver | VirtioStatus.featuresOK)
+        XCTAssertEqual(r(R.status) & VirtioStatus.featuresOK, 0)
+        // Exactly VERSION_1 is accepted.
+        w(R.status, 0)
+        negotiate(VirtioFeature.version1)
+        XCTAssertNotEqual(r(R.status) & VirtioStatus.featuresOK, 0)
+        // Features cannot change after FEATURES_OK.
+        w(R.driverFeaturesSel, 0); w(R.driverFeatures, 0xFFFF_FFFF)
+        XCTAssertEqual(t.driverFeatures, VirtioFeature.version1)
+    }
+
+    func testStatusStateMachineRejectsBadTransitions() {
+        // DRIVER without ACKNOWLEDGE.
+        w(R.status, VirtioStatus.driver)
+        XCTAssertEqual(r(R.status), 0)
+        // Everything at once without features: only what is legal sticks.
+        w(R.status, allOK)
+        XCTAssertEqual(r(R.status), VirtioStatus.acknowledge | VirtioStatus.driver)
+        // Clearing a bit (other than by writing 0) is ignored.
+        w(R.status, VirtioStatus.acknowledge)
+        XCTAssertEqual(r(R.status), VirtioStatus.acknowledge | VirtioStatus.driver)
+        // The driver cannot set NEEDS_RESET.
+        w(R.status, VirtioStatus.acknowledge | VirtioStatus.driver | VirtioStatus.needsReset)
+        XCTAssertEqual(r(R.status), VirtioStatus.acknowledge | VirtioStatus.driver)
+        // FAILED is recorded.
+        w(R.status, VirtioStatus.acknowledge | VirtioStatus.driver | VirtioStatus.failed)
+        XCTAssertEqual(r(R.status), VirtioStatus.acknowledge | VirtioStatus.driver | VirtioStatus.failed)
+        XCTAssertTrue(dev.activations.isEmpty)
+    }
+
+    func testQueueAddressWrittenWhileReadyIgnored() {
+        negotiate(VirtioFeature.version1)
+        setupQueue(0, size: 16, desc: 0x1_0000, avail: 0x1_1000, used: 0x1_2000)
+        w(R.queueDescLow, 0x5_0000)
+        w(R.queueDriverLow, 0x5_1000)
+        w(R.queueDeviceHigh, 1)
+        w(R.queueNum, 8)
+        let l = t.queueLayout(0)!
+        XCTAssertTrue(l.ready)
+        XCTAssertEqual(l.layout, QueueLayout(size: 16, descTable: 0x1_0000, availRing: 0x1_1000, usedRing: 0x1_2000))
+    }
+
+    func testBadQueueNumRefusedAndDeviceMarked() {
+        negotiate(VirtioFeature.version1)
+        setupQueue(0, size: 100, desc: 0x1_0000, avail: 0x1_1000, used: 0x1_2000)
+        XCTAssertEqual(r(R.queueReady), 0)
+        XCTAssertTrue(t.needsReset)
+        XCTAssertEqual(r(R.status) & VirtioStatus.needsReset, VirtioStatus.needsReset)
+        XCTAssertEqual(rec.interrupts, 0)  // not before DRIVER_OK
+        w(R.status, allOK)
+        XCTAssertTrue(dev.activations.isEmpty)
+        XCTAssertEqual(r(R.status), allOK | VirtioStatus.needsReset)
+        XCTAssertEqual(r(R.interruptStatus), VirtioInterrupt.configChange)
+        XCTAssertEqual(rec.interrupts, 1)
+        XCTAssertEqual(rec.statusAtInterrupt, [VirtioInterrupt.configChange])
+        // Reset clears NEEDS_RESET.
+        w(R.status, 0)
+        XCTAssertEqual(r(R.status), 0)
+        XCTAssertEqual(r(R.interruptStatus), 0)
+        XCTAssertFalse(t.needsReset)
+    }
+
+    func testQueueSizeLimits() {
+        negotiate(VirtioFeature.version1)
+        setupQueue(1, size: 128, desc: 0x1_0000, avail: 0x1_1000, used: 0x1_2000)  // max is 64
+        XCTAssertEqual(r(R.queueReady), 0)
+        XCTAssertTrue(t.needsReset)
+        w(R.status, 0)
+        negotiate(VirtioFeature.version1)
+        setupQueue(1, size: 0, desc: 0x1_0000, avail: 0x1_1000, used: 0x1_2000)
+        XCTAssertEqual(r(R.queueReady), 0)
+        XCTAssertTrue(t.needsReset)
+    }
+
+    func testQueueRingsOutsideRAMOrMisalignedRefused() {
+        negotiate(VirtioFeature.version1)
+        setupQueue(0, size: 16, desc: 0x10_0000 - 16, avail: 0x1_1000, used: 0x1_2000)
+        XCTAssertEqual(r(R.queueReady), 0)
+        XCTAssertTrue(t.needsReset)
+        w(R.status, 0)
+        negotiate(VirtioFeature.version1)
+        setupQueue(0, size: 16, desc: 0x1_0000, avail: 0x1_1000, used: 0x1_2002)
+        XCTAssertEqual(r(R.queueReady), 0)
+        XCTAssertTrue(t.needsReset)
+        w(R.status, 0)
+        negotiate(VirtioFeature.version1)
+        setupQueue(0, size: 16, desc: 0x1_0000, avail: 0x1_1000, used: 0x1_0000_1000)  // high half set
+        XCTAssertEqual(r(R.queueReady), 0)
+        XCTAssertTrue(t.needsReset)
+    }
+
+    func testQueueReadyBeforeFeaturesOKIgnored() {
+        w(R.status, VirtioStatus.acknowledge)
+        w(R.status, VirtioStatus.acknowledge | VirtioStatus.driver)
+        setupQueue(0, size: 16, desc: 0x1_0000, avail: 0x1_1000, used: 0x1_2000)
+        XCTAssertEqual(r(R.queueReady), 0)
+        XCTAssertFalse(t.needsReset)
+    }
+
+    func testResetForgetsQueuesAndStopsDevice() {
+        negotiate(VirtioFeature.version1)
+        setupQueue(0, size: 16, desc: 0x1_0000, avail: 0x1_1000, used: 0x1_2000)
+        w(R.status, allOK)
+        XCTAssertEqual(dev.activations.count, 1)
+        t.signalUsedBuffer()
+        XCTAssertEqual(r(R.interruptStatus), 1)
+        w(R.status, 0)
+        XCTAssertEqual(dev.resets, 1)
+        XCTAssertEqual(rec.resets, 1)
+        XCTAssertNil(dev.sink)
+        XCTAssertEqual(r(R.status), 0)
+        XCTAssertEqual(r(R.interruptStatus), 0)
+        XCTAssertFalse(t.isActivated)
+        XCTAssertEqual(t.driverFeatures, 0)
+        w(R.queueSel, 0)
+        XCTAssertEqual(r(R.queueReady), 0)
+        XCTAssertEqual(r(R.queueDescLow), 0)
+        XCTAssertEqual(t.queueLayout(0)!.layout, QueueLayout(size: 256, descTable: 0, availRing: 0, usedRing: 0))
+        // A second init works and activates again with fresh queues.
+        negotiate(VirtioFeature.version1 | VirtioFeature.indirectDesc)
+        setupQueue(0, size: 32, desc: 0x2_0000, avail: 0x2_1000, used: 0x2_2000)
+        w(R.status, allOK)
+        XCTAssertEqual(dev.activations.count, 2)
+        XCTAssertEqual(dev.activations[1].queues[0]?.size, 32)
+        XCTAssertEqual(dev.activations[1].queues[0]?.indirectDescriptors, true)
+    }
+
+    func testActivationFailureMarksNeedsReset() {
+        dev.failActivate = true
+        negotiate(VirtioFeature.version1)
+        setupQueue(0, size: 16, desc: 0x1_0000, avail: 0x1_1000, used: 0x1_2000)
+        w(R.status, allOK)
+        XCTAssertFalse(t.isActivated)
+        XCTAssertEqual(r(R.status), allOK | VirtioStatus.needsReset)
+        XCTAssertEqual(r(R.interruptStatus), VirtioInterrupt.configChange)
+        XCTAssertEqual(rec.interrupts, 1)
+    }
+
+    func testDeviceReportedViolation() {
+        negotiate(VirtioFeature.version1)
+        setupQueue(0, size: 16, desc: 0x1_0000, avail: 0x1_1000, used: 0x1_2000)
+        w(R.status, allOK)
+        dev.sink!.markNeedsReset()
+        dev.sink!.markNeedsReset()  // idempotent: one interrupt
+        XCTAssertEqual(r(R.status), allOK | VirtioStatus.needsReset)
+        XCTAssertEqual(r(R.interruptStatus), VirtioInterrupt.configChange)
+        XCTAssertEqual(rec.interrupts, 1)
+        XCTAssertEqual(rec.statusAtInterrupt, [VirtioInterrupt.configChange])
+    }
+
+    func testInterruptStatusAndACK() {
+        t.signalUsedBuffer()
+        XCTAssertEqual(rec.statusAtInterrupt, [1])  // bit set before the irqfd fires
+        let gen = r(R.configGeneration)
+        t.signalConfigChange()
+        XCTAssertEqual(rec.statusAtInterrupt, [1, 3])
+        XCTAssertEqual(r(R.configGeneration), gen &+ 1)
+        XCTAssertEqual(r(R.interruptStatus), 3)
+        w(R.interruptACK, 1)
+        XCTAssertEqual(r(R.interruptStatus), 2)
+        w(R.interruptACK, 0xFFFF_FFFC)  // unknown bits: no effect
+        XCTAssertEqual(r(R.interruptStatus), 2)
+        w(R.interruptACK, 2)
+        XCTAssertEqual(r(R.interruptStatus), 0)
+        // InterruptStatus is read-only.
+        w(R.interruptStatus, 3)
+        XCTAssertEqual(r(R.interruptStatus), 0)
+    }
+
+    func testQueueNotifyForwardedOnlyWhenActive() {
+        w(R.queueNotify, 0)
+        XCTAssertEqual(rec.notifies, [])
+        negotiate(VirtioFeature.version1)
+        setupQueue(0, size: 16, desc: 0x1_0000, avail: 0x1_1000, used: 0x1_2000)
+        w(R.status, allOK)
+        w(R.queueNotify, 1)
+        w(R.queueNotify, 0)
+        w(R.queueNotify, 2)           // no such queue
+        w(R.queueNotify, 0xFFFF_0000)
+        XCTAssertEqual(rec.notifies, [1, 0])
+    }
+
+    func testUnalignedAndOddSizedRegisterAccesses() {
+        XCTAssertEqual(t.read(offset: R.magicValue, size: 1), 0)
+        XCTAssertEqual(t.read(offset: R.magicValue, size: 2), 0)
+        XCTAssertEqual(t.read(offset: R.magicValue + 1, size: 4), 0)
+        XCTAssertEqual(t.read(offset: R.magicValue + 2, size: 4), 0)
+        XCTAssertEqual(t.read(offset: R.magicValue, size: 3), 0)
+        var eight = [UInt8](repeating: 0xAA, count: 8)
+        eight.withUnsafeMutableBytes { t.read(offset: R.magicValue, into: $0) }
+        XCTAssertEqual(eight, [UInt8](repeating: 0, count: 8))
+        // Writes of the wrong width do nothing.
+        t.write(offset: R.status, size: 1, value: 1)
+        t.write(offset: R.status, size: 2, value: 1)
+        t.write(offset: R.status + 1, size: 4, value: 1)
+        XCTAssertEqual(r(R.status), 0)
+        eight = [1, 0, 0, 0, 0, 0, 0, 0]
+        eight.withUnsafeBytes { t.write(offset: R.status, from: $0) }
+        XCTAssertEqual(r(R.status), 0)
+        // Empty accesses.
+        t.read(offset: 0, into: UnsafeMutableRawBufferPointer(start: nil, count: 0))
+        t.write(offset: R.status, from: UnsafeRawBufferPointer(start: nil, count: 0))
+        XCTAssertFalse(rec.logs.isEmpty)
+    }
+
+    func testOutOfRangeOffsets() {
+        for off: UInt64 in [0x0fc + 4 + 0x100, 0x1000, 0xFFFF_FFFF, UInt64.max - 3, UInt64.max, 0x0e0, 0x0f8] {
+            XCTAssertEqual(r(off), 0, "offset 0x\(String(off, radix: 16))")
+            w(off, 0xFFFF_FFFF)
+        }
+        // Writes to read-only registers are ignored.
+        w(R.magicValue, 0); w(R.queueNumMax, 1); w(R.deviceFeatures, 0); w(R.configGeneration, 7)
+        XCTAssertEqual(r(R.magicValue), 0x7472_6976)
+        XCTAssertEqual(r(R.configGeneration), 0)
+        XCTAssertEqual(r(R.status), 0)
+        // An absent queue: QueueNumMax 0, its registers ignored.
+        w(R.queueSel, 2)
+        XCTAssertEqual(r(R.queueNumMax), 0)
+        w(R.queueNum, 16); w(R.queueReady, 1)
+        XCTAssertEqual(r(R.queueReady), 0)
+        w(R.queueSel, 0xFFFF_FFFF)
+        XCTAssertEqual(r(R.queueNumMax), 0)
+        XCTAssertNil(t.queueLayout(2))
+    }
+
+    func testConfigSpaceAccesses() {
+        XCTAssertEqual(t.read(offset: R.config, size: 1), 0)
+        XCTAssertEqual(t.read(offset: R.config + 1, size: 1), 1)
+        XCTAssertEqual(t.read(offset: R.config + 2, size: 2), 0x0302)
+        XCTAssertEqual(t.read(offset: R.config + 5, size: 2), 0x0605)  // unaligned is fine in config space
+        XCTAssertEqual(t.read(offset: R.config + 4, size: 4), 0x0706_0504)
+        XCTAssertEqual(t.read(offset: R.config + 20, size: 4), 0x1716_1514)  // last 4 bytes
+        var eight = [UInt8](repeating: 0, count: 8)
+        eight.withUnsafeMutableBytes { t.read(offset: R.config + 16, into: $0) }
+        XCTAssertEqual(eight, [16, 17, 18, 19, 20, 21, 22, 23])
+        // Past the end, partly or wholly: zero.
+        XCTAssertEqual(t.read(offset: R.config + 22, size: 4), 0)
+        XCTAssertEqual(t.read(offset: R.config + 23, size: 2), 0)
+        XCTAssertEqual(t.read(offset: R.config + 24, size: 1), 0)
+        XCTAssertEqual(t.read(offset: R.config + 0xF00, size: 4), 0)
+        eight = [UInt8](repeating: 0xAA, count: 8)
+        eight.withUnsafeMutableBytes { t.read(offset: R.config + 20, into: $0) }
+        XCTAssertEqual(eight, [UInt8](repeating: 0, count: 8))
+        // Odd sizes.
+        XCTAssertEqual(t.read(offset: R.config, size: 3), 0)
+        // Writes: only where the device allows, never past the end.
+        t.write(offset: R.config + 20, size: 2, value: 0xBEEF)
+        XCTAssertEqual(t.read(offset: R.config + 20, size: 2), 0xBEEF)
+        t.write(offset: R.config, size: 4, value: 0xFFFF_FFFF)
+        XCTAssertEqual(t.read(offset: R.config, size: 4), 0x0302_0100)
+        t.write(offset: R.config + 22, size: 4, value: 0xFFFF_FFFF)
+        XCTAssertEqual(t.read(offset: R.config + 22, size: 2), 0x1716)
+        XCTAssertEqual(dev.config.count, 24)
+    }
+
+    func testEmptyConfigSpace() {
+        dev.config = []
+        XCTAssertEqual(t.read(offset: R.config, size: 1), 0)
+        t.write(offset: R.config, size: 1, value: 1)
+    }
+
+    func testConstantsMatchLinuxHeaders() {
+        // Spot checks against the spec values used by Linux (linux/virtio_config.h, virtio_ring.h).
+        XCTAssertEqual(VirtioFeature.version1, 1 << 32)
+        XCTAssertEqual(VirtioFeature.indirectDesc, 1 << 28)
+        XCTAssertEqual(VirtioFeature.eventIdx, 1 << 29)
+        XCTAssertEqual(VirtioStatus.needsReset, 64)
+        XCTAssertEqual(VirtioMMIOReg.configGeneration, 0x0fc)
+        XCTAssertEqual(VirtioMMIOReg.queueDeviceHigh, 0x0a4)
+    }
+}
+
+/// A device worker signalling from another thread while the vCPU side reads and acks.
+final class TransportConcurrencyTests: XCTestCase {
+    func testConcurrentSignalAndAck() throws {
+        let mem = try GuestMemory(layout: [(0, 0x10_0000)])
+        let dev = MockDevice()
+        let count = Atomic<Int>(0)
+        let t = VirtioMMIOTransport(device: dev, memory: mem, signalInterrupt: { count.wrappingAdd(1, ordering: .relaxed) })
+        var th = pthread_t()
+        let box = Unmanaged.passRetained(t)
+        pthread_create(&th, nil, { p in
+            let t = Unmanaged<VirtioMMIOTransport>.fromOpaque(p!).takeRetainedValue()
+            for _ in 0..<100_000 { t.signalUsedBuffer() }
+            return nil
+        }, box.toOpaque())
+        for _ in 0..<100_000 {
+            let s = t.read(offset: VirtioMMIOReg.interruptStatus, size: 4)
+            t.write(offset: VirtioMMIOReg.interruptACK, size: 4, value: s)
+        }
+        pthread_join(th, nil)
+        XCTAssertEqual(count.load(ordering: .relaxed), 100_000)
+    }
+}
