@@ -414,6 +414,7 @@ public final class SplitQueue: @unchecked Sendable {
         atomicMemoryFence(ordering: .sequentiallyConsistent)
         let new = publishedUsed
         if let old = signalledUsed, old == new { return false }
+        if signalledUsed == nil, new == 0 { return false }  // nothing ever published
         let notify: Bool
         if eventIdx {
             let usedEvent = loadIndex(avail + 4 + 2 * Int(size), acquire: false)
