@@ -1,2 +1,76 @@
+// The swiftlet command line.
+import ArgumentParser
+import Glibc
 import VMM
-print("swiftlet: not built yet")
+
+let startNanos = VMM.monotonicNow()
+
+struct Swiftlet: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "swiftlet",
+        abstract: "Boot a Linux guest in a KVM micro-VM.",
+        discussion: """
+        Exit status: 0 guest powered off, 3 guest rebooted, 4 guest crashed (triple fault, \
+        KVM internal error), 1 swiftlet failed while running, 64 usage error, 65 bad kernel/initrd \
+        data, 66 input missing or unreadable, 69 host cannot run the VM (no usable /dev/kvm).
+        """)
+
+    @Option(name: .long, help: ArgumentHelp("Linux kernel: bzImage or ELF vmlinux.", valueName: "path"))
+    var kernel: String
+
+    @Option(name: .long, help: ArgumentHelp("Initial ramdisk.", valueName: "path"))
+    var initrd: String?
+
+    @Option(name: .long, help: ArgumentHelp("Kernel command line.", valueName: "string"))
+    var cmdline: String = MachineConfig.defaultCmdline
+
+    @Option(name: .long, help: ArgumentHelp("Number of vCPUs.", valueName: "n"))
+    var cpus: String = "1"
+
+    @Option(name: .long, help: ArgumentHelp("Guest memory: 512M, 2G, ... (a bare number is MiB).", valueName: "size"))
+    var memory: String = "512M"
+
+    @Option(name: .long, help: ArgumentHelp("Serial console: none, stdio or file=PATH.", valueName: "mode"))
+    var serial: String = "stdio"
+
+    @Option(name: .long, help: ArgumentHelp("error, warn, info or debug (info prints the boot-time marker and an exit summary).", valueName: "level"))
+    var logLevel: String = "warn"
+
+    func config() throws -> MachineConfig {
+        guard let n = Int(cpus) else {
+            throw SwiftletError(.usage, "--cpus '\(cpus)' is not a number: give a whole number of vCPUs, e.g. --cpus 2")
+        }
+        return MachineConfig(kernelPath: kernel, initrdPath: initrd, cmdline: cmdline, cpus: n,
+                             memoryBytes: try parseSize(memory), serial: try SerialMode.parse(serial),
+                             logLevel: try LogLevel.parse(logLevel), startNanos: startNanos)
+    }
+}
+
+func fail(_ status: Int32, _ line: String) -> Never {
+    fputs("swiftlet: \(line)\n", stderr)
+    exit(status)
+}
+
+let command: Swiftlet
+do {
+    command = try Swiftlet.parse()
+} catch {
+    let code = Swiftlet.exitCode(for: error)
+    if code == .success {
+        print(Swiftlet.fullMessage(for: error))
+        exit(0)
+    }
+    // One line, naming the problem and pointing at --help; no usage dump.
+    let msg = Swiftlet.message(for: error).split(separator: "\n").first.map(String.init) ?? "bad arguments"
+    fail(ExitStatus.usage.rawValue, "\(msg.hasPrefix("Error: ") ? String(msg.dropFirst(7)) : msg) (see swiftlet --help)")
+}
+
+do {
+    let config = try command.config()
+    let outcome = try VMM.run(config)
+    exit(outcome)
+} catch let e as SwiftletError {
+    fail(e.status.rawValue, e.message)
+} catch {
+    fail(ExitStatus.runtimeError.rawValue, "\(error)")
+}

@@ -5,6 +5,7 @@
 
 #include <stdint.h>
 #include <sys/ioctl.h>
+#include <sys/signalfd.h>
 #include <linux/kvm.h>
 #include <linux/if_tun.h>
 #include <linux/if.h>
@@ -84,6 +85,9 @@ CLINUX_REQ2(KVM_SET_MP_STATE, KVM_SET_MP_STATE)
 CLINUX_REQ2(KVM_GET_CPUID2, KVM_GET_CPUID2)
 CLINUX_REQ2(KVM_GET_XCRS, KVM_GET_XCRS)
 CLINUX_REQ2(KVM_SET_XCRS, KVM_SET_XCRS)
+CLINUX_REQ2(KVM_GET_XSAVE, KVM_GET_XSAVE)
+CLINUX_REQ2(KVM_SET_XSAVE, KVM_SET_XSAVE)
+CLINUX_REQ2(KVM_GET_XSAVE2, KVM_GET_XSAVE2)
 #undef CLINUX_REQ2
 
 // struct kvm_run field offsets (the exit union is anonymous; Swift decodes the

@@ -1,0 +1,159 @@
+// The machine configuration and the parsers for user-supplied values.
+import Glibc
+
+/// Exit statuses a CI script can rely on (README "Exit status").
+public enum ExitStatus: Int32 {
+    case poweredOff = 0
+    case runtimeError = 1
+    case rebooted = 3
+    case guestCrashed = 4
+    case usage = 64
+    case badInput = 65
+    case missingInput = 66
+    case hostUnavailable = 69
+}
+
+/// A failure that ends swiftlet with one line on stderr and a documented status.
+public struct SwiftletError: Error, CustomStringConvertible {
+    public let status: ExitStatus
+    public let message: String
+    public init(_ status: ExitStatus, _ message: String) {
+        self.status = status
+        self.message = message
+    }
+    public var description: String { message }
+}
+
+public enum SerialMode: Equatable {
+    case none
+    case stdio
+    case file(String)
+
+    /// `none`, `stdio` or `file=PATH`.
+    public static func parse(_ s: String) throws -> SerialMode {
+        switch s {
+        case "none": return .none
+        case "stdio": return .stdio
+        default:
+            if s.hasPrefix("file="), s.count > 5 { return .file(String(s.dropFirst(5))) }
+            throw SwiftletError(.usage, "--serial '\(s)' is not valid: use none, stdio or file=PATH")
+        }
+    }
+}
+
+public enum LogLevel: Int, Comparable {
+    case error = 0, warn, info, debug
+    public static func < (a: LogLevel, b: LogLevel) -> Bool { a.rawValue < b.rawValue }
+
+    public static func parse(_ s: String) throws -> LogLevel {
+        switch s.lowercased() {
+        case "error": return .error
+        case "warn", "warning": return .warn
+        case "info": return .info
+        case "debug": return .debug
+        default: throw SwiftletError(.usage, "--log-level '\(s)' is not valid: use error, warn, info or debug")
+        }
+    }
+}
+
+public struct MachineConfig {
+    public var kernelPath: String
+    public var initrdPath: String?
+    public var cmdline: String
+    public var cpus: Int
+    public var memoryBytes: UInt64
+    public var serial: SerialMode
+    public var logLevel: LogLevel
+    /// monotonicNanos() when swiftlet started (for the boot-time marker).
+    public var startNanos: UInt64
+
+    public init(kernelPath: String, initrdPath: String? = nil, cmdline: String = MachineConfig.defaultCmdline,
+                cpus: Int = 1, memoryBytes: UInt64 = 512 << 20, serial: SerialMode = .stdio,
+                logLevel: LogLevel = .warn, startNanos: UInt64 = 0) {
+        self.kernelPath = kernelPath
+        self.initrdPath = initrdPath
+        self.cmdline = cmdline
+        self.cpus = cpus
+        self.memoryBytes = memoryBytes
+        self.serial = serial
+        self.logLevel = logLevel
+        self.startNanos = startNanos
+    }
+
+    public static let defaultCmdline = "console=ttyS0 reboot=k panic=1"
+    /// Below this the stock kernel cannot even decompress itself.
+    public static let minimumMemory: UInt64 = 64 << 20
+    /// Guest RAM ends below 1 TiB of guest physical address space.
+    public static let maximumMemory: UInt64 = 1 << 40
+}
+
+/// Parses a memory size: a number with an optional unit K, M, G or T (binary: KiB, MiB,
+/// GiB, TiB; "M", "MB", "MiB" and lower case all mean MiB). A bare number means MiB, as
+/// with QEMU's -m and Firecracker's mem_size_mib.
+public func parseSize(_ text: String, flag: String = "--memory") throws -> UInt64 {
+    let s = text.trimmingWhitespace()
+    let bad = SwiftletError(.usage, "\(flag) '\(text)' is not a size: use a whole number with an optional unit K, M, G or T, e.g. 512M or 2G")
+    let digits = s.prefix(while: { $0.isASCII && $0.isNumber })
+    guard !digits.isEmpty, digits.count <= 20, let n = UInt64(digits) else { throw bad }
+    let unit = s.dropFirst(digits.count).lowercased()
+    let shift: UInt64
+    switch unit {
+    case "": shift = 20
+    case "b": shift = 0
+    case "k", "kb", "kib": shift = 10
+    case "m", "mb", "mib": shift = 20
+    case "g", "gb", "gib": shift = 30
+    case "t", "tb", "tib": shift = 40
+    default: throw bad
+    }
+    guard n <= (UInt64.max >> shift) else {
+        throw SwiftletError(.usage, "\(flag) '\(text)' is too large")
+    }
+    return n << shift
+}
+
+extension String {
+    func trimmingWhitespace() -> String {
+        var s = Substring(self)
+        while let f = s.first, f.isWhitespace { s.removeFirst() }
+        while let l = s.last, l.isWhitespace { s.removeLast() }
+        return String(s)
+    }
+}
+
+/// Host memory in bytes (MemTotal), or nil if /proc/meminfo cannot be read.
+public func hostMemoryBytes() -> UInt64? {
+    guard let f = fopen("/proc/meminfo", "r") else { return nil }
+    defer { fclose(f) }
+    var line = [CChar](repeating: 0, count: 256)
+    while fgets(&line, Int32(line.count), f) != nil {
+        let s = String(cString: line)
+        if s.hasPrefix("MemTotal:") {
+            let kb = s.dropFirst(9).split(separator: " ").first.flatMap { UInt64($0) }
+            return kb.map { $0 * 1024 }
+        }
+    }
+    return nil
+}
+
+/// Checks the values that do not need KVM: memory within bounds, cpus at least 1.
+public func validate(_ c: MachineConfig, maxVCPUs: Int? = nil) throws {
+    if c.memoryBytes < MachineConfig.minimumMemory {
+        throw SwiftletError(.usage, "--memory \(c.memoryBytes >> 20)M is below the minimum of \(MachineConfig.minimumMemory >> 20)M: give the guest at least 64M (128M or more for the default guest)")
+    }
+    if c.memoryBytes % 4096 != 0 {
+        throw SwiftletError(.usage, "--memory must be a whole number of 4 KiB pages: round it, e.g. to \((c.memoryBytes >> 20) + 1)M")
+    }
+    if c.memoryBytes > MachineConfig.maximumMemory {
+        throw SwiftletError(.usage, "--memory \(c.memoryBytes >> 30)G is above swiftlet's limit of 1024G")
+    }
+    if let host = hostMemoryBytes(), c.memoryBytes > host {
+        throw SwiftletError(.usage, "--memory \(c.memoryBytes >> 20)M is more than this host has (\(host >> 20)M): give the guest less memory")
+    }
+    if c.cpus < 1 {
+        throw SwiftletError(.usage, "--cpus \(c.cpus) is not valid: a guest needs at least 1 vCPU")
+    }
+    if let m = maxVCPUs, c.cpus > m {
+        throw SwiftletError(.usage, "--cpus \(c.cpus) is above this host's KVM limit of \(m) vCPUs: use --cpus \(m) or fewer")
+    }
+}

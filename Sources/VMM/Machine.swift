@@ -1,0 +1,333 @@
+// Builds a machine from a configuration and runs its lifecycle: inputs checked, guest
+// memory mapped and loaded, KVM VM and vCPUs created, legacy devices wired, vCPU threads
+// run until the guest powers off, reboots or crashes, then everything is torn down and
+// the documented exit status returned.
+import Glibc
+import CLinux
+import GuestMemory
+import KVM
+import Boot
+import Devices
+
+public func monotonicNow() -> UInt64 { monotonicNanos() }
+
+/// How a run ended; decides the exit status. The first report wins.
+enum Outcome {
+    case poweredOff
+    case rebooted
+    case crashed(String)
+    case failed(String)
+    case signalled(Int32)
+
+    var status: Int32 {
+        switch self {
+        case .poweredOff: return ExitStatus.poweredOff.rawValue
+        case .rebooted: return ExitStatus.rebooted.rawValue
+        case .crashed: return ExitStatus.guestCrashed.rawValue
+        case .failed: return ExitStatus.runtimeError.rawValue
+        case .signalled(let s): return 128 + s
+        }
+    }
+
+    var summary: String {
+        switch self {
+        case .poweredOff: return "guest powered off"
+        case .rebooted: return "guest rebooted"
+        case .crashed(let why): return "guest crashed: \(why)"
+        case .failed(let why): return "stopped on a host error: \(why)"
+        case .signalled(let s): return "stopped by signal \(s)"
+        }
+    }
+}
+
+/// Runs the VM described by `config` to its end. Returns the exit status; throws
+/// `SwiftletError` for anything that stops it from starting.
+public func run(_ config: MachineConfig) throws -> Int32 {
+    try validate(config)
+    // Inputs first: a bad kernel or initrd is reported the same on every host.
+    let memory: GuestMemory
+    do {
+        memory = try GuestMemory(layout: X86Layout.ramLayout(memoryBytes: config.memoryBytes))
+    } catch {
+        throw SwiftletError(.runtimeError, "\(error): give the guest less memory")
+    }
+    let bootConfig = LinuxBootConfig(kernelPath: config.kernelPath, initrdPath: config.initrdPath,
+                                     cmdline: config.cmdline, cpus: config.cpus,
+                                     extraReserved: [], serial: true, rtc: true)
+    let boot: BootCPUState
+    do {
+        boot = try loadLinux(bootConfig, into: memory)
+    } catch let e as BootError {
+        throw SwiftletError(ExitStatus(rawValue: e.exitStatus) ?? .badInput, e.description)
+    }
+
+    let host = HostCheck.classify()
+    guard host.isUsable else { throw SwiftletError(.hostUnavailable, host.message) }
+    let machine = try Machine(config: config, memory: memory, boot: boot)
+    return machine.run()
+}
+
+final class Machine: @unchecked Sendable {
+    let config: MachineConfig
+    let memory: GuestMemory
+    let kvm: Hypervisor
+    let vm: VirtualMachine
+    var vcpus: [VCPU] = []
+    var pio = RangeMap<PortDevice>()
+    var mmio = RangeMap<MMIODevice>()
+    let serial: Serial16550
+    let serialIRQ: EventFD
+    let console: ConsoleOutput
+    let bootMarker: BootMarker
+    /// Written once by whoever ends the run; the main thread waits on it.
+    let stopEvent: EventFD
+    private let outcomeLock = Mutex()
+    private var outcome: Outcome? = nil
+    private var stopping = false
+
+    init(config: MachineConfig, memory: GuestMemory, boot: BootCPUState) throws {
+        self.config = config
+        self.memory = memory
+        do {
+            kvm = try Hypervisor()
+            try kvm.requireCapabilities()
+        } catch {
+            throw SwiftletError(.hostUnavailable, "\(error)")
+        }
+        if config.cpus > kvm.maxVCPUs {
+            throw SwiftletError(.usage, "--cpus \(config.cpus) is above this host's KVM limit of \(kvm.maxVCPUs) vCPUs: use --cpus \(kvm.maxVCPUs) or fewer")
+        }
+        stopEvent = try EventFD()
+        serialIRQ = try EventFD()
+        console = try ConsoleOutput(mode: config.serial)
+
+        vm = try kvm.createVM()
+        try vm.setTSSAddress(X86Layout.kvmTSS)
+        try vm.setIdentityMapAddress(X86Layout.kvmIdentityMap)
+        try vm.createIRQChip()
+        try vm.createPIT2()
+        _ = try vm.registerMemory(memory)
+
+        // Devices handled inline on the vCPU threads.
+        let console = self.console
+        let irq = serialIRQ
+        serial = Serial16550(output: { console.write($0) }, interrupt: { try? irq.write(1) })
+        try vm.registerIrqfd(serialIRQ, gsi: 4)
+        let logLevel = config.logLevel
+        bootMarker = BootMarker(start: config.startNanos, onMark: { ns in
+            if logLevel >= .info { log("boot marker: guest reached userspace \(ns / 1_000_000) ms after swiftlet started") }
+        })
+        let onEvent: (MachineEvent) -> Void = { [unowned self] e in
+            self.finish(e == .powerOff ? .poweredOff : .rebooted)
+        }
+        pio.insert(base: UInt64(X86Layout.com1Port), size: 8, serial)
+        pio.insert(base: UInt64(X86Layout.rtcPort), size: 2, CMOSRTC())
+        pio.insert(base: UInt64(X86Layout.i8042DataPort), size: 5, I8042(onEvent: onEvent))
+        pio.insert(base: UInt64(X86Layout.acpiSleepPort), size: 1, ACPISleepRegister(onEvent: onEvent))
+        mmio.insert(base: BootMarker.address, size: BootMarker.size, bootMarker)
+
+        // vCPUs: CPUID and MSRs from KVM's own lists, FPU, LAPIC LINT0/1; the boot vCPU
+        // enters the kernel's 64-bit entry point, the others wait for INIT/SIPI.
+        let cpuid = try kvm.supportedCPUID()
+        let msrs = try kvm.msrIndexList()
+        let tscDeadline = kvm.has(.tscDeadlineTimer)
+        for id in 0..<config.cpus {
+            let v = try vm.createVCPU(id: UInt32(id))
+            try v.setupCPUID(supported: cpuid, vcpuCount: UInt32(config.cpus), tscDeadlineTimer: tscDeadline)
+            try v.setupBootMSRs(available: msrs, cpuid: cpuid)
+            try v.setupFPU()
+            try v.setupLAPIC()
+            if id == 0 {
+                var lm = LongModeBoot(entry: boot.rip)
+                lm.bootParams = boot.rsi
+                lm.stackPointer = boot.rsp
+                lm.pml4 = boot.cr3
+                lm.gdtBase = boot.gdtBase
+                lm.gdtLimit = boot.gdtLimit
+                lm.idtBase = boot.idtBase
+                lm.idtLimit = boot.idtLimit
+                try v.setupLongMode(lm)
+            }
+            vcpus.append(v)
+        }
+    }
+
+    /// Records how the run ended (first caller wins) and wakes the main thread.
+    func finish(_ o: Outcome) {
+        let first: Bool = outcomeLock.withLock {
+            if outcome != nil { return false }
+            outcome = o
+            stopping = true
+            return true
+        }
+        if first { try? stopEvent.write(1) }
+    }
+
+    var isStopping: Bool { outcomeLock.withLock { stopping } }
+
+    func run() -> Int32 {
+        // Termination signals are taken by the main thread's signalfd; block them before any
+        // thread starts so every thread inherits the mask.
+        var sigs = sigset_t()
+        sigemptyset(&sigs)
+        for s in [SIGINT, SIGTERM, SIGHUP, SIGQUIT] { sigaddset(&sigs, s) }
+        pthread_sigmask(SIG_BLOCK, &sigs, nil)
+        let sigfd = signalfd(-1, &sigs, Int32(SFD_CLOEXEC | SFD_NONBLOCK))
+
+        let terminal = RawTerminal()
+        if config.serial == .stdio { terminal.enter() }
+        defer { terminal.restore() }
+
+        var threads: [OSThread] = []
+        for v in vcpus {
+            do {
+                threads.append(try spawnThread(name: "vcpu\(v.id)") { [unowned self] in self.vcpuLoop(v) })
+            } catch {
+                finish(.failed("cannot start vCPU thread: \(error)"))
+                break
+            }
+        }
+
+        waitForEnd(sigfd: sigfd)
+
+        for v in vcpus { v.kick() }
+        for t in threads { t.join() }
+        if sigfd >= 0 { close(sigfd) }
+        terminal.restore()
+
+        let o = outcomeLock.withLock { outcome } ?? .failed("no outcome")
+        let elapsed = (monotonicNanos() &- config.startNanos) / 1_000_000
+        var line = "\(o.summary) after \(elapsed) ms"
+        if let ns = bootMarker.elapsedNanos { line += ", boot marker at \(ns / 1_000_000) ms" }
+        switch o {
+        case .crashed, .failed: log(line)
+        default: if config.logLevel >= .info { log(line) }
+        }
+        return o.status
+    }
+
+    /// The main thread: feeds stdin to the UART, watches for termination signals, and
+    /// returns once the run has an outcome.
+    private func waitForEnd(sigfd: Int32) {
+        var readStdin = config.serial == .stdio
+        var pending: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 256)
+        while !isStopping {
+            var fds = [pollfd(fd: stopEvent.fd, events: Int16(POLLIN), revents: 0),
+                       pollfd(fd: sigfd, events: Int16(POLLIN), revents: 0)]
+            if readStdin && pending.isEmpty { fds.append(pollfd(fd: 0, events: Int16(POLLIN), revents: 0)) }
+            // With input waiting for FIFO room, look again soon.
+            let r = poll(&fds, nfds_t(fds.count), pending.isEmpty ? -1 : 5)
+            if r < 0 && errno != EINTR { finish(.failed("poll: \(String(cString: strerror(errno)))")); break }
+            if fds[1].revents & Int16(POLLIN) != 0 {
+                var info = signalfd_siginfo()
+                if read(sigfd, &info, MemoryLayout<signalfd_siginfo>.size) > 0 {
+                    finish(.signalled(Int32(info.ssi_signo)))
+                }
+            }
+            if fds.count > 2 && fds[2].revents & Int16(POLLIN | POLLHUP | POLLERR) != 0 {
+                let n = read(0, &buf, buf.count)
+                if n > 0 { pending += buf[0..<n] } else if n == 0 || (errno != EINTR && errno != EAGAIN) { readStdin = false }
+            }
+            if !pending.isEmpty {
+                let taken = pending.withUnsafeBytes { serial.enqueueInput($0) }
+                pending.removeFirst(taken)
+            }
+        }
+    }
+
+    /// One vCPU: KVM_RUN until the machine stops, dispatching the exits that need swiftlet.
+    private func vcpuLoop(_ v: VCPU) {
+        do {
+            try v.enableKick()
+        } catch {
+            finish(.failed("vCPU \(v.id): \(error)"))
+            return
+        }
+        defer { v.disableKick() }
+        while !isStopping {
+            let exit: VCPUExit
+            do {
+                exit = try v.run()
+            } catch {
+                finish(.failed("vCPU \(v.id): \(error)"))
+                return
+            }
+            switch exit {
+            case let .io(port, size, isWrite, count, data):
+                handlePIO(port: port, size: size, isWrite: isWrite, count: count, data: data)
+            case let .mmio(address, length, isWrite, data):
+                handleMMIO(address: address, length: length, isWrite: isWrite, data: data)
+            case .hlt:
+                // Only without an in-kernel irqchip; ours has one, so a HLT exit means the
+                // vCPU stopped for good.
+                finish(.crashed("vCPU \(v.id) halted"))
+            case .shutdown:
+                finish(.crashed("triple fault on vCPU \(v.id)"))
+            case let .systemEvent(type):
+                switch type {
+                case 1: finish(.poweredOff)
+                case 2: finish(.rebooted)
+                default: finish(.crashed("system event \(type) on vCPU \(v.id)"))
+                }
+            case let .internalError(sub):
+                finish(.crashed("KVM internal error (suberror \(sub)\(sub == 1 ? ", emulation failure" : "")) on vCPU \(v.id)"))
+            case let .failEntry(reason):
+                finish(.crashed("KVM entry failed (hardware reason 0x\(String(reason, radix: 16))) on vCPU \(v.id)"))
+            case .interrupted:
+                if !isStopping { v.clearImmediateExit() }
+            case let .unknown(reason):
+                finish(.crashed("unexpected KVM exit \(reason) on vCPU \(v.id)"))
+            }
+        }
+    }
+
+    @inline(__always)
+    private func handlePIO(port: UInt16, size: Int, isWrite: Bool, count: Int, data: UnsafeMutableRawPointer) {
+        guard let (dev, off) = pio.lookup(UInt64(port), length: 1) else {
+            // Nothing there: reads float high, writes vanish.
+            if !isWrite { memset(data, 0xff, size * count) }
+            return
+        }
+        for i in 0..<count {
+            let p = data + i * size
+            if isWrite {
+                let v: UInt32
+                switch size {
+                case 1: v = UInt32(p.load(as: UInt8.self))
+                case 2: v = UInt32(p.loadUnaligned(as: UInt16.self))
+                default: v = p.loadUnaligned(as: UInt32.self)
+                }
+                dev.write(offset: UInt16(off), size: size, value: v)
+            } else {
+                let v = dev.read(offset: UInt16(off), size: size)
+                switch size {
+                case 1: p.storeBytes(of: UInt8(truncatingIfNeeded: v), as: UInt8.self)
+                case 2: p.storeBytes(of: UInt16(truncatingIfNeeded: v), toByteOffset: 0, as: UInt16.self)
+                default: p.storeBytes(of: v, toByteOffset: 0, as: UInt32.self)
+                }
+            }
+        }
+    }
+
+    @inline(__always)
+    private func handleMMIO(address: UInt64, length: Int, isWrite: Bool, data: UnsafeMutableRawPointer) {
+        guard let (dev, off) = mmio.lookup(address, length: UInt64(length)) else {
+            if !isWrite { memset(data, 0, 8) }
+            return
+        }
+        if isWrite {
+            var v: UInt64 = 0
+            memcpy(&v, data, length)
+            dev.write(offset: off, size: length, value: UInt64(littleEndian: v))
+        } else {
+            var v = dev.read(offset: off, size: length).littleEndian
+            memcpy(data, &v, length)
+        }
+    }
+}
+
+/// A log line on stderr (CR LF so it reads right while the terminal is raw).
+func log(_ s: String) {
+    fputs("swiftlet: \(s)\r\n", stderr)
+}
