@@ -139,6 +139,7 @@ public enum FPUSetup {
     public static let mxcsr: UInt32 = 0x1f80
 
     /// FNINIT-like state: x87 control word 0x37f, MXCSR 0x1f80, everything else zero.
+    /// Note KVM_SET_FPU ignores `mxcsr`; `VCPU.setupFPU()` sets it through XSAVE.
     public static func bootFPU() -> kvm_fpu {
         var f = kvm_fpu()
         f.fcw = fcw
@@ -273,7 +274,12 @@ extension VCPU {
         return msrs
     }
 
-    public func setupFPU() throws { try setFPU(FPUSetup.bootFPU()) }
+    /// FCW 0x37f via KVM_SET_FPU; MXCSR 0x1f80 via KVM_SET_XSAVE (KVM ignores kvm_fpu.mxcsr).
+    /// Without KVM_CAP_XSAVE, MXCSR keeps KVM's reset value, which is also 0x1f80.
+    public func setupFPU() throws {
+        try setFPU(FPUSetup.bootFPU())
+        if vm.checkExtension(.xsave) > 0 { try setMXCSR(FPUSetup.mxcsr) }
+    }
 
     /// LINT0 = ExtINT, LINT1 = NMI (needs the in-kernel irqchip).
     public func setupLAPIC() throws {

@@ -34,13 +34,14 @@ public struct Capability: Hashable, Sendable, CustomStringConvertible {
     public static let vcpuEvents = Capability("KVM_CAP_VCPU_EVENTS", KVM_CAP_VCPU_EVENTS)
     public static let xsave = Capability("KVM_CAP_XSAVE", KVM_CAP_XSAVE)
     public static let xcrs = Capability("KVM_CAP_XCRS", KVM_CAP_XCRS)
+    public static let xsave2 = Capability("KVM_CAP_XSAVE2", KVM_CAP_XSAVE2)
     public static let syncMMU = Capability("KVM_CAP_SYNC_MMU", KVM_CAP_SYNC_MMU)
 
     /// Every capability above (for diagnostics).
     public static let all: [Capability] = [
         irqchip, hlt, userMemory, setTSSAddr, setIdentityMapAddr, pit2, pitState2, irqfd, ioeventfd,
         extCPUID, mpState, immediateExit, irqRouting, signalMSI, tscDeadlineTimer, x2apicAPI,
-        nrVCPUs, maxVCPUs, maxVCPUID, nrMemslots, getTSCKHz, adjustClock, vcpuEvents, xsave, xcrs, syncMMU,
+        nrVCPUs, maxVCPUs, maxVCPUID, nrMemslots, getTSCKHz, adjustClock, vcpuEvents, xsave, xsave2, xcrs, syncMMU,
     ]
 
     /// What swiftlet needs to boot a Linux guest with an in-kernel irqchip, PIT and virtio.

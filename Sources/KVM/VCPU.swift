@@ -161,7 +161,7 @@ public final class VCPU: @unchecked Sendable {
     /// Start and size of the kvm_run mapping.
     public let runArea: UnsafeMutableRawPointer
     public let runAreaSize: Int
-    private let vm: VirtualMachine  // the VM must outlive its vCPUs
+    let vm: VirtualMachine  // the VM must outlive its vCPUs
     private let kickLock = PThreadMutex()
     private var kickThread: pthread_t?
 
@@ -297,6 +297,48 @@ public final class VCPU: @unchecked Sendable {
         LAPICState(raw: try get(clinux_KVM_GET_LAPIC(), "KVM_GET_LAPIC", kvm_lapic_state()))
     }
     public func setLAPIC(_ s: LAPICState) throws { try set(clinux_KVM_SET_LAPIC(), "KVM_SET_LAPIC", s.raw) }
+
+    /// Size of the XSAVE buffer for this VM: KVM_CAP_XSAVE2 on the VM fd, else 4096 (struct kvm_xsave).
+    public var xsaveSize: Int { max(4096, vm.checkExtension(.xsave2)) }
+
+    /// KVM_GET_XSAVE2 (or KVM_GET_XSAVE): the guest's XSAVE image; bytes 0..<512 are the
+    /// legacy FXSAVE area (FCW at 0, MXCSR at 24).
+    public func getXSAVE() throws -> [UInt8] {
+        let size = xsaveSize
+        var buf = [UInt8](repeating: 0, count: size)
+        let (req, name) = vm.checkExtension(.xsave2) > 0 ? (clinux_KVM_GET_XSAVE2(), "KVM_GET_XSAVE2") : (clinux_KVM_GET_XSAVE(), "KVM_GET_XSAVE")
+        let r = buf.withUnsafeMutableBytes { clinux_ioctl_ptr(fd, req, $0.baseAddress) }
+        if r < 0 { throw KVMError.ioctl(name: name, errno: errno) }
+        return buf
+    }
+
+    /// KVM_SET_XSAVE with an image from `getXSAVE()`.
+    public func setXSAVE(_ image: [UInt8]) throws {
+        guard image.count >= xsaveSize else { throw KVMError.invalidArgument("XSAVE image of \(image.count) bytes, KVM needs \(xsaveSize)") }
+        var buf = image
+        let r = buf.withUnsafeMutableBytes { clinux_ioctl_ptr(fd, clinux_KVM_SET_XSAVE(), $0.baseAddress) }
+        if r < 0 { throw KVMError.ioctl(name: "KVM_SET_XSAVE", errno: errno) }
+    }
+
+    /// MXCSR. KVM_GET_FPU/KVM_SET_FPU ignore kvm_fpu.mxcsr (always 0 on read), so this goes
+    /// through the XSAVE image (legacy area offset 24).
+    public func getMXCSR() throws -> UInt32 {
+        let x = try getXSAVE()
+        return x.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 24, as: UInt32.self) }
+    }
+
+    /// Sets MXCSR in the XSAVE image. KVM only takes MXCSR from an image whose header
+    /// (XSTATE_BV at offset 512) has SSE or AVX state, so the SSE bit is set too: XMM
+    /// registers then come from the image, which holds their current values.
+    public func setMXCSR(_ value: UInt32) throws {
+        var x = try getXSAVE()
+        x.withUnsafeMutableBytes { b in
+            b.storeBytes(of: value.littleEndian, toByteOffset: 24, as: UInt32.self)
+            let bv = UInt64(littleEndian: b.loadUnaligned(fromByteOffset: 512, as: UInt64.self))
+            b.storeBytes(of: (bv | 2).littleEndian, toByteOffset: 512, as: UInt64.self)
+        }
+        try setXSAVE(x)
+    }
 
     /// KVM_GET_MP_STATE (KVM_MP_STATE_RUNNABLE = 0, UNINITIALIZED = 1, HALTED = 3, ...).
     public func getMPState() throws -> UInt32 {
