@@ -164,6 +164,7 @@ public final class VCPU: @unchecked Sendable {
     let vm: VirtualMachine  // the VM must outlive its vCPUs
     private let kickLock = PThreadMutex()
     private var kickThread: pthread_t?
+    private var maskBeforeKick: sigset_t?
 
     init(vm: VirtualMachine, id: UInt32, mmapSize: Int) throws {
         var fd: Int32
@@ -221,18 +222,34 @@ public final class VCPU: @unchecked Sendable {
         if Self.handlerInstalled != 0 { throw KVMError.system(call: "sigaction", errno: Self.handlerInstalled) }
         var only = sigset_t()
         clinux_sigset_with_only(&only, Self.kickSignal)
-        var current = sigset_t()
-        let e = pthread_sigmask(SIG_BLOCK, &only, &current)
+        var previous = sigset_t()
+        let e = pthread_sigmask(SIG_BLOCK, &only, &previous)
         if e != 0 { throw KVMError.system(call: "pthread_sigmask", errno: e) }
         // The mask inside KVM_RUN: what the thread had, minus the kick signal.
-        clinux_sigdelset(&current, Self.kickSignal)
-        try setSignalMask(current)
-        kickLock.locked { kickThread = pthread_self() }
+        var inside = previous
+        clinux_sigdelset(&inside, Self.kickSignal)
+        do { try setSignalMask(inside) } catch {
+            pthread_sigmask(SIG_SETMASK, &previous, nil)
+            throw error
+        }
+        kickLock.locked {
+            kickThread = pthread_self()
+            maskBeforeKick = previous
+        }
     }
 
-    /// Stops `kick()` from signalling the thread (call before the thread exits).
+    /// Call on the same thread as `enableKick()`, before it stops running the vCPU (and before
+    /// it exits): `kick()` stops signalling it, a kick signal still pending is consumed, and
+    /// the thread's signal mask is restored. immediate_exit is left as it is.
     public func disableKick() {
-        kickLock.locked { kickThread = nil }
+        var restore = kickLock.locked { () -> sigset_t? in
+            defer { kickThread = nil; maskBeforeKick = nil }
+            guard let t = kickThread, pthread_equal(t, pthread_self()) != 0 else { return nil }
+            return maskBeforeKick
+        }
+        // No kick can signal this thread any more (kick() signals under the lock).
+        while clinux_consume_pending_signal(Self.kickSignal) > 0 {}
+        if restore != nil { pthread_sigmask(SIG_SETMASK, &restore!, nil) }
     }
 
     /// Runs `body` with the kick enabled on the calling thread, disabling it afterwards.

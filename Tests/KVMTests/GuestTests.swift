@@ -310,7 +310,15 @@ final class GuestTests: XCTestCase {
             sigpending(&pending)
             XCTAssertEqual(clinux_sigismember(&pending, VCPU.kickSignal), 0, "run() must consume the kick signal")
             expectHLT(try t.vcpu.run())
+            // A kick that lands after run() returned stays pending until disableKick().
+            XCTAssertEqual(pthread_kill(pthread_self(), VCPU.kickSignal), 0)
         }
+        var pending = sigset_t()
+        sigpending(&pending)
+        XCTAssertEqual(clinux_sigismember(&pending, VCPU.kickSignal), 0, "disableKick must consume a late kick signal")
+        var mask = sigset_t()
+        pthread_sigmask(SIG_BLOCK, nil, &mask)
+        XCTAssertEqual(clinux_sigismember(&mask, VCPU.kickSignal), 0, "disableKick must restore the thread's signal mask")
     }
 
     // MARK: Linux-style vCPU setup, checked from inside the guest
