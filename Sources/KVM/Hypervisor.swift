@@ -121,9 +121,10 @@ public final class Hypervisor: @unchecked Sendable {
     /// vCPU ids must be below this (KVM_CAP_MAX_VCPU_ID, falling back to maxVCPUs per KVM docs).
     public var maxVCPUID: Int { let n = checkExtension(.maxVCPUID); return n > 0 ? n : maxVCPUs }
 
-    /// KVM_GET_SUPPORTED_CPUID, growing the buffer while KVM answers E2BIG.
-    public func supportedCPUID() throws -> [CPUIDEntry] {
-        var capacity = 128
+    /// KVM_GET_SUPPORTED_CPUID, growing the buffer (from `initialCapacity` entries) while KVM
+    /// answers E2BIG.
+    public func supportedCPUID(initialCapacity: Int = 128) throws -> [CPUIDEntry] {
+        var capacity = max(1, initialCapacity)
         while true {
             let header = MemoryLayout<kvm_cpuid2>.size
             let stride = MemoryLayout<kvm_cpuid_entry2>.stride

@@ -94,14 +94,19 @@ public final class VirtualMachine: @unchecked Sendable {
     }
 
     /// KVM_IRQFD: a write to `eventfd` raises GSI `gsi` (edge). Needs the in-kernel irqchip.
-    public func registerIrqfd(_ eventfd: EventFD, gsi: UInt32) throws {
+    public func registerIrqfd(eventfd: EventFD, gsi: UInt32) throws {
         try irqfd(eventfd.fd, gsi: gsi, flags: 0)
     }
 
     /// KVM_IRQFD with KVM_IRQFD_FLAG_DEASSIGN.
-    public func deassignIrqfd(_ eventfd: EventFD, gsi: UInt32) throws {
+    public func deassignIrqfd(eventfd: EventFD, gsi: UInt32) throws {
         try irqfd(eventfd.fd, gsi: gsi, flags: UInt32(KVM_IRQFD_FLAG_DEASSIGN))
     }
+
+    /// Same as `registerIrqfd(eventfd:gsi:)`.
+    public func registerIrqfd(_ eventfd: EventFD, gsi: UInt32) throws { try registerIrqfd(eventfd: eventfd, gsi: gsi) }
+    /// Same as `deassignIrqfd(eventfd:gsi:)`.
+    public func deassignIrqfd(_ eventfd: EventFD, gsi: UInt32) throws { try deassignIrqfd(eventfd: eventfd, gsi: gsi) }
 
     private func irqfd(_ efd: Int32, gsi: UInt32, flags: UInt32) throws {
         var s = kvm_irqfd()
@@ -114,15 +119,26 @@ public final class VirtualMachine: @unchecked Sendable {
     /// KVM_IOEVENTFD: a guest write of `length` bytes (1, 2, 4 or 8; 0 = any length, MMIO only)
     /// to `address` (MMIO, or an I/O port when `pio`) signals `eventfd` inside KVM with no exit
     /// to swiftlet. With `datamatch`, only writes of exactly that value do; others exit as usual.
-    public func registerIoeventfd(_ eventfd: EventFD, address: UInt64, length: UInt32,
+    public func registerIoeventfd(eventfd: EventFD, address: UInt64, length: UInt32,
                                   datamatch: UInt64? = nil, pio: Bool = false) throws {
         try ioeventfd(eventfd.fd, address: address, length: length, datamatch: datamatch, pio: pio, deassign: false)
     }
 
     /// KVM_IOEVENTFD with KVM_IOEVENTFD_FLAG_DEASSIGN (same arguments as when registered).
-    public func deassignIoeventfd(_ eventfd: EventFD, address: UInt64, length: UInt32,
+    public func deassignIoeventfd(eventfd: EventFD, address: UInt64, length: UInt32,
                                   datamatch: UInt64? = nil, pio: Bool = false) throws {
         try ioeventfd(eventfd.fd, address: address, length: length, datamatch: datamatch, pio: pio, deassign: true)
+    }
+
+    /// Same as `registerIoeventfd(eventfd:address:length:datamatch:pio:)`.
+    public func registerIoeventfd(_ eventfd: EventFD, address: UInt64, length: UInt32,
+                                  datamatch: UInt64? = nil, pio: Bool = false) throws {
+        try registerIoeventfd(eventfd: eventfd, address: address, length: length, datamatch: datamatch, pio: pio)
+    }
+    /// Same as `deassignIoeventfd(eventfd:address:length:datamatch:pio:)`.
+    public func deassignIoeventfd(_ eventfd: EventFD, address: UInt64, length: UInt32,
+                                  datamatch: UInt64? = nil, pio: Bool = false) throws {
+        try deassignIoeventfd(eventfd: eventfd, address: address, length: length, datamatch: datamatch, pio: pio)
     }
 
     private func ioeventfd(_ efd: Int32, address: UInt64, length: UInt32, datamatch: UInt64?,

@@ -124,8 +124,8 @@ final class GuestTests: XCTestCase {
         let t = try TestVM()
         let mmioEv = try EventFD()
         let pioEv = try EventFD()
-        try t.vm.registerIoeventfd(mmioEv, address: GuestLayout.mmio, length: 4, datamatch: 0x1234)
-        try t.vm.registerIoeventfd(pioEv, address: 0x84, length: 1, pio: true)
+        try t.vm.registerIoeventfd(eventfd: mmioEv, address: GuestLayout.mmio, length: 4, datamatch: 0x1234)
+        try t.vm.registerIoeventfd(eventfd: pioEv, address: 0x84, length: 1, pio: true)
         try t.startLongMode([
             0xBB, 0x00, 0x00, 0x00, 0xD0,              // mov ebx, 0xd0000000
             0xC7, 0x03, 0x34, 0x12, 0x00, 0x00,        // mov dword [rbx], 0x1234   (matches: eventfd, no exit)
@@ -143,7 +143,7 @@ final class GuestTests: XCTestCase {
         XCTAssertNil(try mmioEv.read())
 
         // Deassigned: the same write now exits.
-        try t.vm.deassignIoeventfd(mmioEv, address: GuestLayout.mmio, length: 4, datamatch: 0x1234)
+        try t.vm.deassignIoeventfd(eventfd: mmioEv, address: GuestLayout.mmio, length: 4, datamatch: 0x1234)
         try t.startLongMode([
             0xBB, 0x00, 0x00, 0x00, 0xD0,              // mov ebx, 0xd0000000
             0xC7, 0x03, 0x34, 0x12, 0x00, 0x00,        // mov dword [rbx], 0x1234
@@ -159,11 +159,11 @@ final class GuestTests: XCTestCase {
     func testIrqfdRegistrationAndLAPICLINTRoundTrip() throws {
         let t = try TestVM(irqchip: true)
         let ev = try EventFD()
-        try t.vm.registerIrqfd(ev, gsi: 5)
+        try t.vm.registerIrqfd(eventfd: ev, gsi: 5)
         try ev.write(1)
         try t.vm.irqLine(gsi: 4, level: true)
         try t.vm.irqLine(gsi: 4, level: false)
-        try t.vm.deassignIrqfd(ev, gsi: 5)
+        try t.vm.deassignIrqfd(eventfd: ev, gsi: 5)
 
         try t.vcpu.setupLAPIC()
         let l = try t.vcpu.getLAPIC()
@@ -214,7 +214,7 @@ final class GuestTests: XCTestCase {
     func testIrqfdRaisesVectorInLAPIC() throws {
         let t = try TestVM(irqchip: true)
         let ev = try EventFD()
-        try t.vm.registerIrqfd(ev, gsi: 5)
+        try t.vm.registerIrqfd(eventfd: ev, gsi: 5)
         try startInterruptGuest(t, sti: false)
         expectIO(try runToExit(t.vcpu), port: 0x81, size: 1, isWrite: true)
         func irr30() throws -> Bool { (try t.vcpu.getLAPIC().register(0x200 + 0x10 * (0x30 / 32)) >> (0x30 % 32)) & 1 == 1 }
@@ -225,7 +225,7 @@ final class GuestTests: XCTestCase {
             if monotonicSeconds() - t0 > 2 { return XCTFail("irqfd write did not reach LAPIC IRR within 2 s") }
             usleep(1000)
         }
-        try t.vm.deassignIrqfd(ev, gsi: 5)
+        try t.vm.deassignIrqfd(eventfd: ev, gsi: 5)
     }
 
     /// End to end: an eventfd write through irqfd raises GSI 5; the in-kernel IOAPIC routes it
@@ -237,7 +237,7 @@ final class GuestTests: XCTestCase {
     func testIrqfdInterruptReachesGuest() throws {
         let t = try TestVM(irqchip: true)
         let ev = try EventFD()
-        try t.vm.registerIrqfd(ev, gsi: 5)
+        try t.vm.registerIrqfd(eventfd: ev, gsi: 5)
         try t.vcpu.setupLAPIC()
         try startInterruptGuest(t, sti: true)
         expectIO(try runToExit(t.vcpu), port: 0x81, size: 1, isWrite: true)
@@ -252,7 +252,7 @@ final class GuestTests: XCTestCase {
         } else {
             expectIO(e, port: 0x82, size: 1, isWrite: true, value: 0x5a)
         }
-        try t.vm.deassignIrqfd(ev, gsi: 5)
+        try t.vm.deassignIrqfd(eventfd: ev, gsi: 5)
     }
 
     // MARK: (g) kick
@@ -484,6 +484,13 @@ final class GuestTests: XCTestCase {
         // The fix-up leaves it exactly as KVM gives it.
         let fixed = CPUIDSetup.fixUp(cpuid, vcpuID: 3, vcpuCount: 4, tscDeadlineTimer: true)
         XCTAssertEqual(fixed.first { $0.function == 0x4000_0000 }, sig)
+    }
+
+    func testSupportedCPUIDGrowsBufferOnE2BIG() throws {
+        let kvm = try Hypervisor()
+        let full = try kvm.supportedCPUID()
+        XCTAssertGreaterThan(full.count, 1)
+        XCTAssertEqual(try kvm.supportedCPUID(initialCapacity: 1), full, "starting from 1 entry must grow to the same table")
     }
 
     func testRequiredCapabilitiesPresent() throws {
