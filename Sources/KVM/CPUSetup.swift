@@ -17,8 +17,10 @@ public enum CPUIDSetup {
     /// Topology presented: one package, one socket, `vcpuCount` cores, one thread per core;
     /// APIC ID = x2APIC ID = vCPU id. Changes (only to leaves present in `supported`):
     /// - leaf 1: EBX[31:24] initial APIC ID, EBX[23:16] logical processor count, EDX.HTT when
-    ///   more than one vCPU; ECX.hypervisor (bit 31) set; ECX.TSC-deadline (bit 24) kept only
-    ///   when `tscDeadlineTimer` (KVM_CAP_TSC_DEADLINE_TIMER).
+    ///   more than one vCPU; ECX.hypervisor (bit 31) set; ECX.TSC-deadline (bit 24) set when
+    ///   `tscDeadlineTimer` and cleared otherwise. Older kernels leave that bit out of
+    ///   KVM_GET_SUPPORTED_CPUID and advertise KVM_CAP_TSC_DEADLINE_TIMER instead (as QEMU and
+    ///   cloud-hypervisor do, pass true only with that capability and the in-kernel irqchip).
     /// - leaf 4 (Intel caches): EAX[31:26] cores per package - 1, EAX[25:14] threads sharing
     ///   the cache - 1 (L1/L2: one core; L3 and up: the whole package).
     /// - leaves 0xB and 0x1F: replaced by subleaf 0 (SMT: shift 0, 1 thread), subleaf 1
@@ -41,7 +43,7 @@ public enum CPUIDSetup {
                 e.ebx = (e.ebx & 0x0000_ffff) | ((vcpuID & 0xff) << 24) | (min(count, 255) << 16)
                 if count > 1 { e.edx |= 1 << 28 } else { e.edx &= ~(UInt32(1) << 28) }
                 e.ecx |= 1 << 31
-                if !tscDeadlineTimer { e.ecx &= ~(UInt32(1) << 24) }
+                if tscDeadlineTimer { e.ecx |= 1 << 24 } else { e.ecx &= ~(UInt32(1) << 24) }
             case 4:
                 let level = (e.eax >> 5) & 7
                 if e.eax & 0x1f != 0 {  // a real cache (type != 0)

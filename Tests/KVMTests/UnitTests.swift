@@ -150,6 +150,10 @@ final class CPUIDSetupTests: XCTestCase {
         }
         let keep = CPUIDSetup.fixUp(intel, vcpuID: 0, vcpuCount: 1, tscDeadlineTimer: true)
         XCTAssertEqual((leaf(keep, 1)!.ecx >> 24) & 1, 1, "TSC deadline kept with the capability")
+        var older = intel
+        older[1].ecx &= ~(UInt32(1) << 24)  // kernels that report it only as KVM_CAP_TSC_DEADLINE_TIMER
+        let added = CPUIDSetup.fixUp(older, vcpuID: 0, vcpuCount: 1, tscDeadlineTimer: true)
+        XCTAssertEqual((leaf(added, 1)!.ecx >> 24) & 1, 1, "TSC deadline set from the capability")
     }
 
     func testX2APICTopologyLeaves() throws {
