@@ -25,6 +25,26 @@ public enum VCPUExit {
     case unknown(UInt32)
 }
 
+extension VCPUExit: CustomStringConvertible {
+    /// One line for logs, e.g. `io(port: 0x3f8, size: 1, out, count: 1)`.
+    public var description: String {
+        func hex<T: BinaryInteger>(_ v: T) -> String { "0x" + String(v, radix: 16) }
+        switch self {
+        case let .io(port, size, w, count, _):
+            return "io(port: \(hex(port)), size: \(size), \(w ? "out" : "in"), count: \(count))"
+        case let .mmio(a, l, w, _):
+            return "mmio(address: \(hex(a)), length: \(l), \(w ? "write" : "read"))"
+        case .hlt: return "hlt"
+        case .shutdown: return "shutdown (triple fault)"
+        case let .systemEvent(t): return "systemEvent(type: \(t))"
+        case let .internalError(s): return "internalError(suberror: \(s)\(s == 1 ? ", emulation" : ""))"
+        case let .failEntry(r): return "failEntry(reason: \(hex(r)))"
+        case .interrupted: return "interrupted"
+        case let .unknown(r): return "unknown(exit reason \(r))"
+        }
+    }
+}
+
 /// Offsets into struct kvm_run (from the C header, so they track the UAPI).
 enum RunLayout {
     static let immediateExit = Int(clinux_kvm_run_off_immediate_exit())

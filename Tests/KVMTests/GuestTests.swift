@@ -293,6 +293,47 @@ final class GuestTests: XCTestCase {
         XCTAssertTrue(vcpu.immediateExit, "kick leaves immediate_exit set")
     }
 
+    /// The VMM's shutdown pattern: one pthread per vCPU, each spinning in the guest; kick all, join all.
+    func testKickStopsSeveralVCPUThreads() throws {
+        let t = try TestVM(vcpuCount: 3)
+        for v in t.vcpus { try t.startRealMode([0xEB, 0xFE], vcpu: v) }  // jmp $
+        let lock = PThreadMutex()
+        var results: [UInt32: String] = [:]
+        var running = 0
+        var threads: [OSThread] = []
+        for v in t.vcpus {
+            threads.append(try spawnThread(name: "vcpu\(v.id)") {
+                do {
+                    try v.withKickEnabled {
+                        lock.locked { running += 1 }
+                        while true {
+                            let e = try v.run()
+                            if case .interrupted = e, v.immediateExit { lock.locked { results[v.id] = "\(e)" }; return }
+                            if case .interrupted = e { continue }
+                            lock.locked { results[v.id] = "unexpected \(e)" }
+                            return
+                        }
+                    }
+                } catch {
+                    lock.locked { results[v.id] = "error: \(error)" }
+                }
+            })
+        }
+        while lock.locked({ running }) < t.vcpus.count { usleep(1000) }
+        usleep(100_000)
+        let t0 = monotonicSeconds()
+        for v in t.vcpus { v.kick() }
+        while lock.locked({ results.count }) < t.vcpus.count {
+            if monotonicSeconds() - t0 > 5 {
+                XCTFail("kick did not stop all vCPUs within 5 s: \(lock.locked { results })")
+                fatalError("vCPU threads stuck in KVM_RUN after kick; aborting instead of hanging")
+            }
+            usleep(1000)
+        }
+        for th in threads { th.join() }
+        XCTAssertEqual(lock.locked { results }, [0: "interrupted", 1: "interrupted", 2: "interrupted"])
+    }
+
     func testImmediateExitBeforeRunAndPendingKickSignal() throws {
         let t = try TestVM()
         try t.startRealMode([0xF4])  // hlt
