@@ -7,6 +7,22 @@
 //
 // A queue is driven by one thread at a time (the device's worker); the type is not
 // internally synchronized.
+//
+// A device worker's loop (the transport hands the device its queues and an
+// `interrupt: VirtioInterruptSink` at activation):
+//
+//     while running {
+//         wait for the queue's ioeventfd
+//         repeat {
+//             q.disableNotifications()
+//             while let chain = try q.popAvailable() {     // on a thrown error:
+//                 let written = serve(chain)                //   .badChain -> interrupt.markNeedsReset()
+//                 try q.stageUsed(head: chain.head, length: written)   // (or addUsed(head, 0) and go on)
+//             }                                            //   anything else -> markNeedsReset(), stop
+//             q.publishUsed()
+//             if q.needsNotification() { interrupt.signalUsedBuffer() }
+//         } while q.enableNotifications()   // buffers raced in: go round again before sleeping
+//     }
 import Glibc
 import GuestMemory
 import Synchronization
