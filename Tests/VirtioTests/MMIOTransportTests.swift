@@ -459,3 +459,85 @@ final class TransportConcurrencyTests: XCTestCase {
         XCTAssertEqual(count.load(ordering: .relaxed), 100_000)
     }
 }
+
+/// Driver side through the registers, device side through the SplitQueue it was given.
+final class TransportQueueIntegrationTests: XCTestCase {
+    func testChainRoundTripThroughTransport() throws {
+        typealias R = VirtioMMIOReg
+        let mem = try GuestMemory(layout: [(0, 0x10_0000)])
+        let dev = MockDevice()
+        let irqs = Atomic<Int>(0)
+        let t = VirtioMMIOTransport(device: dev, memory: mem, signalInterrupt: { irqs.wrappingAdd(1, ordering: .relaxed) })
+        func w(_ o: UInt64, _ v: UInt32) { t.write(offset: o, size: 4, value: v) }
+        w(R.status, 0)
+        w(R.status, 1); w(R.status, 3)
+        w(R.driverFeaturesSel, 1); w(R.driverFeatures, 1)
+        w(R.driverFeaturesSel, 0); w(R.driverFeatures, UInt32(VirtioFeature.eventIdx | VirtioFeature.indirectDesc))
+        w(R.status, 11)
+        XCTAssertEqual(t.read(offset: R.status, size: 4), 11)
+        w(R.queueSel, 0)
+        w(R.queueNum, 16)
+        w(R.queueDescLow, 0x1_0000); w(R.queueDriverLow, 0x1_1000); w(R.queueDeviceLow, 0x1_2000)
+        w(R.queueReady, 1)
+        // The driver posts one indirect chain before DRIVER_OK (allowed; the device sees it once running).
+        let table: UInt64 = 0x2_0000
+        QueueHarness.writeDesc(mem, table: table, 0, addr: 0x3_0000, len: 8, flags: VirtqDesc.next, next: 1)
+        QueueHarness.writeDesc(mem, table: table, 1, addr: 0x3_1000, len: 4, flags: VirtqDesc.write)
+        QueueHarness.writeDesc(mem, table: 0x1_0000, 5, addr: table, len: 32, flags: VirtqDesc.indirect)
+        try mem.store(UInt16(5), at: 0x1_1004)
+        try mem.store(UInt16(1), at: 0x1_1002)
+        try mem.write([1, 2, 3, 4, 5, 6, 7, 8], at: 0x3_0000)
+        w(R.status, 15)
+        let q = try XCTUnwrap(dev.activations.first?.queues[0])
+        XCTAssertTrue(q.eventIdx && q.indirectDescriptors)
+        let c = try XCTUnwrap(try q.popAvailable())
+        XCTAssertEqual(c.head, 5)
+        var hdr = [UInt8](repeating: 0, count: 8)
+        hdr.withUnsafeMutableBytes { _ = c.readReadable(into: $0) }
+        XCTAssertEqual(hdr, [1, 2, 3, 4, 5, 6, 7, 8])
+        c.writeWritable([0xAB, 0xCD, 0xEF, 0x01])
+        try q.addUsed(head: c.head, length: 4)
+        if q.needsNotification() { dev.sink!.signalUsedBuffer() }
+        XCTAssertEqual(irqs.load(ordering: .relaxed), 1)
+        XCTAssertEqual(t.read(offset: R.interruptStatus, size: 4), 1)
+        XCTAssertEqual(try mem.load(UInt16.self, at: 0x1_2002), 1)            // used.idx
+        XCTAssertEqual(try mem.load(UInt32.self, at: 0x1_2004), 5)            // used[0].id
+        XCTAssertEqual(try mem.load(UInt32.self, at: 0x1_2008), 4)            // used[0].len
+        XCTAssertEqual(try mem.readBytes(at: 0x3_1000, count: 4), [0xAB, 0xCD, 0xEF, 0x01])
+        w(R.interruptACK, 1)
+        XCTAssertEqual(t.read(offset: R.interruptStatus, size: 4), 0)
+    }
+
+    func testQueueCanBeDisabledAndReconfiguredBeforeDriverOK() {
+        typealias R = VirtioMMIOReg
+        let mem = try! GuestMemory(layout: [(0, 0x10_0000)])
+        let dev = MockDevice()
+        let t = VirtioMMIOTransport(device: dev, memory: mem, signalInterrupt: {})
+        func w(_ o: UInt64, _ v: UInt32) { t.write(offset: o, size: 4, value: v) }
+        w(R.status, 1); w(R.status, 3)
+        w(R.driverFeaturesSel, 1); w(R.driverFeatures, 1)
+        w(R.status, 11)
+        w(R.queueSel, 0); w(R.queueNum, 16)
+        w(R.queueDescLow, 0x1_0000); w(R.queueDriverLow, 0x1_1000); w(R.queueDeviceLow, 0x1_2000)
+        w(R.queueReady, 1)
+        w(R.queueReady, 0)
+        XCTAssertEqual(t.read(offset: R.queueReady, size: 4), 0)
+        w(R.queueNum, 8); w(R.queueDescLow, 0x4_0000)
+        w(R.queueReady, 1)
+        w(R.status, 15)
+        XCTAssertEqual(dev.activations.first?.queues[0]?.layout,
+                       QueueLayout(size: 8, descTable: 0x4_0000, availRing: 0x1_1000, usedRing: 0x1_2000))
+    }
+
+    func testEightByteConfigWrite() {
+        let mem = try! GuestMemory(layout: [(0, 0x1000)])
+        let dev = MockDevice()
+        dev.writableConfig = 16..<24
+        let t = VirtioMMIOTransport(device: dev, memory: mem, signalInterrupt: {})
+        let v: [UInt8] = [9, 8, 7, 6, 5, 4, 3, 2]
+        v.withUnsafeBytes { t.write(offset: VirtioMMIOReg.config + 16, from: $0) }
+        XCTAssertEqual(Array(dev.config[16..<24]), v)
+        v.withUnsafeBytes { t.write(offset: VirtioMMIOReg.config + 17, from: $0) }  // one byte past the end
+        XCTAssertEqual(Array(dev.config[16..<24]), v)
+    }
+}
