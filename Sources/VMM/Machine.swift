@@ -61,9 +61,21 @@ public func run(_ config: MachineConfig) throws -> Int32 {
         throw SwiftletError(ExitStatus(rawValue: e.exitStatus) ?? .badInput, e.description)
     }
 
+    // The vCPU limit is checked before refusing a PVM host, so that a bad --cpus is a
+    // usage error everywhere.
     let host = HostCheck.classify()
+    let kvm: Hypervisor
+    switch host {
+    case .usable, .pvmHost:
+        do { kvm = try Hypervisor() } catch { throw SwiftletError(.hostUnavailable, "\(error)") }
+    default:
+        throw SwiftletError(.hostUnavailable, host.message)
+    }
+    if config.cpus > kvm.maxVCPUs {
+        throw SwiftletError(.usage, "--cpus \(config.cpus) is above this host's KVM limit of \(kvm.maxVCPUs) vCPUs: use --cpus \(kvm.maxVCPUs) or fewer")
+    }
     guard host.isUsable else { throw SwiftletError(.hostUnavailable, host.message) }
-    let machine = try Machine(config: config, memory: memory, boot: boot)
+    let machine = try Machine(config: config, kvm: kvm, memory: memory, boot: boot)
     return machine.run()
 }
 
@@ -85,17 +97,14 @@ final class Machine: @unchecked Sendable {
     private var outcome: Outcome? = nil
     private var stopping = false
 
-    init(config: MachineConfig, memory: GuestMemory, boot: BootCPUState) throws {
+    init(config: MachineConfig, kvm: Hypervisor, memory: GuestMemory, boot: BootCPUState) throws {
         self.config = config
         self.memory = memory
+        self.kvm = kvm
         do {
-            kvm = try Hypervisor()
             try kvm.requireCapabilities()
         } catch {
             throw SwiftletError(.hostUnavailable, "\(error)")
-        }
-        if config.cpus > kvm.maxVCPUs {
-            throw SwiftletError(.usage, "--cpus \(config.cpus) is above this host's KVM limit of \(kvm.maxVCPUs) vCPUs: use --cpus \(kvm.maxVCPUs) or fewer")
         }
         stopEvent = try EventFD()
         serialIRQ = try EventFD()

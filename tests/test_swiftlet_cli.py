@@ -1,0 +1,172 @@
+"""swiftlet's command line: every user mistake is one line on stderr and a
+documented non-zero exit status (README "Exit status"). Inputs are checked
+before KVM is touched, so these run on any host, this PVM one included."""
+import os
+import shutil
+import struct
+import subprocess
+
+import pytest
+
+from conftest import REPO, run
+
+USAGE, BAD_INPUT, MISSING, HOST = 64, 65, 66, 69
+
+
+@pytest.fixture(scope="session")
+def swiftlet():
+    """The swiftlet binary: SWIFTLET_BIN, else a fresh debug build."""
+    b = os.environ.get("SWIFTLET_BIN")
+    if b:
+        return b
+    r = run(["swift", "build", "--product", "swiftlet"], timeout=1800)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return os.path.join(REPO, ".build", "debug", "swiftlet")
+
+
+@pytest.fixture(scope="session")
+def kernel(images):
+    return os.path.join(images, "vmlinuz")
+
+
+def sw(swiftlet, *args, user=None):
+    argv = [swiftlet, *args]
+    if user:
+        argv = ["setpriv", "--reuid", user, "--regid", user, "--clear-groups", *argv]
+    return run(argv, timeout=60)
+
+
+def one_line(r, *words):
+    """stderr is exactly one line, starting 'swiftlet: ', naming the problem."""
+    lines = r.stderr.strip("\n").split("\n")
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("swiftlet: "), r.stderr
+    for w in words:
+        assert w.lower() in lines[0].lower(), (w, r.stderr)
+    assert "Fatal error" not in r.stderr and "Stack dump" not in r.stderr
+    return lines[0]
+
+
+def test_help_exits_zero(swiftlet):
+    r = sw(swiftlet, "--help")
+    assert r.returncode == 0
+    assert "--kernel" in r.stdout and "Exit status" in r.stdout
+
+
+@pytest.mark.parametrize("args,words", [
+    ([], ["--kernel"]),
+    (["--kernel", "K", "--bogus"], ["--bogus"]),
+    (["--kernel", "K", "--cpus", "0"], ["--cpus", "at least 1"]),
+    (["--kernel", "K", "--cpus", "two"], ["--cpus", "not a number"]),
+    (["--kernel", "K", "--cpus", "-3"], ["--cpus"]),
+    (["--kernel", "K", "--cpus", "100000"], ["vcpu"]),
+    (["--kernel", "K", "--memory", "12X"], ["--memory", "not a size"]),
+    (["--kernel", "K", "--memory", ""], ["--memory"]),
+    (["--kernel", "K", "--memory", "1.5G"], ["--memory"]),
+    (["--kernel", "K", "--memory", "99999999999999999999999G"], ["--memory"]),
+    (["--kernel", "K", "--memory", "18446744073709551615T"], ["--memory", "too large"]),
+    (["--kernel", "K", "--memory", "16M"], ["--memory", "minimum"]),
+    (["--kernel", "K", "--memory", "0"], ["--memory", "minimum"]),
+    (["--kernel", "K", "--memory", "100000G"], ["--memory"]),
+    (["--kernel", "K", "--serial", "tty"], ["--serial"]),
+    (["--kernel", "K", "--log-level", "loud"], ["--log-level"]),
+])
+def test_usage_errors(swiftlet, kernel, args, words):
+    args = [kernel if a == "K" else a for a in args]
+    r = sw(swiftlet, *args)
+    assert r.returncode == USAGE, (r.returncode, r.stderr)
+    one_line(r, *words)
+
+
+def test_memory_above_host(swiftlet, kernel):
+    total_kib = int(open("/proc/meminfo").read().split("MemTotal:")[1].split()[0])
+    r = sw(swiftlet, "--kernel", kernel, "--memory", "%dM" % (total_kib // 1024 + 1024))
+    assert r.returncode == USAGE
+    one_line(r, "more than this host has")
+
+
+def test_kernel_missing(swiftlet, tmp_path):
+    r = sw(swiftlet, "--kernel", str(tmp_path / "nope"))
+    assert r.returncode == MISSING
+    one_line(r, "not found", "--kernel")
+
+
+def test_kernel_is_a_directory(swiftlet, tmp_path):
+    r = sw(swiftlet, "--kernel", str(tmp_path))
+    assert r.returncode in (MISSING, BAD_INPUT)
+    one_line(r, str(tmp_path))
+
+
+def test_kernel_unreadable(swiftlet, kernel, tmp_path):
+    k = tmp_path / "vmlinuz"
+    shutil.copy(kernel, k)
+    os.chmod(k, 0)
+    os.chmod(tmp_path, 0o755)
+    r = sw(swiftlet, "--kernel", str(k), user="65534")
+    assert r.returncode == MISSING, r.stderr
+    one_line(r, str(k))
+
+
+def test_kernel_empty(swiftlet, tmp_path):
+    k = tmp_path / "empty"
+    k.write_bytes(b"")
+    r = sw(swiftlet, "--kernel", str(k))
+    assert r.returncode == BAD_INPUT
+    one_line(r, "empty")
+
+
+def test_not_a_kernel(swiftlet, tmp_path):
+    k = tmp_path / "text"
+    k.write_bytes(b"hello\n" * 200)
+    r = sw(swiftlet, "--kernel", str(k))
+    assert r.returncode == BAD_INPUT
+    one_line(r, "bzImage")
+
+
+@pytest.mark.parametrize("cut", [100, 0x1f1 + 4, 0x210, 0x4000, 1 << 20])
+def test_truncated_kernel(swiftlet, kernel, tmp_path, cut):
+    k = tmp_path / "cut"
+    k.write_bytes(open(kernel, "rb").read()[:cut])
+    r = sw(swiftlet, "--kernel", str(k))
+    assert r.returncode == BAD_INPUT, (cut, r.stderr)
+    one_line(r)
+
+
+def test_boot_protocol_too_old(swiftlet, kernel, tmp_path):
+    data = bytearray(open(kernel, "rb").read())
+    struct.pack_into("<H", data, 0x206, 0x0205)
+    k = tmp_path / "old"
+    k.write_bytes(bytes(data))
+    r = sw(swiftlet, "--kernel", str(k))
+    assert r.returncode == BAD_INPUT
+    one_line(r, "2.05")
+
+
+def test_initrd_missing(swiftlet, kernel, tmp_path):
+    r = sw(swiftlet, "--kernel", kernel, "--initrd", str(tmp_path / "nope"))
+    assert r.returncode == MISSING
+    one_line(r, "initrd")
+
+
+def test_initrd_too_large_for_memory(swiftlet, kernel, tmp_path):
+    big = tmp_path / "big.img"
+    with open(big, "wb") as f:
+        f.truncate(200 << 20)
+    r = sw(swiftlet, "--kernel", kernel, "--initrd", str(big), "--memory", "128M")
+    assert r.returncode == BAD_INPUT
+    one_line(r, "initrd")
+
+
+def test_cmdline_too_long(swiftlet, kernel):
+    r = sw(swiftlet, "--kernel", kernel, "--cmdline", "x" * 70000)
+    assert r.returncode == BAD_INPUT
+    one_line(r, "command line")
+
+
+def test_pvm_host_is_refused_with_the_way_out(swiftlet, kernel):
+    """On a PVM host (as here) a valid configuration stops at the host check."""
+    if not os.path.exists("/sys/module/kvm_pvm"):
+        pytest.skip("not a PVM host: the testbed boot tests cover a usable /dev/kvm")
+    r = sw(swiftlet, "--kernel", kernel)
+    assert r.returncode == HOST
+    one_line(r, "PVM", "scripts/testbed")
