@@ -9,6 +9,22 @@
 //  - ACPI (RSDP/XSDT/FADT/MADT/DSDT, hardware-reduced) and an MP table.
 //
 // See docs/DESIGN.md for the guest address map; `X86Layout` holds the same numbers.
+//
+// Decisions (the why is next to each in the code):
+//  - e820: [0, 0x9fc00) RAM, [0x9fc00, 0xa0000) reserved (MP table), [0xa0000, 0xe0000)
+//    not listed (legacy hole), [0xe0000, 0x100000) type 2 reserved (ACPI tables and the
+//    high MP config table), [1 MiB, low end) RAM, [4 GiB, ...) RAM; extra ranges type 2.
+//  - RSDP at 0xe0000 (found by the BIOS-area scan) and in boot_params.acpi_rsdp_addr.
+//  - FADT rev 6.5, HW_REDUCED_ACPI | RESET_REG_SUP | PWR_BUTTON | SLP_BUTTON; IAPC_BOOT_ARCH
+//    = no VGA | no MSI | no ASPM (8042 bit clear so Linux skips the i8042 probe; CMOS RTC
+//    present); sleep control/status and reset registers are byte I/O port 0x3c0.
+//  - MADT: LAPIC per vCPU (id = index), IOAPIC id 0 at 0xfec00000 GSI base 0, ISO IRQ0->GSI2,
+//    LAPIC NMI on LINT1; flags 0 (no PCAT_COMPAT).
+//  - DSDT: COM1 (PNP0501, IO 0x3f8/8, IRQNoFlags 4), RTC (PNP0B00, IO 0x70/2, IRQNoFlags 8),
+//    virtio-mmio "LNRO0005" with Interrupt(Consumer, Edge, ActiveHigh, Exclusive), _S5_ {5,0,0,0}.
+//  - MP table: floating pointer at 0x9fc00; config table after it for <= 40 vCPUs, else at
+//    0xf0000. vCPUs: 1...254.
+//  - CR0 = PE|ET|PG (0x80000011), CR4 = PAE, EFER = LME|LMA, RSP 0x8ff0, RSI 0x7000.
 import GuestMemory
 import Glibc
 
@@ -42,6 +58,8 @@ public enum BootError: Error, Equatable, CustomStringConvertible, Sendable {
     case kernelNotFound(String)
     case kernelUnreadable(String, errno: Int32)
     case emptyKernel(String)
+    /// The kernel file is larger than `maxKernelFileSize`.
+    case kernelFileTooLarge(String, size: UInt64, max: UInt64)
     case notAKernel(String)
     /// The file ends before a structure it declares (detail says which).
     case truncatedKernel(String)
@@ -106,6 +124,8 @@ public enum BootError: Error, Equatable, CustomStringConvertible, Sendable {
             return "cannot read kernel \(p): \(String(cString: strerror(e))); check its permissions and that it is a regular file"
         case let .emptyKernel(p):
             return "kernel \(p) is empty: pass a bzImage (vmlinuz) or an ELF vmlinux"
+        case let .kernelFileTooLarge(p, size, m):
+            return "kernel \(p) is \(size) bytes, more than the \(m) bytes swiftlet reads: pass a bzImage or a vmlinux without debug info (strip it)"
         case let .notAKernel(p):
             return "\(p) is neither a bzImage (no \"HdrS\" setup header at 0x202) nor an ELF file: pass a bzImage (vmlinuz) or an ELF vmlinux"
         case let .truncatedKernel(d):

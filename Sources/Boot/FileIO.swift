@@ -56,11 +56,16 @@ final class InputFile {
     }
 }
 
+/// The largest kernel file read into memory (a vmlinux with full debug info can be
+/// several hundred MiB; a bzImage is 10-20 MiB).
+public let maxKernelFileSize: UInt64 = 1 << 30
+
 /// Reads a kernel image, mapping failures to the kernel errors.
 public func readKernelFile(_ path: String) throws -> [UInt8] {
     do {
         let f = try InputFile(path: path)
         if f.size == 0 { throw BootError.emptyKernel(path) }
+        if f.size > maxKernelFileSize { throw BootError.kernelFileTooLarge(path, size: f.size, max: maxKernelFileSize) }
         return try f.readAll()
     } catch let e as InputFile.Failure {
         switch e {

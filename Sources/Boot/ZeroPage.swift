@@ -104,6 +104,7 @@ public enum ZeroPage {
     public static let relocatableKernel = 0x234
     public static let xloadflags = 0x236
     public static let cmdlineSize = 0x238
+    public static let setupData = 0x250
     public static let prefAddress = 0x258
     public static let initSize = 0x260
     public static let e820Table = 0x2d0
@@ -124,6 +125,8 @@ public enum ZeroPage {
         if let header {
             let n = min(header.bytes.count, setupHeaderLimit - setupHeader)
             w.set(Array(header.bytes.prefix(n)), at: setupHeader)
+            // swiftlet passes no setup_data: whatever the file says there is dropped.
+            if header.headerEnd >= setupData + 8 { w.set(UInt64(0), at: setupData) }
         } else {
             w.set(UInt16(0xaa55), at: bootFlag)
             w.set([0xeb, UInt8(0x26c - 0x202)], at: jump)

@@ -165,6 +165,10 @@ final class BzImageTests: XCTestCase {
         let empty = tempFile([])
         defer { unlink(empty) }
         assertThrows(.emptyKernel(empty), try readKernelFile(empty))
+        let huge = tempFile([])
+        defer { unlink(huge) }
+        XCTAssertEqual(truncate(huge, off_t(maxKernelFileSize + 1)), 0)   // sparse: no disk used
+        assertThrows(.kernelFileTooLarge(huge, size: maxKernelFileSize + 1, max: maxKernelFileSize), try readKernelFile(huge))
         let f = tempFile([1, 2, 3, 4, 5])
         defer { unlink(f) }
         XCTAssertEqual(try readKernelFile(f), [1, 2, 3, 4, 5])

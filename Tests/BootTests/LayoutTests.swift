@@ -75,7 +75,8 @@ final class ZeroPageTests: XCTestCase {
     }
 
     func testBuildFromBzImageHeader() throws {
-        let k = syntheticBzImage()
+        var k = syntheticBzImage()
+        setLE(&k, 0x250, UInt64(0xdead_beef))   // setup_data from the file is dropped
         guard case let .bzImage(h) = try parseKernel(k, ram: ramOf(64 * MiB)).format else { return XCTFail() }
         let e820 = buildE820(ram: ramOf(64 * MiB))
         let zp = try ZeroPage.build(header: h, cmdline: 0x20000, cmdlineSize: 0x7ff,
@@ -83,10 +84,11 @@ final class ZeroPageTests: XCTestCase {
         XCTAssertEqual(zp.count, 4096)
         // Header copied verbatim except the fields the loader sets.
         for off in 0x1f1..<0x26c where !(0x210...0x211).contains(off) && !(0x218..<0x220).contains(off)
-            && !(0x224..<0x22c).contains(off) {
+            && !(0x224..<0x22c).contains(off) && !(0x250..<0x258).contains(off) {
             XCTAssertEqual(zp[off], k[off], "offset \(String(off, radix: 16))")
         }
         XCTAssertEqual(le(zp, 0x202, UInt32.self), 0x5372_6448)
+        XCTAssertEqual(le(zp, 0x250, UInt64.self), 0)
         XCTAssertEqual(zp[0x210], 0xff)
         XCTAssertEqual(zp[0x211], 0x81)                              // LOADED_HIGH | CAN_USE_HEAP
         XCTAssertEqual(le(zp, 0x224, UInt16.self), 0xfe00)
