@@ -22,7 +22,7 @@ let package = Package(
         // Split virtqueues, the virtio-mmio transport, feature negotiation.
         .target(name: "Virtio", dependencies: ["CLinux", "GuestMemory"]),
         // Legacy devices: 16550 UART, CMOS RTC, i8042, boot-time marker.
-        .target(name: "Devices", dependencies: ["CLinux", "GuestMemory"]),
+        .target(name: "Devices", dependencies: ["CLinux", "GuestMemory", "Virtio"]),
         // Builds a machine from a configuration and runs its lifecycle.
         .target(name: "VMM", dependencies: ["CLinux", "KVM", "GuestMemory", "Boot", "Devices", "Virtio"]),
         .executableTarget(name: "swiftlet", dependencies: [
@@ -33,7 +33,8 @@ let package = Package(
         .testTarget(name: "KVMTests", dependencies: ["KVM", "GuestMemory", "CLinux"]),
         .testTarget(name: "BootTests", dependencies: ["Boot", "GuestMemory"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "GuestMemory"]),
-        .testTarget(name: "DevicesTests", dependencies: ["Devices", "GuestMemory"]),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "GuestMemory", "Virtio"]),
+        .testTarget(name: "VMMTests", dependencies: ["VMM", "Devices", "Virtio", "GuestMemory", "KVM"]),
     ],
     swiftLanguageModes: [.v5]
 )

@@ -1,0 +1,33 @@
+// The contract between a virtio device model (here) and the VMM glue that runs it
+// (Sources/VMM/VirtioHost.swift): the device does the work on its queues, the host owns
+// the threads and eventfds. Per active queue the host runs one thread that polls the
+// queue's kick eventfd (an ioeventfd on QueueNotify), a stop eventfd and the handler's
+// completion fd, and calls the handler:
+//
+//     handler.kicked()               once at start, then on every kick
+//     handler.completionsReady()     when completionFD is readable
+//     handler.quiesce()              on stop, before the thread ends
+//
+// All three are called on that one thread only.
+import Glibc
+import Virtio
+
+public protocol VirtioQueueHandler: AnyObject {
+    /// The queue index this handler serves.
+    var queueIndex: Int { get }
+    /// A file descriptor that becomes readable when backend I/O completes, or -1.
+    var completionFD: Int32 { get }
+    /// The driver notified the queue (or the thread just started): serve what is available.
+    func kicked()
+    /// completionFD became readable: retire finished requests, then serve more.
+    func completionsReady()
+    /// Stop: wait for every request in flight, retire it, and stop any helper threads.
+    /// After this returns the handler never touches guest memory again. Idempotent.
+    func quiesce()
+}
+
+/// A virtio device whose queues are served by host threads.
+public protocol HostedVirtioDevice: VirtioDevice {
+    /// Handlers for the queues activated by the last activate() (empty after reset()).
+    var queueHandlers: [VirtioQueueHandler] { get }
+}

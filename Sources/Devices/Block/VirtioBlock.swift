@@ -1,0 +1,421 @@
+// virtio-blk (virtio 1.2 §5.2): the device model and its per-queue request engine.
+//
+// The guest is hostile. Per request: the header is 16 device-readable bytes, the status
+// is the last device-writable byte, data lengths are whole 512-byte sectors, sector +
+// length lies inside the disk (no overflow), writes to a read-only disk fail, and
+// discard / write-zeroes segment lists are checked (count, sectors, flags). A request
+// that breaks these rules fails with S_IOERR or S_UNSUPP and the device carries on. A
+// chain that cannot carry a status at all (no device-writable byte), a malformed
+// descriptor chain or a broken ring marks the device DEVICE_NEEDS_RESET and the queue
+// stops. Data moves with preadv/pwritev straight between the file and the chain's
+// buffers in guest memory.
+//
+// Engine: per queue either synchronous (requests run on the queue thread) or a pool of
+// I/O threads with up to `maxInFlight` requests in flight (see BlockEngine). The used
+// ring is published once per batch and the driver is interrupted only when EVENT_IDX
+// (or VRING_AVAIL_F_NO_INTERRUPT) says so.
+import Glibc
+import CLinux
+import GuestMemory
+import Virtio
+
+/// How a queue runs its requests.
+public enum BlockEngine: Equatable, Sendable {
+    /// On the queue thread, one after the other.
+    case synchronous
+    /// On `threads` I/O threads per queue, at most `maxInFlight` requests in flight.
+    case threadPool(threads: Int, maxInFlight: Int)
+
+    /// The default: see README/issue 4 report for the measurements behind it.
+    public static let `default` = BlockEngine.synchronous
+}
+
+public final class VirtioBlock: HostedVirtioDevice, @unchecked Sendable {
+    public let disk: DiskImage
+    public let numQueues: Int
+    public let engine: BlockEngine
+    /// Used for I/O thread names: "\(name)-q\(i)-io\(j)".
+    public let name: String
+    let log: (@Sendable (String) -> Void)?
+    let config: [UInt8]
+    let lock = Mutex()
+    var handlers: [BlockQueue] = []
+
+    /// `numQueues` is clamped to 1...VirtioBlockLimits.maxQueues.
+    public init(disk: DiskImage, numQueues: Int = 1, engine: BlockEngine = .default, name: String = "blk",
+                log: (@Sendable (String) -> Void)? = nil) {
+        self.disk = disk
+        self.numQueues = min(max(numQueues, 1), VirtioBlockLimits.maxQueues)
+        self.engine = engine
+        self.name = name
+        self.log = log
+        var w = ByteWriter(size: VirtioBlockConfig.size)
+        w.set(disk.sectors, at: VirtioBlockConfig.capacity)
+        w.set(VirtioBlockLimits.sizeMax, at: VirtioBlockConfig.sizeMax)
+        w.set(VirtioBlockLimits.segMax, at: VirtioBlockConfig.segMax)
+        w.set(UInt32(VirtioBlockLimits.sectorSize), at: VirtioBlockConfig.blkSize)
+        w.set(UInt16(self.numQueues), at: VirtioBlockConfig.numQueues)
+        if !disk.readOnly {
+            w.set(VirtioBlockLimits.maxDiscardSectors, at: VirtioBlockConfig.maxDiscardSectors)
+            w.set(VirtioBlockLimits.maxDiscardSegments, at: VirtioBlockConfig.maxDiscardSeg)
+            w.set(VirtioBlockLimits.discardAlignment, at: VirtioBlockConfig.discardSectorAlignment)
+            w.set(VirtioBlockLimits.maxDiscardSectors, at: VirtioBlockConfig.maxWriteZeroesSectors)
+            w.set(VirtioBlockLimits.maxDiscardSegments, at: VirtioBlockConfig.maxWriteZeroesSeg)
+            w.set(UInt8(1), at: VirtioBlockConfig.writeZeroesMayUnmap)
+        }
+        config = w.bytes
+    }
+
+    // MARK: VirtioDevice
+
+    public var deviceType: UInt32 { VirtioDeviceType.block }
+    public var queueMaxSizes: [UInt16] { Array(repeating: VirtioBlockLimits.queueSize, count: numQueues) }
+
+    public var deviceFeatures: UInt64 {
+        var f = VirtioBlockFeature.sizeMax | VirtioBlockFeature.segMax | VirtioBlockFeature.blkSize
+            | VirtioBlockFeature.flush | VirtioBlockFeature.mq
+            | VirtioFeature.indirectDesc | VirtioFeature.eventIdx | VirtioFeature.version1
+        if disk.readOnly {
+            f |= VirtioBlockFeature.readOnly
+        } else {
+            f |= VirtioBlockFeature.discard | VirtioBlockFeature.writeZeroes
+        }
+        return f
+    }
+
+    public var configSize: Int { VirtioBlockConfig.size }
+
+    public func readConfig(offset: Int, into buffer: UnsafeMutableRawBufferPointer) {
+        guard offset >= 0, offset <= config.count, buffer.count <= config.count - offset else { return }
+        config.withUnsafeBytes { src in
+            buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: src[offset..<offset + buffer.count]))
+        }
+    }
+
+    /// Every field is read-only for the driver (CONFIG_WCE is not offered): writes are ignored.
+    public func writeConfig(offset: Int, bytes: UnsafeRawBufferPointer) {}
+
+    public func activate(queues: [SplitQueue?], memory: GuestMemory, features: UInt64,
+                         interrupt: any VirtioInterruptSink) throws {
+        reset()
+        var made: [BlockQueue] = []
+        do {
+            for (i, q) in queues.enumerated() {
+                guard let q else { continue }
+                made.append(try BlockQueue(index: i, queue: q, disk: disk, features: features, interrupt: interrupt,
+                                           engine: engine, name: "\(name)-q\(i)", log: log))
+            }
+        } catch {
+            for h in made { h.quiesce() }
+            throw error
+        }
+        lock.withLock { handlers = made }
+    }
+
+    public func reset() {
+        let hs: [BlockQueue] = lock.withLock {
+            let h = handlers
+            handlers = []
+            return h
+        }
+        for h in hs { h.quiesce() }
+    }
+
+    // MARK: HostedVirtioDevice
+
+    public var queueHandlers: [VirtioQueueHandler] { lock.withLock { handlers } }
+}
+
+/// One request after validation.
+enum BlockOp {
+    /// Already answered (status and used length).
+    case done(status: UInt8, used: UInt32)
+    /// The chain cannot carry a status: the device must be reset.
+    case fatal(String)
+    case read(iovs: [iovec], offset: UInt64, used: UInt32)
+    case write(iovs: [iovec], offset: UInt64)
+    case flush
+    case discard([(offset: UInt64, length: UInt64)])
+    case writeZeroes([(offset: UInt64, length: UInt64, unmap: Bool)])
+}
+
+/// One virtqueue of a virtio-blk device: validates and runs requests, retires them in batches.
+public final class BlockQueue: VirtioQueueHandler, @unchecked Sendable {
+    public let queueIndex: Int
+    let queue: SplitQueue
+    let disk: DiskImage
+    let features: UInt64
+    let interrupt: any VirtioInterruptSink
+    let log: (@Sendable (String) -> Void)?
+    let pool: IOPool?
+    let maxInFlight: Int
+    let eventFD: Int32
+    // Queue-thread state.
+    var inFlight = 0
+    var broken = false
+    var quiesced = false
+    var staged = 0
+    // Filled by I/O threads.
+    let doneLock = Mutex()
+    var done: [(head: UInt16, used: UInt32)] = []
+
+    /// Statistics: requests served, batches published, interrupts raised.
+    public private(set) var requests = 0
+    public private(set) var interrupts = 0
+
+    init(index: Int, queue: SplitQueue, disk: DiskImage, features: UInt64, interrupt: any VirtioInterruptSink,
+         engine: BlockEngine, name: String, log: (@Sendable (String) -> Void)?) throws {
+        self.queueIndex = index
+        self.queue = queue
+        self.disk = disk
+        self.features = features
+        self.interrupt = interrupt
+        self.log = log
+        switch engine {
+        case .synchronous:
+            pool = nil
+            maxInFlight = 1
+            eventFD = -1
+        case let .threadPool(threads, limit):
+            let fd = eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK))
+            guard fd >= 0 else { throw BlockError.system(call: "eventfd", errno: errno) }
+            do {
+                pool = try IOPool(threads: max(1, threads), name: name)
+            } catch {
+                close(fd)
+                throw error
+            }
+            eventFD = fd
+            maxInFlight = max(1, limit)
+        }
+    }
+
+    deinit {
+        pool?.shutdown()
+        if eventFD >= 0 { close(eventFD) }
+    }
+
+    public var completionFD: Int32 { eventFD }
+
+    // MARK: VirtioQueueHandler
+
+    public func kicked() { pump() }
+
+    public func completionsReady() {
+        retire()
+        pump()
+    }
+
+    public func quiesce() {
+        guard !quiesced else { return }
+        quiesced = true
+        while inFlight > 0 {
+            var p = pollfd(fd: eventFD, events: Int16(POLLIN), revents: 0)
+            _ = poll(&p, 1, 1000)
+            retire()
+        }
+        publish()
+        pool?.shutdown()
+    }
+
+    // MARK: engine
+
+    /// Pops and starts requests until the ring is empty or the in-flight limit is reached,
+    /// publishing the used ring once per batch.
+    func pump() {
+        while !broken && !quiesced {
+            queue.disableNotifications()
+            while !broken && (pool == nil || inFlight < maxInFlight) {
+                let chain: DescriptorChain?
+                do {
+                    chain = try queue.popAvailable()
+                } catch {
+                    fail("queue \(queueIndex): \(error)")
+                    break
+                }
+                guard let chain else { break }
+                start(chain)
+            }
+            publish()
+            if broken || (pool != nil && inFlight >= maxInFlight) { return }  // resumed by completions
+            if !queue.enableNotifications() { return }
+        }
+    }
+
+    /// The guest broke the queue: DEVICE_NEEDS_RESET, and this queue stops.
+    func fail(_ why: String) {
+        broken = true
+        log?("virtio-blk: \(why): device needs reset")
+        interrupt.markNeedsReset()
+    }
+
+    func start(_ chain: DescriptorChain) {
+        requests += 1
+        let op = BlockQueue.prepare(chain, disk: disk, features: features)
+        switch op {
+        case let .fatal(why):
+            fail("queue \(queueIndex) head \(chain.head): \(why)")
+        case let .done(status, used):
+            complete(chain, status: status, used: used)
+        default:
+            if let pool {
+                inFlight += 1
+                let disk = self.disk
+                let submitted = pool.submit { [self] in
+                    let (status, used) = BlockQueue.execute(op, disk: disk)
+                    BlockQueue.writeStatus(chain, status)
+                    doneLock.withLock { done.append((chain.head, used)) }
+                    var one: UInt64 = 1
+                    _ = Glibc.write(eventFD, &one, 8)
+                }
+                if !submitted {
+                    inFlight -= 1
+                    complete(chain, status: VirtioBlockStatus.ioError, used: 1)
+                }
+            } else {
+                let (status, used) = BlockQueue.execute(op, disk: disk)
+                complete(chain, status: status, used: used)
+            }
+        }
+    }
+
+    func complete(_ chain: DescriptorChain, status: UInt8, used: UInt32) {
+        BlockQueue.writeStatus(chain, status)
+        stage(chain.head, used)
+    }
+
+    func stage(_ head: UInt16, _ used: UInt32) {
+        do {
+            try queue.stageUsed(head: head, length: used)
+            staged += 1
+        } catch {
+            fail("queue \(queueIndex): \(error)")
+        }
+    }
+
+    /// Takes the requests the I/O threads finished and stages them (not published).
+    func retire() {
+        guard eventFD >= 0 else { return }
+        var v: UInt64 = 0
+        _ = Glibc.read(eventFD, &v, 8)
+        let finished: [(head: UInt16, used: UInt32)] = doneLock.withLock {
+            let d = done
+            done.removeAll(keepingCapacity: true)
+            return d
+        }
+        inFlight -= finished.count
+        for f in finished { stage(f.head, f.used) }
+        if !finished.isEmpty && (broken || quiesced) { publish() }
+    }
+
+    /// Publishes what was staged and interrupts the driver if it asked to be.
+    func publish() {
+        guard staged > 0 else { return }
+        staged = 0
+        queue.publishUsed()
+        if queue.needsNotification() {
+            interrupts += 1
+            interrupt.signalUsedBuffer()
+        }
+    }
+
+    static func writeStatus(_ chain: DescriptorChain, _ status: UInt8) {
+        let n = UInt64(chain.writableLength)
+        guard n > 0 else { return }
+        chain.writeWritable([status], offset: n - 1)
+    }
+
+    // MARK: validation
+
+    /// Validates a request and turns it into an operation. Pure: touches neither the
+    /// file nor the used ring (GET_ID writes its answer into the chain).
+    static func prepare(_ c: DescriptorChain, disk: DiskImage, features: UInt64) -> BlockOp {
+        guard c.writableLength >= 1 else { return .fatal("request without a device-writable status byte") }
+        let ioerr = BlockOp.done(status: VirtioBlockStatus.ioError, used: 1)
+        let unsupp = BlockOp.done(status: VirtioBlockStatus.unsupported, used: 1)
+        let header = VirtioBlockLimits.headerSize
+        guard c.readableLength >= header else { return ioerr }
+        var h = [UInt8](repeating: 0, count: Int(header))
+        _ = h.withUnsafeMutableBytes { c.readReadable(into: $0) }
+        let type = UInt32(h[0]) | UInt32(h[1]) << 8 | UInt32(h[2]) << 16 | UInt32(h[3]) << 24
+        var sector: UInt64 = 0
+        for i in 0..<8 { sector |= UInt64(h[8 + i]) << (8 * UInt64(i)) }
+        let sectorSize = VirtioBlockLimits.sectorSize
+        let sectors = disk.sectors
+
+        /// [sector, sector + bytes/512) inside the disk.
+        func inRange(_ sector: UInt64, bytes: UInt64) -> Bool {
+            sector <= sectors && bytes / sectorSize <= sectors - sector
+        }
+
+        switch type {
+        case VirtioBlockRequest.input:
+            let len = UInt64(c.writableLength - 1)
+            guard len % sectorSize == 0, inRange(sector, bytes: len) else { return ioerr }
+            return .read(iovs: c.iovecs(writable: true, length: len), offset: sector * sectorSize, used: UInt32(len) + 1)
+        case VirtioBlockRequest.output:
+            let len = UInt64(c.readableLength - header)
+            guard !disk.readOnly, len % sectorSize == 0, inRange(sector, bytes: len) else { return ioerr }
+            return .write(iovs: c.iovecs(writable: false, skipping: UInt64(header), length: len), offset: sector * sectorSize)
+        case VirtioBlockRequest.flush:
+            guard features & VirtioBlockFeature.flush != 0 else { return unsupp }
+            return .flush
+        case VirtioBlockRequest.getID:
+            let room = Int(c.writableLength - 1)
+            guard room > 0 else { return ioerr }
+            let n = min(room, VirtioBlockLimits.idBytes)
+            c.writeWritable(Array(disk.serial[0..<n]))
+            return .done(status: VirtioBlockStatus.ok, used: UInt32(n) + 1)
+        case VirtioBlockRequest.discard, VirtioBlockRequest.writeZeroes:
+            let isDiscard = type == VirtioBlockRequest.discard
+            let feature = isDiscard ? VirtioBlockFeature.discard : VirtioBlockFeature.writeZeroes
+            guard features & feature != 0 else { return unsupp }
+            guard !disk.readOnly else { return ioerr }
+            let bytes = c.readableLength - header
+            let segSize = VirtioBlockLimits.segmentSize
+            guard bytes > 0, bytes % segSize == 0, bytes / segSize <= VirtioBlockLimits.maxDiscardSegments else { return ioerr }
+            var raw = [UInt8](repeating: 0, count: Int(bytes))
+            _ = raw.withUnsafeMutableBytes { c.readReadable(into: $0, offset: UInt64(header)) }
+            var ranges: [(offset: UInt64, length: UInt64, unmap: Bool)] = []
+            for i in 0..<Int(bytes / segSize) {
+                let o = i * Int(segSize)
+                var s: UInt64 = 0
+                for k in 0..<8 { s |= UInt64(raw[o + k]) << (8 * UInt64(k)) }
+                var num: UInt32 = 0
+                for k in 0..<4 { num |= UInt32(raw[o + 8 + k]) << (8 * UInt32(k)) }
+                var flags: UInt32 = 0
+                for k in 0..<4 { flags |= UInt32(raw[o + 12 + k]) << (8 * UInt32(k)) }
+                // Discard has no flags; write-zeroes knows only bit 0 (unmap).
+                if flags & (isDiscard ? ~UInt32(0) : ~UInt32(1)) != 0 { return unsupp }
+                guard num <= VirtioBlockLimits.maxDiscardSectors, inRange(s, bytes: UInt64(num) * sectorSize) else { return ioerr }
+                ranges.append((s * sectorSize, UInt64(num) * sectorSize, flags & 1 != 0))
+            }
+            if isDiscard { return .discard(ranges.map { ($0.offset, $0.length) }) }
+            return .writeZeroes(ranges)
+        default:
+            return unsupp
+        }
+    }
+
+    /// Runs an operation against the file. Returns the status and the used length.
+    static func execute(_ op: BlockOp, disk: DiskImage) -> (UInt8, UInt32) {
+        let ok = VirtioBlockStatus.ok
+        let ioerr = VirtioBlockStatus.ioError
+        switch op {
+        case let .done(status, used): return (status, used)
+        case .fatal: return (ioerr, 0)
+        case let .read(iovs, offset, used):
+            return disk.transfer(iovs, offset: offset, write: false) == 0 ? (ok, used) : (ioerr, 1)
+        case let .write(iovs, offset):
+            return (disk.transfer(iovs, offset: offset, write: true) == 0 ? ok : ioerr, 1)
+        case .flush:
+            return (disk.flush() == 0 ? ok : ioerr, 1)
+        case let .discard(ranges):
+            for r in ranges where disk.discard(offset: r.offset, length: r.length) != 0 { return (ioerr, 1) }
+            return (ok, 1)
+        case let .writeZeroes(ranges):
+            for r in ranges where disk.writeZeroes(offset: r.offset, length: r.length, unmap: r.unmap) != 0 { return (ioerr, 1) }
+            return (ok, 1)
+        }
+    }
+}

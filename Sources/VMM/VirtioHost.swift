@@ -1,0 +1,262 @@
+// Runs a virtio-mmio device in the machine.
+//
+// A `VirtioMMIOSlot` owns one device's register window [base, base+0x1000), its
+// `VirtioMMIOTransport`, its interrupt (an irqfd on the device's GSI) and, while the
+// driver has the device running (DRIVER_OK), per active queue:
+//   - an eventfd registered as ioeventfd on QueueNotify (base + 0x050, 4 bytes,
+//     datamatch = queue index), so the guest's kick never exits to swiftlet;
+//   - one thread ("blk0-q0", ...) that polls that eventfd, a stop eventfd and the
+//     device's completion fd, and calls the queue's handler.
+// Interrupts: the device calls the transport's VirtioInterruptSink, which sets the
+// InterruptStatus bit first and then writes the irqfd.
+//
+// Driver reset (status 0) and machine stop deregister the ioeventfds, stop and join the
+// queue threads (each waits for its requests in flight), then the device forgets its
+// queues. Re-activation after a reset starts everything again.
+//
+// The vCPU threads see only the register accesses that are not kicks: the machine routes
+// MMIO exits in the window to `read(offset:size:)` / `write(offset:size:value:)`. A kick
+// that does exit (an ioeventfd KVM refused) still reaches the queue thread through the
+// transport's onQueueNotify.
+import Glibc
+import GuestMemory
+import KVM
+import Boot
+import Devices
+import Virtio
+
+/// One running queue: its eventfds and thread.
+final class QueueWorker {
+    let index: Int
+    let kick: EventFD
+    let stop: EventFD
+    var ioeventfd: Bool
+    var thread: OSThread?
+
+    init(index: Int, kick: EventFD, stop: EventFD, ioeventfd: Bool) {
+        self.index = index
+        self.kick = kick
+        self.stop = stop
+        self.ioeventfd = ioeventfd
+    }
+
+    /// The queue thread: serve once, then on every kick / completion until stopped.
+    static func loop(handler: VirtioQueueHandler, kick: EventFD, stop: EventFD, log: (@Sendable (String) -> Void)?) {
+        handler.kicked()
+        let completion = handler.completionFD
+        while true {
+            var fds = [pollfd(fd: stop.fd, events: Int16(POLLIN), revents: 0),
+                       pollfd(fd: kick.fd, events: Int16(POLLIN), revents: 0)]
+            if completion >= 0 { fds.append(pollfd(fd: completion, events: Int16(POLLIN), revents: 0)) }
+            let r = poll(&fds, nfds_t(fds.count), -1)
+            if r < 0 {
+                if errno == EINTR { continue }
+                log?("virtio queue \(handler.queueIndex): poll failed: \(String(cString: strerror(errno)))")
+                // Do not spin; wait for the stop request.
+                var p = pollfd(fd: stop.fd, events: Int16(POLLIN), revents: 0)
+                while poll(&p, 1, -1) < 0 && errno == EINTR {}
+                break
+            }
+            if fds[0].revents != 0 { break }
+            if fds.count > 2 && fds[2].revents != 0 { handler.completionsReady() }
+            if fds[1].revents != 0 {
+                _ = try? kick.read()
+                handler.kicked()
+            }
+        }
+        handler.quiesce()
+    }
+}
+
+/// Wraps the device the transport sees: activation starts the queue threads, reset stops them.
+final class HostedDeviceAdapter: VirtioDevice, @unchecked Sendable {
+    let inner: any HostedVirtioDevice
+    let vm: VirtualMachine
+    let notifyAddress: UInt64
+    let name: String
+    let log: (@Sendable (String) -> Void)?
+    let lock = Mutex()
+    var workers: [QueueWorker] = []
+    var shutDown = false
+
+    init(inner: any HostedVirtioDevice, vm: VirtualMachine, base: UInt64, name: String, log: (@Sendable (String) -> Void)?) {
+        self.inner = inner
+        self.vm = vm
+        self.notifyAddress = base + VirtioMMIOReg.queueNotify
+        self.name = name
+        self.log = log
+    }
+
+    var deviceType: UInt32 { inner.deviceType }
+    var queueMaxSizes: [UInt16] { inner.queueMaxSizes }
+    var deviceFeatures: UInt64 { inner.deviceFeatures }
+    var configSize: Int { inner.configSize }
+    func readConfig(offset: Int, into buffer: UnsafeMutableRawBufferPointer) { inner.readConfig(offset: offset, into: buffer) }
+    func writeConfig(offset: Int, bytes: UnsafeRawBufferPointer) { inner.writeConfig(offset: offset, bytes: bytes) }
+
+    func activate(queues: [SplitQueue?], memory: GuestMemory, features: UInt64, interrupt: any VirtioInterruptSink) throws {
+        try lock.withLock {
+            guard !shutDown else { throw SwiftletError(.runtimeError, "\(name): activated after the machine stopped") }
+            stopWorkersLocked()
+            try inner.activate(queues: queues, memory: memory, features: features, interrupt: interrupt)
+            do {
+                for h in inner.queueHandlers { try startWorkerLocked(h) }
+            } catch {
+                log?("\(name): cannot start queue threads: \(error)")
+                stopWorkersLocked()
+                inner.reset()
+                throw error
+            }
+        }
+    }
+
+    private func startWorkerLocked(_ handler: VirtioQueueHandler) throws {
+        let i = handler.queueIndex
+        let kick = try EventFD()
+        let stop = try EventFD()
+        var registered = true
+        do {
+            try vm.registerIoeventfd(kick, address: notifyAddress, length: 4, datamatch: UInt64(i))
+        } catch {
+            // Kicks then exit to the vCPU and come back through onQueueNotify.
+            registered = false
+            log?("\(name) queue \(i): no ioeventfd (\(error)): kicks go through MMIO exits")
+        }
+        let w = QueueWorker(index: i, kick: kick, stop: stop, ioeventfd: registered)
+        workers.append(w)  // before the thread: a failure below still deregisters the ioeventfd
+        let log = self.log
+        w.thread = try spawnThread(name: "\(name)-q\(i)") {
+            QueueWorker.loop(handler: handler, kick: kick, stop: stop, log: log)
+        }
+    }
+
+    /// Deregisters the ioeventfds, then stops and joins every queue thread.
+    private func stopWorkersLocked() {
+        for w in workers where w.ioeventfd {
+            do {
+                try vm.deassignIoeventfd(w.kick, address: notifyAddress, length: 4, datamatch: UInt64(w.index))
+            } catch {
+                log?("\(name) queue \(w.index): cannot deregister ioeventfd: \(error)")
+            }
+            w.ioeventfd = false
+        }
+        for w in workers where w.thread != nil {
+            do { try w.stop.write(1) } catch { log?("\(name) queue \(w.index): cannot signal stop: \(error)") }
+        }
+        for w in workers { w.thread?.join() }
+        workers = []
+    }
+
+    func reset() {
+        lock.withLock {
+            stopWorkersLocked()
+            inner.reset()
+        }
+    }
+
+    /// A QueueNotify write that exited to swiftlet: pass it to the queue's thread.
+    func notify(queue: Int) {
+        lock.withLock {
+            if let w = workers.first(where: { $0.index == queue }) { try? w.kick.write(1) }
+        }
+    }
+
+    /// Machine stop: no activation afterwards.
+    func shutdown() {
+        lock.withLock {
+            shutDown = true
+            stopWorkersLocked()
+            inner.reset()
+        }
+    }
+
+    var threadCount: Int { lock.withLock { workers.filter { $0.thread != nil }.count } }
+}
+
+/// A virtio-mmio device in the machine: register window, transport, irqfd, queue threads.
+public final class VirtioMMIOSlot: MMIODevice, @unchecked Sendable {
+    /// Size of a device's register window.
+    public static let windowSize: UInt64 = 0x1000
+
+    public let base: UInt64
+    public let gsi: UInt32
+    /// Thread name prefix, e.g. "blk0".
+    public let name: String
+    public let transport: VirtioMMIOTransport
+    /// The device model.
+    public let device: any HostedVirtioDevice
+    let adapter: HostedDeviceAdapter
+    let vm: VirtualMachine
+    let irqfd: EventFD
+    private let stopLock = Mutex()
+    private var stopped = false
+
+    /// Builds the transport around `device` and registers its irqfd on `gsi`. `vm` must have
+    /// the in-kernel irqchip and `memory` registered. Nothing runs until the driver sets DRIVER_OK.
+    public init(vm: VirtualMachine, memory: GuestMemory, device: any HostedVirtioDevice, base: UInt64, gsi: UInt32,
+                name: String, log: (@Sendable (String) -> Void)? = nil) throws {
+        self.vm = vm
+        self.base = base
+        self.gsi = gsi
+        self.name = name
+        self.device = device
+        let irqfd = try EventFD()
+        self.irqfd = irqfd
+        try vm.registerIrqfd(irqfd, gsi: gsi)
+        let adapter = HostedDeviceAdapter(inner: device, vm: vm, base: base, name: name, log: log)
+        self.adapter = adapter
+        transport = VirtioMMIOTransport(device: adapter, memory: memory,
+                                        signalInterrupt: { try? irqfd.write(1) },
+                                        onQueueNotify: { [weak adapter] q in adapter?.notify(queue: q) },
+                                        log: log)
+    }
+
+    /// Device `index` at X86Layout.virtioMMIOAddress(index:) with GSI X86Layout.virtioGSI(index:).
+    public convenience init(vm: VirtualMachine, memory: GuestMemory, device: any HostedVirtioDevice, index: Int,
+                            name: String, log: (@Sendable (String) -> Void)? = nil) throws {
+        guard index >= 0, index < X86Layout.maxVirtioDevices, let gsi = X86Layout.virtioGSI(index: index) else {
+            throw SwiftletError(.usage, "too many virtio devices: at most \(X86Layout.maxVirtioDevices)")
+        }
+        try self.init(vm: vm, memory: memory, device: device, base: X86Layout.virtioMMIOAddress(index: index),
+                      gsi: gsi, name: name, log: log)
+    }
+
+    deinit { stop() }
+
+    /// For the ACPI DSDT (LinuxBootConfig.virtioDevices).
+    public var acpiDescription: VirtioMMIODeviceDescription {
+        VirtioMMIODeviceDescription(address: base, size: VirtioMMIOSlot.windowSize, gsi: gsi)
+    }
+
+    /// Queue threads running now.
+    public var queueThreadCount: Int { adapter.threadCount }
+
+    /// Machine stop: stops and joins the queue threads (after their requests in flight),
+    /// deregisters the ioeventfds and the irqfd. The device stays inert afterwards.
+    /// Idempotent; call after the vCPU threads have been joined.
+    public func stop() {
+        let first: Bool = stopLock.withLock {
+            if stopped { return false }
+            stopped = true
+            return true
+        }
+        guard first else { return }
+        adapter.shutdown()
+        try? vm.deassignIrqfd(irqfd, gsi: gsi)
+    }
+
+    // MARK: MMIODevice (vCPU threads)
+
+    public func read(offset: UInt64, size: Int) -> UInt64 {
+        guard size == 1 || size == 2 || size == 4 || size == 8, offset < VirtioMMIOSlot.windowSize else { return 0 }
+        var v: UInt64 = 0
+        withUnsafeMutableBytes(of: &v) { transport.read(offset: offset, into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<size])) }
+        return UInt64(littleEndian: v)
+    }
+
+    public func write(offset: UInt64, size: Int, value: UInt64) {
+        guard size == 1 || size == 2 || size == 4 || size == 8, offset < VirtioMMIOSlot.windowSize else { return }
+        var v = value.littleEndian
+        withUnsafeBytes(of: &v) { transport.write(offset: offset, from: UnsafeRawBufferPointer(rebasing: $0[0..<size])) }
+    }
+}
