@@ -176,7 +176,7 @@ public enum ACPI {
             ]))
         }
         for (i, d) in virtio.enumerated() { devices.append(virtioDevice(index: i, d)) }
-        return AML.scope("\\_SB", devices)
+        return AML.scope("_SB", devices)
             + AML.name("_S5", AML.package([AML.integer(UInt64(X86Layout.acpiS5SleepType)), AML.integer(0), AML.integer(0), AML.integer(0)]))
     }
 

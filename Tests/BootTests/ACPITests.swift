@@ -71,6 +71,10 @@ struct AMLDecoder {
 
     enum DecodeError: Error { case bad(String) }
 
+    static func join(_ scope: String, _ n: String) -> String {
+        n.hasPrefix("\\") ? n : (scope == "\\" ? "\\" + n : scope + "." + n)
+    }
+
     mutating func termList(end: Int, scope: String) throws {
         while i < end {
             let op = b[i]; i += 1
@@ -78,18 +82,18 @@ struct AMLDecoder {
             case 0x10:
                 let e = try pkgLength()
                 let n = nameString()
-                try termList(end: e, scope: n.hasPrefix("\\") ? n : scope + "." + n)
+                try termList(end: e, scope: AMLDecoder.join(scope, n))
                 guard i == e else { throw DecodeError.bad("scope length") }
             case 0x5b where b[i] == 0x82:
                 i += 1
                 let e = try pkgLength()
-                let n = scope + "." + nameString()
+                let n = AMLDecoder.join(scope, nameString())
                 devices.append(n)
                 try termList(end: e, scope: n)
                 guard i == e else { throw DecodeError.bad("device length") }
             case 0x08:
                 let n = nameString()
-                names[scope + "." + n] = try dataObject()
+                names[AMLDecoder.join(scope, n)] = try dataObject()
             default:
                 throw DecodeError.bad("term opcode \(op) at \(i - 1)")
             }
@@ -177,9 +181,22 @@ final class AMLTests: XCTestCase {
             0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08, 0x22, 0x10, 0x00, 0x79, 0x00,
         ]
         let s5: [UInt8] = [0x08, 0x5f, 0x53, 0x35, 0x5f, 0x12, 0x07, 0x04, 0x0a, 0x05, 0x00, 0x00, 0x00]
-        let scopeBody = [0x5c] + Array("_SB_".utf8) + com1
+        let scopeBody = Array("_SB_".utf8) + com1
         XCTAssertEqual(aml, [0x10] + AML.pkgLength(scopeBody.count) + scopeBody + s5)
         XCTAssertEqual(com1.count - 2, 0x2b)
+    }
+
+    /// The DSDT body for COM1, RTC and three virtio-mmio devices (0xd0001000.., GSI 5-7),
+    /// as iasl 20200925 compiles the ASL that `iasl -d` printed for our table: byte-identical.
+    func testDSDTMatchesIASL() {
+        let iasl = "1044125f53425f5b822b434f4d31085f4849440c41d00501085f55494400085f43525311100a0d4701f803f803010822100079005b82255254435f085f4849440c41d00b00085f43525311100a0d470170007000010222000179005b82410456523030085f4849440d4c4e524f3030303500085f55494400085f43434101085f435253111a0a1786090001001000d00010000089060003010500000079005b82410456523031085f4849440d4c4e524f3030303500085f55494401085f43434101085f435253111a0a1786090001002000d00010000089060003010600000079005b82420456523032085f4849440d4c4e524f3030303500085f5549440a02085f43434101085f435253111a0a1786090001003000d0001000008906000301070000007900085f53355f1207040a05000000"
+        var expected: [UInt8] = []
+        var it = iasl.makeIterator()
+        while let a = it.next(), let b = it.next() { expected.append(UInt8(String([a, b]), radix: 16)!) }
+        let virtio = (0..<3).map {
+            VirtioMMIODeviceDescription(address: X86Layout.virtioMMIOAddress(index: $0), size: 0x1000, gsi: X86Layout.virtioGSI(index: $0)!)
+        }
+        XCTAssertEqual(ACPI.dsdtAML(virtio: virtio, serial: true, rtc: true), expected)
     }
 
     func testDSDTDecodes() throws {
@@ -190,7 +207,7 @@ final class AMLTests: XCTestCase {
         let d = try AMLDecoder.decode(aml)
         XCTAssertEqual(d.devices.first, "\\_SB_.COM1")
         XCTAssertEqual(d.devices.count, 20)
-        XCTAssertEqual(d.names["\\._S5_"], .package([.int(5), .int(0), .int(0), .int(0)]))
+        XCTAssertEqual(d.names["\\_S5_"], .package([.int(5), .int(0), .int(0), .int(0)]))
         XCTAssertEqual(d.names["\\_SB_.COM1._HID"], .int(0x0105_d041))
         XCTAssertEqual(d.names["\\_SB_.RTC_._HID"], .int(0x000b_d041))
         XCTAssertEqual(d.names["\\_SB_.RTC_._CRS"], .buffer([0x47, 0x01, 0x70, 0x00, 0x70, 0x00, 0x01, 0x02, 0x22, 0x00, 0x01, 0x79, 0x00]))
@@ -205,7 +222,7 @@ final class AMLTests: XCTestCase {
         // Without serial and RTC only the virtio devices and _S5_ remain.
         let bare = try AMLDecoder.decode(ACPI.dsdtAML(virtio: [], serial: false, rtc: false))
         XCTAssertEqual(bare.devices, [])
-        XCTAssertNotNil(bare.names["\\._S5_"])
+        XCTAssertNotNil(bare.names["\\_S5_"])
     }
 }
 
