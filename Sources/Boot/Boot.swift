@@ -24,7 +24,7 @@
 //    virtio-mmio "LNRO0005" with Interrupt(Consumer, Edge, ActiveHigh, Exclusive), _S5_ {5,0,0,0}.
 //  - MP table: floating pointer at 0x9fc00; config table after it for <= 40 vCPUs, else at
 //    0xf0000. vCPUs: 1...254.
-//  - CR0 = PE|ET|PG (0x80000011), CR4 = PAE, EFER = LME|LMA, RSP 0x8ff0, RSI 0x7000.
+//  - CR0 = PE|ET|NE|PG (0x80000031), CR4 = PAE, EFER = LME|LMA, RSP 0x8ff0, RSI 0x7000.
 import GuestMemory
 import Glibc
 

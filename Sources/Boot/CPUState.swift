@@ -52,8 +52,9 @@ public enum BootGDT {
 
 /// Control register values for 64-bit long mode with paging.
 public enum BootControlRegisters {
-    /// PE | ET | PG. CD and NW are clear (caches on), unlike KVM's reset value 0x60000010.
-    public static let cr0: UInt64 = 0x8000_0011
+    /// PE | ET | NE | PG. CD and NW are clear (caches on), unlike KVM's reset value
+    /// 0x60000010; NE (native FPU errors) as the KVM layer's LongModeBoot and Linux itself.
+    public static let cr0: UInt64 = 0x8000_0031
     /// PAE (required for long mode).
     public static let cr4: UInt64 = 0x20
     /// LME | LMA.

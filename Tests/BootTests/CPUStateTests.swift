@@ -52,7 +52,7 @@ final class CPUStateTests: XCTestCase {
         XCTAssertEqual(s.rsp, 0x8ff0)
         XCTAssertEqual(s.rsp % 16, 0)
         XCTAssertEqual(s.cr3, 0x9000)
-        XCTAssertEqual(s.cr0, 0x8000_0011)
+        XCTAssertEqual(s.cr0, 0x8000_0031)
         XCTAssertEqual(s.cr4, 0x20)
         XCTAssertEqual(s.efer, 0x500)
         XCTAssertEqual(s.rflags, 2)
