@@ -29,6 +29,8 @@ let package = Package(
             "VMM",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
+        // libFuzzer target over Virtio (Fuzz/README.md); without -DFUZZING a plain replay/smoke executable.
+        .executableTarget(name: "VirtqueueFuzz", dependencies: ["Virtio", "GuestMemory"], path: "Fuzz/VirtqueueFuzz"),
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"]),
         .testTarget(name: "KVMTests", dependencies: ["KVM", "GuestMemory", "CLinux"]),
         .testTarget(name: "BootTests", dependencies: ["Boot", "GuestMemory"]),
