@@ -90,6 +90,19 @@ public final class GuestMemory: @unchecked Sendable {
         return nil
     }
 
+    /// Bytes of guest RAM resident in host memory now (mincore over every region).
+    public func residentBytes() -> UInt64 {
+        let page = UInt64(sysconf(Int32(_SC_PAGESIZE)))
+        var total: UInt64 = 0
+        for r in regions {
+            let pages = Int((r.size + page - 1) / page)
+            var vec = [UInt8](repeating: 0, count: pages)
+            guard mincore(r.host, Int(r.size), &vec) == 0 else { continue }
+            total += UInt64(vec.reduce(0) { $0 + Int($1 & 1) }) * page
+        }
+        return total
+    }
+
     /// Whether [addr, addr+len) lies wholly inside one RAM region.
     public func isValid(_ addr: UInt64, length len: UInt64) -> Bool { region(for: addr, len) != nil }
 

@@ -122,15 +122,17 @@ extension String {
 }
 
 /// Host memory in bytes (MemTotal), or nil if /proc/meminfo cannot be read.
-public func hostMemoryBytes() -> UInt64? {
-    guard let f = fopen("/proc/meminfo", "r") else { return nil }
+public func hostMemoryBytes() -> UInt64? { procKiB("/proc/meminfo", "MemTotal:").map { $0 * 1024 } }
+
+/// The number after `key` in a /proc file of "Key:   value kB" lines.
+func procKiB(_ path: String, _ key: String) -> UInt64? {
+    guard let f = fopen(path, "r") else { return nil }
     defer { fclose(f) }
     var line = [CChar](repeating: 0, count: 256)
     while fgets(&line, Int32(line.count), f) != nil {
         let s = String(cString: line)
-        if s.hasPrefix("MemTotal:") {
-            let kb = s.dropFirst(9).split(separator: " ").first.flatMap { UInt64($0) }
-            return kb.map { $0 * 1024 }
+        if s.hasPrefix(key) {
+            return s.dropFirst(key.count).split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\n" }).first.flatMap { UInt64($0) }
         }
     }
     return nil
