@@ -129,7 +129,7 @@ public final class OpenDisk: @unchecked Sendable {
     }
 
     /// The virtio-blk device model for this disk.
-    public func makeDevice(name: String, engine: BlockEngine = .default,
+    public func makeDevice(name: String, engine: BlockEngine? = nil,
                            log: (@Sendable (String) -> Void)? = nil) -> VirtioBlock {
         VirtioBlock(disk: image, numQueues: options.numQueues, engine: engine, name: name, log: log)
     }
@@ -222,7 +222,7 @@ extension VirtioMMIOSlot {
     /// A virtio-blk device for `disk` as virtio-mmio device `index` (address and GSI from
     /// X86Layout), with queue threads named "\(name)-qN".
     public static func block(_ disk: OpenDisk, index: Int, name: String, vm: VirtualMachine, memory: GuestMemory,
-                             engine: BlockEngine = .default, log: (@Sendable (String) -> Void)? = nil) throws -> VirtioMMIOSlot {
+                             engine: BlockEngine? = nil, log: (@Sendable (String) -> Void)? = nil) throws -> VirtioMMIOSlot {
         try VirtioMMIOSlot(vm: vm, memory: memory, device: disk.makeDevice(name: name, engine: engine, log: log),
                            index: index, name: name, log: log)
     }
