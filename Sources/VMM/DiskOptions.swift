@@ -22,6 +22,25 @@ import Devices
 import GuestMemory
 import KVM
 
+/// User text made safe for a one-line message: control characters escaped.
+func shown(_ s: String) -> String {
+    var out = ""
+    for u in s.unicodeScalars {
+        switch u {
+        case "\n": out += "\\n"
+        case "\t": out += "\\t"
+        case "\r": out += "\\r"
+        default:
+            if u.value < 0x20 || u.value == 0x7f || (u.value >= 0x80 && u.value < 0xa0) {
+                out += "\\u{\(String(u.value, radix: 16, uppercase: true))}"
+            } else {
+                out.unicodeScalars.append(u)
+            }
+        }
+    }
+    return out
+}
+
 public struct DiskOptions: Equatable, Sendable {
     public var path: String
     public var readOnly: Bool = false
@@ -65,20 +84,20 @@ public struct DiskOptions: Equatable, Sendable {
         var seen = Set<String>()
         for item in items {
             guard !item.isEmpty else {
-                throw usage("empty option in '\(text)': use path=FILE[,readonly=on|off][,num_queues=N][,direct=on|off][,serial=ID]")
+                throw usage("empty option in '\(shown(text))': use path=FILE[,readonly=on|off][,num_queues=N][,direct=on|off][,serial=ID]")
             }
             guard let eq = item.firstIndex(of: "=") else {
-                throw usage("'\(item)' is not key=value: use path=FILE[,readonly=on|off][,num_queues=N][,direct=on|off][,serial=ID]")
+                throw usage("'\(shown(item))' is not key=value: use path=FILE[,readonly=on|off][,num_queues=N][,direct=on|off][,serial=ID]")
             }
             let key = String(item[..<eq])
             let value = String(item[item.index(after: eq)...])
-            guard !seen.contains(key) else { throw usage("\(key)= given twice") }
+            guard !seen.contains(key) else { throw usage("\(shown(key))= given twice") }
             seen.insert(key)
             func onOff() throws -> Bool {
                 switch value {
                 case "on": return true
                 case "off": return false
-                default: throw usage("\(key)='\(value)' is not valid: use \(key)=on or \(key)=off")
+                default: throw usage("\(key)='\(shown(value))' is not valid: use \(key)=on or \(key)=off")
                 }
             }
             switch key {
@@ -90,20 +109,20 @@ public struct DiskOptions: Equatable, Sendable {
             case "num_queues":
                 guard !value.isEmpty, value.utf8.count <= 3, value.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }),
                       let n = Int(value), n >= 1, n <= maxQueues else {
-                    throw usage("num_queues='\(value)' is not valid: use a number from 1 to \(maxQueues)")
+                    throw usage("num_queues='\(shown(value))' is not valid: use a number from 1 to \(maxQueues)")
                 }
                 o.numQueues = n
             case "serial":
                 guard !value.isEmpty else { throw usage("serial= is empty: give up to \(maxSerialBytes) characters or leave it out") }
                 guard value.utf8.count <= maxSerialBytes else {
-                    throw usage("serial '\(value)' is \(value.utf8.count) bytes: at most \(maxSerialBytes)")
+                    throw usage("serial '\(shown(value))' is \(value.utf8.count) bytes: at most \(maxSerialBytes)")
                 }
                 guard value.utf8.allSatisfy({ $0 >= 0x20 && $0 < 0x7f }) else {
                     throw usage("serial may only hold printable ASCII characters")
                 }
                 o.serial = value
             default:
-                throw usage("unknown option '\(key)': use path, readonly, num_queues, direct or serial")
+                throw usage("unknown option '\(shown(key))': use path, readonly, num_queues, direct or serial")
             }
         }
         guard let path else {
@@ -147,9 +166,10 @@ public func openDisks(_ list: [DiskOptions]) throws -> [OpenDisk] {
 /// Opens and locks one image. `alreadyOpen`: the disks opened before, to refuse the same
 /// image twice unless all uses are read-only.
 public func openDisk(_ o: DiskOptions, alreadyOpen: [OpenDisk] = []) throws -> OpenDisk {
-    let p = o.path
+    let path = o.path
+    let p = shown(path)
     var st = stat()
-    if stat(p, &st) != 0 {
+    if stat(path, &st) != 0 {
         let e = errno
         if e == ENOENT || e == ENOTDIR { throw SwiftletError(.missingInput, "disk image \(p) does not exist") }
         throw SwiftletError(.missingInput, "cannot access disk image \(p): \(errnoText(e))")
@@ -161,22 +181,22 @@ public func openDisk(_ o: DiskOptions, alreadyOpen: [OpenDisk] = []) throws -> O
     }
     for d in alreadyOpen where d.device == UInt64(st.st_dev) && d.inode == UInt64(st.st_ino) {
         if !(o.readOnly && d.options.readOnly) {
-            throw SwiftletError(.usage, "disk image \(p) is given twice (also as \(d.options.path)): a shared image must be readonly=on every time")
+            throw SwiftletError(.usage, "disk image \(p) is given twice (also as \(shown(d.options.path))): a shared image must be readonly=on every time")
         }
     }
 
     let access = o.readOnly ? O_RDONLY : O_RDWR
     var flags = access | O_CLOEXEC
     if o.direct { flags |= O_DIRECT_FLAG }
-    var fd = open(p, flags)
-    if fd < 0 && errno == EINTR { fd = open(p, flags) }
+    var fd = open(path, flags)
+    if fd < 0 && errno == EINTR { fd = open(path, flags) }
     if fd < 0 {
         let e = errno
         if o.direct && e == EINVAL {
             throw SwiftletError(.usage, "disk image \(p): its filesystem does not support O_DIRECT (direct=on): use direct=off")
         }
         if !o.readOnly && (e == EACCES || e == EPERM || e == EROFS) {
-            let r = open(p, O_RDONLY | O_CLOEXEC)
+            let r = open(path, O_RDONLY | O_CLOEXEC)
             if r >= 0 {
                 close(r)
                 throw SwiftletError(.missingInput, "disk image \(p) is read-only (\(errnoText(e))): add readonly=on to use it read-only")
@@ -209,7 +229,7 @@ public func openDisk(_ o: DiskOptions, alreadyOpen: [OpenDisk] = []) throws -> O
         throw SwiftletError(.badInput, "disk image \(p) is \(size) bytes, not a multiple of 512: resize it, e.g. truncate -s \(up) \(p)")
     }
     if o.direct {
-        buffered = open(p, access | O_CLOEXEC)
+        buffered = open(path, access | O_CLOEXEC)
         if buffered < 0 { throw SwiftletError(.missingInput, "cannot open disk image \(p): \(errnoText(errno))") }
     }
     ok = true

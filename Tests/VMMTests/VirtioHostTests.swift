@@ -1,0 +1,298 @@
+// VirtioMMIOSlot on this machine's /dev/kvm: a VM with the in-kernel irqchip and guest
+// memory, a virtio-blk device driven through its registers as a driver would, requests
+// posted in guest memory, kicks written to the ioeventfd's eventfd as KVM would on the
+// guest's QueueNotify write. (No vCPU runs: the PVM host cannot run an unmodified guest.)
+import XCTest
+import Glibc
+import GuestMemory
+import KVM
+import Virtio
+import Boot
+@testable import Devices
+@testable import VMM
+
+final class VirtioHostTests: XCTestCase {
+    static let ram: UInt64 = 4 << 20
+
+    struct Env {
+        let vm: VirtualMachine
+        let mem: GuestMemory
+        let image: String
+    }
+
+    func makeEnv() throws -> Env {
+        guard access("/dev/kvm", R_OK | W_OK) == 0 else { throw XCTSkip("no /dev/kvm") }
+        let kvm = try Hypervisor()
+        let vm = try kvm.createVM()
+        try vm.createIRQChip()
+        let mem = try GuestMemory(layout: [(base: 0, size: VirtioHostTests.ram)])
+        try vm.registerMemory(mem)
+        var t = Array("/tmp/swiftlet-host-XXXXXX".utf8CString)
+        let fd = mkstemp(&t)
+        ftruncate(fd, 1 << 20)
+        close(fd)
+        let path = String(cString: t)
+        addTeardownBlock { unlink(path) }
+        return Env(vm: vm, mem: mem, image: path)
+    }
+
+    /// Queue threads of this process whose name starts with `prefix` (/proc/self/task/*/comm).
+    func threads(_ prefix: String) -> [String] {
+        guard let dir = opendir("/proc/self/task") else { return [] }
+        defer { closedir(dir) }
+        var names: [String] = []
+        while let e = readdir(dir) {
+            let name = withUnsafeBytes(of: e.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
+            if name.hasPrefix(".") { continue }
+            guard let f = fopen("/proc/self/task/\(name)/comm", "r") else { continue }
+            var buf = [CChar](repeating: 0, count: 64)
+            if fgets(&buf, 64, f) != nil {
+                let comm = String(cString: buf).trimmingCharacters(in: "\n")
+                if comm.hasPrefix(prefix) { names.append(comm) }
+            }
+            fclose(f)
+        }
+        return names.sorted()
+    }
+
+    /// threads(prefix) once it equals `expect` (names are set by the new threads themselves), or after 2 s.
+    func waitThreads(_ prefix: String, _ expect: [String]) -> [String] {
+        let deadline = monotonicNanos() + 2_000_000_000
+        var t = threads(prefix)
+        while t != expect && monotonicNanos() < deadline { usleep(1000); t = threads(prefix) }
+        return t
+    }
+
+    // Queue i: desc 0x10000 + i*0x4000, avail +0x1000, used +0x2000; size 16.
+    func qbase(_ i: Int) -> UInt64 { 0x10000 + UInt64(i) * 0x4000 }
+    let qsize: UInt16 = 16
+
+    /// The driver's side of initialization (virtio 1.2 §3.1.1) through the MMIO interface.
+    func driverInit(_ s: VirtioMMIOSlot, queues: Int, features wanted: UInt64) {
+        XCTAssertEqual(s.read(offset: VirtioMMIOReg.magicValue, size: 4), 0x7472_6976)
+        XCTAssertEqual(s.read(offset: VirtioMMIOReg.version, size: 4), 2)
+        XCTAssertEqual(s.read(offset: VirtioMMIOReg.deviceID, size: 4), 2)
+        s.write(offset: VirtioMMIOReg.status, size: 4, value: 0)
+        s.write(offset: VirtioMMIOReg.status, size: 4, value: 1)
+        s.write(offset: VirtioMMIOReg.status, size: 4, value: 3)
+        s.write(offset: VirtioMMIOReg.deviceFeaturesSel, size: 4, value: 0)
+        var offered = s.read(offset: VirtioMMIOReg.deviceFeatures, size: 4)
+        s.write(offset: VirtioMMIOReg.deviceFeaturesSel, size: 4, value: 1)
+        offered |= s.read(offset: VirtioMMIOReg.deviceFeatures, size: 4) << 32
+        let f = offered & wanted
+        XCTAssertEqual(f, wanted, "offered 0x\(String(offered, radix: 16))")
+        s.write(offset: VirtioMMIOReg.driverFeaturesSel, size: 4, value: 0)
+        s.write(offset: VirtioMMIOReg.driverFeatures, size: 4, value: f & 0xFFFF_FFFF)
+        s.write(offset: VirtioMMIOReg.driverFeaturesSel, size: 4, value: 1)
+        s.write(offset: VirtioMMIOReg.driverFeatures, size: 4, value: f >> 32)
+        s.write(offset: VirtioMMIOReg.status, size: 4, value: 0xB)
+        XCTAssertEqual(s.read(offset: VirtioMMIOReg.status, size: 4) & UInt64(VirtioStatus.featuresOK), UInt64(VirtioStatus.featuresOK))
+        for i in 0..<queues {
+            s.write(offset: VirtioMMIOReg.queueSel, size: 4, value: UInt64(i))
+            XCTAssertEqual(s.read(offset: VirtioMMIOReg.queueNumMax, size: 4), 256)
+            s.write(offset: VirtioMMIOReg.queueNum, size: 4, value: UInt64(qsize))
+            s.write(offset: VirtioMMIOReg.queueDescLow, size: 4, value: qbase(i))
+            s.write(offset: VirtioMMIOReg.queueDescHigh, size: 4, value: 0)
+            s.write(offset: VirtioMMIOReg.queueDriverLow, size: 4, value: qbase(i) + 0x1000)
+            s.write(offset: VirtioMMIOReg.queueDriverHigh, size: 4, value: 0)
+            s.write(offset: VirtioMMIOReg.queueDeviceLow, size: 4, value: qbase(i) + 0x2000)
+            s.write(offset: VirtioMMIOReg.queueDeviceHigh, size: 4, value: 0)
+            s.write(offset: VirtioMMIOReg.queueReady, size: 4, value: 1)
+        }
+        s.write(offset: VirtioMMIOReg.status, size: 4, value: 0xF)
+    }
+
+    /// Posts an OUT request of `data` at `sector` on queue `q`, slot `n` of its ring.
+    func postWrite(_ mem: GuestMemory, queue q: Int, n: Int, sector: UInt64, data: [UInt8]) throws -> UInt64 {
+        let b = qbase(q)
+        let buf = 0x100000 + UInt64(q) * 0x40000 + UInt64(n) * 0x2000
+        try mem.store(VirtioBlockRequest.output, at: buf)
+        try mem.store(UInt32(0), at: buf + 4)
+        try mem.store(sector, at: buf + 8)
+        try mem.write(data, at: buf + 0x1000)
+        try mem.store(UInt8(0xFF), at: buf + 0x80)
+        let d0 = UInt16(3 * (n % 5))
+        func desc(_ i: UInt16, _ a: UInt64, _ l: UInt32, _ f: UInt16, _ next: UInt16) throws {
+            let p = b + 16 * UInt64(i)
+            try mem.store(a, at: p); try mem.store(l, at: p + 8); try mem.store(f, at: p + 12); try mem.store(next, at: p + 14)
+        }
+        try desc(d0, buf, 16, VirtqDesc.next, d0 + 1)
+        try desc(d0 + 1, buf + 0x1000, UInt32(data.count), VirtqDesc.next, d0 + 2)
+        try desc(d0 + 2, buf + 0x80, 1, VirtqDesc.write, 0)
+        let avail = b + 0x1000
+        try mem.store(d0, at: avail + 4 + 2 * UInt64(n % Int(qsize)))
+        try mem.store(UInt16(n + 1), at: avail + 2)
+        return buf + 0x80
+    }
+
+    func usedIdx(_ mem: GuestMemory, _ q: Int) -> UInt16 { (try? mem.load(UInt16.self, at: qbase(q) + 0x2002)) ?? 0 }
+
+    func waitUsed(_ mem: GuestMemory, _ q: Int, _ target: UInt16, file: StaticString = #filePath, line: UInt = #line) {
+        let deadline = monotonicNanos() + 5_000_000_000
+        while usedIdx(mem, q) != target && monotonicNanos() < deadline { usleep(1000) }
+        XCTAssertEqual(usedIdx(mem, q), target, "used ring of queue \(q)", file: file, line: line)
+    }
+
+    func fileBytes(_ path: String, _ off: Int, _ n: Int) -> [UInt8] {
+        let fd = open(path, O_RDONLY)
+        defer { close(fd) }
+        var b = [UInt8](repeating: 0, count: n)
+        _ = pread(fd, &b, n, off_t(off))
+        return b
+    }
+
+    func testActivateKickInterruptResetReactivate() throws {
+        let env = try makeEnv()
+        let disk = try openDisk(DiskOptions(path: env.image, numQueues: 2))
+        let slot = try VirtioMMIOSlot.block(disk, index: 0, name: "tblk0", vm: env.vm, memory: env.mem)
+        defer { slot.stop() }
+        XCTAssertEqual(slot.acpiDescription, VirtioMMIODeviceDescription(address: 0xD000_1000, size: 0x1000, gsi: 5))
+        XCTAssertEqual(slot.queueThreadCount, 0, "nothing runs before DRIVER_OK")
+        XCTAssertEqual(waitThreads("tblk0-q", []), [])
+
+        let features = VirtioFeature.version1 | VirtioBlockFeature.flush | VirtioBlockFeature.mq | VirtioBlockFeature.blkSize
+        driverInit(slot, queues: 2, features: features)
+        XCTAssertEqual(slot.read(offset: VirtioMMIOReg.status, size: 4), 0xF)
+        XCTAssertEqual(slot.queueThreadCount, 2)
+        XCTAssertEqual(waitThreads("tblk0-q", ["tblk0-q0", "tblk0-q1"]), ["tblk0-q0", "tblk0-q1"])
+
+        // Queue 0: kick through the ioeventfd's eventfd, as KVM does on the guest's write.
+        let s0 = try postWrite(env.mem, queue: 0, n: 0, sector: 4, data: [UInt8](repeating: 0xA5, count: 1024))
+        XCTAssertEqual(slot.read(offset: VirtioMMIOReg.interruptStatus, size: 4), 0)
+        let w0 = slot.adapter.workers.first { $0.index == 0 }!
+        XCTAssertTrue(w0.ioeventfd, "ioeventfd registered on QueueNotify")
+        try w0.kick.write(1)
+        waitUsed(env.mem, 0, 1)
+        XCTAssertEqual(try env.mem.load(UInt8.self, at: s0), VirtioBlockStatus.ok)
+        XCTAssertEqual(fileBytes(env.image, 4 * 512, 1024), [UInt8](repeating: 0xA5, count: 1024))
+        XCTAssertEqual(slot.read(offset: VirtioMMIOReg.interruptStatus, size: 4), 1, "used-buffer interrupt")
+        slot.write(offset: VirtioMMIOReg.interruptACK, size: 4, value: 1)
+        XCTAssertEqual(slot.read(offset: VirtioMMIOReg.interruptStatus, size: 4), 0)
+
+        // Queue 1: a QueueNotify write that exits to swiftlet reaches the queue thread too.
+        let s1 = try postWrite(env.mem, queue: 1, n: 0, sector: 100, data: [UInt8](repeating: 0x3C, count: 512))
+        slot.write(offset: VirtioMMIOReg.queueNotify, size: 4, value: 1)
+        waitUsed(env.mem, 1, 1)
+        XCTAssertEqual(try env.mem.load(UInt8.self, at: s1), VirtioBlockStatus.ok)
+        XCTAssertEqual(fileBytes(env.image, 100 * 512, 512), [UInt8](repeating: 0x3C, count: 512))
+        // Hostile notifies: absent queue, odd sizes, offsets past the registers.
+        slot.write(offset: VirtioMMIOReg.queueNotify, size: 4, value: 7)
+        slot.write(offset: VirtioMMIOReg.queueNotify, size: 2, value: 0)
+        slot.write(offset: 0xFFF, size: 8, value: ~0)
+        slot.write(offset: 0x5000, size: 4, value: 1)
+        XCTAssertEqual(slot.read(offset: 0x5000, size: 4), 0)
+        XCTAssertEqual(slot.read(offset: VirtioMMIOReg.magicValue, size: 3), 0)
+
+        // Reset: threads joined, ioeventfds gone, queues forgotten.
+        slot.write(offset: VirtioMMIOReg.status, size: 4, value: 0)
+        XCTAssertEqual(slot.read(offset: VirtioMMIOReg.status, size: 4), 0)
+        XCTAssertEqual(slot.queueThreadCount, 0)
+        XCTAssertEqual(waitThreads("tblk0-q", []), [], "queue threads joined")
+        // KVM refuses a duplicate ioeventfd: registering the same one again proves it was deassigned.
+        let probe = try EventFD()
+        let notifyAddr = slot.base + VirtioMMIOReg.queueNotify
+        XCTAssertNoThrow(try env.vm.registerIoeventfd(probe, address: notifyAddr, length: 4, datamatch: 0))
+        try env.vm.deassignIoeventfd(probe, address: notifyAddr, length: 4, datamatch: 0)
+        XCTAssertEqual(slot.transport.queueLayout(0)?.ready, false)
+
+        // Re-activation: fresh rings (indices start at 0 again).
+        for q in 0..<2 { try env.mem.zero(qbase(q), length: 0x3000) }
+        driverInit(slot, queues: 2, features: features)
+        XCTAssertEqual(waitThreads("tblk0-q", ["tblk0-q0", "tblk0-q1"]), ["tblk0-q0", "tblk0-q1"])
+        let s2 = try postWrite(env.mem, queue: 0, n: 0, sector: 8, data: [UInt8](repeating: 0x77, count: 512))
+        try slot.adapter.workers.first { $0.index == 0 }!.kick.write(1)
+        waitUsed(env.mem, 0, 1)
+        XCTAssertEqual(try env.mem.load(UInt8.self, at: s2), VirtioBlockStatus.ok)
+        XCTAssertEqual(fileBytes(env.image, 8 * 512, 512), [UInt8](repeating: 0x77, count: 512))
+
+        // Machine stop: threads joined, no re-activation.
+        slot.stop()
+        XCTAssertEqual(waitThreads("tblk0-q", []), [])
+        slot.stop()
+        slot.write(offset: VirtioMMIOReg.status, size: 4, value: 0)
+        driverInit(slot, queues: 1, features: features)
+        XCTAssertEqual(slot.queueThreadCount, 0)
+        XCTAssertNotEqual(slot.read(offset: VirtioMMIOReg.status, size: 4) & UInt64(VirtioStatus.needsReset), 0)
+    }
+
+    func testManyKicksAndBatchesOnePoolQueue() throws {
+        let env = try makeEnv()
+        let disk = try openDisk(DiskOptions(path: env.image, direct: true))
+        XCTAssertEqual(disk.makeDevice(name: "x").engine, .threadPool(threads: 4, maxInFlight: 8))
+        let slot = try VirtioMMIOSlot.block(disk, index: 3, name: "tblk3", vm: env.vm, memory: env.mem)
+        defer { slot.stop() }
+        XCTAssertEqual(slot.gsi, 9, "GSI 8 is skipped")
+        driverInit(slot, queues: 1, features: VirtioFeature.version1 | VirtioFeature.eventIdx)
+        let expect = ["tblk3-q0", "tblk3-q0-io0", "tblk3-q0-io1", "tblk3-q0-io2", "tblk3-q0-io3"]
+        XCTAssertEqual(waitThreads("tblk3-q0", expect), expect, "the queue thread and its I/O pool")
+        let w = slot.adapter.workers[0]
+        // 40 requests in rounds of 1..5, kicked each round; 4 KiB-aligned data for O_DIRECT.
+        var n = 0
+        var round = 1
+        while n < 40 {
+            for _ in 0..<min(round, 40 - n) {
+                _ = try postWrite(env.mem, queue: 0, n: n, sector: UInt64(n * 8), data: [UInt8](repeating: UInt8(n), count: 4096))
+                n += 1
+            }
+            try w.kick.write(1)
+            waitUsed(env.mem, 0, UInt16(n))  // a driver never has more than the queue size outstanding
+            round = round % 5 + 1
+        }
+        waitUsed(env.mem, 0, 40)
+        for i in 0..<40 { XCTAssertEqual(fileBytes(env.image, i * 4096, 4096), [UInt8](repeating: UInt8(i), count: 4096), "request \(i)") }
+        XCTAssertEqual(slot.read(offset: VirtioMMIOReg.interruptStatus, size: 4) & 1, 1)
+        // Status 0 with requests possibly in flight: joins cleanly.
+        _ = try postWrite(env.mem, queue: 0, n: 40, sector: 0, data: [UInt8](repeating: 1, count: 4096))
+        try w.kick.write(1)
+        slot.write(offset: VirtioMMIOReg.status, size: 4, value: 0)
+        XCTAssertEqual(waitThreads("tblk3-q0", []), [])
+        XCTAssertEqual(waitThreads("tblk3-q0-io", []), [], "I/O pool threads joined")
+    }
+
+    func testHostileDriverGetsNeedsResetNotACrash() throws {
+        let env = try makeEnv()
+        let disk = try openDisk(DiskOptions(path: env.image))
+        let slot = try VirtioMMIOSlot.block(disk, index: 1, name: "tblk1", vm: env.vm, memory: env.mem)
+        defer { slot.stop() }
+        driverInit(slot, queues: 1, features: VirtioFeature.version1)
+        // A head index past the queue size.
+        try env.mem.store(UInt16(999), at: qbase(0) + 0x1000 + 4)
+        try env.mem.store(UInt16(1), at: qbase(0) + 0x1000 + 2)
+        slot.write(offset: VirtioMMIOReg.queueNotify, size: 4, value: 0)
+        let deadline = monotonicNanos() + 5_000_000_000
+        while slot.read(offset: VirtioMMIOReg.status, size: 4) & UInt64(VirtioStatus.needsReset) == 0 && monotonicNanos() < deadline {
+            usleep(1000)
+        }
+        XCTAssertNotEqual(slot.read(offset: VirtioMMIOReg.status, size: 4) & UInt64(VirtioStatus.needsReset), 0)
+        XCTAssertEqual(slot.read(offset: VirtioMMIOReg.interruptStatus, size: 4) & 2, 2, "config-change interrupt")
+        // A queue outside guest RAM never activates.
+        slot.write(offset: VirtioMMIOReg.status, size: 4, value: 0)
+        slot.write(offset: VirtioMMIOReg.status, size: 4, value: 1)
+        slot.write(offset: VirtioMMIOReg.status, size: 4, value: 3)
+        slot.write(offset: VirtioMMIOReg.driverFeaturesSel, size: 4, value: 1)
+        slot.write(offset: VirtioMMIOReg.driverFeatures, size: 4, value: 1)
+        slot.write(offset: VirtioMMIOReg.status, size: 4, value: 0xB)
+        slot.write(offset: VirtioMMIOReg.queueSel, size: 4, value: 0)
+        slot.write(offset: VirtioMMIOReg.queueNum, size: 4, value: 16)
+        slot.write(offset: VirtioMMIOReg.queueDescLow, size: 4, value: VirtioHostTests.ram - 16)
+        slot.write(offset: VirtioMMIOReg.queueReady, size: 4, value: 1)
+        slot.write(offset: VirtioMMIOReg.status, size: 4, value: 0xF)
+        XCTAssertNotEqual(slot.read(offset: VirtioMMIOReg.status, size: 4) & UInt64(VirtioStatus.needsReset), 0)
+        XCTAssertEqual(slot.queueThreadCount, 0)
+    }
+
+    func testTooManyDevicesIsAUsageError() throws {
+        let env = try makeEnv()
+        let disk = try openDisk(DiskOptions(path: env.image))
+        XCTAssertThrowsError(try VirtioMMIOSlot.block(disk, index: X86Layout.maxVirtioDevices, name: "b", vm: env.vm, memory: env.mem))
+        XCTAssertThrowsError(try VirtioMMIOSlot.block(disk, index: -1, name: "b", vm: env.vm, memory: env.mem))
+    }
+}
+
+private extension String {
+    func trimmingCharacters(in set: String) -> String {
+        var s = Substring(self)
+        while let l = s.last, set.contains(l) { s.removeLast() }
+        return String(s)
+    }
+}
