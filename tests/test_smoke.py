@@ -1,0 +1,27 @@
+"""scripts/smoke: one end-to-end boot of the default guest under QEMU
+(inside the testbed here), and the swiftlet-not-built line."""
+import os
+import re
+
+from conftest import REPO, run
+
+SMOKE = os.path.join(REPO, "scripts", "smoke")
+
+
+def test_smoke_qemu_end_to_end(testbed_image):
+    r = run([SMOKE, "--vmm", "qemu"])
+    out = r.stdout
+    assert r.returncode == 0, out + r.stderr
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(r"smoke: ok qemu userspace in \d+ ms", last), last
+    for marker in ("swiftlet-guest: disk vda present", "swiftlet-guest: net eth0 present",
+                   "swiftlet-guest: root /dev/vda mounted", "swiftlet-guest: ping ok",
+                   "swiftlet-guest: exit status 0"):
+        assert re.search(r"^[0-9.]+ " + re.escape(marker), out, re.M), marker
+    print(last)
+
+
+def test_smoke_swiftlet_not_built(tmp_path):
+    r = run([SMOKE, "--vmm", "swiftlet"], env={"SWIFTLET_BIN": str(tmp_path / "none")})
+    assert r.returncode == 3
+    assert r.stdout.strip().splitlines()[-1].startswith("smoke: FAILED swiftlet not built yet")

@@ -1,0 +1,128 @@
+"""scripts/testbed: status pass-through, streaming, environment, and a
+distinct status + one clear line for each way L1 itself can fail.
+Each test that boots L1 costs ~5 s under TCG: they are kept few."""
+import os
+import subprocess
+import sys
+import time
+
+
+from conftest import REPO, run
+
+TESTBED = os.path.join(REPO, "scripts", "testbed")
+
+
+def last_line(text):
+    lines = [l for l in text.splitlines() if l.strip()]
+    return lines[-1] if lines else ""
+
+
+def test_l1_streams_output_passes_status_and_sets_paths(testbed_image, tmp_path):
+    fake = tmp_path / "fake-swiftlet"
+    fake.write_text("#!/bin/sh\necho fake-swiftlet \"$@\"\n")
+    fake.chmod(0o755)
+    script = ('echo "mode=$TESTBED_MODE images=$TESTBED_IMAGES scripts=$TESTBED_SCRIPTS '
+              'scratch=$TESTBED_SCRATCH pwd=$(pwd)"; '
+              'ls "$TESTBED_IMAGES"; test -x "$TESTBED_SCRIPTS/smoke-inner" && echo scripts-ok; '
+              'test -c /dev/kvm && test -c /dev/net/tun && echo devices-ok; '
+              '"$TESTBED_IP" tuntap help 2>&1 | grep -q tap && echo iproute2-ok; '
+              'swiftlet --x y; echo to-stderr >&2; '
+              'echo first; sleep 4; echo second; exit 7')
+    env = dict(os.environ, SWIFTLET_BIN=str(fake))
+    p = subprocess.Popen([TESTBED, "--l1", "--timeout", "300", "--", "sh", "-c", script], cwd=REPO,
+                         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, bufsize=1)
+    seen = {}
+    lines = []
+    for line in p.stdout:
+        lines.append(line.rstrip("\n"))
+        seen.setdefault(line.strip(), (time.monotonic(), p.poll()))
+    rc = p.wait(timeout=300)
+    out = "\n".join(lines)
+    assert rc == 7, out
+    assert ("mode=l1 images=/testbed/images scripts=/testbed/scripts scratch=/testbed/scratch "
+            "pwd=/testbed/scratch") in out
+    for f in ("vmlinuz", "initramfs.cpio.gz", "rootfs.ext4"):
+        assert f in out
+    for marker in ("scripts-ok", "devices-ok", "iproute2-ok", "fake-swiftlet --x y", "to-stderr"):
+        assert marker in lines, (marker, out)
+    # streamed: "first" reached us while the command was still running,
+    # well before "second"
+    assert seen["first"][1] is None
+    assert seen["second"][0] - seen["first"][0] > 2.5, out
+    assert "@@" not in out and "\r" not in out
+    assert lines[-1] == "second", out
+
+
+def test_l1_crash_gives_its_own_status_and_line(testbed_image):
+    r = run([TESTBED, "--l1", "--timeout", "300", "--", "sh", "-c",
+             "echo about-to-crash; echo c > /proc/sysrq-trigger; sleep 60"])
+    assert r.returncode == 121, r.stdout + r.stderr
+    assert "about-to-crash" in r.stdout
+    assert last_line(r.stderr).startswith("testbed: FAILED L1 crashed"), r.stderr
+
+
+def test_timeout_gives_124_and_line(testbed_image):
+    t0 = time.monotonic()
+    r = run([TESTBED, "--l1", "--timeout", "15", "--", "sh", "-c", "echo started; sleep 300"])
+    took = time.monotonic() - t0
+    assert r.returncode == 124, r.stdout + r.stderr
+    assert "started" in r.stdout
+    assert last_line(r.stderr) == "testbed: FAILED timeout after 15 s"
+    assert took < 45
+
+
+def test_l1_that_never_comes_up_gives_boot_failure(testbed_image, tmp_path):
+    r = run([TESTBED, "--l1", "--", "true"], env={"TESTBED_KERNEL": str(tmp_path / "no-such-kernel")})
+    assert r.returncode == 120, r.stdout + r.stderr
+    assert last_line(r.stderr).startswith("testbed: FAILED L1 did not boot"), r.stderr
+    # a real kernel that is not given enough time to come up
+    r = run([TESTBED, "--l1", "--boot-timeout", "1", "--", "true"])
+    assert r.returncode == 120, r.stdout + r.stderr
+    assert last_line(r.stderr) == "testbed: FAILED L1 did not boot: no ready marker within 1 s"
+
+
+def test_qemu_missing_gives_127_and_line(tmp_path):
+    r = run([sys.executable, TESTBED, "--l1", "--", "true"], env={"PATH": str(tmp_path)})
+    assert r.returncode == 127, r.stdout + r.stderr
+    assert last_line(r.stderr).startswith("testbed: FAILED qemu-system-x86_64 not found")
+
+
+def test_direct_mode_same_environment_status_and_timeout(images):
+    r = run([TESTBED, "--direct", "--", "sh", "-c",
+             'echo "$TESTBED_MODE $TESTBED_IMAGES $(basename "$TESTBED_SCRIPTS")"; '
+             'test -f "$TESTBED_IMAGES/rootfs.ext4" && test -w "$TESTBED_SCRATCH" && '
+             'test "$(pwd)" = "$TESTBED_SCRATCH" && echo paths-ok; exit 5'])
+    assert r.returncode == 5, r.stdout + r.stderr
+    assert "direct %s scripts" % images in r.stdout
+    assert "paths-ok" in r.stdout
+    r = run([TESTBED, "--direct", "--timeout", "1", "--", "sleep", "30"])
+    assert r.returncode == 124
+    assert last_line(r.stderr) == "testbed: FAILED timeout after 1 s"
+
+
+def load_testbed():
+    ns = {"__file__": TESTBED, "__name__": "testbed"}
+    exec(compile(open(TESTBED).read(), TESTBED, "exec"), ns)
+    return ns
+
+
+def test_auto_mode_detection(tmp_path):
+    usable = load_testbed()["kvm_usable_directly"]
+    kvm, pvm, cpuinfo = tmp_path / "kvm", tmp_path / "kvm_pvm", tmp_path / "cpuinfo"
+    kvm.write_text("")
+    args = dict(kvm=str(kvm), pvm=str(pvm), cpuinfo=str(cpuinfo))
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 svm npt\n")
+    assert usable(**args) is True
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu vmx ept\n")
+    assert usable(**args) is True
+    pvm.mkdir()
+    assert usable(**args) is False           # PVM host: can't run unmodified guests
+    pvm.rmdir()
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2\n")
+    assert usable(**args) is False           # no VMX/SVM
+    kvm.unlink()
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu svm\n")
+    assert usable(**args) is False           # no /dev/kvm
+    if os.path.exists("/sys/module/kvm_pvm"):
+        assert usable() is False             # this machine: auto means L1
