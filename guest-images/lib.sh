@@ -39,7 +39,7 @@ install_busybox() {
 make_cpio() {
     local src=$1 out=$2 comp=${3:-none}
     (cd "$src" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) > "$out.tmp"
-    if [ "$comp" = gzip ]; then gzip -6 -n -c "$out.tmp" > "$out"; rm -f "$out.tmp"; else mv "$out.tmp" "$out"; fi
+    if [ "$comp" = gzip ]; then gzip -6 -n -c "$out.tmp" > "$out.tmp.gz" && mv "$out.tmp.gz" "$out"; rm -f "$out.tmp"; else mv "$out.tmp" "$out"; fi
 }
 
 # hash_inputs FILE...: one sha256 over the named files' contents and stdin.
