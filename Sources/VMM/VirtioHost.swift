@@ -228,6 +228,13 @@ public final class VirtioMMIOSlot: MMIODevice, @unchecked Sendable {
         VirtioMMIODeviceDescription(address: base, size: VirtioMMIOSlot.windowSize, gsi: gsi)
     }
 
+    /// The description device `index` will have, before any VM exists (the boot tables are
+    /// written before the VM is created). nil past the last GSI.
+    public static func acpiDescription(index: Int) -> VirtioMMIODeviceDescription? {
+        guard index >= 0, index < X86Layout.maxVirtioDevices, let gsi = X86Layout.virtioGSI(index: index) else { return nil }
+        return VirtioMMIODeviceDescription(address: X86Layout.virtioMMIOAddress(index: index), size: windowSize, gsi: gsi)
+    }
+
     /// Queue threads running now.
     public var queueThreadCount: Int { adapter.threadCount }
 

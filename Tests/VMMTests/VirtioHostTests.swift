@@ -147,6 +147,9 @@ final class VirtioHostTests: XCTestCase {
         let slot = try VirtioMMIOSlot.block(disk, index: 0, name: "tblk0", vm: env.vm, memory: env.mem)
         defer { slot.stop() }
         XCTAssertEqual(slot.acpiDescription, VirtioMMIODeviceDescription(address: 0xD000_1000, size: 0x1000, gsi: 5))
+        XCTAssertEqual(VirtioMMIOSlot.acpiDescription(index: 0), slot.acpiDescription)
+        XCTAssertEqual(VirtioMMIOSlot.acpiDescription(index: 3), VirtioMMIODeviceDescription(address: 0xD000_4000, size: 0x1000, gsi: 9))
+        XCTAssertNil(VirtioMMIOSlot.acpiDescription(index: X86Layout.maxVirtioDevices))
         XCTAssertEqual(slot.queueThreadCount, 0, "nothing runs before DRIVER_OK")
         XCTAssertEqual(waitThreads("tblk0-q", []), [])
 

@@ -217,6 +217,7 @@ public final class BlockQueue: VirtioQueueHandler, @unchecked Sendable {
     public func quiesce() {
         guard !quiesced else { return }
         quiesced = true
+        // Requests already started finish; nothing new starts (pump checks quiesced).
         while inFlight > 0 {
             var p = pollfd(fd: eventFD, events: Int16(POLLIN), revents: 0)
             _ = poll(&p, 1, 1000)
@@ -233,7 +234,8 @@ public final class BlockQueue: VirtioQueueHandler, @unchecked Sendable {
     func pump() {
         while !broken && !quiesced {
             queue.disableNotifications()
-            while !broken && (pool == nil || inFlight < maxInFlight) {
+            var popped = 0
+            while !broken && (pool == nil || inFlight < maxInFlight) && popped < batchLimit {
                 let chain: DescriptorChain?
                 do {
                     chain = try queue.popAvailable()
@@ -242,13 +244,19 @@ public final class BlockQueue: VirtioQueueHandler, @unchecked Sendable {
                     break
                 }
                 guard let chain else { break }
+                popped += 1
                 start(chain)
             }
             publish()
             if broken || (pool != nil && inFlight >= maxInFlight) { return }  // resumed by completions
+            // A driver that keeps the ring full still sees its used entries every batch.
+            if popped >= batchLimit { continue }
             if !queue.enableNotifications() { return }
         }
     }
+
+    /// Most requests started between two used-ring publications.
+    var batchLimit: Int { Int(queue.size) }
 
     /// The guest broke the queue: DEVICE_NEEDS_RESET, and this queue stops.
     func fail(_ why: String) {
