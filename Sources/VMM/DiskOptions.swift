@@ -21,6 +21,7 @@ import Glibc
 import Devices
 import GuestMemory
 import KVM
+import Boot
 
 /// User text made safe for a one-line message: control characters escaped.
 func shown(_ s: String) -> String {
@@ -246,4 +247,38 @@ extension VirtioMMIOSlot {
         try VirtioMMIOSlot(vm: vm, memory: memory, device: disk.makeDevice(name: name, engine: engine, log: log),
                            index: index, name: name, log: log)
     }
+}
+
+// MARK: wiring into the machine
+
+/// The ACPI descriptions of `count` virtio-mmio devices from index `firstIndex` (for
+/// LinuxBootConfig.virtioDevices, written before the VM exists).
+public func virtioDescriptions(count: Int, firstIndex: Int = 0) throws -> [VirtioMMIODeviceDescription] {
+    try (0..<count).map { i in
+        guard let d = VirtioMMIOSlot.acpiDescription(index: firstIndex + i) else {
+            throw SwiftletError(.usage, "too many virtio devices: at most \(X86Layout.maxVirtioDevices)")
+        }
+        return d
+    }
+}
+
+/// One virtio-blk slot per disk (virtio-mmio index firstIndex + i, threads "blk\(i)-qN"),
+/// inserted into `mmio`. Call after the irqchip is created and guest memory registered;
+/// call `stop()` on every returned slot after the vCPU threads have been joined.
+public func attachDisks(_ disks: [OpenDisk], firstIndex: Int = 0, vm: VirtualMachine, memory: GuestMemory,
+                        mmio: inout RangeMap<MMIODevice>, log: (@Sendable (String) -> Void)? = nil) throws -> [VirtioMMIOSlot] {
+    var slots: [VirtioMMIOSlot] = []
+    do {
+        for (i, d) in disks.enumerated() {
+            let s = try VirtioMMIOSlot.block(d, index: firstIndex + i, name: "blk\(i)", vm: vm, memory: memory, log: log)
+            slots.append(s)
+            guard mmio.insert(base: s.base, size: VirtioMMIOSlot.windowSize, s) else {
+                throw SwiftletError(.runtimeError, "virtio-mmio window 0x\(String(s.base, radix: 16)) overlaps another device")
+            }
+        }
+    } catch {
+        for s in slots { s.stop() }
+        throw error
+    }
+    return slots
 }

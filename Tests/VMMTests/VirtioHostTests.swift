@@ -284,6 +284,33 @@ final class VirtioHostTests: XCTestCase {
         XCTAssertEqual(slot.queueThreadCount, 0)
     }
 
+    func testAttachDisksIntoTheMMIOMap() throws {
+        let env = try makeEnv()
+        var t2 = Array("/tmp/swiftlet-host-XXXXXX".utf8CString)
+        let fd = mkstemp(&t2)
+        ftruncate(fd, 1 << 20)
+        close(fd)
+        let second = String(cString: t2)
+        defer { unlink(second) }
+        let disks = try openDisks([DiskOptions(path: env.image), DiskOptions(path: second, readOnly: true)])
+        var mmio = RangeMap<MMIODevice>()
+        let slots = try attachDisks(disks, vm: env.vm, memory: env.mem, mmio: &mmio)
+        defer { for s in slots { s.stop() } }
+        XCTAssertEqual(slots.map(\.acpiDescription), try virtioDescriptions(count: 2))
+        XCTAssertEqual(slots.map(\.gsi), [5, 6])
+        for (i, base) in [UInt64(0xD000_1000), 0xD000_2000].enumerated() {
+            guard let (dev, off) = mmio.lookup(base + VirtioMMIOReg.deviceID, length: 4) else { return XCTFail("no device at \(base)") }
+            XCTAssertTrue(dev === slots[i])
+            XCTAssertEqual(dev.read(offset: off, size: 4), 2)
+        }
+        // Read-only disk: VIRTIO_BLK_F_RO offered.
+        slots[1].write(offset: VirtioMMIOReg.deviceFeaturesSel, size: 4, value: 0)
+        XCTAssertNotEqual(slots[1].read(offset: VirtioMMIOReg.deviceFeatures, size: 4) & (1 << 5), 0)
+        XCTAssertThrowsError(try virtioDescriptions(count: X86Layout.maxVirtioDevices + 1))
+        // A second attach at the same indices cannot overlap the first.
+        XCTAssertThrowsError(try attachDisks([disks[1]], vm: env.vm, memory: env.mem, mmio: &mmio))
+    }
+
     func testTooManyDevicesIsAUsageError() throws {
         let env = try makeEnv()
         let disk = try openDisk(DiskOptions(path: env.image))
