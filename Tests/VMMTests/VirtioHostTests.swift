@@ -311,12 +311,93 @@ final class VirtioHostTests: XCTestCase {
         XCTAssertThrowsError(try attachDisks([disks[1]], vm: env.vm, memory: env.mem, mmio: &mmio))
     }
 
+    /// A real vCPU (simple guests do run on this PVM host) kicks through QueueNotify: KVM's
+    /// ioeventfd catches the write of the queue index with no exit; a write of another value
+    /// exits and is routed to the slot like the machine does.
+    func testGuestKickThroughKVMIoeventfd() throws {
+        let env = try makeEnv()
+        try env.vm.setTSSAddress()
+        try env.vm.setIdentityMapAddress()
+        let vcpu = try env.vm.createVCPU(id: 0)
+        let disk = try openDisk(DiskOptions(path: env.image))
+        let slot = try VirtioMMIOSlot.block(disk, index: 0, name: "tblkg", vm: env.vm, memory: env.mem)
+        defer { slot.stop() }
+        driverInit(slot, queues: 1, features: VirtioFeature.version1)
+        let status = try postWrite(env.mem, queue: 0, n: 0, sector: 2, data: [UInt8](repeating: 0xC3, count: 512))
+        // Real mode, DS based at the device window.
+        try env.mem.write([
+            0x66, 0xB8, 0x00, 0x00, 0x00, 0x00,  // mov eax, 0
+            0x66, 0xA3, 0x50, 0x00,              // mov [0x50], eax   QueueNotify = 0: ioeventfd, no exit
+            0x66, 0xB8, 0x07, 0x00, 0x00, 0x00,  // mov eax, 7
+            0x66, 0xA3, 0x50, 0x00,              // mov [0x50], eax   QueueNotify = 7: no match, MMIO exit
+            0x66, 0xA1, 0x00, 0x00,              // mov eax, [0x00]   MagicValue: MMIO exit (read)
+            0xE6, 0x80,                          // out 0x80, al
+            0xF4,
+        ], at: 0x1000)
+        try vcpu.setupRealMode(RealModeBoot(ip: 0x1000, sp: 0x8000))
+        var sr = try vcpu.getSregs()
+        sr.ds.base = slot.base
+        sr.ds.selector = 0
+        sr.ds.limit = 0xFFFF
+        try vcpu.setSregs(sr)
+
+        var exits: [String] = []
+        var magic: UInt64 = 0
+        let done = EventFDFlag()
+        let dog = try spawnThread(name: "tblkg-dog") {
+            let deadline = monotonicNanos() + 10_000_000_000
+            while !done.isSet && monotonicNanos() < deadline { usleep(2000) }
+            if !done.isSet { vcpu.kick() }
+        }
+        defer { done.set(); dog.join() }
+        try vcpu.withKickEnabled {
+            loop: while true {
+                let e = try vcpu.run()
+                switch e {
+                case let .mmio(address, length, isWrite, data):
+                    XCTAssertTrue(address >= slot.base && address < slot.base + 0x1000)
+                    if isWrite {
+                        var v: UInt64 = 0
+                        memcpy(&v, data, length)
+                        exits.append("w \(address - slot.base) \(v)")
+                        slot.write(offset: address - slot.base, size: length, value: v)
+                    } else {
+                        var v = slot.read(offset: address - slot.base, size: length)
+                        memcpy(data, &v, length)
+                        exits.append("r \(address - slot.base)")
+                        magic = v
+                    }
+                case let .io(port, _, _, _, _):
+                    XCTAssertEqual(port, 0x80)
+                    break loop
+                default:
+                    XCTFail("unexpected exit \(e)")
+                    break loop
+                }
+            }
+        }
+        XCTAssertEqual(exits, ["w 80 7", "r 0"], "the kick of queue 0 did not exit")
+        XCTAssertEqual(magic, 0x7472_6976)
+        waitUsed(env.mem, 0, 1)
+        XCTAssertEqual(try env.mem.load(UInt8.self, at: status), VirtioBlockStatus.ok)
+        XCTAssertEqual(fileBytes(env.image, 2 * 512, 512), [UInt8](repeating: 0xC3, count: 512))
+        XCTAssertEqual(slot.read(offset: VirtioMMIOReg.interruptStatus, size: 4), 1)
+    }
+
     func testTooManyDevicesIsAUsageError() throws {
         let env = try makeEnv()
         let disk = try openDisk(DiskOptions(path: env.image))
         XCTAssertThrowsError(try VirtioMMIOSlot.block(disk, index: X86Layout.maxVirtioDevices, name: "b", vm: env.vm, memory: env.mem))
         XCTAssertThrowsError(try VirtioMMIOSlot.block(disk, index: -1, name: "b", vm: env.vm, memory: env.mem))
     }
+}
+
+/// A flag shared with a watchdog thread.
+final class EventFDFlag: @unchecked Sendable {
+    private let m = Mutex()
+    private var v = false
+    var isSet: Bool { m.withLock { v } }
+    func set() { m.withLock { v = true } }
 }
 
 private extension String {
