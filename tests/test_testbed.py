@@ -56,7 +56,7 @@ def test_l1_streams_output_passes_status_and_sets_paths(testbed_image, tmp_path)
 
 def test_l1_crash_gives_its_own_status_and_line(testbed_image):
     r = run([TESTBED, "--l1", "--timeout", "300", "--", "sh", "-c",
-             "echo about-to-crash; echo c > /proc/sysrq-trigger; sleep 60"])
+             "echo about-to-crash; sleep 1; echo c > /proc/sysrq-trigger; sleep 60"])
     assert r.returncode == 121, r.stdout + r.stderr
     assert "about-to-crash" in r.stdout
     assert last_line(r.stderr).startswith("testbed: FAILED L1 crashed"), r.stderr
