@@ -41,6 +41,23 @@ public enum SerialMode: Equatable {
     }
 }
 
+/// How the guest finds its virtio-mmio devices.
+public enum VirtioDiscovery: Equatable {
+    /// DSDT devices with _HID "LNRO0005": what stock distribution kernels need.
+    case acpi
+    /// `virtio_mmio.device=<size>@<addr>:<irq>` on the command line, for kernels built
+    /// with VIRTIO_MMIO_CMDLINE_DEVICES (Firecracker-style guest kernels).
+    case cmdline
+
+    public static func parse(_ s: String) throws -> VirtioDiscovery {
+        switch s {
+        case "acpi": return .acpi
+        case "cmdline": return .cmdline
+        default: throw SwiftletError(.usage, "--virtio-discovery '\(s)' is not valid: use acpi (stock kernels) or cmdline (kernels with VIRTIO_MMIO_CMDLINE_DEVICES)")
+        }
+    }
+}
+
 public enum LogLevel: Int, Comparable {
     case error = 0, warn, info, debug
     public static func < (a: LogLevel, b: LogLevel) -> Bool { a.rawValue < b.rawValue }
@@ -66,6 +83,8 @@ public struct MachineConfig {
     public var logLevel: LogLevel
     /// monotonicNanos() when swiftlet started (for the boot-time marker).
     public var startNanos: UInt64
+    public var disks: [DiskOptions] = []
+    public var virtioDiscovery: VirtioDiscovery = .acpi
 
     public init(kernelPath: String, initrdPath: String? = nil, cmdline: String = MachineConfig.defaultCmdline,
                 cpus: Int = 1, memoryBytes: UInt64 = 512 << 20, serial: SerialMode = .stdio,
@@ -85,6 +104,16 @@ public struct MachineConfig {
     public static let minimumMemory: UInt64 = 64 << 20
     /// Guest RAM ends below 1 TiB of guest physical address space.
     public static let maximumMemory: UInt64 = 1 << 40
+}
+
+/// `cmdline` with `params` inserted before a " -- " (what follows it belongs to init).
+public func insertKernelParameters(_ params: [String], into cmdline: String) -> String {
+    guard !params.isEmpty else { return cmdline }
+    var words = cmdline.split(separator: " ", omittingEmptySubsequences: false).map(String.init)
+    if words == [""] { words = [] }
+    let at = words.firstIndex(of: "--") ?? words.count
+    words.insert(contentsOf: params, at: at)
+    return words.joined(separator: " ")
 }
 
 /// Parses a memory size: a number with an optional unit K, M, G or T (binary: KiB, MiB,

@@ -51,8 +51,17 @@ public func run(_ config: MachineConfig) throws -> Int32 {
     } catch {
         throw SwiftletError(.runtimeError, "\(error): give the guest less memory")
     }
+    let disks = try openDisks(config.disks)
+    let virtio = try virtioDescriptions(count: disks.count)
+    var cmdline = config.cmdline
+    if config.virtioDiscovery == .cmdline {
+        cmdline = insertKernelParameters(virtio.map {
+            "virtio_mmio.device=\($0.size >> 10)K@0x\(String($0.address, radix: 16)):\($0.gsi)"
+        }, into: cmdline)
+    }
     let bootConfig = LinuxBootConfig(kernelPath: config.kernelPath, initrdPath: config.initrdPath,
-                                     cmdline: config.cmdline, cpus: config.cpus,
+                                     cmdline: cmdline, cpus: config.cpus,
+                                     virtioDevices: config.virtioDiscovery == .acpi ? virtio : [],
                                      extraReserved: [], serial: true, rtc: true)
     let boot: BootCPUState
     do {
@@ -78,7 +87,7 @@ public func run(_ config: MachineConfig) throws -> Int32 {
     // the start-up benchmark's tiny guest) run on a PVM host.
     let allowPVM = host == .pvmHost && getenv("SWIFTLET_ALLOW_PVM").map { String(cString: $0) == "1" } == true
     guard host.isUsable || allowPVM else { throw SwiftletError(.hostUnavailable, host.message) }
-    let machine = try Machine(config: config, kvm: kvm, memory: memory, boot: boot)
+    let machine = try Machine(config: config, kvm: kvm, memory: memory, boot: boot, disks: disks)
     return machine.run()
 }
 
@@ -90,6 +99,7 @@ final class Machine: @unchecked Sendable {
     var vcpus: [VCPU] = []
     var pio = RangeMap<PortDevice>()
     var mmio = RangeMap<MMIODevice>()
+    var slots: [VirtioMMIOSlot] = []
     let serial: Serial16550
     let serialIRQ: EventFD
     let console: ConsoleOutput
@@ -102,7 +112,7 @@ final class Machine: @unchecked Sendable {
     /// monotonicNanos() just before vCPU 0's first KVM_RUN.
     private var firstRunNanos: UInt64 = 0
 
-    init(config: MachineConfig, kvm: Hypervisor, memory: GuestMemory, boot: BootCPUState) throws {
+    init(config: MachineConfig, kvm: Hypervisor, memory: GuestMemory, boot: BootCPUState, disks: [OpenDisk]) throws {
         self.config = config
         self.memory = memory
         self.kvm = kvm
@@ -139,6 +149,7 @@ final class Machine: @unchecked Sendable {
         pio.insert(base: UInt64(X86Layout.i8042DataPort), size: 5, I8042(onEvent: onEvent))
         pio.insert(base: UInt64(X86Layout.acpiSleepPort), size: 1, ACPISleepRegister(onEvent: onEvent))
         mmio.insert(base: BootMarker.address, size: BootMarker.size, bootMarker)
+        slots = try attachDisks(disks, vm: vm, memory: memory, mmio: &mmio, log: { log($0) })
 
         // vCPUs: CPUID and MSRs from KVM's own lists, FPU, LAPIC LINT0/1; the boot vCPU
         // enters the kernel's 64-bit entry point, the others wait for INIT/SIPI.
@@ -206,6 +217,7 @@ final class Machine: @unchecked Sendable {
 
         for v in vcpus { v.kick() }
         for t in threads { t.join() }
+        for s in slots { s.stop() }
         if sigfd >= 0 { close(sigfd) }
         terminal.restore()
 

@@ -33,6 +33,12 @@ struct Swiftlet: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Serial console: none, stdio or file=PATH.", valueName: "mode"))
     var serial: String = "stdio"
 
+    @Option(name: .long, help: ArgumentHelp("virtio-blk disk: path=FILE[,readonly=on][,num_queues=N][,direct=on][,serial=ID] (repeatable).", valueName: "options"))
+    var disk: [String] = []
+
+    @Option(name: .long, help: ArgumentHelp("How the guest finds virtio devices: acpi (DSDT, stock kernels) or cmdline (virtio_mmio.device=).", valueName: "mode"))
+    var virtioDiscovery: String = "acpi"
+
     @Option(name: .long, help: ArgumentHelp("error, warn, info or debug (info prints the boot-time marker and an exit summary).", valueName: "level"))
     var logLevel: String = "warn"
 
@@ -40,9 +46,12 @@ struct Swiftlet: ParsableCommand {
         guard let n = Int(cpus) else {
             throw SwiftletError(.usage, "--cpus '\(cpus)' is not a number: give a whole number of vCPUs, e.g. --cpus 2")
         }
-        return MachineConfig(kernelPath: kernel, initrdPath: initrd, cmdline: cmdline, cpus: n,
-                             memoryBytes: try parseSize(memory), serial: try SerialMode.parse(serial),
-                             logLevel: try LogLevel.parse(logLevel), startNanos: startNanos)
+        var c = MachineConfig(kernelPath: kernel, initrdPath: initrd, cmdline: cmdline, cpus: n,
+                              memoryBytes: try parseSize(memory), serial: try SerialMode.parse(serial),
+                              logLevel: try LogLevel.parse(logLevel), startNanos: startNanos)
+        c.disks = try disk.map(DiskOptions.parse)
+        c.virtioDiscovery = try VirtioDiscovery.parse(virtioDiscovery)
+        return c
     }
 }
 
