@@ -64,12 +64,12 @@ def test_l1_crash_gives_its_own_status_and_line(testbed_image):
 
 def test_timeout_gives_124_and_line(testbed_image):
     t0 = time.monotonic()
-    r = run([TESTBED, "--l1", "--timeout", "15", "--", "sh", "-c", "echo started; sleep 300"])
+    r = run([TESTBED, "--l1", "--timeout", "20", "--", "sh", "-c", "echo started; sleep 300"])
     took = time.monotonic() - t0
     assert r.returncode == 124, r.stdout + r.stderr
     assert "started" in r.stdout
-    assert last_line(r.stderr) == "testbed: FAILED timeout after 15 s"
-    assert took < 45
+    assert last_line(r.stderr) == "testbed: FAILED timeout after 20 s"
+    assert 20 <= took < 50
 
 
 def test_l1_that_never_comes_up_gives_boot_failure(testbed_image, tmp_path):

@@ -6,7 +6,7 @@
 vmm_supports() {
     case "$1:$2" in
         qemu:*) return 0;;
-        swiftlet:disk) return 1;;  # TODO(lead): 0 once swiftlet has a disk flag
+        swiftlet:disk) return 0;;
         swiftlet:net) return 1;;   # TODO(lead): 0 once swiftlet has a net flag
     esac
     return 1
@@ -29,7 +29,7 @@ run_vmm() {
     _vmm=$1 _kernel=$2 _initrd=$3 _cmdline=$4 _disk=${5:-} _tap=${6:-}
     case "$_vmm" in
     qemu)
-        set -- qemu-system-x86_64 -M microvm,rtc=on -enable-kvm -cpu host -m 512 -smp 1 \
+        set -- qemu-system-x86_64 -M microvm,rtc=on -enable-kvm -cpu host -m 512 -smp "${VMM_CPUS:-1}" \
             -nodefaults -no-user-config -display none -serial stdio -no-reboot \
             -kernel "$_kernel" -initrd "$_initrd" -append "$_cmdline"
         if [ -n "$_disk" ]; then
@@ -41,8 +41,11 @@ run_vmm() {
         ;;
     swiftlet)
         set -- "$(vmm_bin swiftlet)" --kernel "$_kernel" --initrd "$_initrd" --cmdline "$_cmdline" \
-            --cpus 1 --memory 512M
-        # TODO(lead): add the disk ($_disk) and TAP ($_tap) flags here and flip vmm_supports
+            --cpus "${VMM_CPUS:-1}" --memory 512M
+        if [ -n "$_disk" ]; then
+            set -- "$@" --disk "path=$_disk"
+        fi
+        # TODO: the TAP ($_tap) flag comes with virtio-net (issue 5)
         ;;
     *)
         echo "run_vmm: unknown VMM $_vmm" >&2
