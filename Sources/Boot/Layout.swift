@@ -31,6 +31,10 @@ public enum X86Layout {
     public static let acpiStart: UInt64 = 0xe0000
     public static let rsdp: UInt64 = 0xe0000
     public static let biosEnd: UInt64 = 0x100000
+    /// The x86 reset vector (F000:FFF0). Linux on hardware-reduced ACPI reboots by default
+    /// through EFI, then by jumping here in real mode (reboot=b behaviour); swiftlet puts a
+    /// stub here that writes the ACPI reset value, so a plain `reboot` ends the VM.
+    public static let resetVector: UInt64 = 0xffff0
     /// Kernels load at or above 1 MiB.
     public static let highMemoryStart: UInt64 = 0x100000
 

@@ -95,10 +95,16 @@ public func writeBootStructures(into memory: GuestMemory, header: SetupHeader?, 
         try memory.write(zp, at: X86Layout.zeroPage)
         try memory.zero(X86Layout.acpiStart, length: X86Layout.biosEnd - X86Layout.acpiStart)
         for t in acpi { try memory.write(t.bytes, at: t.address) }
+        try memory.write(resetVectorStub, at: X86Layout.resetVector)
         try memory.zero(X86Layout.mpTable, length: X86Layout.vgaHoleStart - X86Layout.mpTable)
         for t in mp { try memory.write(t.bytes, at: t.address) }
     }
 }
+
+/// Real-mode code at the reset vector: `mov dx, 0x3c0; mov al, 1; out dx, al; hlt; jmp $-1`
+/// (the ACPI reset register, see `X86Layout.acpiSleepPort`).
+public let resetVectorStub: [UInt8] = [0xBA, UInt8(X86Layout.acpiSleepPort & 0xff), UInt8(X86Layout.acpiSleepPort >> 8),
+                                       0xB0, X86Layout.acpiResetValue, 0xEE, 0xF4, 0xEB, 0xFD]
 
 /// The command line as bytes, checked: no NUL, at most `max` bytes (and the 64 KiB area).
 public func checkCmdline(_ s: String, max: Int) throws -> [UInt8] {

@@ -109,6 +109,15 @@ final class Machine: @unchecked Sendable {
     private let outcomeLock = Mutex()
     private var outcome: Outcome? = nil
     private var stopping = false
+    /// At --log-level debug, accesses to nothing are logged (each kind once, 256 at most).
+    private lazy var debugUnhandled = config.logLevel >= .debug
+    private var unhandledSeen = Set<String>()
+    private func noteUnhandled(_ what: String) {
+        let first: Bool = outcomeLock.withLock {
+            unhandledSeen.count < 256 && unhandledSeen.insert(what).inserted
+        }
+        if first { log("unhandled \(what)") }
+    }
     /// monotonicNanos() just before vCPU 0's first KVM_RUN.
     private var firstRunNanos: UInt64 = 0
 
@@ -321,6 +330,7 @@ final class Machine: @unchecked Sendable {
         guard let (dev, off) = pio.lookup(UInt64(port), length: 1) else {
             // Nothing there: reads float high, writes vanish.
             if !isWrite { memset(data, 0xff, size * count) }
+            if debugUnhandled { noteUnhandled("port 0x\(String(port, radix: 16)) \(isWrite ? "write" : "read") size \(size)") }
             return
         }
         for i in 0..<count {
@@ -348,6 +358,7 @@ final class Machine: @unchecked Sendable {
     private func handleMMIO(address: UInt64, length: Int, isWrite: Bool, data: UnsafeMutableRawPointer) {
         guard let (dev, off) = mmio.lookup(address, length: UInt64(length)) else {
             if !isWrite { memset(data, 0, 8) }
+            if debugUnhandled { noteUnhandled("MMIO 0x\(String(address, radix: 16)) \(isWrite ? "write" : "read") size \(length)") }
             return
         }
         if isWrite {

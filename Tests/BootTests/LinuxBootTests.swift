@@ -32,6 +32,11 @@ final class LinuxBootTests: XCTestCase {
         XCTAssertGreaterThan(ia + isz, 256 * MiB - 4096)
         XCTAssertEqual(try m.readBytes(at: ia, count: initrdBytes.count), initrdBytes)
 
+        // Reset vector stub (a plain `reboot` on HW-reduced ACPI ends up there), in a
+        // range e820 reserves: mov dx,0x3c0; mov al,1; out dx,al; hlt; jmp $-1.
+        XCTAssertEqual(try m.readBytes(at: 0xffff0, count: 9), [0xBA, 0xC0, 0x03, 0xB0, 0x01, 0xEE, 0xF4, 0xEB, 0xFD])
+        XCTAssertTrue(info.e820.contains { $0.type != E820Entry.ram && $0.address <= 0xffff0 && $0.end >= 0x100000 })
+
         // Zero page.
         let zp = try m.readBytes(at: 0x7000, count: 4096)
         XCTAssertEqual(Array(zp[0x1f1..<0x210]), Array(h.bytes[0..<(0x210 - 0x1f1)]))
