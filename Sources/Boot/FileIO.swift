@@ -41,15 +41,26 @@ final class InputFile {
         }
     }
 
-    /// The whole file as bytes.
+    /// The whole file mapped read-only (MAP_PRIVATE), so a kernel can be parsed and copied
+    /// into guest RAM with one copy. Unmapped when the returned object goes away.
+    func map() throws -> MappedBytes {
+        guard size > 0, size <= UInt64(Int.max / 2) else { throw Failure.unreadable(EFBIG) }
+        guard let p = mmap(nil, Int(size), PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0), p != MAP_FAILED else {
+            throw Failure.unreadable(errno)
+        }
+        return MappedBytes(base: p, count: Int(size))
+    }
+
+    /// The whole file as bytes (read straight into uninitialised storage: no zero-fill
+    /// pass over a kernel-sized buffer).
     func readAll() throws -> [UInt8] {
         guard size <= UInt64(Int.max / 2) else { throw Failure.unreadable(EFBIG) }
         let n = Int(size)
-        var out = [UInt8](repeating: 0, count: n)
         var failure: Failure?
-        out.withUnsafeMutableBytes { buf in
+        let out = [UInt8](unsafeUninitializedCapacity: n) { buf, count in
+            count = 0
             guard let base = buf.baseAddress, n > 0 else { return }
-            do { try read(into: base, count: n) } catch { failure = error as? Failure ?? .unreadable(EIO) }
+            do { try read(into: base, count: n); count = n } catch { failure = error as? Failure ?? .unreadable(EIO) }
         }
         if let failure { throw failure }
         return out
@@ -61,6 +72,21 @@ final class InputFile {
 public let maxKernelFileSize: UInt64 = 1 << 30
 
 /// Reads a kernel image, mapping failures to the kernel errors.
+/// The kernel file mapped read-only (same checks and errors as `readKernelFile`).
+func mapKernelFile(_ path: String) throws -> MappedBytes {
+    do {
+        let f = try InputFile(path: path)
+        if f.size == 0 { throw BootError.emptyKernel(path) }
+        if f.size > maxKernelFileSize { throw BootError.kernelFileTooLarge(path, size: f.size, max: maxKernelFileSize) }
+        return try f.map()
+    } catch let e as InputFile.Failure {
+        switch e {
+        case .notFound: throw BootError.kernelNotFound(path)
+        case let .unreadable(n): throw BootError.kernelUnreadable(path, errno: n)
+        }
+    }
+}
+
 public func readKernelFile(_ path: String) throws -> [UInt8] {
     do {
         let f = try InputFile(path: path)
@@ -73,4 +99,13 @@ public func readKernelFile(_ path: String) throws -> [UInt8] {
         case let .unreadable(n): throw BootError.kernelUnreadable(path, errno: n)
         }
     }
+}
+
+/// A read-only file mapping.
+final class MappedBytes {
+    let base: UnsafeMutableRawPointer
+    let count: Int
+    init(base: UnsafeMutableRawPointer, count: Int) { self.base = base; self.count = count }
+    deinit { munmap(base, count) }
+    var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: base, count: count) }
 }

@@ -89,6 +89,11 @@ private let elfMagic: [UInt8] = [0x7f, 0x45, 0x4c, 0x46]
 
 /// Detects the format and parses. `path` only names the file in errors.
 public func parseKernel(_ bytes: [UInt8], ram: RAMLayout, path: String = "kernel") throws -> KernelImage {
+    try bytes.withUnsafeBytes { try parseKernel($0, ram: ram, path: path) }
+}
+
+/// Detects the format and parses from raw bytes (e.g. a mapped file, without copying it).
+public func parseKernel(_ bytes: UnsafeRawBufferPointer, ram: RAMLayout, path: String = "kernel") throws -> KernelImage {
     if bytes.isEmpty { throw BootError.emptyKernel(path) }
     if bytes.count >= 4 && Array(bytes[0..<4]) == elfMagic { return try parseELFKernel(bytes, ram: ram) }
     if bytes.count >= SetupHeader.magicOffset + 4 {
@@ -103,7 +108,7 @@ public func parseKernel(_ bytes: [UInt8], ram: RAMLayout, path: String = "kernel
     throw BootError.notAKernel(path)
 }
 
-private func rd<T: FixedWidthInteger>(_ b: [UInt8], _ off: Int, limit: Int, _: T.Type = T.self) -> T {
+private func rd<T: FixedWidthInteger>(_ b: UnsafeRawBufferPointer, _ off: Int, limit: Int, _: T.Type = T.self) -> T {
     // Fields past the header end (older protocols) read as 0.
     let size = MemoryLayout<T>.size
     guard off >= 0, off + size <= limit, off + size <= b.count else { return 0 }
@@ -113,6 +118,10 @@ private func rd<T: FixedWidthInteger>(_ b: [UInt8], _ off: Int, limit: Int, _: T
 }
 
 public func parseBzImage(_ b: [UInt8], ram: RAMLayout) throws -> KernelImage {
+    try b.withUnsafeBytes { try parseBzImage($0, ram: ram) }
+}
+
+public func parseBzImage(_ b: UnsafeRawBufferPointer, ram: RAMLayout) throws -> KernelImage {
     let n = b.count
     guard n >= 0x206 else { throw BootError.truncatedKernel("\(n) bytes, ends inside the setup header") }
     guard rd(b, 0x202, limit: n, UInt32.self) == SetupHeader.magic else { throw BootError.notAKernel("kernel") }
@@ -212,6 +221,10 @@ public enum ELF {
 }
 
 public func parseELFKernel(_ b: [UInt8], ram: RAMLayout) throws -> KernelImage {
+    try b.withUnsafeBytes { try parseELFKernel($0, ram: ram) }
+}
+
+public func parseELFKernel(_ b: UnsafeRawBufferPointer, ram: RAMLayout) throws -> KernelImage {
     let n = b.count
     guard n >= 4, Array(b[0..<4]) == elfMagic else { throw BootError.notAKernel("kernel") }
     guard n >= 5 else { throw BootError.truncatedKernel("\(n) bytes, ends inside the ELF header") }
@@ -282,8 +295,12 @@ public func parseELFKernel(_ b: [UInt8], ram: RAMLayout) throws -> KernelImage {
 
 /// Copies the kernel's segments from `bytes` into guest memory and zeroes ELF bss.
 public func loadKernelSegments(_ image: KernelImage, from bytes: [UInt8], into memory: GuestMemory) throws {
+    try bytes.withUnsafeBytes { try loadKernelSegments(image, from: $0, into: memory) }
+}
+
+public func loadKernelSegments(_ image: KernelImage, from raw: UnsafeRawBufferPointer, into memory: GuestMemory) throws {
     try mem {
-        try bytes.withUnsafeBytes { raw in
+        do {
             for s in image.segments {
                 guard s.fileOffset >= 0, s.fileSize >= 0, s.fileOffset <= raw.count - s.fileSize else {
                     throw BootError.truncatedKernel("segment at file offset \(s.fileOffset) is past the end")

@@ -43,7 +43,8 @@ public func loadLinuxDetailed(_ config: LinuxBootConfig, into memory: GuestMemor
     let ram: RAMLayout = memory.regions.map { (base: $0.guestBase, size: $0.size) }
     try validateMachine(config, ram: ram)
 
-    let bytes = try readKernelFile(config.kernelPath)
+    let file = try mapKernelFile(config.kernelPath)
+    let bytes = file.bytes
     let kernel = try parseKernel(bytes, ram: ram, path: config.kernelPath)
     for r in config.extraReserved where r.base < kernel.end && kernel.loadAddress < r.base + r.size {
         throw BootError.badReservedRange(base: r.base, size: r.size, reason: "it overlaps the kernel at \(hex(kernel.loadAddress))..\(hex(kernel.end))")

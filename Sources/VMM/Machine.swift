@@ -11,6 +11,10 @@ import Devices
 
 public func monotonicNow() -> UInt64 { monotonicNanos() }
 
+/// Start-up phases (name, monotonic ns), printed at --log-level debug.
+nonisolated(unsafe) var startupPhases: [(String, UInt64)] = []
+@inline(__always) func phase(_ name: String) { startupPhases.append((name, monotonicNanos())) }
+
 /// How a run ended; decides the exit status. The first report wins.
 enum Outcome {
     case poweredOff
@@ -65,7 +69,9 @@ public func run(_ config: MachineConfig) throws -> Int32 {
                                      extraReserved: [], serial: true, rtc: true)
     let boot: BootCPUState
     do {
+        phase("inputs checked, RAM mapped")
         boot = try loadLinux(bootConfig, into: memory)
+        phase("kernel and initrd loaded, boot tables written")
     } catch let e as BootError {
         throw SwiftletError(ExitStatus(rawValue: e.exitStatus) ?? .badInput, e.description)
     }
@@ -134,12 +140,15 @@ final class Machine: @unchecked Sendable {
         serialIRQ = try EventFD()
         console = try ConsoleOutput(mode: config.serial)
 
+        phase("KVM opened")
         vm = try kvm.createVM()
         try vm.setTSSAddress(X86Layout.kvmTSS)
         try vm.setIdentityMapAddress(X86Layout.kvmIdentityMap)
         try vm.createIRQChip()
         try vm.createPIT2()
+        phase("VM, irqchip and PIT created")
         _ = try vm.registerMemory(memory)
+        phase("memory registered")
 
         // Devices handled inline on the vCPU threads.
         let console = self.console
@@ -162,6 +171,7 @@ final class Machine: @unchecked Sendable {
 
         // vCPUs: CPUID and MSRs from KVM's own lists, FPU, LAPIC LINT0/1; the boot vCPU
         // enters the kernel's 64-bit entry point, the others wait for INIT/SIPI.
+        phase("devices wired")
         let cpuid = try kvm.supportedCPUID()
         let msrs = try kvm.msrIndexList()
         let tscDeadline = kvm.has(.tscDeadlineTimer)
@@ -240,6 +250,11 @@ final class Machine: @unchecked Sendable {
         }
         if config.logLevel >= .debug {
             // Absolute CLOCK_MONOTONIC too, so a harness can measure from its exec().
+            var last = config.startNanos
+            for (name, t) in startupPhases + [("vCPUs set up, threads started", firstRunNanos)] {
+                log("startup: +\((t &- last) / 1000) us \(name)")
+                last = t
+            }
             log("startup: first KVM_RUN \((firstRunNanos &- config.startNanos) / 1000) us after main, at monotonic \(firstRunNanos) ns")
             let rss = residentSetBytes()
             let guest = memory.residentBytes()
