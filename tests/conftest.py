@@ -31,3 +31,11 @@ def testbed_image(images):
     r = run([os.path.join(REPO, "scripts", "testbed-image")])
     assert r.returncode == 0, r.stderr
     return os.path.join(images, "testbed", "static.cpio")
+
+
+@pytest.fixture(scope="session")
+def swiftlet_release():
+    """swiftlet's release build (what the testbed ships), built if needed."""
+    r = run([os.path.join(REPO, "scripts", "build-swiftlet")], timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout.strip().splitlines()[-1]

@@ -21,6 +21,19 @@ def test_smoke_qemu_end_to_end(testbed_image):
     print(last)
 
 
+def test_smoke_swiftlet_end_to_end(testbed_image, swiftlet_release):
+    """The default guest under swiftlet, root on its virtio-blk disk found via ACPI."""
+    r = run([SMOKE, "--vmm", "swiftlet"], env={"SWIFTLET_BIN": swiftlet_release})
+    out = r.stdout
+    assert r.returncode == 0, out + r.stderr
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(r"smoke: ok swiftlet userspace in \d+ ms", last), last
+    for marker in ("swiftlet-guest: disk vda present", "swiftlet-guest: root /dev/vda mounted",
+                   "swiftlet-guest: exit status 0"):
+        assert re.search(r"^[0-9.]+ " + re.escape(marker), out, re.M), marker
+    print(last)
+
+
 def test_smoke_swiftlet_not_built(tmp_path):
     r = run([SMOKE, "--vmm", "swiftlet"], env={"SWIFTLET_BIN": str(tmp_path / "none")})
     assert r.returncode == 3

@@ -1,0 +1,32 @@
+"""swiftlet boots Debian's stock cloud kernel in the testbed (a real KVM) and
+each behaviour of scripts/swiftlet-guest-checks is asserted on its own.
+One testbed session runs every check, to keep L1 boots few."""
+import os
+import re
+
+import pytest
+
+from conftest import REPO, run
+
+CHECKS = ["one-cpu-cmdline-initrd", "boot-marker", "two-cpus", "reboot-status-3",
+          "reboot-kbd-status-3", "triple-fault-status-4", "console-input",
+          "blk-guest-write", "blk-guest-read", "blk-readonly", "blk-two-queues"]
+
+
+@pytest.fixture(scope="module")
+def checks(testbed_image, swiftlet_release):
+    r = run([os.path.join(REPO, "scripts", "testbed"), "--timeout", "1200", "--",
+             "sh", "-c", 'exec sh "$TESTBED_SCRIPTS/swiftlet-guest-checks"'],
+            env={"SWIFTLET_BIN": swiftlet_release}, timeout=1500)
+    out = r.stdout + r.stderr
+    # An L1 crash or timeout is the testbed's, and says so in its own line.
+    assert r.returncode not in (120, 121, 122, 124, 127), "testbed failed, not swiftlet:\n" + out[-3000:]
+    assert "checks done" in out, out[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("name", CHECKS)
+def test_swiftlet_guest(checks, name):
+    m = re.search(r"^check %s (ok|FAILED.*)$" % re.escape(name), checks, re.M)
+    assert m, "check %s did not run:\n%s" % (name, checks[-3000:])
+    assert m.group(1) == "ok", checks[checks.find("check %s FAILED" % name):][:2500]
