@@ -84,6 +84,7 @@ public struct MachineConfig {
     /// monotonicNanos() when swiftlet started (for the boot-time marker).
     public var startNanos: UInt64
     public var disks: [DiskOptions] = []
+    public var nets: [NetOptions] = []
     public var virtioDiscovery: VirtioDiscovery = .acpi
 
     public init(kernelPath: String, initrdPath: String? = nil, cmdline: String = MachineConfig.defaultCmdline,

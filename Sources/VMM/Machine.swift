@@ -56,7 +56,8 @@ public func run(_ config: MachineConfig) throws -> Int32 {
         throw SwiftletError(.runtimeError, "\(error): give the guest less memory")
     }
     let disks = try openDisks(config.disks)
-    let virtio = try virtioDescriptions(count: disks.count)
+    let nets = try openNets(config.nets)
+    let virtio = try virtioDescriptions(count: disks.count + nets.count)
     var cmdline = config.cmdline
     if config.virtioDiscovery == .cmdline {
         cmdline = insertKernelParameters(virtio.map {
@@ -93,7 +94,7 @@ public func run(_ config: MachineConfig) throws -> Int32 {
     // the start-up benchmark's tiny guest) run on a PVM host.
     let allowPVM = host == .pvmHost && getenv("SWIFTLET_ALLOW_PVM").map { String(cString: $0) == "1" } == true
     guard host.isUsable || allowPVM else { throw SwiftletError(.hostUnavailable, host.message) }
-    let machine = try Machine(config: config, kvm: kvm, memory: memory, boot: boot, disks: disks)
+    let machine = try Machine(config: config, kvm: kvm, memory: memory, boot: boot, disks: disks, nets: nets)
     return machine.run()
 }
 
@@ -127,7 +128,7 @@ final class Machine: @unchecked Sendable {
     /// monotonicNanos() just before vCPU 0's first KVM_RUN.
     private var firstRunNanos: UInt64 = 0
 
-    init(config: MachineConfig, kvm: Hypervisor, memory: GuestMemory, boot: BootCPUState, disks: [OpenDisk]) throws {
+    init(config: MachineConfig, kvm: Hypervisor, memory: GuestMemory, boot: BootCPUState, disks: [OpenDisk], nets: [OpenTap] = []) throws {
         self.config = config
         self.memory = memory
         self.kvm = kvm
@@ -168,6 +169,12 @@ final class Machine: @unchecked Sendable {
         pio.insert(base: UInt64(X86Layout.acpiSleepPort), size: 1, ACPISleepRegister(onEvent: onEvent))
         mmio.insert(base: BootMarker.address, size: BootMarker.size, bootMarker)
         slots = try attachDisks(disks, vm: vm, memory: memory, mmio: &mmio, log: { log($0) })
+        do {
+            slots += try attachNets(nets, firstIndex: disks.count, vm: vm, memory: memory, mmio: &mmio, log: { log($0) })
+        } catch {
+            for s in slots { s.stop() }
+            throw error
+        }
 
         // vCPUs: CPUID and MSRs from KVM's own lists, FPU, LAPIC LINT0/1; the boot vCPU
         // enters the kernel's 64-bit entry point, the others wait for INIT/SIPI.

@@ -36,6 +36,9 @@ struct Swiftlet: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("virtio-blk disk: path=FILE[,readonly=on][,num_queues=N][,direct=on][,serial=ID] (repeatable).", valueName: "options"))
     var disk: [String] = []
 
+    @Option(name: .long, help: ArgumentHelp("virtio-net over a TAP: tap=NAME[,mac=MAC][,queues=N][,offload=on|off][,mtu=M] (repeatable).", valueName: "options"))
+    var net: [String] = []
+
     @Option(name: .long, help: ArgumentHelp("How the guest finds virtio devices: acpi (DSDT, stock kernels) or cmdline (virtio_mmio.device=).", valueName: "mode"))
     var virtioDiscovery: String = "acpi"
 
@@ -50,6 +53,7 @@ struct Swiftlet: ParsableCommand {
                               memoryBytes: try parseSize(memory), serial: try SerialMode.parse(serial),
                               logLevel: try LogLevel.parse(logLevel), startNanos: startNanos)
         c.disks = try disk.map(DiskOptions.parse)
+        c.nets = try net.map(NetOptions.parse)
         c.virtioDiscovery = try VirtioDiscovery.parse(virtioDiscovery)
         return c
     }

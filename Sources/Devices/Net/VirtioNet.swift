@@ -1,0 +1,597 @@
+// virtio-net (virtio 1.2 §5.1) over a multi-queue TAP: the device model.
+//
+// Queues: rx0, tx0, rx1, tx1, ..., ctrl (the control queue is queue 2 * pairs, where
+// pairs is `queuePairs` with VIRTIO_NET_F_MQ negotiated and 1 without it). Each rx and
+// each tx queue has its own handler and so its own host thread (VirtioHost runs one
+// thread per queue); queue pair i uses TAP queue file descriptor i for both directions.
+// The control queue has its own handler.
+//
+// RX: packets are read with readv straight into the guest's buffers (vnet header
+// first); with MRG_RXBUF one packet may fill several chains and num_buffers says how
+// many. When the guest has no buffers the thread stops polling the TAP until the next rx
+// kick (the packets wait in the TAP's queue, which drops beyond its length, like a NIC).
+// TX: writev straight from the guest's buffers (the chain starts with the 12-byte
+// virtio_net_hdr_v1; the kernel validates it). At most VirtioNetLimits.budget packets
+// per wake-up per queue.
+//
+// The guest is hostile: rx chains that cannot hold the header, tx chains shorter than
+// the header, frames the TAP refuses and malformed control commands are dropped (used
+// length 0) and counted; a malformed descriptor chain or a broken ring marks the device
+// DEVICE_NEEDS_RESET and that queue stops. Nothing a guest writes can crash swiftlet.
+import Glibc
+import CLinux
+import GuestMemory
+import Virtio
+import Synchronization
+
+/// What the device asks of its TAP beyond reading and writing frames. Errors are logged.
+public protocol NetTapControl: AnyObject, Sendable {
+    /// TUNSETOFFLOAD with TunOffload flags.
+    func setOffload(_ flags: UInt32) throws
+    /// TUNSETQUEUE: attach (true) or detach queue pair `pair`'s file descriptor.
+    func setQueueEnabled(pair: Int, _ enabled: Bool) throws
+}
+
+/// Counters of one queue (rx: frames to the guest; tx: frames from it).
+public final class NetQueueStats: Sendable {
+    let packetCount = Atomic<UInt64>(0)
+    let byteCount = Atomic<UInt64>(0)
+    let dropCount = Atomic<UInt64>(0)
+    public init() {}
+    public var packets: UInt64 { packetCount.load(ordering: .relaxed) }
+    public var bytes: UInt64 { byteCount.load(ordering: .relaxed) }
+    /// Chains or frames dropped: hostile chains, frames the TAP refused, bad commands.
+    public var drops: UInt64 { dropCount.load(ordering: .relaxed) }
+    func count(bytes n: Int) {
+        packetCount.wrappingAdd(1, ordering: .relaxed)
+        byteCount.wrappingAdd(UInt64(n), ordering: .relaxed)
+    }
+    func drop() { dropCount.wrappingAdd(1, ordering: .relaxed) }
+}
+
+public final class VirtioNet: HostedVirtioDevice, @unchecked Sendable {
+    public let name: String
+    public let mac: [UInt8]
+    public let mtu: UInt16
+    public let queuePairs: Int
+    public let offload: Bool
+    /// One TAP queue file descriptor per queue pair (not owned: the caller closes them).
+    public let queueFDs: [Int32]
+    let control: NetTapControl?
+    let log: (@Sendable (String) -> Void)?
+    let config: [UInt8]
+    /// Counters per virtqueue index (rx0, tx0, ..., ctrl), kept across resets.
+    public let stats: [NetQueueStats]
+    let lock = Mutex()
+    var handlers: [VirtioQueueHandler] = []
+    var pairsActive = 1
+    var negotiated: UInt64 = 0
+
+    /// `queueFDs.count` is the number of queue pairs (1...VirtioNetLimits.maxQueuePairs).
+    public init(queueFDs: [Int32], mac: [UInt8], mtu: UInt16 = 1500, offload: Bool = true,
+                control: NetTapControl? = nil, name: String = "net", log: (@Sendable (String) -> Void)? = nil) {
+        precondition(!queueFDs.isEmpty && queueFDs.count <= VirtioNetLimits.maxQueuePairs && mac.count == 6)
+        self.queueFDs = queueFDs
+        self.queuePairs = queueFDs.count
+        self.mac = mac
+        self.mtu = mtu
+        self.offload = offload
+        self.control = control
+        self.name = name
+        self.log = log
+        var w = ByteWriter(size: VirtioNetConfig.size)
+        w.set(mac, at: VirtioNetConfig.mac)
+        w.set(VirtioNetConfig.linkUp, at: VirtioNetConfig.status)
+        w.set(UInt16(queueFDs.count), at: VirtioNetConfig.maxVirtqueuePairs)
+        w.set(mtu, at: VirtioNetConfig.mtu)
+        config = w.bytes
+        stats = (0..<(2 * queueFDs.count + 1)).map { _ in NetQueueStats() }
+    }
+
+    // MARK: VirtioDevice
+
+    public var deviceType: UInt32 { VirtioDeviceType.net }
+
+    public var queueMaxSizes: [UInt16] {
+        Array(repeating: VirtioNetLimits.queueSize, count: 2 * queuePairs) + [VirtioNetLimits.ctrlQueueSize]
+    }
+
+    public var deviceFeatures: UInt64 {
+        var f = VirtioNetFeature.mac | VirtioNetFeature.status | VirtioNetFeature.mtu | VirtioNetFeature.mrgRxbuf
+            | VirtioNetFeature.ctrlVQ | VirtioNetFeature.ctrlRx | VirtioNetFeature.mq
+            | VirtioFeature.indirectDesc | VirtioFeature.eventIdx | VirtioFeature.version1
+        if offload { f |= VirtioNetFeature.offloads }
+        return f
+    }
+
+    public var configSize: Int { VirtioNetConfig.size }
+
+    public func readConfig(offset: Int, into buffer: UnsafeMutableRawBufferPointer) {
+        guard offset >= 0, offset <= config.count, buffer.count <= config.count - offset else { return }
+        config.withUnsafeBytes { src in
+            buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: src[offset..<offset + buffer.count]))
+        }
+    }
+
+    /// The MAC is not writable through config space with VERSION_1: writes are ignored.
+    public func writeConfig(offset: Int, bytes: UnsafeRawBufferPointer) {}
+
+    public func activate(queues: [SplitQueue?], memory: GuestMemory, features: UInt64,
+                         interrupt: any VirtioInterruptSink) throws {
+        reset()
+        let pairs = features & VirtioNetFeature.mq != 0 ? queuePairs : 1
+        let hasMRG = features & VirtioNetFeature.mrgRxbuf != 0
+        let guestGSO = features & (VirtioNetFeature.guestTSO4 | VirtioNetFeature.guestTSO6) != 0
+        do {
+            try control?.setOffload(offload ? TunOffload.flags(forGuestFeatures: features) : 0)
+        } catch {
+            log?("\(name): cannot set the TAP's offloads: \(error)")
+        }
+        // Only pair 0 until the driver asks for more (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET):
+        // frames steered to a pair without rx buffers would wait there.
+        setPairs(1)
+        var made: [VirtioQueueHandler] = []
+        for p in 0..<pairs {
+            if let q = queues.count > 2 * p ? queues[2 * p] : nil {
+                made.append(NetRxQueue(index: 2 * p, queue: q, fd: queueFDs[p], mergeable: hasMRG,
+                                       minFrame: guestGSO ? VirtioNetLimits.maxGSOFrame : Int(mtu) + 18,
+                                       interrupt: interrupt, stats: stats[2 * p], name: name, log: log))
+            }
+            if let q = queues.count > 2 * p + 1 ? queues[2 * p + 1] : nil {
+                made.append(NetTxQueue(index: 2 * p + 1, queue: q, fd: queueFDs[p], interrupt: interrupt,
+                                       stats: stats[2 * p + 1], name: name, log: log))
+            }
+        }
+        let ctrl = 2 * pairs
+        if features & VirtioNetFeature.ctrlVQ != 0, queues.count > ctrl, let q = queues[ctrl] {
+            made.append(NetCtrlQueue(index: ctrl, queue: q, device: self, features: features,
+                                     interrupt: interrupt, stats: stats[stats.count - 1], log: log))
+        }
+        lock.withLock {
+            handlers = made
+            negotiated = features
+        }
+    }
+
+    public func reset() {
+        let hs: [VirtioQueueHandler] = lock.withLock {
+            let h = handlers
+            handlers = []
+            return h
+        }
+        for h in hs { h.quiesce() }
+    }
+
+    // MARK: HostedVirtioDevice
+
+    public var queueHandlers: [VirtioQueueHandler] { lock.withLock { handlers } }
+
+    /// Queue pairs in use (the driver's last VQ_PAIRS_SET, 1 after activation).
+    public var activePairs: Int { lock.withLock { pairsActive } }
+
+    /// Attaches TAP queues 0..<n and detaches the rest; rx threads of newly attached
+    /// pairs poll their TAP again.
+    func setPairs(_ n: Int) {
+        for p in 0..<queuePairs {
+            do { try control?.setQueueEnabled(pair: p, p < n) } catch {
+                log?("\(name): cannot \(p < n ? "attach" : "detach") TAP queue \(p): \(error)")
+            }
+        }
+        let rx: [NetRxQueue] = lock.withLock {
+            pairsActive = n
+            return handlers.compactMap { $0 as? NetRxQueue }.filter { $0.queueIndex / 2 < n }
+        }
+        for r in rx { r.watchTap(true) }
+    }
+}
+
+// MARK: shared
+
+/// Publishes staged used entries and interrupts the driver if it asked to be.
+@inline(__always)
+func netPublish(_ queue: SplitQueue, _ interrupt: any VirtioInterruptSink) {
+    queue.publishUsed()
+    if queue.needsNotification() { interrupt.signalUsedBuffer() }
+}
+
+@_silgen_name("epoll_create1") func swiftlet_epoll_create1(_ flags: Int32) -> Int32
+@_silgen_name("epoll_ctl") func swiftlet_epoll_ctl(_ epfd: Int32, _ op: Int32, _ fd: Int32, _ event: UnsafeMutableRawPointer) -> Int32
+
+private func errnoText(_ e: Int32) -> String { String(cString: strerror(e)) }
+
+// MARK: rx
+
+/// One receive queue: TAP -> guest.
+public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
+    public let queueIndex: Int
+    let queue: SplitQueue
+    let fd: Int32
+    let mergeable: Bool
+    /// With MRG_RXBUF, bytes of buffers gathered before a read (header + largest frame).
+    let wanted: Int
+    let interrupt: any VirtioInterruptSink
+    let stats: NetQueueStats
+    let name: String
+    let log: (@Sendable (String) -> Void)?
+    /// epoll instance holding the TAP fd (EPOLLIN while the guest has buffers): our completion fd.
+    let epfd: Int32
+    /// Chains popped but not filled yet (kept for the next frame).
+    var pending: [DescriptorChain] = []
+    var broken = false
+    var quiesced = false
+    var loggedError = false
+
+    // epoll(7): Glibc's Swift module does not carry <sys/epoll.h>; plain C ABI, packed
+    // struct epoll_event { u32 events; u64 data } (12 bytes on x86-64) built by hand.
+    static let epollCloexec: Int32 = 0o2000000
+    static let epollCtlAdd: Int32 = 1
+    static let epollCtlMod: Int32 = 3
+    static let epollIn: UInt32 = 1
+
+    static func epollCtl(_ ep: Int32, _ op: Int32, _ fd: Int32, events: UInt32) -> Int32 {
+        var ev = [UInt8](repeating: 0, count: 12)
+        withUnsafeBytes(of: events.littleEndian) { ev.replaceSubrange(0..<4, with: $0) }
+        withUnsafeBytes(of: UInt64(UInt32(bitPattern: fd)).littleEndian) { ev.replaceSubrange(4..<12, with: $0) }
+        return ev.withUnsafeMutableBytes { swiftlet_epoll_ctl(ep, op, fd, $0.baseAddress!) }
+    }
+
+    init(index: Int, queue: SplitQueue, fd: Int32, mergeable: Bool, minFrame: Int, interrupt: any VirtioInterruptSink,
+         stats: NetQueueStats, name: String, log: (@Sendable (String) -> Void)?) {
+        queueIndex = index
+        self.queue = queue
+        self.fd = fd
+        self.mergeable = mergeable
+        wanted = VirtioNetHeader.size + minFrame
+        self.interrupt = interrupt
+        self.stats = stats
+        self.name = name
+        self.log = log
+        epfd = swiftlet_epoll_create1(NetRxQueue.epollCloexec)
+        if epfd >= 0 { _ = NetRxQueue.epollCtl(epfd, NetRxQueue.epollCtlAdd, fd, events: 0) }
+    }
+
+    deinit { if epfd >= 0 { close(epfd) } }
+
+    public var completionFD: Int32 { epfd }
+
+    /// Start (true) or stop polling the TAP for frames. Safe from any thread.
+    func watchTap(_ on: Bool) {
+        guard epfd >= 0 else { return }
+        _ = NetRxQueue.epollCtl(epfd, NetRxQueue.epollCtlMod, fd, events: on ? NetRxQueue.epollIn : 0)
+    }
+
+    public func kicked() {
+        guard !broken && !quiesced else { return }
+        queue.disableNotifications()
+        watchTap(true)
+        receive()
+    }
+
+    public func completionsReady() { receive() }
+
+    public func quiesce() {
+        quiesced = true
+        watchTap(false)
+        pending = []
+    }
+
+    func fail(_ why: String) {
+        broken = true
+        watchTap(false)
+        log?("virtio-net \(name) rx\(queueIndex / 2): \(why): device needs reset")
+        interrupt.markNeedsReset()
+    }
+
+    /// Pops one usable chain into `pending`; false when the ring is empty (or broken).
+    /// Chains that cannot hold the header are returned at once, empty, and counted.
+    func popOne() -> Bool {
+        while !broken {
+            let chain: DescriptorChain?
+            do { chain = try queue.popAvailable() } catch {
+                fail("\(error)")
+                return false
+            }
+            guard let chain else { return false }
+            if chain.writableLength < UInt32(VirtioNetHeader.size) || chain.readableCount > 0 {
+                stats.drop()
+                do { try queue.stageUsed(head: chain.head, length: 0) } catch { fail("\(error)"); return false }
+                continue
+            }
+            pending.append(chain)
+            return true
+        }
+        return false
+    }
+
+    /// Enough buffers for the next frame: one chain, or with MRG_RXBUF chains adding up
+    /// to `wanted` bytes (or whatever the ring holds, if at least one frame of MTU size).
+    func gather() -> Bool {
+        if !mergeable { return !pending.isEmpty || popOne() }
+        var total = pending.reduce(0) { $0 + Int($1.writableLength) }
+        while total < wanted && pending.count < 64 {
+            guard popOne() else { break }
+            total += Int(pending[pending.count - 1].writableLength)
+        }
+        return total >= min(wanted, VirtioNetHeader.size + 1518) || total >= wanted
+    }
+
+    /// Reads up to `budget` frames from the TAP into guest buffers.
+    func receive() {
+        guard !broken && !quiesced else { return }
+        var served = 0
+        defer { netPublish(queue, interrupt) }
+        while served < VirtioNetLimits.budget && !broken {
+            if !gather() {
+                if broken { return }
+                // Out of buffers: sleep on the rx kick, not on the TAP.
+                if queue.enableNotifications() { queue.disableNotifications(); continue }
+                watchTap(false)
+                return
+            }
+            let use = mergeable ? pending : [pending[0]]
+            var iovs: [iovec] = []
+            for c in use { iovs += c.writableIovecs() }
+            let n = iovs.withUnsafeBufferPointer { readv(fd, $0.baseAddress, Int32($0.count)) }
+            if n < 0 {
+                let e = errno
+                if e == EINTR { continue }
+                if e == EAGAIN || e == EWOULDBLOCK { return }  // nothing waiting; epoll wakes us
+                if !loggedError {
+                    loggedError = true
+                    log?("virtio-net \(name) rx\(queueIndex / 2): read from the TAP failed: \(errnoText(e))")
+                }
+                watchTap(false)  // e.g. EBADFD for a detached queue: wait for the next kick
+                return
+            }
+            served += 1
+            var left = n
+            var k = 0
+            do {
+                repeat {
+                    let len = min(left, Int(use[k].writableLength))
+                    try queue.stageUsed(head: use[k].head, length: UInt32(len))
+                    left -= len
+                    k += 1
+                } while left > 0 && k < use.count
+            } catch {
+                fail("\(error)")
+                return
+            }
+            // tun skips num_buffers (it writes 10 header bytes of our 12): fill it in.
+            var nb = UInt16(k).littleEndian
+            _ = withUnsafeBytes(of: &nb) { use[0].writeWritable($0, offset: UInt64(VirtioNetHeader.numBuffersOffset)) }
+            pending.removeFirst(k)
+            stats.count(bytes: max(0, n - VirtioNetHeader.size))
+        }
+    }
+}
+
+// MARK: tx
+
+/// One transmit queue: guest -> TAP.
+public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
+    public let queueIndex: Int
+    let queue: SplitQueue
+    let fd: Int32
+    let interrupt: any VirtioInterruptSink
+    let stats: NetQueueStats
+    let name: String
+    let log: (@Sendable (String) -> Void)?
+    /// Written when a wake-up ran out of budget with work left: brings the thread back.
+    let again: Int32
+    var broken = false
+    var quiesced = false
+    var loggedError = false
+
+    init(index: Int, queue: SplitQueue, fd: Int32, interrupt: any VirtioInterruptSink, stats: NetQueueStats,
+         name: String, log: (@Sendable (String) -> Void)?) {
+        queueIndex = index
+        self.queue = queue
+        self.fd = fd
+        self.interrupt = interrupt
+        self.stats = stats
+        self.name = name
+        self.log = log
+        again = eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK))
+    }
+
+    deinit { if again >= 0 { close(again) } }
+
+    public var completionFD: Int32 { again }
+
+    public func kicked() { transmit() }
+
+    public func completionsReady() {
+        var v: UInt64 = 0
+        _ = read(again, &v, 8)
+        transmit()
+    }
+
+    public func quiesce() { quiesced = true }
+
+    func fail(_ why: String) {
+        broken = true
+        log?("virtio-net \(name) tx\(queueIndex / 2): \(why): device needs reset")
+        interrupt.markNeedsReset()
+    }
+
+    func transmit() {
+        guard !broken && !quiesced else { return }
+        var served = 0
+        defer { netPublish(queue, interrupt) }
+        while !broken {
+            queue.disableNotifications()
+            while served < VirtioNetLimits.budget {
+                let chain: DescriptorChain?
+                do { chain = try queue.popAvailable() } catch {
+                    fail("\(error)")
+                    return
+                }
+                guard let chain else { break }
+                served += 1
+                send(chain)
+                do { try queue.stageUsed(head: chain.head, length: 0) } catch {
+                    fail("\(error)")
+                    return
+                }
+            }
+            if served >= VirtioNetLimits.budget {
+                // More may wait: come back after the used ring is published.
+                var one: UInt64 = 1
+                if again >= 0 { _ = write(again, &one, 8) }
+                return
+            }
+            if !queue.enableNotifications() { return }
+        }
+    }
+
+    func send(_ chain: DescriptorChain) {
+        let len = Int(chain.readableLength)
+        guard len >= VirtioNetHeader.size, len <= VirtioNetHeader.size + VirtioNetLimits.maxGSOFrame else {
+            stats.drop()
+            return
+        }
+        let iovs = chain.readableIovecs()
+        var n: Int
+        repeat {
+            n = iovs.withUnsafeBufferPointer { writev(fd, $0.baseAddress, Int32($0.count)) }
+        } while n < 0 && errno == EINTR
+        if n < 0 {
+            // EINVAL: a header or frame the kernel refused; EAGAIN/EIO: the TAP is full or down.
+            let e = errno
+            stats.drop()
+            if !loggedError && e != EAGAIN && e != EINVAL {
+                loggedError = true
+                log?("virtio-net \(name) tx\(queueIndex / 2): write to the TAP failed: \(errnoText(e))")
+            }
+            return
+        }
+        stats.count(bytes: len - VirtioNetHeader.size)
+    }
+}
+
+// MARK: control
+
+/// The control queue: VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, receive-mode commands (accepted),
+/// everything else VIRTIO_NET_ERR.
+public final class NetCtrlQueue: VirtioQueueHandler, @unchecked Sendable {
+    public let queueIndex: Int
+    let queue: SplitQueue
+    weak var device: VirtioNet?
+    let features: UInt64
+    let interrupt: any VirtioInterruptSink
+    let stats: NetQueueStats
+    let log: (@Sendable (String) -> Void)?
+    var broken = false
+    var quiesced = false
+
+    init(index: Int, queue: SplitQueue, device: VirtioNet, features: UInt64, interrupt: any VirtioInterruptSink,
+         stats: NetQueueStats, log: (@Sendable (String) -> Void)?) {
+        queueIndex = index
+        self.queue = queue
+        self.device = device
+        self.features = features
+        self.interrupt = interrupt
+        self.stats = stats
+        self.log = log
+    }
+
+    public var completionFD: Int32 { -1 }
+    public func completionsReady() {}
+    public func quiesce() { quiesced = true }
+
+    public func kicked() {
+        guard !broken && !quiesced else { return }
+        defer { netPublish(queue, interrupt) }
+        while !broken {
+            queue.disableNotifications()
+            while true {
+                let chain: DescriptorChain?
+                do { chain = try queue.popAvailable() } catch {
+                    broken = true
+                    log?("virtio-net ctrl: \(error): device needs reset")
+                    interrupt.markNeedsReset()
+                    return
+                }
+                guard let chain else { break }
+                var used: UInt32 = 0
+                if chain.writableLength == 0 {
+                    stats.drop()  // nowhere to put the answer
+                } else {
+                    let ack = command(chain)
+                    _ = chain.writeWritable([ack], offset: UInt64(chain.writableLength - 1))
+                    used = 1
+                    if ack == VirtioNetCtrl.ok { stats.count(bytes: Int(chain.readableLength)) } else { stats.drop() }
+                }
+                do { try queue.stageUsed(head: chain.head, length: used) } catch {
+                    broken = true
+                    interrupt.markNeedsReset()
+                    return
+                }
+            }
+            if !queue.enableNotifications() { return }
+        }
+    }
+
+    /// The answer to one command (never trusts a length or value).
+    func command(_ chain: DescriptorChain) -> UInt8 {
+        var hdr: [UInt8] = [0, 0]
+        guard hdr.withUnsafeMutableBytes({ chain.readReadable(into: $0) }) == 2 else { return VirtioNetCtrl.err }
+        let dataLength = Int(chain.readableLength) - 2
+        switch (hdr[0], hdr[1]) {
+        case (VirtioNetCtrl.classMQ, VirtioNetCtrl.mqVQPairsSet):
+            guard features & VirtioNetFeature.mq != 0, dataLength >= 2, let device else { return VirtioNetCtrl.err }
+            var v: UInt16 = 0
+            _ = withUnsafeMutableBytes(of: &v) { chain.readReadable(into: $0, offset: 2) }
+            let pairs = Int(UInt16(littleEndian: v))
+            guard pairs >= 1, pairs <= device.queuePairs else { return VirtioNetCtrl.err }
+            device.setPairs(pairs)
+            return VirtioNetCtrl.ok
+        case (VirtioNetCtrl.classRx, let cmd) where VirtioNetCtrl.rxCommands.contains(cmd):
+            guard features & VirtioNetFeature.ctrlRx != 0, dataLength >= 1 else { return VirtioNetCtrl.err }
+            return VirtioNetCtrl.ok  // the TAP delivers everything; the guest's stack filters
+        case (VirtioNetCtrl.classMAC, VirtioNetCtrl.macTableSet):
+            guard features & VirtioNetFeature.ctrlRx != 0, dataLength >= 8 else { return VirtioNetCtrl.err }
+            return VirtioNetCtrl.ok
+        default:
+            return VirtioNetCtrl.err
+        }
+    }
+}
+
+/// NetTapControl over TAP queue file descriptors (ioctl TUNSETOFFLOAD / TUNSETQUEUE).
+public final class TapQueueControl: NetTapControl, @unchecked Sendable {
+    public let fds: [Int32]
+    /// Whatever owns `fds`, kept alive (and so the descriptors open) as long as the device.
+    let owner: AnyObject?
+    public init(fds: [Int32], owner: AnyObject? = nil) {
+        self.fds = fds
+        self.owner = owner
+    }
+
+    public func setOffload(_ flags: UInt32) throws {
+        guard let fd = fds.first, clinux_ioctl_int(fd, clinux_TUNSETOFFLOAD(), UInt(flags)) == 0 else {
+            throw NetTapError(call: "TUNSETOFFLOAD", errno: errno)
+        }
+    }
+
+    public func setQueueEnabled(pair: Int, _ enabled: Bool) throws {
+        guard fds.count > 1, pair < fds.count else { return }  // a single-queue TAP has nothing to steer
+        var ifr = [UInt8](repeating: 0, count: 40)  // struct ifreq: name[16], then flags
+        let flags = Int16(truncatingIfNeeded: enabled ? IFF_ATTACH_QUEUE : IFF_DETACH_QUEUE)
+        withUnsafeBytes(of: flags.littleEndian) { ifr.replaceSubrange(16..<18, with: $0) }
+        let r = ifr.withUnsafeMutableBytes { clinux_ioctl_ptr(fds[pair], clinux_TUNSETQUEUE(), $0.baseAddress) }
+        if r != 0 {
+            let e = errno
+            // Attaching an attached queue or detaching a detached one: EINVAL, harmless.
+            if e == EINVAL { return }
+            throw NetTapError(call: "TUNSETQUEUE", errno: e)
+        }
+    }
+}
+
+public struct NetTapError: Error, CustomStringConvertible {
+    public let call: String
+    public let errno: Int32
+    public var description: String { "\(call): \(String(cString: strerror(errno)))" }
+}

@@ -1,0 +1,252 @@
+// --net tap=NAME[,mac=MAC][,queues=N][,offload=on|off][,mtu=M]
+//
+// Parsing (usage errors, exit 64) and opening the TAP (exit 69 when the host cannot give
+// us one: no /dev/net/tun, no permission, a busy or single-queue TAP). Every error is
+// one line that says what to do.
+//
+// Decisions:
+//   - queues: queue pairs, 1...8 (VirtioNetLimits.maxQueuePairs), whatever the vCPU
+//     count (as for --disk num_queues): the guest driver uses min(pairs, its CPUs). Each
+//     pair costs one TAP queue file descriptor and two host threads (rx and tx).
+//   - mac: six hex pairs separated by ':'; multicast (odd first byte) and all-zero
+//     addresses are refused. Default 52:54:00:12:34:NN, NN = 0x56 + the --net index.
+//   - mtu: 68...65535 (what Linux accepts for Ethernet), default 1500. It is what the
+//     guest is told (VIRTIO_NET_F_MTU); the TAP's own MTU is not changed.
+//   - offload=on (default): checksum, TSO4/6 and ECN offloads offered both ways; the TAP
+//     is set (TUNSETOFFLOAD) to what the guest accepted when the driver starts the device.
+//   - The TAP is opened IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE, once per
+//     queue pair, non-blocking, with a 12-byte vnet header (virtio_net_hdr_v1). A TAP
+//     that does not exist yet is created and, being non-persistent, disappears when
+//     swiftlet's descriptors close (on every exit, even a crash). An existing TAP (e.g.
+//     `ip tuntap add dev NAME mode tap multi_queue`) is attached and left as it was.
+import Glibc
+import CLinux
+import Devices
+import GuestMemory
+import KVM
+import Boot
+
+public struct NetOptions: Equatable, Sendable {
+    public var tap: String
+    /// nil: 52:54:00:12:34:(0x56 + index).
+    public var mac: [UInt8]? = nil
+    public var queues: Int = 1
+    public var offload: Bool = true
+    public var mtu: Int = 1500
+
+    public init(tap: String, mac: [UInt8]? = nil, queues: Int = 1, offload: Bool = true, mtu: Int = 1500) {
+        self.tap = tap
+        self.mac = mac
+        self.queues = queues
+        self.offload = offload
+        self.mtu = mtu
+    }
+
+    public static let maxQueues = VirtioNetLimits.maxQueuePairs
+    public static let mtuRange = 68...65535
+    static let form = "tap=NAME[,mac=MAC][,queues=N][,offload=on|off][,mtu=M]"
+
+    /// The MAC address the device gets as --net number `index`.
+    public func macAddress(index: Int) -> [UInt8] {
+        mac ?? [0x52, 0x54, 0x00, 0x12, 0x34, UInt8(truncatingIfNeeded: 0x56 + index)]
+    }
+
+    /// "aa:bb:cc:dd:ee:ff" -> 6 bytes, or nil.
+    public static func parseMAC(_ s: String) -> [UInt8]? {
+        let parts = s.split(separator: ":", omittingEmptySubsequences: false)
+        guard parts.count == 6 else { return nil }
+        var out: [UInt8] = []
+        for p in parts {
+            guard p.utf8.count == 2, p.utf8.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 | 0x20 >= 0x61 && $0 | 0x20 <= 0x66) }),
+                  let b = UInt8(p, radix: 16) else { return nil }
+            out.append(b)
+        }
+        return out
+    }
+
+    /// Parses one --net value.
+    public static func parse(_ text: String) throws -> NetOptions {
+        func usage(_ s: String) -> SwiftletError { SwiftletError(.usage, "--net: \(s)") }
+        var o = NetOptions(tap: "")
+        var tap: String? = nil
+        var seen = Set<String>()
+        for item in text.split(separator: ",", omittingEmptySubsequences: false).map(String.init) {
+            guard !item.isEmpty else { throw usage("empty option in '\(shown(text))': use \(form)") }
+            guard let eq = item.firstIndex(of: "=") else { throw usage("'\(shown(item))' is not key=value: use \(form)") }
+            let key = String(item[..<eq])
+            let value = String(item[item.index(after: eq)...])
+            guard !seen.contains(key) else { throw usage("\(shown(key))= given twice") }
+            seen.insert(key)
+            func number(max: Int) -> Int? {
+                guard !value.isEmpty, value.utf8.count <= 6, value.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }),
+                      let n = Int(value), n <= max else { return nil }
+                return n
+            }
+            switch key {
+            case "tap":
+                guard !value.isEmpty else { throw usage("tap= is empty: give a TAP interface name, e.g. tap=tap0") }
+                // IFNAMSIZ is 16 with the terminating NUL; '/' and whitespace are not allowed in names.
+                guard value.utf8.count <= 15, value != ".", value != "..",
+                      value.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7f && $0 != UInt8(ascii: "/") && $0 != UInt8(ascii: ":") }) else {
+                    throw usage("tap name '\(shown(value))' is not a valid interface name: use at most 15 characters, no '/', ':' or spaces")
+                }
+                tap = value
+            case "mac":
+                guard let m = parseMAC(value) else {
+                    throw usage("mac='\(shown(value))' is not a MAC address: use six hex pairs, e.g. mac=52:54:00:12:34:56")
+                }
+                guard m[0] & 1 == 0 else { throw usage("mac=\(shown(value)) is a multicast address: the first byte must be even, e.g. 52:54:00:...") }
+                guard m != [0, 0, 0, 0, 0, 0] else { throw usage("mac=\(shown(value)) is all zeroes: give a unicast address, e.g. 52:54:00:12:34:56") }
+                o.mac = m
+            case "queues":
+                guard let n = number(max: maxQueues), n >= 1 else {
+                    throw usage("queues='\(shown(value))' is not valid: use a number of queue pairs from 1 to \(maxQueues)")
+                }
+                o.queues = n
+            case "offload":
+                switch value {
+                case "on": o.offload = true
+                case "off": o.offload = false
+                default: throw usage("offload='\(shown(value))' is not valid: use offload=on or offload=off")
+                }
+            case "mtu":
+                guard let n = number(max: mtuRange.upperBound), mtuRange.contains(n) else {
+                    throw usage("mtu='\(shown(value))' is not valid: use a number from \(mtuRange.lowerBound) to \(mtuRange.upperBound)")
+                }
+                o.mtu = n
+            default:
+                throw usage("unknown option '\(shown(key))': use tap, mac, queues, offload or mtu")
+            }
+        }
+        guard let tap else { throw usage("missing tap=: use --net \(form)") }
+        o.tap = tap
+        return o
+    }
+}
+
+/// A TAP opened for one --net: one non-blocking queue file descriptor per queue pair.
+public final class OpenTap: @unchecked Sendable {
+    public let options: NetOptions
+    public private(set) var fds: [Int32]
+    /// swiftlet created the interface (it goes away when `fds` are closed).
+    public let created: Bool
+
+    init(options: NetOptions, fds: [Int32], created: Bool) {
+        self.options = options
+        self.fds = fds
+        self.created = created
+    }
+
+    deinit { close() }
+
+    /// Closes the queue descriptors (a TAP swiftlet created disappears). Idempotent.
+    public func close() {
+        for fd in fds { _ = Glibc.close(fd) }
+        fds = []
+    }
+
+    /// The virtio-net device model for this TAP (`index`: its --net position, for the default MAC).
+    public func makeDevice(index: Int, name: String, log: (@Sendable (String) -> Void)? = nil) -> VirtioNet {
+        VirtioNet(queueFDs: fds, mac: options.macAddress(index: index), mtu: UInt16(options.mtu),
+                  offload: options.offload, control: TapQueueControl(fds: fds, owner: self), name: name, log: log)
+    }
+}
+
+private func errnoText(_ e: Int32) -> String { String(cString: strerror(e)) }
+
+/// Opens every --net in order; on an error the TAPs opened so far are closed.
+public func openNets(_ list: [NetOptions]) throws -> [OpenTap] {
+    var out: [OpenTap] = []
+    for o in list {
+        if out.contains(where: { $0.options.tap == o.tap }) {
+            throw SwiftletError(.usage, "--net: TAP \(shown(o.tap)) is given twice: give each --net its own TAP")
+        }
+        do { out.append(try openTap(o)) } catch {
+            for t in out { t.close() }
+            throw error
+        }
+    }
+    return out
+}
+
+/// Opens (creating it if needed) the TAP `o.tap` with `o.queues` queues.
+public func openTap(_ o: NetOptions) throws -> OpenTap {
+    let name = shown(o.tap)
+    let existed = if_nametoindex(o.tap) != 0
+    var fds: [Int32] = []
+    var ok = false
+    defer { if !ok { for fd in fds { close(fd) } } }
+    for q in 0..<o.queues {
+        let fd = open("/dev/net/tun", O_RDWR | O_NONBLOCK | O_CLOEXEC)
+        if fd < 0 {
+            let e = errno
+            if e == ENOENT || e == ENODEV || e == ENXIO {
+                throw SwiftletError(.hostUnavailable, "--net: /dev/net/tun is missing: load the tun module (modprobe tun) or run without --net")
+            }
+            if e == EACCES || e == EPERM {
+                throw SwiftletError(.hostUnavailable, "--net: cannot open /dev/net/tun: \(errnoText(e)): run as root or with CAP_NET_ADMIN")
+            }
+            throw SwiftletError(.hostUnavailable, "--net: cannot open /dev/net/tun: \(errnoText(e))")
+        }
+        fds.append(fd)
+        var ifr = [UInt8](repeating: 0, count: 40)  // struct ifreq: ifr_name[16], ifr_flags
+        ifr.replaceSubrange(0..<o.tap.utf8.count, with: Array(o.tap.utf8))
+        let flags = Int16(truncatingIfNeeded: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE)
+        withUnsafeBytes(of: flags.littleEndian) { ifr.replaceSubrange(16..<18, with: $0) }
+        let r = ifr.withUnsafeMutableBytes { clinux_ioctl_ptr(fd, clinux_TUNSETIFF(), $0.baseAddress) }
+        if r != 0 {
+            let e = errno
+            switch e {
+            case EPERM, EACCES:
+                if existed {
+                    throw SwiftletError(.hostUnavailable, "--net: TAP \(name) belongs to another user or group: use a TAP made for this user (ip tuntap add ... user), or run as root")
+                }
+                throw SwiftletError(.hostUnavailable, "--net: not allowed to create TAP \(name): run as root or with CAP_NET_ADMIN, or create it first with ip tuntap add dev \(name) mode tap multi_queue")
+            case EINVAL:
+                if existed {
+                    throw SwiftletError(.hostUnavailable, "--net: TAP \(name) exists without multi_queue or vnet_hdr (or is not a TAP): recreate it with ip tuntap add dev \(name) mode tap multi_queue vnet_hdr")
+                }
+                throw SwiftletError(.hostUnavailable, "--net: cannot create TAP \(name): \(errnoText(e))")
+            case EBUSY:
+                throw SwiftletError(.hostUnavailable, "--net: TAP \(name) is in use by another process (or has fewer free queues than queues=\(o.queues)): stop it or use another TAP")
+            default:
+                throw SwiftletError(.hostUnavailable, "--net: cannot attach to TAP \(name) (queue \(q)): \(errnoText(e))")
+            }
+        }
+        var hdr: Int32 = Int32(VirtioNetHeader.size)
+        if clinux_ioctl_ptr(fd, clinux_TUNSETVNETHDRSZ(), &hdr) != 0 {
+            throw SwiftletError(.hostUnavailable, "--net: TAP \(name): cannot set the vnet header size: \(errnoText(errno))")
+        }
+    }
+    ok = true
+    return OpenTap(options: o, fds: fds, created: !existed)
+}
+
+extension VirtioMMIOSlot {
+    /// A virtio-net device for `tap` as virtio-mmio device `index`, threads "\(name)-qN".
+    public static func net(_ tap: OpenTap, netIndex: Int, index: Int, name: String, vm: VirtualMachine, memory: GuestMemory,
+                           log: (@Sendable (String) -> Void)? = nil) throws -> VirtioMMIOSlot {
+        try VirtioMMIOSlot(vm: vm, memory: memory, device: tap.makeDevice(index: netIndex, name: name, log: log),
+                           index: index, name: name, log: log)
+    }
+}
+
+/// One virtio-net slot per TAP (virtio-mmio index firstIndex + i, threads "net\(i)-qN"),
+/// inserted into `mmio`. Call like attachDisks, with firstIndex = the number of disks.
+public func attachNets(_ taps: [OpenTap], firstIndex: Int, vm: VirtualMachine, memory: GuestMemory,
+                       mmio: inout RangeMap<MMIODevice>, log: (@Sendable (String) -> Void)? = nil) throws -> [VirtioMMIOSlot] {
+    var slots: [VirtioMMIOSlot] = []
+    do {
+        for (i, t) in taps.enumerated() {
+            let s = try VirtioMMIOSlot.net(t, netIndex: i, index: firstIndex + i, name: "net\(i)", vm: vm, memory: memory, log: log)
+            slots.append(s)
+            guard mmio.insert(base: s.base, size: VirtioMMIOSlot.windowSize, s) else {
+                throw SwiftletError(.runtimeError, "virtio-mmio window 0x\(String(s.base, radix: 16)) overlaps another device")
+            }
+        }
+    } catch {
+        for s in slots { s.stop() }
+        throw error
+    }
+    return slots
+}

@@ -1,0 +1,221 @@
+import XCTest
+import Glibc
+import GuestMemory
+import Virtio
+@testable import Devices
+
+final class NetDeviceTests: XCTestCase {
+    func testConstantsMatchLinuxValues() {
+        // linux/virtio_net.h
+        XCTAssertEqual(VirtioNetFeature.csum, 1 << 0)
+        XCTAssertEqual(VirtioNetFeature.mrgRxbuf, 1 << 15)
+        XCTAssertEqual(VirtioNetFeature.ctrlVQ, 1 << 17)
+        XCTAssertEqual(VirtioNetFeature.mq, 1 << 22)
+        XCTAssertEqual(VirtioNetFeature.hostECN, 1 << 13)
+        XCTAssertEqual(VirtioNetFeature.mtu, 1 << 3)
+    }
+
+    func testConfigSpaceAndFeatures() throws {
+        let h = try NetHarness(pairs: 4)
+        var b = [UInt8](repeating: 0, count: 12)
+        b.withUnsafeMutableBytes { h.device.readConfig(offset: 0, into: $0) }
+        XCTAssertEqual(Array(b[0..<6]), [0x52, 0x54, 0, 0x12, 0x34, 0x56])
+        XCTAssertEqual(UInt16(b[6]) | UInt16(b[7]) << 8, 1)      // link up
+        XCTAssertEqual(UInt16(b[8]) | UInt16(b[9]) << 8, 4)      // max pairs
+        XCTAssertEqual(UInt16(b[10]) | UInt16(b[11]) << 8, 1500) // mtu
+        XCTAssertEqual(h.device.queueMaxSizes.count, 9)          // rx0,tx0,...,rx3,tx3,ctrl
+        // Out-of-range reads leave the buffer alone.
+        var z = [UInt8](repeating: 0xAA, count: 4)
+        z.withUnsafeMutableBytes { h.device.readConfig(offset: 10, into: $0) }
+        XCTAssertEqual(z, [0xAA, 0xAA, 0xAA, 0xAA])
+        // Offloads on: the TAP gets what the guest accepted; only pair 0 attached at start.
+        XCTAssertEqual(h.control.offloads.last, TunOffload.csum | TunOffload.tso4 | TunOffload.tso6 | TunOffload.tsoECN)
+        XCTAssertEqual(h.control.attached, [0])
+        XCTAssertEqual(h.device.queueHandlers.count, 9)
+    }
+
+    func testOffloadOffOffersNoOffloads() throws {
+        let fds: [Int32] = [-1]
+        let d = VirtioNet(queueFDs: fds, mac: [2, 0, 0, 0, 0, 1], offload: false)
+        XCTAssertEqual(d.deviceFeatures & VirtioNetFeature.offloads, 0)
+        XCTAssertEqual(TunOffload.flags(forGuestFeatures: VirtioNetFeature.guestTSO4), 0)  // TSO needs GUEST_CSUM
+    }
+
+    func testWithoutMQTheControlQueueIsQueue2() throws {
+        let h = try NetHarness(pairs: 4, features: VirtioNet(queueFDs: [-1], mac: [2, 0, 0, 0, 0, 1]).deviceFeatures & ~VirtioNetFeature.mq)
+        XCTAssertEqual(h.queues.count, 3)
+        XCTAssertEqual(h.ctrlHandler.queueIndex, 2)
+        // VQ_PAIRS_SET without MQ: error.
+        let ack = h.command(VirtioNetCtrl.classMQ, VirtioNetCtrl.mqVQPairsSet, [2, 0])
+        h.ctrlHandler.kicked()
+        XCTAssertEqual(h.bytes(ack, 1), [VirtioNetCtrl.err])
+    }
+
+    func testTransmitWritesTheChainToTheTap() throws {
+        let h = try NetHarness()
+        let pkt = [UInt8](repeating: 0, count: 12) + frame(1000)
+        h.send(pkt, split: [12, 500, 500])
+        h.send(pkt, split: [1012])
+        h.txHandler.kicked()
+        XCTAssertEqual(h.hostReceive(), pkt)
+        XCTAssertEqual(h.hostReceive(), pkt)
+        XCTAssertNil(h.hostReceive())
+        XCTAssertEqual(h.tx().usedIdx, 2)
+        XCTAssertEqual(h.device.stats[1].packets, 2)
+        XCTAssertEqual(h.device.stats[1].bytes, 2000)
+        XCTAssertGreaterThan(h.sink.used, 0)
+    }
+
+    func testHostileTransmitChainsAreDroppedAndCounted() throws {
+        let h = try NetHarness()
+        h.send([1, 2, 3])                                   // shorter than the header
+        h.send([])                                         // no readable bytes at all
+        let w = h.alloc(64)
+        h.tx().offer(h.tx().chain([(w, 64, true)]))         // only writable
+        h.send([UInt8](repeating: 0, count: 12) + frame(60)) // a good one after them
+        h.txHandler.kicked()
+        XCTAssertEqual(h.tx().usedIdx, 4)
+        XCTAssertEqual(h.device.stats[1].drops, 3)
+        XCTAssertEqual(h.device.stats[1].packets, 1)
+        XCTAssertEqual(h.hostReceive()?.count, 72)
+        XCTAssertFalse(h.sink.needsReset)
+    }
+
+    func testTransmitBudgetThenResumes() throws {
+        let h = try NetHarness(queueSize: 512)
+        let n = VirtioNetLimits.budget + 10
+        for i in 0..<n { h.send([UInt8](repeating: 0, count: 12) + frame(20, seed: UInt8(truncatingIfNeeded: i))) }
+        h.txHandler.kicked()
+        XCTAssertEqual(Int(h.tx().usedIdx), VirtioNetLimits.budget)
+        var p = pollfd(fd: h.txHandler.completionFD, events: Int16(POLLIN), revents: 0)
+        XCTAssertEqual(poll(&p, 1, 0), 1)  // the thread will come back
+        h.txHandler.completionsReady()
+        XCTAssertEqual(Int(h.tx().usedIdx), n)
+    }
+
+    func testBadDescriptorChainMarksNeedsReset() throws {
+        let h = try NetHarness()
+        // A chain whose next index is past the table.
+        let a = h.alloc(64)
+        let head = h.tx().chain([(a, 64, false)])
+        try h.mem.store(VirtqDesc.next, at: h.tx().desc + 16 * UInt64(head) + 12)
+        try h.mem.store(UInt16(999), at: h.tx().desc + 16 * UInt64(head) + 14)
+        h.tx().offer(head)
+        h.txHandler.kicked()
+        XCTAssertTrue(h.sink.needsReset)
+    }
+
+    func testReceiveIntoOneBufferSetsNumBuffers() throws {
+        let h = try NetHarness(features: VirtioNet(queueFDs: [-1], mac: [2, 0, 0, 0, 0, 1]).deviceFeatures & ~VirtioNetFeature.mrgRxbuf)
+        let buf = h.addRxBuffer(1526)
+        h.rxHandler.kicked()
+        h.hostSend(frame(100))
+        h.rxHandler.completionsReady()
+        XCTAssertEqual(h.rx().usedIdx, 1)
+        XCTAssertEqual(h.rx().usedElem(0).len, 112)
+        XCTAssertEqual(h.bytes(buf + 10, 2), [1, 0])
+        XCTAssertEqual(h.bytes(buf + 12, 100), frame(100))
+        XCTAssertEqual(h.device.stats[0].packets, 1)
+        XCTAssertEqual(h.device.stats[0].bytes, 100)
+    }
+
+    func testMergeableReceiveSpansSeveralBuffers() throws {
+        let h = try NetHarness()
+        let bufs = (0..<4).map { _ in h.addRxBuffer(1000) }
+        h.rxHandler.kicked()
+        h.hostSend(frame(2500))
+        h.rxHandler.completionsReady()
+        XCTAssertEqual(h.rx().usedIdx, 3)
+        XCTAssertEqual(h.rx().usedElem(0).len, 1000)
+        XCTAssertEqual(h.rx().usedElem(1).len, 1000)
+        XCTAssertEqual(h.rx().usedElem(2).len, 512)
+        XCTAssertEqual(h.bytes(bufs[0] + 10, 2), [3, 0])
+        XCTAssertEqual(h.bytes(bufs[0] + 12, 988) + h.bytes(bufs[1], 1000) + h.bytes(bufs[2], 512), frame(2500))
+        // The fourth buffer is kept for the next frame, which waits until the buffers
+        // can hold a full MTU-sized frame.
+        h.hostSend(frame(50, seed: 9))
+        h.rxHandler.completionsReady()
+        XCTAssertEqual(h.rx().usedIdx, 3)
+        h.addRxBuffer(1000)
+        h.rxHandler.kicked()
+        XCTAssertEqual(h.rx().usedIdx, 4)
+        XCTAssertEqual(h.rx().usedElem(3).id, 3)
+        XCTAssertEqual(h.bytes(bufs[3] + 12, 50), frame(50, seed: 9))
+    }
+
+    func testNoBuffersStopsPollingTheTapUntilKick() throws {
+        let h = try NetHarness()
+        h.hostSend(frame(60))
+        h.rxHandler.kicked()          // no buffers: stops watching the TAP
+        var p = pollfd(fd: h.rxHandler.completionFD, events: Int16(POLLIN), revents: 0)
+        XCTAssertEqual(poll(&p, 1, 0), 0)
+        let buf = h.addRxBuffer(2048)
+        h.rxHandler.kicked()          // the rx kick: reads the waiting frame
+        XCTAssertEqual(h.rx().usedIdx, 1)
+        XCTAssertEqual(h.bytes(buf + 12, 60), frame(60))
+        // Buffers left and the TAP readable again: the completion fd wakes the thread.
+        h.addRxBuffer(2048)
+        h.rxHandler.kicked()
+        h.hostSend(frame(61))
+        p.revents = 0
+        XCTAssertEqual(poll(&p, 1, 1000), 1)
+    }
+
+    func testHostileReceiveBuffersAreReturnedEmpty() throws {
+        let h = try NetHarness()
+        h.addRxBuffer(8)                               // cannot hold the header
+        let r = h.alloc(100)
+        h.rx().offer(h.rx().chain([(r, 100, false)]))   // device-readable: not an rx buffer
+        let good = h.addRxBuffer(2048)
+        h.hostSend(frame(70))
+        h.rxHandler.kicked()
+        XCTAssertEqual(h.rx().usedIdx, 3)
+        XCTAssertEqual(h.rx().usedElem(0).len, 0)
+        XCTAssertEqual(h.rx().usedElem(1).len, 0)
+        XCTAssertEqual(h.rx().usedElem(2).len, 82)
+        XCTAssertEqual(h.bytes(good + 12, 70), frame(70))
+        XCTAssertEqual(h.device.stats[0].drops, 2)
+        XCTAssertFalse(h.sink.needsReset)
+    }
+
+    func testControlQueuePairsAndHostileCommands() throws {
+        let h = try NetHarness(pairs: 4)
+        func run(_ cls: UInt8, _ cmd: UInt8, _ data: [UInt8], ackLength: Int = 1, headerLength: Int = 2) -> UInt8 {
+            let ack = h.command(cls, cmd, data, ackLength: ackLength, headerLength: headerLength)
+            h.ctrlHandler.kicked()
+            return h.bytes(ack + UInt64(max(ackLength, 1) - 1), 1)[0]
+        }
+        XCTAssertEqual(run(VirtioNetCtrl.classMQ, VirtioNetCtrl.mqVQPairsSet, [3, 0]), VirtioNetCtrl.ok)
+        XCTAssertEqual(h.device.activePairs, 3)
+        XCTAssertEqual(h.control.attached, [0, 1, 2])
+        XCTAssertEqual(run(VirtioNetCtrl.classMQ, VirtioNetCtrl.mqVQPairsSet, [0, 0]), VirtioNetCtrl.err)
+        XCTAssertEqual(run(VirtioNetCtrl.classMQ, VirtioNetCtrl.mqVQPairsSet, [5, 0]), VirtioNetCtrl.err)
+        XCTAssertEqual(run(VirtioNetCtrl.classMQ, VirtioNetCtrl.mqVQPairsSet, [0xFF, 0xFF]), VirtioNetCtrl.err)
+        XCTAssertEqual(run(VirtioNetCtrl.classMQ, VirtioNetCtrl.mqVQPairsSet, [1]), VirtioNetCtrl.err)  // short data
+        XCTAssertEqual(h.device.activePairs, 3)
+        XCTAssertEqual(run(VirtioNetCtrl.classMQ, VirtioNetCtrl.mqVQPairsSet, [4, 0]), VirtioNetCtrl.ok)
+        XCTAssertEqual(h.control.attached, [0, 1, 2, 3])
+        XCTAssertEqual(run(VirtioNetCtrl.classRx, 0, [1]), VirtioNetCtrl.ok)         // promisc on
+        XCTAssertEqual(run(VirtioNetCtrl.classRx, 1, []), VirtioNetCtrl.err)         // no data
+        XCTAssertEqual(run(VirtioNetCtrl.classRx, 77, [1]), VirtioNetCtrl.err)       // unknown command
+        XCTAssertEqual(run(99, 0, [1, 2, 3]), VirtioNetCtrl.err)                     // unknown class
+        XCTAssertEqual(run(VirtioNetCtrl.classVLAN, 0, [1, 0]), VirtioNetCtrl.err)   // not offered
+        XCTAssertEqual(run(VirtioNetCtrl.classMQ, 0, [], headerLength: 1), VirtioNetCtrl.err)  // header cut short
+        XCTAssertEqual(run(VirtioNetCtrl.classRx, 0, [1], ackLength: 4), VirtioNetCtrl.ok)     // ack is the last byte
+        // No writable byte for the ack: returned empty, counted.
+        let before = h.device.stats[8].drops
+        _ = h.command(VirtioNetCtrl.classRx, 0, [1], ackLength: 0)
+        h.ctrlHandler.kicked()
+        XCTAssertEqual(h.device.stats[8].drops, before + 1)
+        XCTAssertEqual(h.ctrl.usedElem(Int(h.ctrl.usedIdx) - 1).len, 0)
+        XCTAssertFalse(h.sink.needsReset)
+    }
+
+    func testResetAndReactivate() throws {
+        let h = try NetHarness(pairs: 2)
+        XCTAssertEqual(h.device.queueHandlers.count, 5)
+        h.device.reset()
+        XCTAssertTrue(h.device.queueHandlers.isEmpty)
+        h.device.reset()  // idempotent
+    }
+}
