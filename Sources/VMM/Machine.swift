@@ -264,8 +264,10 @@ final class Machine: @unchecked Sendable {
             }
             log("startup: first KVM_RUN \((firstRunNanos &- config.startNanos) / 1000) us after main, at monotonic \(firstRunNanos) ns")
             let rss = residentSetBytes()
+            let anon = (procKiB("/proc/self/status", "RssAnon:") ?? 0) * 1024
+            let file = (procKiB("/proc/self/status", "RssFile:") ?? 0) * 1024
             let guest = memory.residentBytes()
-            log("memory: rss \(rss >> 10) KiB, guest RAM resident \(guest >> 10) KiB, swiftlet's own \((rss &- guest) >> 10) KiB")
+            log("memory: rss \(rss >> 10) KiB, guest RAM resident \(guest >> 10) KiB, swiftlet's own \((rss &- guest) >> 10) KiB (anonymous \((anon &- guest) >> 10) KiB, mapped files \(file >> 10) KiB)")
         }
         return o.status
     }
