@@ -291,16 +291,12 @@ extension VCPU {
     }
 
     /// Special and general registers for the 64-bit entry described by `boot`.
-    public func setupLongMode(_ boot: LongModeBoot) throws {
-        var s = try getSregs()
-        boot.apply(to: &s)
-        try setSregs(s)
-        var r = kvm_regs()
-        boot.apply(to: &r)
-        try setRegs(r)
-    }
+    public func setupLongMode(_ boot: LongModeBoot) throws { try setupEntry(boot) }
 
-    public func setupRealMode(_ boot: RealModeBoot) throws {
+    public func setupRealMode(_ boot: RealModeBoot) throws { try setupEntry(boot) }
+
+    /// Special registers on top of KVM's current ones, general registers from zero.
+    private func setupEntry(_ boot: some EntryState) throws {
         var s = try getSregs()
         boot.apply(to: &s)
         try setSregs(s)
@@ -309,3 +305,12 @@ extension VCPU {
         try setRegs(r)
     }
 }
+
+/// A vCPU entry state: what `setupLongMode` / `setupRealMode` apply.
+protocol EntryState {
+    func apply(to s: inout kvm_sregs)
+    func apply(to r: inout kvm_regs)
+}
+
+extension LongModeBoot: EntryState {}
+extension RealModeBoot: EntryState {}
