@@ -11,7 +11,8 @@ from conftest import REPO, run
 CHECKS = ["one-cpu-cmdline-initrd", "boot-marker", "two-cpus", "reboot-status-3",
           "reboot-kbd-status-3", "triple-fault-status-4", "console-input",
           "blk-guest-write", "blk-guest-read", "blk-readonly", "blk-two-queues",
-          "blk-flush-survives-kill", "blk-discard-frees-blocks"]
+          "blk-flush-survives-kill", "blk-discard-frees-blocks",
+          "net-ping", "net-two-queues"]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@
 //     queue pair, non-blocking, with a 12-byte vnet header (virtio_net_hdr_v1). A TAP
 //     that does not exist yet is created and, being non-persistent, disappears when
 //     swiftlet's descriptors close (on every exit, even a crash). An existing TAP (e.g.
-//     `ip tuntap add dev NAME mode tap multi_queue`) is attached and left as it was.
+//     `ip tuntap add dev NAME mode tap multi_queue`) is attached and left as it was; a
+//     single-queue one (`ip tuntap add dev NAME mode tap`) only with queues=1.
 import Glibc
 import CLinux
 import Devices
@@ -191,11 +192,17 @@ public func openTap(_ o: NetOptions) throws -> OpenTap {
         fds.append(fd)
         var ifr = [UInt8](repeating: 0, count: 40)  // struct ifreq: ifr_name[16], ifr_flags
         ifr.replaceSubrange(0..<o.tap.utf8.count, with: Array(o.tap.utf8))
-        let flags = Int16(truncatingIfNeeded: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE)
-        withUnsafeBytes(of: flags.littleEndian) { ifr.replaceSubrange(16..<18, with: $0) }
-        let r = ifr.withUnsafeMutableBytes { clinux_ioctl_ptr(fd, clinux_TUNSETIFF(), $0.baseAddress) }
+        func setIFF(multiQueue: Bool) -> Int32 {
+            let flags = Int16(truncatingIfNeeded: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (multiQueue ? IFF_MULTI_QUEUE : 0))
+            withUnsafeBytes(of: flags.littleEndian) { ifr.replaceSubrange(16..<18, with: $0) }
+            return ifr.withUnsafeMutableBytes { clinux_ioctl_ptr(fd, clinux_TUNSETIFF(), $0.baseAddress) } == 0 ? 0 : errno
+        }
+        var r = setIFF(multiQueue: true)
+        // A single-queue TAP (plain `ip tuntap add mode tap`) refuses IFF_MULTI_QUEUE
+        // with EINVAL; one queue pair does not need it.
+        if r == EINVAL && existed && o.queues == 1 { r = setIFF(multiQueue: false) }
         if r != 0 {
-            let e = errno
+            let e = r
             switch e {
             case EPERM, EACCES:
                 if existed {
@@ -204,7 +211,7 @@ public func openTap(_ o: NetOptions) throws -> OpenTap {
                 throw SwiftletError(.hostUnavailable, "--net: not allowed to create TAP \(name): run as root or with CAP_NET_ADMIN, or create it first with ip tuntap add dev \(name) mode tap multi_queue")
             case EINVAL:
                 if existed {
-                    throw SwiftletError(.hostUnavailable, "--net: TAP \(name) exists without multi_queue or vnet_hdr (or is not a TAP): recreate it with ip tuntap add dev \(name) mode tap multi_queue vnet_hdr")
+                    throw SwiftletError(.hostUnavailable, "--net: TAP \(name) exists without multi_queue (or is not a TAP): use queues=1, or recreate it with ip tuntap add dev \(name) mode tap multi_queue")
                 }
                 throw SwiftletError(.hostUnavailable, "--net: cannot create TAP \(name): \(errnoText(e))")
             case EBUSY:

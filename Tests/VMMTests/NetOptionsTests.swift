@@ -119,6 +119,32 @@ final class NetOptionsTests: XCTestCase {
         }
     }
 
+    func testOpenTapTakesAPersistentSingleQueueTapWithOneQueueOnly() throws {
+        try inPrivateNetns {
+            // What `ip tuntap add dev swsq1 mode tap` makes.
+            let fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC)
+            XCTAssertGreaterThanOrEqual(fd, 0)
+            var ifr = [UInt8](repeating: 0, count: 40)
+            ifr.replaceSubrange(0..<5, with: Array("swsq1".utf8))
+            let flags = Int16(IFF_TAP | IFF_NO_PI)
+            withUnsafeBytes(of: flags.littleEndian) { ifr.replaceSubrange(16..<18, with: $0) }
+            XCTAssertEqual(ifr.withUnsafeMutableBytes { clinux_ioctl_ptr(fd, clinux_TUNSETIFF(), $0.baseAddress) }, 0)
+            XCTAssertEqual(clinuxPersist(fd, true), 0)
+            close(fd)
+            do {
+                _ = try openTap(NetOptions(tap: "swsq1", queues: 2))
+                XCTFail("two queues on a single-queue TAP")
+            } catch let e as SwiftletError {
+                XCTAssertTrue(e.message.contains("without multi_queue"), e.message)
+            }
+            let t = try openTap(NetOptions(tap: "swsq1"))
+            XCTAssertFalse(t.created)
+            XCTAssertEqual(clinuxPersist(t.fds[0], false), 0)
+            t.close()
+            XCTAssertEqual(if_nametoindex("swsq1"), 0)
+        }
+    }
+
     func testOpenTapRefusesATapInUseWithoutMultiQueue() throws {
         try inPrivateNetns {
             // A single-queue TAP held open by someone else.

@@ -7,7 +7,7 @@ vmm_supports() {
     case "$1:$2" in
         qemu:*) return 0;;
         swiftlet:disk) return 0;;
-        swiftlet:net) return 1;;   # TODO(lead): 0 once swiftlet has a net flag
+        swiftlet:net) return 0;;
     esac
     return 1
 }
@@ -45,7 +45,9 @@ run_vmm() {
         if [ -n "$_disk" ]; then
             set -- "$@" --disk "path=$_disk"
         fi
-        # TODO: the TAP ($_tap) flag comes with virtio-net (issue 5)
+        if [ -n "$_tap" ]; then
+            set -- "$@" --net "tap=$_tap"
+        fi
         ;;
     *)
         echo "run_vmm: unknown VMM $_vmm" >&2
