@@ -79,18 +79,23 @@ final class NetHarness {
     var queues: [DriverQueue] = []
     var nextAddr: UInt64 = 0x20_0000
     let features: UInt64
+    var ownsFDs = true
 
-    init(pairs: Int = 1, features: UInt64? = nil, queueSize: UInt16 = 64, mtu: UInt16 = 1500) throws {
+    /// `tapFDs`: real TAP queue descriptors (not closed by the harness) instead of socketpairs.
+    init(pairs: Int = 1, features: UInt64? = nil, queueSize: UInt16 = 64, mtu: UInt16 = 1500,
+         tapFDs: [Int32]? = nil) throws {
         mem = try GuestMemory(layout: [(base: 0, size: 0x80_0000)])
-        for _ in 0..<pairs {
+        if let tapFDs { deviceFDs = tapFDs }
+        for _ in 0..<(tapFDs == nil ? pairs : 0) {
             var sv: [Int32] = [0, 0]
             precondition(socketpair(AF_UNIX, Int32(SOCK_DGRAM.rawValue), 0, &sv) == 0)
             precondition(fcntl(sv[0], F_SETFL, O_NONBLOCK) == 0 && fcntl(sv[1], F_SETFL, O_NONBLOCK) == 0)
             deviceFDs.append(sv[0])
             hostFDs.append(sv[1])
         }
+        ownsFDs = tapFDs == nil
         device = VirtioNet(queueFDs: deviceFDs, mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56], mtu: mtu,
-                           control: control, name: "tnet")
+                           control: tapFDs.map { TapQueueControl(fds: $0) } ?? control, name: "tnet")
         var f = features ?? device.deviceFeatures
         f &= device.deviceFeatures
         self.features = f
@@ -105,7 +110,7 @@ final class NetHarness {
 
     deinit {
         device.reset()
-        for fd in deviceFDs + hostFDs { close(fd) }
+        if ownsFDs { for fd in deviceFDs + hostFDs { close(fd) } }
     }
 
     func rx(_ pair: Int = 0) -> DriverQueue { queues[2 * pair] }

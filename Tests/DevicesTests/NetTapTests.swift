@@ -1,0 +1,142 @@
+import XCTest
+import Glibc
+import CLinux
+import GuestMemory
+import Virtio
+@testable import Devices
+
+@_silgen_name("unshare") private func netTestUnshare(_ flags: Int32) -> Int32
+
+/// The device over a real TAP in a private network namespace (root only): the guest's
+/// ARP request and ping reach the kernel, whose answers come back through rx.
+final class NetTapTests: XCTestCase {
+    static let guestMAC: [UInt8] = [0x52, 0x54, 0, 0x12, 0x34, 0x56]
+    static let hostIP: [UInt8] = [10, 9, 0, 1]
+    static let guestIP: [UInt8] = [10, 9, 0, 2]
+
+    func inPrivateNetns(_ body: @escaping @Sendable () throws -> Void) throws {
+        guard getuid() == 0 else { throw XCTSkip("needs root for a private network namespace") }
+        guard access("/dev/net/tun", R_OK | W_OK) == 0 else { throw XCTSkip("no /dev/net/tun") }
+        final class Box: @unchecked Sendable { var error: Error?; var skipped = false }
+        let box = Box()
+        var tid = pthread_t()
+        let ctx = Unmanaged.passRetained(BodyBox {
+            guard netTestUnshare(0x4000_0000 /* CLONE_NEWNET */) == 0 else { box.skipped = true; return }
+            do { try body() } catch { box.error = error }
+        }).toOpaque()
+        XCTAssertEqual(pthread_create(&tid, nil, { p in
+            let b = Unmanaged<BodyBox>.fromOpaque(p!).takeRetainedValue()
+            b.run()
+            return nil
+        }, ctx), 0)
+        pthread_join(tid, nil)
+        if box.skipped { throw XCTSkip("unshare(CLONE_NEWNET) refused") }
+        if let e = box.error { throw e }
+    }
+
+    final class BodyBox { let run: () -> Void; init(_ r: @escaping () -> Void) { run = r } }
+
+    /// A TAP "swe2e0" with 10.9.0.1/24, up; returns its queue descriptor.
+    static func makeTap() -> Int32 {
+        let fd = open("/dev/net/tun", O_RDWR | O_NONBLOCK | O_CLOEXEC)
+        precondition(fd >= 0)
+        var ifr = [UInt8](repeating: 0, count: 40)
+        ifr.replaceSubrange(0..<6, with: Array("swe2e0".utf8))
+        let flags = Int16(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE)
+        withUnsafeBytes(of: flags.littleEndian) { ifr.replaceSubrange(16..<18, with: $0) }
+        precondition(ifr.withUnsafeMutableBytes { clinux_ioctl_ptr(fd, clinux_TUNSETIFF(), $0.baseAddress) } == 0)
+        var hdr: Int32 = 12
+        precondition(clinux_ioctl_ptr(fd, clinux_TUNSETVNETHDRSZ(), &hdr) == 0)
+        let s = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
+        precondition(s >= 0)
+        defer { close(s) }
+        func sockaddrIn(_ ip: [UInt8]) -> [UInt8] { [UInt8(AF_INET), 0, 0, 0] + ip + [UInt8](repeating: 0, count: 8) }
+        var a = ifr
+        a.replaceSubrange(16..<32, with: sockaddrIn(hostIP))
+        precondition(a.withUnsafeMutableBytes { clinux_ioctl_ptr(s, UInt(SIOCSIFADDR), $0.baseAddress) } == 0)
+        a.replaceSubrange(16..<32, with: sockaddrIn([255, 255, 255, 0]))
+        precondition(a.withUnsafeMutableBytes { clinux_ioctl_ptr(s, UInt(SIOCSIFNETMASK), $0.baseAddress) } == 0)
+        var f = ifr
+        f.replaceSubrange(16..<40, with: [UInt8](repeating: 0, count: 24))
+        withUnsafeBytes(of: Int16(1 /* IFF_UP */).littleEndian) { f.replaceSubrange(16..<18, with: $0) }
+        precondition(f.withUnsafeMutableBytes { clinux_ioctl_ptr(s, UInt(SIOCSIFFLAGS), $0.baseAddress) } == 0)
+        return fd
+    }
+
+    static func checksum(_ b: [UInt8]) -> UInt16 {
+        var sum: UInt32 = 0
+        var i = 0
+        while i + 1 < b.count { sum += UInt32(b[i]) << 8 | UInt32(b[i + 1]); i += 2 }
+        if i < b.count { sum += UInt32(b[i]) << 8 }
+        while sum >> 16 != 0 { sum = (sum & 0xFFFF) + (sum >> 16) }
+        return ~UInt16(sum)
+    }
+
+    /// Waits up to 3 s for a frame of `etherType` (and `match`) on rx; returns it without its vnet header.
+    static func awaitFrame(_ h: NetHarness, etherType: UInt16, match: ([UInt8]) -> Bool) -> [UInt8]? {
+        let deadline = monotonicNanos() + 3_000_000_000
+        var seen = Int(h.rx().seenUsed)
+        for _ in 0..<8 { h.addRxBuffer(2048) }
+        h.rxHandler.kicked()
+        while monotonicNanos() < deadline {
+            var p = pollfd(fd: h.rxHandler.completionFD, events: Int16(POLLIN), revents: 0)
+            _ = poll(&p, 1, 100)
+            if p.revents != 0 { h.rxHandler.completionsReady() }
+            while seen != Int(h.rx().usedIdx) {
+                let e = h.rx().usedElem(seen)
+                seen += 1
+                // Descriptor e.id points at the buffer; read it from the table.
+                let addr: UInt64 = try! h.mem.load(at: h.rx().desc + 16 * UInt64(e.id))
+                let f = h.bytes(addr, Int(e.len))
+                guard f.count >= 12 + 14 else { continue }
+                let eth = Array(f[12...])
+                if UInt16(eth[12]) << 8 | UInt16(eth[13]) == etherType && match(eth) { return eth }
+                h.addRxBuffer(2048)
+                h.rxHandler.kicked()
+            }
+        }
+        return nil
+    }
+
+    func testArpAndPingThroughARealTap() throws {
+        try inPrivateNetns {
+            let fd = NetTapTests.makeTap()
+            defer { close(fd) }
+            let h = try NetHarness(tapFDs: [fd])
+            let mac = NetTapTests.guestMAC
+            // ARP: who has 10.9.0.1? tell 10.9.0.2
+            var arp: [UInt8] = [UInt8](repeating: 0xFF, count: 6) + mac + [0x08, 0x06]
+            arp += [0, 1, 8, 0, 6, 4, 0, 1] + mac + NetTapTests.guestIP + [0, 0, 0, 0, 0, 0] + NetTapTests.hostIP
+            arp += [UInt8](repeating: 0, count: 60 - arp.count)
+            h.send([UInt8](repeating: 0, count: 12) + arp, split: [12, arp.count])
+            h.txHandler.kicked()
+            XCTAssertEqual(h.device.stats[1].packets, 1)
+            XCTAssertEqual(h.device.stats[1].drops, 0)
+            guard let reply = NetTapTests.awaitFrame(h, etherType: 0x0806, match: { $0.count >= 42 && $0[21] == 2 }) else {
+                XCTFail("no ARP reply from the TAP")
+                return
+            }
+            let hostMAC = Array(reply[22..<28])
+            XCTAssertEqual(Array(reply[28..<32]), NetTapTests.hostIP)
+            XCTAssertEqual(Array(reply[0..<6]), mac)
+            // ICMP echo request with full checksums.
+            var icmp: [UInt8] = [8, 0, 0, 0, 0x12, 0x34, 0, 1] + Array("swiftlet-ping".utf8)
+            let ic = NetTapTests.checksum(icmp)
+            icmp[2] = UInt8(ic >> 8); icmp[3] = UInt8(ic & 0xFF)
+            let total = 20 + icmp.count
+            var ip: [UInt8] = [0x45, 0, UInt8(total >> 8), UInt8(total & 0xFF), 0, 1, 0x40, 0, 64, 1, 0, 0]
+                + NetTapTests.guestIP + NetTapTests.hostIP
+            let c = NetTapTests.checksum(ip)
+            ip[10] = UInt8(c >> 8); ip[11] = UInt8(c & 0xFF)
+            let frame = hostMAC + mac + [0x08, 0x00] + ip + icmp
+            h.send([UInt8](repeating: 0, count: 12) + frame, split: [12, 14, frame.count - 14])
+            h.txHandler.kicked()
+            XCTAssertEqual(h.device.stats[1].drops, 0)
+            let echo = NetTapTests.awaitFrame(h, etherType: 0x0800, match: { $0.count >= 34 && $0[23] == 1 && $0[34] == 0 })
+            XCTAssertNotNil(echo, "no ICMP echo reply")
+            if let echo { XCTAssertEqual(Array(echo[42...].prefix(13)), Array("swiftlet-ping".utf8)) }
+            XCTAssertGreaterThanOrEqual(h.device.stats[0].packets, 2)
+            XCTAssertFalse(h.sink.needsReset)
+        }
+    }
+}
