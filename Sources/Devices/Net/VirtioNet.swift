@@ -10,6 +10,10 @@
 // first); with MRG_RXBUF one packet may fill several chains and num_buffers says how
 // many. When the guest has no buffers the thread stops polling the TAP until the next rx
 // kick (the packets wait in the TAP's queue, which drops beyond its length, like a NIC).
+// With MRG_RXBUF a read waits for buffers worth a whole frame (64 KiB + headers with
+// guest GSO, else MTU + 18), or at least MTU-sized ones when the ring holds no more; a
+// frame larger than the buffers given reaches the guest cut short (tun truncates; older
+// kernels fail the read with EFAULT and drop it, counted) and the guest's stack drops it.
 // TX: writev straight from the guest's buffers (the chain starts with the 12-byte
 // virtio_net_hdr_v1; the kernel validates it). At most VirtioNetLimits.budget packets
 // per wake-up per queue.
@@ -336,11 +340,20 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
                 let e = errno
                 if e == EINTR { continue }
                 if e == EAGAIN || e == EWOULDBLOCK { return }  // nothing waiting; epoll wakes us
+                if e == EFAULT || e == EINVAL || e == EMSGSIZE {
+                    // The frame did not fit the guest's buffers: tun dropped it. The
+                    // buffers stay ours for the next frame.
+                    stats.drop()
+                    served += 1
+                    continue
+                }
                 if !loggedError {
                     loggedError = true
                     log?("virtio-net \(name) rx\(queueIndex / 2): read from the TAP failed: \(errnoText(e))")
                 }
-                watchTap(false)  // e.g. EBADFD for a detached queue: wait for the next kick
+                // E.g. EBADFD for a detached queue: wait for the next kick.
+                watchTap(false)
+                if queue.enableNotifications() { queue.disableNotifications(); watchTap(true) }
                 return
             }
             served += 1
