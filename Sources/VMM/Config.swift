@@ -86,6 +86,8 @@ public struct MachineConfig {
     public var disks: [DiskOptions] = []
     public var nets: [NetOptions] = []
     public var virtioDiscovery: VirtioDiscovery = .acpi
+    /// --metrics: "-" (stderr) or a file, written at exit and on SIGUSR1.
+    public var metricsPath: String? = nil
 
     public init(kernelPath: String, initrdPath: String? = nil, cmdline: String = MachineConfig.defaultCmdline,
                 cpus: Int = 1, memoryBytes: UInt64 = 512 << 20, serial: SerialMode = .stdio,

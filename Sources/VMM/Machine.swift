@@ -8,6 +8,7 @@ import GuestMemory
 import KVM
 import Boot
 import Devices
+import Synchronization
 
 public func monotonicNow() -> UInt64 { monotonicNanos() }
 
@@ -107,6 +108,9 @@ final class Machine: @unchecked Sendable {
     var pio = RangeMap<PortDevice>()
     var mmio = RangeMap<MMIODevice>()
     var slots: [VirtioMMIOSlot] = []
+    /// --metrics: KVM exits by kind, and the counting wrappers of the virtio windows.
+    let exitCounters = ExitCounters()
+    var windows: [CountedVirtioWindow] = []
     let serial: Serial16550
     let serialIRQ: EventFD
     let console: ConsoleOutput
@@ -175,6 +179,7 @@ final class Machine: @unchecked Sendable {
             for s in slots { s.stop() }
             throw error
         }
+        (mmio, windows) = Machine.countingWindows(mmio)
 
         // vCPUs: CPUID and MSRs from KVM's own lists, FPU, LAPIC LINT0/1; the boot vCPU
         // enters the kernel's 64-bit entry point, the others wait for INIT/SIPI.
@@ -221,7 +226,7 @@ final class Machine: @unchecked Sendable {
         // thread starts so every thread inherits the mask.
         var sigs = sigset_t()
         sigemptyset(&sigs)
-        for s in [SIGINT, SIGTERM, SIGHUP, SIGQUIT] { sigaddset(&sigs, s) }
+        for s in [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1] { sigaddset(&sigs, s) }
         pthread_sigmask(SIG_BLOCK, &sigs, nil)
         let sigfd = signalfd(-1, &sigs, Int32(SFD_CLOEXEC | SFD_NONBLOCK))
 
@@ -243,6 +248,7 @@ final class Machine: @unchecked Sendable {
 
         for v in vcpus { v.kick() }
         for t in threads { t.join() }
+        if let path = config.metricsPath { MetricsSink(path: path).write(metricsJSON()) }
         for s in slots { s.stop() }
         if sigfd >= 0 { close(sigfd) }
         terminal.restore()
@@ -288,7 +294,12 @@ final class Machine: @unchecked Sendable {
             if fds[1].revents & Int16(POLLIN) != 0 {
                 var info = signalfd_siginfo()
                 if read(sigfd, &info, MemoryLayout<signalfd_siginfo>.size) > 0 {
-                    finish(.signalled(Int32(info.ssi_signo)))
+                    if Int32(info.ssi_signo) == SIGUSR1 {
+                        // A snapshot while running; to stderr when no --metrics was given.
+                        MetricsSink(path: config.metricsPath ?? "-").write(metricsJSON())
+                    } else {
+                        finish(.signalled(Int32(info.ssi_signo)))
+                    }
                 }
             }
             if fds.count > 2 && fds[2].revents & Int16(POLLIN | POLLHUP | POLLERR) != 0 {
@@ -314,6 +325,7 @@ final class Machine: @unchecked Sendable {
         if v.id == 0 { firstRunNanos = monotonicNanos() }
         while !isStopping {
             let exit: VCPUExit
+            exitCounters.runs.wrappingAdd(1, ordering: .relaxed)
             do {
                 exit = try v.run()
             } catch {
@@ -322,8 +334,10 @@ final class Machine: @unchecked Sendable {
             }
             switch exit {
             case let .io(port, size, isWrite, count, data):
+                exitCounters.pio.wrappingAdd(1, ordering: .relaxed)
                 handlePIO(port: port, size: size, isWrite: isWrite, count: count, data: data)
             case let .mmio(address, length, isWrite, data):
+                exitCounters.mmio.wrappingAdd(1, ordering: .relaxed)
                 handleMMIO(address: address, length: length, isWrite: isWrite, data: data)
             case .hlt:
                 // Only without an in-kernel irqchip; ours has one, so a HLT exit means the
@@ -342,6 +356,7 @@ final class Machine: @unchecked Sendable {
             case let .failEntry(reason):
                 finish(.crashed("KVM entry failed (hardware reason 0x\(String(reason, radix: 16))) on vCPU \(v.id)"))
             case .interrupted:
+                exitCounters.other.wrappingAdd(1, ordering: .relaxed)
                 if !isStopping { v.clearImmediateExit() }
             case let .unknown(reason):
                 finish(.crashed("unexpected KVM exit \(reason) on vCPU \(v.id)"))

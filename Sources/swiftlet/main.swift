@@ -42,6 +42,9 @@ struct Swiftlet: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("How the guest finds virtio devices: acpi (DSDT, stock kernels) or cmdline (virtio_mmio.device=).", valueName: "mode"))
     var virtioDiscovery: String = "acpi"
 
+    @Option(name: .long, help: ArgumentHelp("Write counters (KVM exits, per-device register exits, per-queue packets/requests) as JSON at exit and on SIGUSR1: - for stderr, or a file.", valueName: "path"))
+    var metrics: String?
+
     @Option(name: .long, help: ArgumentHelp("error, warn, info or debug (info prints the boot-time marker and an exit summary).", valueName: "level"))
     var logLevel: String = "warn"
 
@@ -55,6 +58,10 @@ struct Swiftlet: ParsableCommand {
         c.disks = try disk.map(DiskOptions.parse)
         c.nets = try net.map(NetOptions.parse)
         c.virtioDiscovery = try VirtioDiscovery.parse(virtioDiscovery)
+        if let m = metrics {
+            guard !m.isEmpty else { throw SwiftletError(.usage, "--metrics needs - (stderr) or a file path") }
+            c.metricsPath = m
+        }
         return c
     }
 }
