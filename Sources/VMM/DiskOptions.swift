@@ -267,10 +267,18 @@ public func virtioDescriptions(count: Int, firstIndex: Int = 0) throws -> [Virti
 /// call `stop()` on every returned slot after the vCPU threads have been joined.
 public func attachDisks(_ disks: [OpenDisk], firstIndex: Int = 0, vm: VirtualMachine, memory: GuestMemory,
                         mmio: inout RangeMap<MMIODevice>, log: (@Sendable (String) -> Void)? = nil) throws -> [VirtioMMIOSlot] {
+    try attachSlots(count: disks.count, mmio: &mmio) { i in
+        try VirtioMMIOSlot.block(disks[i], index: firstIndex + i, name: "blk\(i)", vm: vm, memory: memory, log: log)
+    }
+}
+
+/// Makes `count` virtio-mmio slots with `make` and maps each window; on any failure the
+/// slots made so far are stopped before the error goes up.
+func attachSlots(count: Int, mmio: inout RangeMap<MMIODevice>, make: (Int) throws -> VirtioMMIOSlot) throws -> [VirtioMMIOSlot] {
     var slots: [VirtioMMIOSlot] = []
     do {
-        for (i, d) in disks.enumerated() {
-            let s = try VirtioMMIOSlot.block(d, index: firstIndex + i, name: "blk\(i)", vm: vm, memory: memory, log: log)
+        for i in 0..<count {
+            let s = try make(i)
             slots.append(s)
             guard mmio.insert(base: s.base, size: VirtioMMIOSlot.windowSize, s) else {
                 throw SwiftletError(.runtimeError, "virtio-mmio window 0x\(String(s.base, radix: 16)) overlaps another device")

@@ -242,18 +242,7 @@ extension VirtioMMIOSlot {
 /// inserted into `mmio`. Call like attachDisks, with firstIndex = the number of disks.
 public func attachNets(_ taps: [OpenTap], firstIndex: Int, vm: VirtualMachine, memory: GuestMemory,
                        mmio: inout RangeMap<MMIODevice>, log: (@Sendable (String) -> Void)? = nil) throws -> [VirtioMMIOSlot] {
-    var slots: [VirtioMMIOSlot] = []
-    do {
-        for (i, t) in taps.enumerated() {
-            let s = try VirtioMMIOSlot.net(t, netIndex: i, index: firstIndex + i, name: "net\(i)", vm: vm, memory: memory, log: log)
-            slots.append(s)
-            guard mmio.insert(base: s.base, size: VirtioMMIOSlot.windowSize, s) else {
-                throw SwiftletError(.runtimeError, "virtio-mmio window 0x\(String(s.base, radix: 16)) overlaps another device")
-            }
-        }
-    } catch {
-        for s in slots { s.stop() }
-        throw error
+    try attachSlots(count: taps.count, mmio: &mmio) { i in
+        try VirtioMMIOSlot.net(taps[i], netIndex: i, index: firstIndex + i, name: "net\(i)", vm: vm, memory: memory, log: log)
     }
-    return slots
 }

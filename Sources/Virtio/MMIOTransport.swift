@@ -46,6 +46,24 @@ extension VirtioDevice {
     public func writeConfig(offset: Int, bytes: UnsafeRawBufferPointer) {}
 }
 
+/// A device whose config space is a fixed byte image, read-only for the driver.
+public protocol VirtioStaticConfig: VirtioDevice {
+    var config: [UInt8] { get }
+}
+
+extension VirtioStaticConfig {
+    public var configSize: Int { config.count }
+
+    /// Copies config bytes; out-of-range reads leave the buffer as it is.
+    public func readConfig(offset: Int, into buffer: UnsafeMutableRawBufferPointer) {
+        let config = self.config
+        guard offset >= 0, offset <= config.count, buffer.count <= config.count - offset else { return }
+        config.withUnsafeBytes { src in
+            buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: src[offset..<offset + buffer.count]))
+        }
+    }
+}
+
 public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable {
     public static let magic: UInt32 = 0x7472_6976  // "virt"
     public static let version: UInt32 = 2

@@ -38,14 +38,14 @@ public enum BlockEngine: Equatable, Sendable {
     }
 }
 
-public final class VirtioBlock: HostedVirtioDevice, @unchecked Sendable {
+public final class VirtioBlock: HostedVirtioDevice, VirtioStaticConfig, @unchecked Sendable {
     public let disk: DiskImage
     public let numQueues: Int
     public let engine: BlockEngine
     /// Used for I/O thread names: "\(name)-q\(i)-io\(j)".
     public let name: String
     let log: (@Sendable (String) -> Void)?
-    let config: [UInt8]
+    public let config: [UInt8]
     let lock = Mutex()
     var handlers: [BlockQueue] = []
 
@@ -91,14 +91,6 @@ public final class VirtioBlock: HostedVirtioDevice, @unchecked Sendable {
         return f
     }
 
-    public var configSize: Int { VirtioBlockConfig.size }
-
-    public func readConfig(offset: Int, into buffer: UnsafeMutableRawBufferPointer) {
-        guard offset >= 0, offset <= config.count, buffer.count <= config.count - offset else { return }
-        config.withUnsafeBytes { src in
-            buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: src[offset..<offset + buffer.count]))
-        }
-    }
 
     /// Every field is read-only for the driver (CONFIG_WCE is not offered): writes are ignored.
     public func writeConfig(offset: Int, bytes: UnsafeRawBufferPointer) {}

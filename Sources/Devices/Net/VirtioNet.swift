@@ -53,7 +53,7 @@ public final class NetQueueStats: Sendable {
     func drop() { dropCount.wrappingAdd(1, ordering: .relaxed) }
 }
 
-public final class VirtioNet: HostedVirtioDevice, @unchecked Sendable {
+public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig, @unchecked Sendable {
     public let name: String
     public let mac: [UInt8]
     public let mtu: UInt16
@@ -63,7 +63,7 @@ public final class VirtioNet: HostedVirtioDevice, @unchecked Sendable {
     public let queueFDs: [Int32]
     let control: NetTapControl?
     let log: (@Sendable (String) -> Void)?
-    let config: [UInt8]
+    public let config: [UInt8]
     /// Counters per virtqueue index (rx0, tx0, ..., ctrl), kept across resets.
     public let stats: [NetQueueStats]
     let lock = Mutex()
@@ -108,14 +108,6 @@ public final class VirtioNet: HostedVirtioDevice, @unchecked Sendable {
         return f
     }
 
-    public var configSize: Int { VirtioNetConfig.size }
-
-    public func readConfig(offset: Int, into buffer: UnsafeMutableRawBufferPointer) {
-        guard offset >= 0, offset <= config.count, buffer.count <= config.count - offset else { return }
-        config.withUnsafeBytes { src in
-            buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: src[offset..<offset + buffer.count]))
-        }
-    }
 
     /// The MAC is not writable through config space with VERSION_1: writes are ignored.
     public func writeConfig(offset: Int, bytes: UnsafeRawBufferPointer) {}
