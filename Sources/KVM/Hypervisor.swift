@@ -124,23 +124,7 @@ public final class Hypervisor: @unchecked Sendable {
     /// KVM_GET_SUPPORTED_CPUID, growing the buffer (from `initialCapacity` entries) while KVM
     /// answers E2BIG.
     public func supportedCPUID(initialCapacity: Int = 128) throws -> [CPUIDEntry] {
-        var capacity = max(1, initialCapacity)
-        while true {
-            let header = MemoryLayout<kvm_cpuid2>.size
-            let stride = MemoryLayout<kvm_cpuid_entry2>.stride
-            let buf = UnsafeMutableRawPointer.allocate(byteCount: header + capacity * stride, alignment: 8)
-            defer { buf.deallocate() }
-            memset(buf, 0, header + capacity * stride)
-            buf.storeBytes(of: UInt32(capacity), as: UInt32.self)
-            if clinux_ioctl_ptr(fd, clinux_KVM_GET_SUPPORTED_CPUID(), buf) < 0 {
-                let e = errno
-                if e == E2BIG && capacity < 65536 { capacity *= 2; continue }
-                throw KVMError.ioctl(name: "KVM_GET_SUPPORTED_CPUID", errno: e)
-            }
-            let n = Int(buf.load(as: UInt32.self))
-            guard n <= capacity else { throw KVMError.badRunData("KVM_GET_SUPPORTED_CPUID returned \(n) > \(capacity) entries") }
-            return readCPUIDEntries(buf + header, count: n)
-        }
+        try cpuidIoctl(fd, clinux_KVM_GET_SUPPORTED_CPUID(), "KVM_GET_SUPPORTED_CPUID", initialCapacity: initialCapacity)
     }
 
     /// KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves/restores and emulates for guests.
@@ -222,5 +206,27 @@ public enum HostCheck {
         close(fd)
         if access(pvmMarker, F_OK) == 0 { return .pvmHost }
         return .usable
+    }
+}
+
+/// A kvm_cpuid2-returning ioctl (KVM_GET_SUPPORTED_CPUID, KVM_GET_CPUID2), growing the
+/// buffer from `initialCapacity` entries while KVM answers E2BIG.
+func cpuidIoctl(_ fd: Int32, _ request: UInt, _ name: String, initialCapacity: Int) throws -> [CPUIDEntry] {
+    var capacity = max(1, initialCapacity)
+    let header = MemoryLayout<kvm_cpuid2>.size
+    let stride = MemoryLayout<kvm_cpuid_entry2>.stride
+    while true {
+        let buf = UnsafeMutableRawPointer.allocate(byteCount: header + capacity * stride, alignment: 8)
+        defer { buf.deallocate() }
+        memset(buf, 0, header + capacity * stride)
+        buf.storeBytes(of: UInt32(capacity), as: UInt32.self)
+        if clinux_ioctl_ptr(fd, request, buf) < 0 {
+            let e = errno
+            if e == E2BIG && capacity < 65536 { capacity *= 2; continue }
+            throw KVMError.ioctl(name: name, errno: e)
+        }
+        let n = Int(buf.load(as: UInt32.self))
+        guard n <= capacity else { throw KVMError.badRunData("\(name) returned \(n) > \(capacity) entries") }
+        return readCPUIDEntries(buf + header, count: n)
     }
 }

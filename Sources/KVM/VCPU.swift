@@ -406,20 +406,7 @@ public final class VCPU: @unchecked Sendable {
 
     /// KVM_GET_CPUID2: what was set with KVM_SET_CPUID2.
     public func getCPUID() throws -> [CPUIDEntry] {
-        var capacity = 256
-        while true {
-            let header = MemoryLayout<kvm_cpuid2>.size
-            let stride = MemoryLayout<kvm_cpuid_entry2>.stride
-            let buf = UnsafeMutableRawPointer.allocate(byteCount: header + capacity * stride, alignment: 8)
-            defer { buf.deallocate() }
-            memset(buf, 0, header + capacity * stride)
-            buf.storeBytes(of: UInt32(capacity), as: UInt32.self)
-            if clinux_ioctl_ptr(fd, clinux_KVM_GET_CPUID2(), buf) < 0 {
-                if errno == E2BIG && capacity < 65536 { capacity *= 2; continue }
-                throw KVMError.ioctl(name: "KVM_GET_CPUID2", errno: errno)
-            }
-            return readCPUIDEntries(buf + header, count: min(capacity, Int(buf.load(as: UInt32.self))))
-        }
+        try cpuidIoctl(fd, clinux_KVM_GET_CPUID2(), "KVM_GET_CPUID2", initialCapacity: 256)
     }
 
     /// KVM_SET_MSRS. Throws naming the first MSR KVM refused.
