@@ -352,7 +352,7 @@ final class Machine: @unchecked Sendable {
                 default: finish(.crashed("system event \(type) on vCPU \(v.id)"))
                 }
             case let .internalError(sub):
-                finish(.crashed("KVM internal error (suberror \(sub)\(sub == 1 ? ", emulation failure" : "")) on vCPU \(v.id)"))
+                finish(.crashed("KVM internal error (suberror \(sub)\(sub == 1 ? ", emulation failure" : "")) on vCPU \(v.id)\(Self.cpuState(v))"))
             case let .failEntry(reason):
                 finish(.crashed("KVM entry failed (hardware reason 0x\(String(reason, radix: 16))) on vCPU \(v.id)"))
             case .interrupted:
@@ -362,6 +362,15 @@ final class Machine: @unchecked Sendable {
                 finish(.crashed("unexpected KVM exit \(reason) on vCPU \(v.id)"))
             }
         }
+    }
+
+    /// " (rip=... rsp=... cr0=... cr3=... cr4=... efer=...)" of a vCPU stopped by a KVM
+    /// internal error, for the crash line ("" when KVM cannot tell). Not for a triple
+    /// fault: KVM has reset the vCPU by then.
+    static func cpuState(_ v: VCPU) -> String {
+        guard let r = try? v.getRegs(), let s = try? v.getSregs() else { return "" }
+        func h(_ x: UInt64) -> String { "0x" + String(x, radix: 16) }
+        return " (rip=\(h(r.rip)) rsp=\(h(r.rsp)) cr0=\(h(s.cr0)) cr2=\(h(s.cr2)) cr3=\(h(s.cr3)) cr4=\(h(s.cr4)) efer=\(h(s.efer)))"
     }
 
     @inline(__always)

@@ -100,7 +100,9 @@ extension Machine {
             "{\"name\": \"\(w.slot.name)\", \"mmio_exits\": \(w.exits.load(ordering: .relaxed)), "
                 + "\"interrupt_status_reads\": \(w.interruptStatusReads.load(ordering: .relaxed)), "
                 + "\"interrupt_acks\": \(w.interruptAcks.load(ordering: .relaxed)), "
-                + "\"notify_exits\": \(w.notifyExits.load(ordering: .relaxed)), \(w.deviceJSON())}"
+                + "\"notify_exits\": \(w.notifyExits.load(ordering: .relaxed)), "
+                + "\"interrupts_raised\": \(w.slot.transport.interruptsRaised.load(ordering: .relaxed)), "
+                + "\"interrupts_coalesced\": \(w.slot.transport.interruptsCoalesced.load(ordering: .relaxed)), \(w.deviceJSON())}"
         }
         return "{\"exits\": {\"kvm_run\": \(e.runs.load(ordering: .relaxed)), \"pio\": \(e.pio.load(ordering: .relaxed)), "
             + "\"mmio\": \(e.mmio.load(ordering: .relaxed)), \"other\": \(e.other.load(ordering: .relaxed))}, "
