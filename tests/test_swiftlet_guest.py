@@ -19,9 +19,19 @@ CHECKS = ["metrics-json", "one-cpu-cmdline-initrd", "boot-marker", "two-cpus", "
 
 @pytest.fixture(scope="module")
 def checks(testbed_image, swiftlet_release):
-    r = run([os.path.join(REPO, "scripts", "testbed"), "--timeout", "1200", "--",
-             "sh", "-c", 'exec sh "$TESTBED_SCRIPTS/swiftlet-guest-checks"'],
-            env={"SWIFTLET_BIN": swiftlet_release}, timeout=1500)
+    def session():
+        return run([os.path.join(REPO, "scripts", "testbed"), "--timeout", "1200", "--",
+                    "sh", "-c", 'exec sh "$TESTBED_SCRIPTS/swiftlet-guest-checks"'],
+                   env={"SWIFTLET_BIN": swiftlet_release}, timeout=1500)
+    r = session()
+    if r.returncode in (121, 124):
+        # L1 itself crashed or wedged (QEMU TCG's emulated SVM under load: a soft
+        # lockup of L1 has been seen in kvm_destroy_vm waiting on an IPI). Said in the
+        # summary, and the whole session runs once more; a second L1 failure fails.
+        first = [l for l in (r.stdout + r.stderr).splitlines() if l.startswith("testbed:")]
+        warnings.warn("testbed session retried after L1 failure (status %d): %s"
+                      % (r.returncode, first[-1] if first else "no testbed line"))
+        r = session()
     out = r.stdout + r.stderr
     # An L1 crash or timeout is the testbed's, and says so in its own line.
     assert r.returncode not in (120, 121, 122, 124, 127), "testbed failed, not swiftlet:\n" + out[-3000:]
