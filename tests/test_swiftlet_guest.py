@@ -20,7 +20,9 @@ CHECKS = ["metrics-json", "one-cpu-cmdline-initrd", "boot-marker", "two-cpus", "
 @pytest.fixture(scope="module")
 def checks(testbed_image, swiftlet_release):
     def session():
-        return run([os.path.join(REPO, "scripts", "testbed"), "--timeout", "1200", "--",
+        # --idle-timeout: the checks are never silent for long (the longest: a net
+        # check that hangs twice, 2 x 90 s), so 400 s of silence is a wedged L1
+        return run([os.path.join(REPO, "scripts", "testbed"), "--timeout", "1200", "--idle-timeout", "400", "--",
                     "sh", "-c", 'exec sh "$TESTBED_SCRIPTS/swiftlet-guest-checks"'],
                    env={"SWIFTLET_BIN": swiftlet_release}, timeout=1500)
     r = session()

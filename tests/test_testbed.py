@@ -72,6 +72,18 @@ def test_timeout_gives_124_and_line(testbed_image):
     assert 20 <= took < 50
 
 
+def test_silent_l1_gives_124_and_line(testbed_image):
+    # --idle-timeout: a booted L1 with no console output for that long counts as wedged
+    t0 = time.monotonic()
+    r = run([TESTBED, "--l1", "--timeout", "300", "--idle-timeout", "8", "--",
+             "sh", "-c", "echo started; sleep 5; echo still-here; sleep 300"])
+    took = time.monotonic() - t0
+    assert r.returncode == 124, r.stdout + r.stderr
+    assert "started" in r.stdout and "still-here" in r.stdout
+    assert last_line(r.stderr) == "testbed: FAILED L1 silent for 8 s (wedged)"
+    assert took < 120
+
+
 def test_l1_that_never_comes_up_gives_boot_failure(testbed_image, tmp_path):
     r = run([TESTBED, "--l1", "--", "true"], env={"TESTBED_KERNEL": str(tmp_path / "no-such-kernel")})
     assert r.returncode == 120, r.stdout + r.stderr
