@@ -40,7 +40,6 @@ def checks(testbed_image, swiftlet_release):
     assert "checks done" in out, out[-3000:]
     # A check retried after a nested-testbed guest crash says so; show it in the summary.
     for line in re.findall(r"^retry: .*$", out, re.M):
-        print("swiftlet-guest-checks", line)
         warnings.warn("swiftlet-guest-checks " + line)
     return out
 
