@@ -8,8 +8,10 @@ public struct VirtioMMIODeviceDescription: Equatable, Sendable {
     public var address: UInt64
     public var size: UInt64
     public var gsi: UInt32
-    public init(address: UInt64, size: UInt64, gsi: UInt32) {
-        self.address = address; self.size = size; self.gsi = gsi
+    /// Level-triggered (the virtio-mmio line follows InterruptStatus) or edge.
+    public var levelTriggered: Bool
+    public init(address: UInt64, size: UInt64, gsi: UInt32, levelTriggered: Bool = true) {
+        self.address = address; self.size = size; self.gsi = gsi; self.levelTriggered = levelTriggered
     }
 }
 
@@ -181,10 +183,9 @@ public enum ACPI {
     }
 
     /// Device(VRnn){_HID "LNRO0005", _UID n, _CCA One, _CRS {Memory32Fixed(ReadWrite,
-    /// addr, size), Interrupt(ResourceConsumer, Edge, ActiveHigh, Exclusive){gsi}}}.
-    /// Edge (as Firecracker, unlike QEMU microvm's Level): swiftlet signals interrupts
-    /// through irqfd, which pulses the IOAPIC pin; a level-triggered pin can lose a pulse
-    /// that arrives while the previous one is still unacknowledged (remote IRR set).
+    /// addr, size), Interrupt(ResourceConsumer, Level, ActiveHigh, Exclusive){gsi}}}.
+    /// Level, as QEMU microvm (Firecracker uses Edge): swiftlet's irqfds resample, so the
+    /// line stays high while InterruptStatus is nonzero. `levelTriggered: false` gives Edge.
     public static func virtioDevice(index i: Int, _ d: VirtioMMIODeviceDescription) -> [UInt8] {
         precondition(i >= 0 && i < 100)
         let name = "VR" + (i < 10 ? "0" : "") + String(i)
@@ -194,7 +195,7 @@ public enum ACPI {
             AML.name("_CCA", AML.integer(1)),
             AML.name("_CRS", AML.resourceTemplate([
                 AML.memory32Fixed(base: UInt32(d.address), length: UInt32(d.size)),
-                AML.interrupt(edge: true, activeLow: false, shared: false, [d.gsi]),
+                AML.interrupt(edge: !d.levelTriggered, activeLow: false, shared: false, [d.gsi]),
             ])),
         ])
     }

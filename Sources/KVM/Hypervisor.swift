@@ -17,6 +17,7 @@ public struct Capability: Hashable, Sendable, CustomStringConvertible {
     public static let pit2 = Capability("KVM_CAP_PIT2", KVM_CAP_PIT2)
     public static let pitState2 = Capability("KVM_CAP_PIT_STATE2", KVM_CAP_PIT_STATE2)
     public static let irqfd = Capability("KVM_CAP_IRQFD", KVM_CAP_IRQFD)
+    public static let irqfdResample = Capability("KVM_CAP_IRQFD_RESAMPLE", KVM_CAP_IRQFD_RESAMPLE)
     public static let ioeventfd = Capability("KVM_CAP_IOEVENTFD", KVM_CAP_IOEVENTFD)
     public static let extCPUID = Capability("KVM_CAP_EXT_CPUID", KVM_CAP_EXT_CPUID)
     public static let mpState = Capability("KVM_CAP_MP_STATE", KVM_CAP_MP_STATE)
@@ -39,14 +40,14 @@ public struct Capability: Hashable, Sendable, CustomStringConvertible {
 
     /// Every capability above (for diagnostics).
     public static let all: [Capability] = [
-        irqchip, hlt, userMemory, setTSSAddr, setIdentityMapAddr, pit2, pitState2, irqfd, ioeventfd,
+        irqchip, hlt, userMemory, setTSSAddr, setIdentityMapAddr, pit2, pitState2, irqfd, irqfdResample, ioeventfd,
         extCPUID, mpState, immediateExit, irqRouting, signalMSI, tscDeadlineTimer, x2apicAPI,
         nrVCPUs, maxVCPUs, maxVCPUID, nrMemslots, getTSCKHz, adjustClock, vcpuEvents, xsave, xsave2, xcrs, syncMMU,
     ]
 
     /// What swiftlet needs to boot a Linux guest with an in-kernel irqchip, PIT and virtio.
     public static let requiredForLinux: [Capability] = [
-        irqchip, userMemory, setTSSAddr, setIdentityMapAddr, pit2, irqfd, ioeventfd,
+        irqchip, userMemory, setTSSAddr, setIdentityMapAddr, pit2, irqfd, irqfdResample, ioeventfd,
         extCPUID, mpState, immediateExit,
     ]
 }

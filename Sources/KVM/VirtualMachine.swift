@@ -103,16 +103,25 @@ public final class VirtualMachine: @unchecked Sendable {
         try irqfd(eventfd.fd, gsi: gsi, flags: UInt32(KVM_IRQFD_FLAG_DEASSIGN))
     }
 
+    /// KVM_IRQFD with KVM_IRQFD_FLAG_RESAMPLE: a level-triggered line. A write to `eventfd`
+    /// asserts GSI `gsi` and it stays asserted until the guest EOIs it; then KVM deasserts
+    /// it and signals `resample`, and the owner re-asserts if its interrupt is still
+    /// pending. Needs KVM_CAP_IRQFD_RESAMPLE and an irqchip pin as the GSI's route.
+    public func registerIrqfd(_ eventfd: EventFD, gsi: UInt32, resample: EventFD) throws {
+        try irqfd(eventfd.fd, gsi: gsi, flags: UInt32(KVM_IRQFD_FLAG_RESAMPLE), resamplefd: resample.fd)
+    }
+
     /// Same as `registerIrqfd(eventfd:gsi:)`.
     public func registerIrqfd(_ eventfd: EventFD, gsi: UInt32) throws { try registerIrqfd(eventfd: eventfd, gsi: gsi) }
     /// Same as `deassignIrqfd(eventfd:gsi:)`.
     public func deassignIrqfd(_ eventfd: EventFD, gsi: UInt32) throws { try deassignIrqfd(eventfd: eventfd, gsi: gsi) }
 
-    private func irqfd(_ efd: Int32, gsi: UInt32, flags: UInt32) throws {
+    private func irqfd(_ efd: Int32, gsi: UInt32, flags: UInt32, resamplefd: Int32 = 0) throws {
         var s = kvm_irqfd()
         s.fd = UInt32(bitPattern: efd)
         s.gsi = gsi
         s.flags = flags
+        s.resamplefd = UInt32(bitPattern: resamplefd)
         try check(clinux_ioctl_ptr(fd, clinux_KVM_IRQFD(), &s), "KVM_IRQFD")
     }
 

@@ -7,8 +7,15 @@
 //     datamatch = queue index), so the guest's kick never exits to swiftlet;
 //   - one thread ("blk0-q0", ...) that polls that eventfd, a stop eventfd and the
 //     device's completion fd, and calls the queue's handler.
-// Interrupts: the device calls the transport's VirtioInterruptSink, which sets the
-// InterruptStatus bit first and then writes the irqfd.
+// Interrupts are level-triggered, as on real virtio-mmio hardware and in QEMU: the line
+// is high while InterruptStatus is nonzero. The device calls the transport's
+// VirtioInterruptSink, which sets the InterruptStatus bit first and then writes the irqfd,
+// registered with KVM_IRQFD_FLAG_RESAMPLE: the write asserts the GSI and KVM keeps it
+// asserted until the guest EOIs it. At the EOI KVM deasserts it and signals the slot's
+// resample eventfd; the slot's "<name>-irq" thread then re-asserts if InterruptStatus is
+// still nonzero (bits set after the driver's InterruptACK and before its EOI).
+// Edge-triggered irqfd pulses (as Firecracker uses) made nested-KVM L2 guests die under
+// iperf3 load (issue 5); QEMU microvm's level lines did not.
 //
 // Driver reset (status 0) and machine stop deregister the ioeventfds, stop and join the
 // queue threads (each waits for its requests in flight), then the device forgets its
@@ -188,6 +195,9 @@ public final class VirtioMMIOSlot: MMIODevice, @unchecked Sendable {
     let adapter: HostedDeviceAdapter
     let vm: VirtualMachine
     let irqfd: EventFD
+    let resample: EventFD
+    let resampleStop: EventFD
+    private var resampleThread: OSThread?
     private let stopLock = Mutex()
     private var stopped = false
 
@@ -202,13 +212,50 @@ public final class VirtioMMIOSlot: MMIODevice, @unchecked Sendable {
         self.device = device
         let irqfd = try EventFD()
         self.irqfd = irqfd
-        try vm.registerIrqfd(irqfd, gsi: gsi)
+        let resample = try EventFD()
+        self.resample = resample
+        let resampleStop = try EventFD()
+        self.resampleStop = resampleStop
         let adapter = HostedDeviceAdapter(inner: device, vm: vm, base: base, name: name, log: log)
         self.adapter = adapter
-        transport = VirtioMMIOTransport(device: adapter, memory: memory,
-                                        signalInterrupt: { try? irqfd.write(1) },
-                                        onQueueNotify: { [weak adapter] q in adapter?.notify(queue: q) },
-                                        log: log)
+        let transport = VirtioMMIOTransport(device: adapter, memory: memory,
+                                            signalInterrupt: { try? irqfd.write(1) },
+                                            onQueueNotify: { [weak adapter] q in adapter?.notify(queue: q) },
+                                            log: log)
+        self.transport = transport
+        try vm.registerIrqfd(irqfd, gsi: gsi, resample: resample)
+        do {
+            resampleThread = try spawnThread(name: "\(name)-irq") {
+                VirtioMMIOSlot.resampleLoop(transport: transport, resample: resample, stop: resampleStop, log: log)
+            }
+        } catch {
+            try? vm.deassignIrqfd(irqfd, gsi: gsi)
+            throw error
+        }
+    }
+
+    /// The "-irq" thread: after each EOI of the line (KVM deasserted it), re-asserts it
+    /// while InterruptStatus is nonzero. Reads the resample eventfd before it looks at
+    /// InterruptStatus, so an EOI after the look brings a new wake-up.
+    static func resampleLoop(transport: VirtioMMIOTransport, resample: EventFD, stop: EventFD,
+                             log: (@Sendable (String) -> Void)?) {
+        while true {
+            var fds = [pollfd(fd: stop.fd, events: Int16(POLLIN), revents: 0),
+                       pollfd(fd: resample.fd, events: Int16(POLLIN), revents: 0)]
+            let r = poll(&fds, 2, -1)
+            if r < 0 {
+                if errno == EINTR { continue }
+                log?("virtio interrupt resample: poll failed: \(String(cString: strerror(errno)))")
+                var p = pollfd(fd: stop.fd, events: Int16(POLLIN), revents: 0)
+                while poll(&p, 1, -1) < 0 && errno == EINTR {}
+                return
+            }
+            if fds[0].revents != 0 { return }
+            if fds[1].revents != 0 {
+                _ = try? resample.read()
+                transport.reassertIfPending()
+            }
+        }
     }
 
     /// Device `index` at X86Layout.virtioMMIOAddress(index:) with GSI X86Layout.virtioGSI(index:).
@@ -225,14 +272,15 @@ public final class VirtioMMIOSlot: MMIODevice, @unchecked Sendable {
 
     /// For the ACPI DSDT (LinuxBootConfig.virtioDevices).
     public var acpiDescription: VirtioMMIODeviceDescription {
-        VirtioMMIODeviceDescription(address: base, size: VirtioMMIOSlot.windowSize, gsi: gsi)
+        VirtioMMIODeviceDescription(address: base, size: VirtioMMIOSlot.windowSize, gsi: gsi, levelTriggered: true)
     }
 
     /// The description device `index` will have, before any VM exists (the boot tables are
     /// written before the VM is created). nil past the last GSI.
     public static func acpiDescription(index: Int) -> VirtioMMIODeviceDescription? {
         guard index >= 0, index < X86Layout.maxVirtioDevices, let gsi = X86Layout.virtioGSI(index: index) else { return nil }
-        return VirtioMMIODeviceDescription(address: X86Layout.virtioMMIOAddress(index: index), size: windowSize, gsi: gsi)
+        return VirtioMMIODeviceDescription(address: X86Layout.virtioMMIOAddress(index: index), size: windowSize, gsi: gsi,
+                                           levelTriggered: true)
     }
 
     /// Queue threads running now.
@@ -249,6 +297,8 @@ public final class VirtioMMIOSlot: MMIODevice, @unchecked Sendable {
         }
         guard first else { return }
         adapter.shutdown()
+        try? resampleStop.write(1)
+        resampleThread?.join()
         try? vm.deassignIrqfd(irqfd, gsi: gsi)
     }
 

@@ -160,15 +160,24 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
     /// still unacknowledged: then the driver has not yet acknowledged InterruptStatus, and
     /// Linux's handler (like any conforming one) acknowledges before it looks at the
     /// queues, so it finds these buffers too. This is the level-triggered behaviour of a
-    /// virtio-mmio interrupt line over an edge (irqfd) line: one interrupt per handler
-    /// run instead of one per batch, which matters most on nested KVM, where every
-    /// injected interrupt is expensive.
+    /// virtio-mmio interrupt line: one interrupt per handler run instead of one per batch,
+    /// which matters most on nested KVM, where every injected interrupt is expensive. The
+    /// line's owner re-asserts it after the guest's EOI while bits remain
+    /// (`reassertIfPending`).
     public func signalUsedBuffer() {
         let (old, _) = interruptBits.bitwiseOr(VirtioInterrupt.usedBuffer, ordering: .acquiringAndReleasing)
         if old != 0 {
             interruptsCoalesced.wrappingAdd(1, ordering: .relaxed)
             return
         }
+        interruptsRaised.wrappingAdd(1, ordering: .relaxed)
+        signalInterrupt()
+    }
+
+    /// The interrupt line was deasserted at the guest's EOI (irqfd resample): raise it
+    /// again if InterruptStatus is still nonzero.
+    public func reassertIfPending() {
+        guard interruptBits.load(ordering: .acquiring) != 0 else { return }
         interruptsRaised.wrappingAdd(1, ordering: .relaxed)
         signalInterrupt()
     }

@@ -168,7 +168,12 @@ final class AMLTests: XCTestCase {
             0x89, 0x06, 0x00, 0x03, 0x01, 0x05, 0x00, 0x00, 0x00,                         // Interrupt
             0x79, 0x00,                                                                   // EndTag
         ]
-        XCTAssertEqual(ACPI.virtioDevice(index: 0, VirtioMMIODeviceDescription(address: 0xd000_1000, size: 0x1000, gsi: 5)), expected)
+        XCTAssertEqual(ACPI.virtioDevice(index: 0, VirtioMMIODeviceDescription(address: 0xd000_1000, size: 0x1000, gsi: 5,
+                                                                               levelTriggered: false)), expected)
+        // The default is Interrupt(ResourceConsumer,Level,ActiveHigh,Exclusive): flags 0x01.
+        var level = expected
+        level[level.count - 8] = 0x01
+        XCTAssertEqual(ACPI.virtioDevice(index: 0, VirtioMMIODeviceDescription(address: 0xd000_1000, size: 0x1000, gsi: 5)), level)
     }
 
     func testCOM1AndS5Bytes() {
@@ -194,7 +199,8 @@ final class AMLTests: XCTestCase {
         var it = iasl.makeIterator()
         while let a = it.next(), let b = it.next() { expected.append(UInt8(String([a, b]), radix: 16)!) }
         let virtio = (0..<3).map {
-            VirtioMMIODeviceDescription(address: X86Layout.virtioMMIOAddress(index: $0), size: 0x1000, gsi: X86Layout.virtioGSI(index: $0)!)
+            VirtioMMIODeviceDescription(address: X86Layout.virtioMMIOAddress(index: $0), size: 0x1000, gsi: X86Layout.virtioGSI(index: $0)!,
+                                        levelTriggered: false)
         }
         XCTAssertEqual(ACPI.dsdtAML(virtio: virtio, serial: true, rtc: true), expected)
     }
@@ -217,7 +223,7 @@ final class AMLTests: XCTestCase {
             XCTAssertEqual(d.names[n + "._UID"], .int(UInt64(i)))
             XCTAssertEqual(d.names[n + "._CCA"], .int(1))
             XCTAssertEqual(d.names[n + "._CRS"], .buffer(AML.memory32Fixed(base: UInt32(v.address), length: 0x1000)
-                + AML.interrupt(edge: true, activeLow: false, shared: false, [v.gsi]) + [0x79, 0x00]))
+                + AML.interrupt(edge: false, activeLow: false, shared: false, [v.gsi]) + [0x79, 0x00]))
         }
         // Without serial and RTC only the virtio devices and _S5_ remain.
         let bare = try AMLDecoder.decode(ACPI.dsdtAML(virtio: [], serial: false, rtc: false))

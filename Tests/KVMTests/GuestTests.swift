@@ -228,6 +228,51 @@ final class GuestTests: XCTestCase {
         try t.vm.deassignIrqfd(eventfd: ev, gsi: 5)
     }
 
+    /// A resampling irqfd (KVM_IRQFD_FLAG_RESAMPLE), as swiftlet's level-triggered virtio
+    /// lines use: the guest programs IOAPIC pin 5 level-triggered (vector 0x30), with its
+    /// interrupts off; the host's eventfd write asserts the pin (vector 0x30 in the LAPIC's
+    /// IRR, level in its TMR) and the resample eventfd stays quiet; only the guest's LAPIC
+    /// EOI of vector 0x30 deasserts the line and signals the resample eventfd. The test
+    /// moves 0x30 from IRR to ISR itself (KVM_SET_LAPIC), as if the guest had taken it:
+    /// PVM cannot deliver through a plain IDT.
+    func testResampleIrqfdSignalsAtEOI() throws {
+        let t = try TestVM(irqchip: true)
+        let ev = try EventFD()
+        let resample = try EventFD()
+        try t.vm.registerIrqfd(ev, gsi: 5, resample: resample)
+        try t.startLongMode([
+            0xBB, 0x00, 0x00, 0xE0, 0xFE,                                // mov ebx, 0xfee00000 (LAPIC)
+            0xC7, 0x83, 0xF0, 0x00, 0x00, 0x00, 0xFF, 0x01, 0x00, 0x00,  // mov dword [rbx+0xf0], 0x1ff (SVR: enable)
+            0xBE, 0x00, 0x00, 0xC0, 0xFE,                                // mov esi, 0xfec00000 (IOAPIC)
+            0xC7, 0x06, 0x1B, 0x00, 0x00, 0x00,                          // mov dword [rsi], 0x1b      (pin 5 high)
+            0xC7, 0x46, 0x10, 0x00, 0x00, 0x00, 0x00,                    // mov dword [rsi+0x10], 0    (dest APIC 0)
+            0xC7, 0x06, 0x1A, 0x00, 0x00, 0x00,                          // mov dword [rsi], 0x1a      (pin 5 low)
+            0xC7, 0x46, 0x10, 0x30, 0x80, 0x00, 0x00,                    // mov dword [rsi+0x10], 0x8030 (vector 0x30, level)
+            0xE6, 0x81,                                                  // out 0x81, al  (ready)
+            0xC7, 0x83, 0xB0, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // mov dword [rbx+0xb0], 0 (EOI)
+            0xE6, 0x83,                                                  // out 0x83, al
+            0xF4, 0xEB, 0xFD,                                            // hlt; jmp hlt
+        ])
+        expectIO(try runToExit(t.vcpu), port: 0x81, size: 1, isWrite: true)
+        func irr30() throws -> Bool { (try t.vcpu.getLAPIC().register(0x200 + 0x10 * (0x30 / 32)) >> (0x30 % 32)) & 1 == 1 }
+        try ev.write(1)
+        let t0 = monotonicSeconds()
+        while try !irr30() {
+            if monotonicSeconds() - t0 > 2 { return XCTFail("resampling irqfd write did not reach LAPIC IRR within 2 s") }
+            usleep(1000)
+        }
+        XCTAssertNil(try resample.read(), "resample signalled before any EOI")
+        var l = try t.vcpu.getLAPIC()
+        let bit = UInt32(1) << (0x30 % 32), reg = 0x10 * (0x30 / 32)
+        XCTAssertEqual(l.register(0x180 + reg) & bit, bit, "level-triggered vector: TMR bit set")
+        l.setRegister(0x200 + reg, l.register(0x200 + reg) & ~bit)  // IRR -> ISR: "taken"
+        l.setRegister(0x100 + reg, l.register(0x100 + reg) | bit)
+        try t.vcpu.setLAPIC(l)
+        expectIO(try runToExit(t.vcpu), port: 0x83, size: 1, isWrite: true)
+        XCTAssertEqual(try resample.read(), 1, "the EOI of the level-triggered vector must signal the resample eventfd")
+        try t.vm.deassignIrqfd(eventfd: ev, gsi: 5)
+    }
+
     /// End to end: an eventfd write through irqfd raises GSI 5; the in-kernel IOAPIC routes it
     /// to vector 0x30; the guest's handler reports it on port 0x82. Before the write the guest
     /// stays halted (no exit within 0.3 s).

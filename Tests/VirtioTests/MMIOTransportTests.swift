@@ -334,6 +334,22 @@ final class MMIOTransportTests: XCTestCase {
         XCTAssertEqual(r(R.interruptStatus), 0)
     }
 
+    /// The resample path of the level-triggered line: after the guest's EOI the line is
+    /// raised again only while InterruptStatus is nonzero.
+    func testReassertAfterEOIOnlyWhilePending() {
+        t.reassertIfPending()
+        XCTAssertEqual(rec.interrupts, 0, "nothing pending: the line stays low")
+        t.signalUsedBuffer()
+        XCTAssertEqual(rec.interrupts, 1)
+        t.reassertIfPending()  // EOI before the driver acknowledged: raise again
+        XCTAssertEqual(rec.interrupts, 2)
+        XCTAssertEqual(rec.statusAtInterrupt, [1, 1])
+        w(R.interruptACK, 1)
+        t.reassertIfPending()
+        XCTAssertEqual(rec.interrupts, 2, "acknowledged: no re-assert")
+        XCTAssertEqual(t.interruptsRaised.load(ordering: .relaxed), 2)
+    }
+
     func testUsedBufferSignalsFoldIntoAnUnacknowledgedInterrupt() {
         t.signalUsedBuffer()
         t.signalUsedBuffer()  // the driver has not acknowledged the first: no second edge
