@@ -142,6 +142,15 @@ static inline int clinux_consume_pending_signal(int sig) {
     return sigtimedwait(&s, NULL, &ts);
 }
 static inline int clinux_sigrtmin(void) { return SIGRTMIN; }
+#include <unistd.h>
+#include <sys/syscall.h>
+
+/* fallocate(2) as its system call: glibc declares fallocate() only under _GNU_SOURCE,
+   and the fully static release binary has no dynamic symbol table to dlsym it from.
+   Returns 0, or -1 with errno set. */
+static inline int clinux_fallocate(int fd, int mode, long offset, long len) {
+    return (int)syscall(SYS_fallocate, fd, mode, offset, len);
+}
 // Names the calling thread (pthread_setname_np needs _GNU_SOURCE; prctl is variadic).
 #include <sys/prctl.h>
 static inline int clinux_set_thread_name(const char *name) { return prctl(PR_SET_NAME, (unsigned long)name, 0UL, 0UL, 0UL); }

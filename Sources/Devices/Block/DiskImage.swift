@@ -6,6 +6,7 @@
 // against the disk's capacity; the functions check again (cheaply) so that nothing can
 // ever touch the file outside [0, capacity).
 import Glibc
+import CLinux
 import Synchronization
 
 /// fallocate(2) modes (linux/falloc.h; not exported by Swift's Glibc module).
@@ -18,19 +19,11 @@ public enum Falloc {
 /// O_DIRECT on x86-64 (fcntl.h only defines it with _GNU_SOURCE).
 public let O_DIRECT_FLAG: Int32 = 0o40000
 
-private typealias FallocateFn = @convention(c) (Int32, Int32, Int, Int) -> Int32
-/// fallocate(2), looked up in libc at run time (the declaration needs _GNU_SOURCE).
-private let fallocateFn: FallocateFn? = {
-    guard let sym = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "fallocate") else { return nil }
-    return unsafeBitCast(sym, to: FallocateFn.self)
-}()
-
-/// fallocate(2); returns 0 or an errno.
+/// fallocate(2) (the system call, see clinux_fallocate); returns 0 or an errno.
 public func callFallocate(_ fd: Int32, mode: Int32, offset: UInt64, length: UInt64) -> Int32 {
-    guard let f = fallocateFn else { return EOPNOTSUPP }
     guard offset <= UInt64(Int.max), length <= UInt64(Int.max) - offset else { return EINVAL }
     while true {
-        if f(fd, mode, Int(offset), Int(length)) == 0 { return 0 }
+        if clinux_fallocate(fd, mode, Int(offset), Int(length)) == 0 { return 0 }
         if errno != EINTR { return errno }
     }
 }
