@@ -69,6 +69,8 @@ public enum BootError: Error, Equatable, CustomStringConvertible, Sendable {
     case kernelNot64Bit
     /// The setup header is inconsistent (detail says which field).
     case badSetupHeader(String)
+    /// The bzImage's payload claims LZ4 or ELF but does not unpack.
+    case badPayload(String)
     /// The kernel needs [address, address+size) which is not inside guest RAM.
     case kernelDoesNotFit(address: UInt64, size: UInt64, ramEnd: UInt64)
 
@@ -136,6 +138,8 @@ public enum BootError: Error, Equatable, CustomStringConvertible, Sendable {
             return "kernel has no 64-bit entry point (XLF_KERNEL_64 not set in xloadflags): use an x86-64 kernel (Linux 3.9 or newer)"
         case let .badSetupHeader(d):
             return "kernel setup header is invalid (\(d)): the bzImage is corrupt, copy it again"
+        case let .badPayload(d):
+            return "kernel payload does not unpack (\(d)): the bzImage is corrupt, copy it again (or leave out --kernel-decompress to let the guest try)"
         case let .kernelDoesNotFit(a, s, end):
             return "kernel needs guest memory \(hex(a))..\(hex(a &+ s)) but guest RAM ends at \(hex(end)) (or has a hole there): give the VM at least \(mib(a &+ s + (16 << 20))) of memory"
         case let .elfWrongClass(c):

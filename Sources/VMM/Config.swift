@@ -86,6 +86,8 @@ public struct MachineConfig {
     public var disks: [DiskOptions] = []
     public var nets: [NetOptions] = []
     public var virtioDiscovery: VirtioDiscovery = .acpi
+    /// Unpack the bzImage payload in swiftlet (LinuxBootConfig.decompressKernel).
+    public var decompressKernel = false
     /// --metrics: "-" (stderr) or a file, written at exit and on SIGUSR1.
     public var metricsPath: String? = nil
 

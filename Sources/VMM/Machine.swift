@@ -65,10 +65,11 @@ public func run(_ config: MachineConfig) throws -> Int32 {
             "virtio_mmio.device=\($0.size >> 10)K@0x\(String($0.address, radix: 16)):\($0.gsi)"
         }, into: cmdline)
     }
-    let bootConfig = LinuxBootConfig(kernelPath: config.kernelPath, initrdPath: config.initrdPath,
+    var bootConfig = LinuxBootConfig(kernelPath: config.kernelPath, initrdPath: config.initrdPath,
                                      cmdline: cmdline, cpus: config.cpus,
                                      virtioDevices: config.virtioDiscovery == .acpi ? virtio : [],
                                      extraReserved: [], serial: true, rtc: true)
+    bootConfig.decompressKernel = config.decompressKernel
     let boot: BootCPUState
     do {
         phase("inputs checked, RAM mapped")

@@ -42,6 +42,9 @@ struct Swiftlet: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("How the guest finds virtio devices: acpi (DSDT, stock kernels) or cmdline (virtio_mmio.device=).", valueName: "mode"))
     var virtioDiscovery: String = "acpi"
 
+    @Flag(name: .long, help: ArgumentHelp("Unpack the bzImage's payload (LZ4 or uncompressed) in swiftlet and enter the vmlinux directly, without KASLR, instead of letting the guest decompress itself (README: slower in the nested testbed)."))
+    var kernelDecompress = false
+
     @Option(name: .long, help: ArgumentHelp("Write counters (KVM exits, per-device register exits, per-queue packets/requests) as JSON at exit and on SIGUSR1: - for stderr, or a file.", valueName: "path"))
     var metrics: String?
 
@@ -58,6 +61,7 @@ struct Swiftlet: ParsableCommand {
         c.disks = try disk.map(DiskOptions.parse)
         c.nets = try net.map(NetOptions.parse)
         c.virtioDiscovery = try VirtioDiscovery.parse(virtioDiscovery)
+        c.decompressKernel = kernelDecompress
         if let m = metrics {
             guard !m.isEmpty else { throw SwiftletError(.usage, "--metrics needs - (stderr) or a file path") }
             c.metricsPath = m

@@ -11,8 +11,9 @@ final class LinuxBootTests: XCTestCase {
         let initrd = tempFile(initrdBytes, name: "initrd")
         defer { unlink(initrd) }
         let virtio = [VirtioMMIODeviceDescription(address: 0xd000_1000, size: 0x1000, gsi: 5)]
-        let cfg = LinuxBootConfig(kernelPath: path, initrdPath: initrd, cmdline: "console=ttyS0 reboot=k panic=-1",
+        var cfg = LinuxBootConfig(kernelPath: path, initrdPath: initrd, cmdline: "console=ttyS0 reboot=k panic=-1",
                                   cpus: 2, virtioDevices: virtio, extraReserved: [(0x800_0000, 0x1000)])
+        XCTAssertFalse(cfg.decompressKernel, "the default: the guest decompresses, the bzImage goes in whole")
         let info = try loadLinuxDetailed(cfg, into: m)
         guard case let .bzImage(h) = info.kernel.format else { return XCTFail() }
         XCTAssertEqual(info.cpu.rip, info.kernel.loadAddress + 0x200)
@@ -59,6 +60,55 @@ final class LinuxBootTests: XCTestCase {
         XCTAssertEqual(try m.load(UInt64.self, at: 0x9000), 0xa003)
         XCTAssertEqual(try m.readBytes(at: 0xe0000, count: 8), Array("RSD PTR ".utf8))
         XCTAssertEqual(try m.readBytes(at: 0x9fc00, count: 4), Array("_MP_".utf8))
+    }
+
+    /// --kernel-decompress: swiftlet unpacks Debian's LZ4 payload and enters the vmlinux at
+    /// startup_64 (0x1000000); every PT_LOAD segment is in place, the zero page still
+    /// carries the bzImage's setup header, and the initrd sits above the vmlinux.
+    func testRealKernelUnpackedBySwiftlet() throws {
+        let (path, k) = try requireKernel()
+        let m = try makeMemory(256 * MiB)
+        let initrd = tempFile([7, 7, 7], name: "initrd")
+        defer { unlink(initrd) }
+        var cfg = LinuxBootConfig(kernelPath: path, initrdPath: initrd, cmdline: "console=ttyS0")
+        cfg.decompressKernel = true
+        let info = try loadLinuxDetailed(cfg, into: m)
+        guard case let .bzImage(h) = info.kernel.format else { return XCTFail("the setup header must be kept") }
+        XCTAssertEqual(info.cpu.rip, 0x100_0000)
+        let start = (h.setupSects + 1) * 512 + Int(h.payloadOffset)
+        let vmlinux = try LZ4.decompressLegacy(Array(k[start..<start + Int(h.payloadLength)]), limit: 256 << 20)
+        let elf = try parseELFKernel(vmlinux, ram: [(0, 256 * MiB)])
+        XCTAssertEqual(info.kernel.segments, elf.segments)
+        XCTAssertGreaterThanOrEqual(elf.segments.count, 3)
+        for s in elf.segments {
+            let n = min(s.fileSize, 8192)
+            XCTAssertEqual(try m.readBytes(at: s.address, count: n), Array(vmlinux[s.fileOffset..<s.fileOffset + n]))
+            XCTAssertEqual(try m.readBytes(at: s.address + UInt64(s.fileSize) - 64, count: 64),
+                           Array(vmlinux[s.fileOffset + s.fileSize - 64..<s.fileOffset + s.fileSize]))
+        }
+        let zp = try m.readBytes(at: 0x7000, count: 4096)
+        XCTAssertEqual(Array(zp[0x1f1..<0x210]), Array(h.bytes[0..<(0x210 - 0x1f1)]))
+        XCTAssertGreaterThanOrEqual(try XCTUnwrap(info.initrd).address, elf.end)
+    }
+
+    /// With --kernel-decompress, a payload that says LZ4 but is corrupt is one clear
+    /// error; without it the same file goes to the guest whole.
+    func testCorruptLZ4PayloadIsAnError() throws {
+        var (_, k) = try requireKernel()
+        let img = try parseBzImage(k, ram: [(0, 1 << 30)])
+        guard case let .bzImage(h) = img.format else { return XCTFail() }
+        let start = img.segments[0].fileOffset + Int(h.payloadOffset)
+        for i in 0..<64 { k[start + 8 + i] = 0xff }  // the first block's first bytes
+        let bad = tempFile(k, name: "bad-bz")
+        defer { unlink(bad) }
+        let m = try makeMemory(256 * MiB)
+        var cfg = LinuxBootConfig(kernelPath: bad)
+        cfg.decompressKernel = true
+        assertThrowsBoot(try loadLinux(cfg, into: m)) {
+            if case .badPayload = $0 { return "\($0)".contains("--kernel-decompress") }
+            return false
+        }
+        XCTAssertEqual(try loadLinux(LinuxBootConfig(kernelPath: bad), into: m).rip, img.loadAddress + 0x200)
     }
 
     func testInitrdTooLarge() throws {

@@ -41,7 +41,7 @@ run_vmm() {
         ;;
     swiftlet)
         set -- "$(vmm_bin swiftlet)" --kernel "$_kernel" --initrd "$_initrd" --cmdline "$_cmdline" \
-            --cpus "${VMM_CPUS:-1}" --memory 512M
+            --cpus "${VMM_CPUS:-1}" --memory 512M ${SWIFTLET_ARGS:-}
         if [ -n "$_disk" ]; then
             set -- "$@" --disk "path=$_disk"
         fi
