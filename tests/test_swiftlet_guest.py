@@ -12,9 +12,9 @@ from conftest import REPO, run
 CHECKS = ["metrics-json", "one-cpu-cmdline-initrd", "boot-marker", "two-cpus", "reboot-status-3",
           "reboot-kbd-status-3", "triple-fault-status-4", "console-input",
           "blk-guest-write", "blk-guest-read", "blk-readonly", "blk-two-queues",
-          "blk-discard-frees-blocks",
+          "blk-flush-survives-kill", "blk-discard-frees-blocks",
           "net-ping", "net-two-queues", "net-iperf-guest-to-host",
-          "net-iperf-host-to-guest", "net-offload-off", "net-ethtool-L"]
+          "net-iperf-host-to-guest", "net-offload-off", "net-ethtool-L", "net-jumbo-mtu"]
 
 
 @pytest.fixture(scope="module")

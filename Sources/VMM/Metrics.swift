@@ -46,7 +46,7 @@ final class CountedVirtioWindow: MMIODevice, @unchecked Sendable {
             return "\"active_pairs\": \(net.activePairs), \"queues\": [\(qs.joined(separator: ", "))]"
         }
         if let blk = slot.device as? VirtioBlock {
-            let qs = blk.queueHandlers.compactMap { $0 as? BlockQueue }.enumerated().map { i, q in
+            let qs = blk.stats.enumerated().map { i, q in
                 "{\"queue\": \(i), \"requests\": \(q.requests), \"interrupts\": \(q.interrupts)}"
             }
             return "\"queues\": [\(qs.joined(separator: ", "))]"

@@ -471,6 +471,20 @@ final class BlockTests: XCTestCase {
         h.device.reset()  // idempotent
     }
 
+    /// --metrics counters belong to the device: a driver reset does not lose them.
+    func testQueueCountersSurviveReset() throws {
+        let h = try BlockHarness(engine: .threadPool(threads: 2, maxInFlight: 8))
+        for i in 0..<8 { h.write(sector: UInt64(i * 16), data: pattern(4096, seed: i)) }
+        h.kick()
+        XCTAssertEqual(h.device.stats[0].requests, 8)
+        XCTAssertGreaterThan(h.device.stats[0].interrupts, 0)
+        let interrupts = h.device.stats[0].interrupts
+        h.device.reset()
+        XCTAssertTrue(h.device.queueHandlers.isEmpty)
+        XCTAssertEqual(h.device.stats[0].requests, 8)
+        XCTAssertEqual(h.device.stats[0].interrupts, interrupts)
+    }
+
     func testImageShrunkUnderneathGivesIOError() throws {
         let h = try BlockHarness(sizeBytes: 64 * 512, fill: 0x12)
         XCTAssertEqual(truncate(h.image.path, 32 * 512), 0)

@@ -18,6 +18,7 @@ import Glibc
 import CLinux
 import GuestMemory
 import Virtio
+import Synchronization
 
 /// How a queue runs its requests.
 public enum BlockEngine: Equatable, Sendable {
@@ -48,6 +49,9 @@ public final class VirtioBlock: HostedVirtioDevice, VirtioStaticConfig, @uncheck
     public let config: [UInt8]
     let lock = Mutex()
     var handlers: [BlockQueue] = []
+    /// Per-queue counters for `--metrics`; they live as long as the device, so a driver
+    /// reset (or a guest reboot) does not lose them.
+    public let stats: [BlockQueueStats]
 
     /// `numQueues` is clamped to 1...VirtioBlockLimits.maxQueues; `engine` nil: the default for the disk.
     public init(disk: DiskImage, numQueues: Int = 1, engine: BlockEngine? = nil, name: String = "blk",
@@ -57,6 +61,7 @@ public final class VirtioBlock: HostedVirtioDevice, VirtioStaticConfig, @uncheck
         self.engine = engine ?? .default(direct: disk.direct)
         self.name = name
         self.log = log
+        self.stats = (0..<min(max(numQueues, 1), VirtioBlockLimits.maxQueues)).map { _ in BlockQueueStats() }
         var w = ByteWriter(size: VirtioBlockConfig.size)
         w.set(disk.sectors, at: VirtioBlockConfig.capacity)
         w.set(VirtioBlockLimits.sizeMax, at: VirtioBlockConfig.sizeMax)
@@ -103,7 +108,8 @@ public final class VirtioBlock: HostedVirtioDevice, VirtioStaticConfig, @uncheck
             for (i, q) in queues.enumerated() {
                 guard let q else { continue }
                 made.append(try BlockQueue(index: i, queue: q, disk: disk, features: features, interrupt: interrupt,
-                                           engine: engine, name: "\(name)-q\(i)", log: log))
+                                           engine: engine, name: "\(name)-q\(i)",
+                                           stats: i < stats.count ? stats[i] : BlockQueueStats(), log: log))
             }
         } catch {
             for h in made { h.quiesce() }
@@ -140,6 +146,15 @@ enum BlockOp {
 }
 
 /// One virtqueue of a virtio-blk device: validates and runs requests, retires them in batches.
+/// One queue's counters, owned by the device (they outlive the queue's handler).
+public final class BlockQueueStats: Sendable {
+    let requestCount = Atomic<UInt64>(0)
+    let interruptCount = Atomic<UInt64>(0)
+    public init() {}
+    public var requests: UInt64 { requestCount.load(ordering: .relaxed) }
+    public var interrupts: UInt64 { interruptCount.load(ordering: .relaxed) }
+}
+
 public final class BlockQueue: VirtioQueueHandler, @unchecked Sendable {
     public let queueIndex: Int
     let queue: SplitQueue
@@ -159,13 +174,16 @@ public final class BlockQueue: VirtioQueueHandler, @unchecked Sendable {
     let doneLock = Mutex()
     var done: [(head: UInt16, used: UInt32)] = []
 
-    /// Statistics: requests served, batches published, interrupts raised.
-    public private(set) var requests = 0
-    public private(set) var interrupts = 0
+    /// Statistics (the device's, kept across resets): requests served, interrupts raised.
+    let stats: BlockQueueStats
+    public var requests: UInt64 { stats.requests }
+    public var interrupts: UInt64 { stats.interrupts }
 
     init(index: Int, queue: SplitQueue, disk: DiskImage, features: UInt64, interrupt: any VirtioInterruptSink,
-         engine: BlockEngine, name: String, log: (@Sendable (String) -> Void)?) throws {
+         engine: BlockEngine, name: String, stats: BlockQueueStats = BlockQueueStats(),
+         log: (@Sendable (String) -> Void)?) throws {
         self.queueIndex = index
+        self.stats = stats
         self.queue = queue
         self.disk = disk
         self.features = features
@@ -258,7 +276,7 @@ public final class BlockQueue: VirtioQueueHandler, @unchecked Sendable {
     }
 
     func start(_ chain: DescriptorChain) {
-        requests += 1
+        stats.requestCount.wrappingAdd(1, ordering: .relaxed)
         let op = BlockQueue.prepare(chain, disk: disk, features: features)
         switch op {
         case let .fatal(why):
@@ -322,7 +340,7 @@ public final class BlockQueue: VirtioQueueHandler, @unchecked Sendable {
         staged = 0
         queue.publishUsed()
         if queue.needsNotification() {
-            interrupts += 1
+            stats.interruptCount.wrappingAdd(1, ordering: .relaxed)
             interrupt.signalUsedBuffer()
         }
     }
