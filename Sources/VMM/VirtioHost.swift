@@ -51,27 +51,37 @@ final class QueueWorker {
     static func loop(handler: VirtioQueueHandler, kick: EventFD, stop: EventFD, log: (@Sendable (String) -> Void)?) {
         handler.kicked()
         let completion = handler.completionFD
-        while true {
-            var fds = [pollfd(fd: stop.fd, events: Int16(POLLIN), revents: 0),
-                       pollfd(fd: kick.fd, events: Int16(POLLIN), revents: 0)]
-            if completion >= 0 { fds.append(pollfd(fd: completion, events: Int16(POLLIN), revents: 0)) }
-            let r = poll(&fds, nfds_t(fds.count), -1)
-            if r < 0 {
-                if errno == EINTR { continue }
-                log?("virtio queue \(handler.queueIndex): poll failed: \(String(cString: strerror(errno)))")
-                // Do not spin; wait for the stop request.
-                var p = pollfd(fd: stop.fd, events: Int16(POLLIN), revents: 0)
-                while poll(&p, 1, -1) < 0 && errno == EINTR {}
-                break
-            }
-            if fds[0].revents != 0 { break }
-            if fds.count > 2 && fds[2].revents != 0 { handler.completionsReady() }
-            if fds[1].revents != 0 {
+        pollUntilStopped(stop: stop, watch: completion >= 0 ? [kick.fd, completion] : [kick.fd],
+                         what: "virtio queue \(handler.queueIndex)", log: log) { ready in
+            if ready.count > 1 && ready[1] { handler.completionsReady() }
+            if ready[0] {
                 _ = try? kick.read()
                 handler.kicked()
             }
         }
         handler.quiesce()
+    }
+}
+
+/// A device thread's loop: poll `stop` and `watch` until `stop` is readable, calling
+/// `onReady` with which of `watch` are readable. A failing poll is logged once and the
+/// thread then only waits for `stop` (no spinning).
+func pollUntilStopped(stop: EventFD, watch: [Int32], what: String, log: (@Sendable (String) -> Void)?,
+                      _ onReady: ([Bool]) -> Void) {
+    var fds = [pollfd(fd: stop.fd, events: Int16(POLLIN), revents: 0)]
+        + watch.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
+    while true {
+        for i in fds.indices { fds[i].revents = 0 }
+        let r = poll(&fds, nfds_t(fds.count), -1)
+        if r < 0 {
+            if errno == EINTR { continue }
+            log?("\(what): poll failed: \(String(cString: strerror(errno)))")
+            var p = pollfd(fd: stop.fd, events: Int16(POLLIN), revents: 0)
+            while poll(&p, 1, -1) < 0 && errno == EINTR {}
+            return
+        }
+        if fds[0].revents != 0 { return }
+        onReady(fds.dropFirst().map { $0.revents != 0 })
     }
 }
 
@@ -239,22 +249,9 @@ public final class VirtioMMIOSlot: MMIODevice, @unchecked Sendable {
     /// InterruptStatus, so an EOI after the look brings a new wake-up.
     static func resampleLoop(transport: VirtioMMIOTransport, resample: EventFD, stop: EventFD,
                              log: (@Sendable (String) -> Void)?) {
-        while true {
-            var fds = [pollfd(fd: stop.fd, events: Int16(POLLIN), revents: 0),
-                       pollfd(fd: resample.fd, events: Int16(POLLIN), revents: 0)]
-            let r = poll(&fds, 2, -1)
-            if r < 0 {
-                if errno == EINTR { continue }
-                log?("virtio interrupt resample: poll failed: \(String(cString: strerror(errno)))")
-                var p = pollfd(fd: stop.fd, events: Int16(POLLIN), revents: 0)
-                while poll(&p, 1, -1) < 0 && errno == EINTR {}
-                return
-            }
-            if fds[0].revents != 0 { return }
-            if fds[1].revents != 0 {
-                _ = try? resample.read()
-                transport.reassertIfPending()
-            }
+        pollUntilStopped(stop: stop, watch: [resample.fd], what: "virtio interrupt resample", log: log) { _ in
+            _ = try? resample.read()
+            transport.reassertIfPending()
         }
     }
 

@@ -173,20 +173,27 @@ final class GuestTests: XCTestCase {
         XCTAssertEqual(l.register(0x20) >> 24, 0)
     }
 
-    /// Programs the in-kernel IOAPIC (GSI 5 -> vector 0x30, LAPIC 0) and enables the LAPIC from
-    /// inside a guest, reports "ready" on port 0x81, then `sti` (if `sti`) and halts.
-    /// The handler for vector 0x30 writes 0x5a to port 0x82 and EOIs.
-    func startInterruptGuest(_ t: TestVM, sti: Bool) throws {
-        let idt: UInt64 = 0x3000
-        let handler: UInt64 = GuestLayout.longModeCode + 0x100
-        try t.startLongMode([
+    /// Guest code: enable the LAPIC (rbx = its base) and route IOAPIC pin 5 (rsi = the
+    /// IOAPIC's base) to vector 0x30 on LAPIC 0, unmasked, edge or level-triggered.
+    func routePin5ToVector30(level: Bool) -> [UInt8] {
+        [
             0xBB, 0x00, 0x00, 0xE0, 0xFE,                                // mov ebx, 0xfee00000 (LAPIC)
             0xC7, 0x83, 0xF0, 0x00, 0x00, 0x00, 0xFF, 0x01, 0x00, 0x00,  // mov dword [rbx+0xf0], 0x1ff (SVR: enable)
             0xBE, 0x00, 0x00, 0xC0, 0xFE,                                // mov esi, 0xfec00000 (IOAPIC)
             0xC7, 0x06, 0x1B, 0x00, 0x00, 0x00,                          // mov dword [rsi], 0x1b      (pin 5 high)
             0xC7, 0x46, 0x10, 0x00, 0x00, 0x00, 0x00,                    // mov dword [rsi+0x10], 0    (dest APIC 0)
             0xC7, 0x06, 0x1A, 0x00, 0x00, 0x00,                          // mov dword [rsi], 0x1a      (pin 5 low)
-            0xC7, 0x46, 0x10, 0x30, 0x00, 0x00, 0x00,                    // mov dword [rsi+0x10], 0x30 (vector 0x30, edge, unmasked)
+            0xC7, 0x46, 0x10, 0x30, level ? 0x80 : 0x00, 0x00, 0x00,     // mov dword [rsi+0x10], vector 0x30 (bit 15: level)
+        ]
+    }
+
+    /// Programs the in-kernel IOAPIC (GSI 5 -> vector 0x30, LAPIC 0) and enables the LAPIC from
+    /// inside a guest, reports "ready" on port 0x81, then `sti` (if `sti`) and halts.
+    /// The handler for vector 0x30 writes 0x5a to port 0x82 and EOIs.
+    func startInterruptGuest(_ t: TestVM, sti: Bool) throws {
+        let idt: UInt64 = 0x3000
+        let handler: UInt64 = GuestLayout.longModeCode + 0x100
+        try t.startLongMode(routePin5ToVector30(level: false) + [
             0xE6, 0x81,                                                  // out 0x81, al  (ready)
             sti ? 0xFB : 0x90,                                           // sti (or nop)
             0xF4,                                                        // hlt  (in-kernel: waits for an interrupt)
@@ -240,14 +247,7 @@ final class GuestTests: XCTestCase {
         let ev = try EventFD()
         let resample = try EventFD()
         try t.vm.registerIrqfd(ev, gsi: 5, resample: resample)
-        try t.startLongMode([
-            0xBB, 0x00, 0x00, 0xE0, 0xFE,                                // mov ebx, 0xfee00000 (LAPIC)
-            0xC7, 0x83, 0xF0, 0x00, 0x00, 0x00, 0xFF, 0x01, 0x00, 0x00,  // mov dword [rbx+0xf0], 0x1ff (SVR: enable)
-            0xBE, 0x00, 0x00, 0xC0, 0xFE,                                // mov esi, 0xfec00000 (IOAPIC)
-            0xC7, 0x06, 0x1B, 0x00, 0x00, 0x00,                          // mov dword [rsi], 0x1b      (pin 5 high)
-            0xC7, 0x46, 0x10, 0x00, 0x00, 0x00, 0x00,                    // mov dword [rsi+0x10], 0    (dest APIC 0)
-            0xC7, 0x06, 0x1A, 0x00, 0x00, 0x00,                          // mov dword [rsi], 0x1a      (pin 5 low)
-            0xC7, 0x46, 0x10, 0x30, 0x80, 0x00, 0x00,                    // mov dword [rsi+0x10], 0x8030 (vector 0x30, level)
+        try t.startLongMode(routePin5ToVector30(level: true) + [
             0xE6, 0x81,                                                  // out 0x81, al  (ready)
             0xC7, 0x83, 0xB0, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // mov dword [rbx+0xb0], 0 (EOI)
             0xE6, 0x83,                                                  // out 0x83, al
