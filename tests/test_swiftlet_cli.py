@@ -5,6 +5,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 
 import pytest
 
@@ -170,3 +171,49 @@ def test_pvm_host_is_refused_with_the_way_out(swiftlet, kernel):
     r = sw(swiftlet, "--kernel", kernel)
     assert r.returncode == HOST
     one_line(r, "PVM", "scripts/testbed")
+
+
+def test_sigusr1_dumps_metrics_and_sigterm_stops_cleanly(swiftlet_release, tmp_path):
+    """The shipped binary with a virtio-blk device (so its helper threads exist before
+    any guest runs): SIGUSR1, sent again and again, rewrites --metrics and never kills
+    swiftlet; SIGTERM then ends it with 128+15 after a clean teardown. On this PVM host
+    with the tiny guest that halts for good (scripts/lib/tinyguest.py --halt).
+    Regression: the per-device interrupt threads were created before the main thread
+    blocked SIGUSR1, and the first SIGUSR1 killed swiftlet (status 138)."""
+    import signal
+    import time
+    tiny = str(tmp_path / "halt.elf")
+    subprocess.run([sys.executable, os.path.join(REPO, "scripts", "lib", "tinyguest.py"), tiny, "--halt"], check=True)
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(1 << 20))
+    metrics = tmp_path / "m.json"
+    env = dict(os.environ, SWIFTLET_ALLOW_PVM="1")
+    p = subprocess.Popen([swiftlet_release, "--kernel", tiny, "--memory", "128M", "--serial", "none",
+                          "--disk", "path=%s" % disk, "--metrics", str(metrics)],
+                         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while "blk0-irq" not in " ".join(open(t + "/comm").read() for t in
+                                          [os.path.join("/proc", str(p.pid), "task", x)
+                                           for x in os.listdir("/proc/%d/task" % p.pid)]):
+            assert p.poll() is None, p.communicate()
+            assert time.monotonic() < deadline, "no blk0-irq thread within 20 s"
+            time.sleep(0.05)
+        for i in range(5):
+            if metrics.exists():
+                metrics.unlink()
+            p.send_signal(signal.SIGUSR1)
+            while not metrics.exists():
+                assert p.poll() is None, "SIGUSR1 number %d ended swiftlet: status %s, %s" % (
+                    i + 1, p.returncode, p.communicate())
+                assert time.monotonic() < deadline, "no metrics after SIGUSR1"
+                time.sleep(0.05)
+            assert '"kvm_run"' in metrics.read_text()
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=20)
+        assert p.returncode == 128 + 15, (p.returncode, err)
+        assert "Fatal error" not in err
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

@@ -36,8 +36,21 @@ public final class OSThread: @unchecked Sendable {
 
 /// Starts `body` on a new pthread named `name` (truncated to 15 bytes, the kernel's limit;
 /// set with prctl(PR_SET_NAME) from the new thread, same effect as pthread_setname_np).
+///
+/// The thread starts with every asynchronous signal blocked (all but SIGSEGV, SIGBUS,
+/// SIGFPE, SIGILL, SIGTRAP, SIGABRT and SIGSYS), whatever its creator's mask: a
+/// process-directed signal (SIGTERM, SIGUSR1, ...) must reach the main thread's
+/// signalfd, never kill the process through a helper thread that happened to be created
+/// before the main thread blocked it. A vCPU thread still gets its kick signal inside
+/// KVM_RUN (VCPU.withKickEnabled hands KVM its own mask).
 public func spawnThread(name: String, body: @escaping () -> Void) throws -> OSThread {
     let box = Unmanaged.passRetained(ThreadBody(name: name, body: body)).toOpaque()
+    var blocked = sigset_t()
+    sigfillset(&blocked)
+    for s in [SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGABRT, SIGSYS] { sigdelset(&blocked, s) }
+    var creatorMask = sigset_t()
+    pthread_sigmask(SIG_SETMASK, &blocked, &creatorMask)
+    defer { pthread_sigmask(SIG_SETMASK, &creatorMask, nil) }
     var tid = pthread_t()
     let e = pthread_create(&tid, nil, { arg in
         let b = Unmanaged<ThreadBody>.fromOpaque(arg!).takeRetainedValue()

@@ -4,7 +4,9 @@
 It runs on any KVM, PVM hosts included (no interrupts, no SSE): it prints
 'K' on COM1, then writes SLP_TYP=5|SLP_EN to the ACPI sleep register at
 0x3c0, so swiftlet ends with status 0 (powered off).
-usage: tinyguest.py OUT.elf
+usage: tinyguest.py OUT.elf [--halt]
+--halt: print 'K' and halt for good instead of powering off (for tests that need a
+running VM: the halted vCPU waits inside KVM).
 """
 import struct
 import sys
@@ -33,6 +35,10 @@ def elf(code):
     return eh + ph + code
 
 
+POWEROFF = bytes([0x66, 0xBA, 0xC0, 0x03, 0xB0, 0x34, 0xEE])
+
 if __name__ == "__main__":
+    code = CODE.replace(POWEROFF, b"") if "--halt" in sys.argv[2:] else CODE
+    assert code != CODE or "--halt" not in sys.argv[2:]
     with open(sys.argv[1], "wb") as f:
-        f.write(elf(CODE))
+        f.write(elf(code))
