@@ -4,6 +4,12 @@ import Glibc
 import VMM
 
 let startNanos = VMM.monotonicNow()
+// SIGUSR1 asks for a --metrics dump; before the machine runs (and takes it through its
+// signalfd) it must not kill swiftlet either: block it from the start.
+var earlySignals = sigset_t()
+sigemptyset(&earlySignals)
+sigaddset(&earlySignals, SIGUSR1)
+pthread_sigmask(SIG_BLOCK, &earlySignals, nil)
 
 struct Swiftlet: ParsableCommand {
     static let configuration = CommandConfiguration(

@@ -71,3 +71,35 @@ in_private_netns() {
         SWIFTLET_NETNS=1 exec unshare --net sh "$_script" "$@"
     fi
 }
+
+# swiftlet_with_marks MARK TAG RUN LIMIT CMD...: runs swiftlet (CMD...) with --metrics,
+# output in $log. Each time the guest prints a "MARK NAME-start" or "MARK NAME-end" line
+# (and then idles 1 s), the metrics are dumped (SIGUSR1) and the KVM_RUN count kept, so
+# a job's exits to swiftlet are end - start. Prints one line per job:
+#   TAG swiftlet RUN NAME EXITS
+# Status in $rc (swiftlet is killed after LIMIT s: 137). Uses $scratch.
+swiftlet_with_marks() {
+    _mark=$1 _tag=$2 _run=$3 _limit=$4
+    shift 4
+    _m="$scratch/bench-metrics.json" _marks="$scratch/bench-marks"
+    rm -f "$_m" "$_marks"
+    : > "$log"  # now, not in the background job: an old log's marks must not count
+    "$@" --metrics "$_m" < /dev/null > "$log" 2>&1 &
+    _pid=$! _seen=0 _ticks=0
+    while kill -0 $_pid 2>/dev/null; do
+        _n=$(grep -c "^$_mark " "$log")
+        while [ "$_seen" -lt "$_n" ]; do
+            _seen=$((_seen + 1))
+            _name=$(tr -d '\r' < "$log" | grep "^$_mark " | sed -n "${_seen}p" | cut -d' ' -f2)
+            rm -f "$_m"; kill -USR1 $_pid 2>/dev/null
+            _w=0; while [ ! -s "$_m" ] && [ $_w -lt 20 ]; do sleep 0.05; _w=$((_w + 1)); done
+            echo "$_name $(sed -n 's/.*"kvm_run": \([0-9]*\).*/\1/p' "$_m" 2>/dev/null)" >> "$_marks"
+        done
+        sleep 0.1; _ticks=$((_ticks + 1))
+        [ $_ticks -lt $((_limit * 10)) ] || kill -9 $_pid 2>/dev/null
+    done
+    wait $_pid; rc=$?
+    [ -f "$_marks" ] && awk -v run="$_run" -v tag="$_tag" '
+        { split($1, p, "-"); if (p[2] == "start") s[p[1]] = $2; else if ($2 != "" && s[p[1]] != "") print tag " swiftlet " run " " p[1] " " ($2 - s[p[1]]) }' "$_marks"
+    rm -f "$_m" "$_marks"
+}
