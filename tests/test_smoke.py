@@ -2,24 +2,15 @@
 (inside the testbed here), and the swiftlet-not-built line."""
 import os
 import re
-import warnings
 
-from conftest import REPO, run
+from conftest import REPO, run, run_retrying_l1
 
 SMOKE = os.path.join(REPO, "scripts", "smoke")
 
 
 def smoke(vmm, env=None):
-    """scripts/smoke --vmm VMM, run once more (with a warning in the summary) when L1
-    itself crashed or wedged (testbed status 121 or 124: QEMU TCG's emulated SVM, for
-    either VMM); a second L1 failure fails the test."""
-    r = run([SMOKE, "--vmm", vmm], env=env, timeout=1300)
-    if r.returncode in (121, 124):
-        lines = [l for l in (r.stdout + r.stderr).splitlines() if l.startswith("testbed:")]
-        warnings.warn("smoke --vmm %s retried after L1 failure (status %d): %s"
-                      % (vmm, r.returncode, lines[-1] if lines else "no testbed line"))
-        r = run([SMOKE, "--vmm", vmm], env=env, timeout=1300)
-    return r
+    """scripts/smoke --vmm VMM, run once more after an L1 failure (run_retrying_l1)."""
+    return run_retrying_l1([SMOKE, "--vmm", vmm], "smoke --vmm " + vmm, env=env, timeout=1300)
 
 
 def test_smoke_qemu_end_to_end(testbed_image):

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from conftest import REPO, run
+from conftest import REPO, run_retrying_l1
 
 CHECKS = ["metrics-json", "one-cpu-cmdline-initrd", "boot-marker", "two-cpus", "reboot-status-3",
           "reboot-kbd-status-3", "triple-fault-status-4", "console-input",
@@ -19,21 +19,11 @@ CHECKS = ["metrics-json", "one-cpu-cmdline-initrd", "boot-marker", "two-cpus", "
 
 @pytest.fixture(scope="module")
 def checks(testbed_image, swiftlet_release):
-    def session():
-        # --idle-timeout: the checks are never silent for long (the longest: a net
-        # check that hangs twice, 2 x 90 s), so 400 s of silence is a wedged L1
-        return run([os.path.join(REPO, "scripts", "testbed"), "--timeout", "1200", "--idle-timeout", "400", "--",
-                    "sh", "-c", 'exec sh "$TESTBED_SCRIPTS/swiftlet-guest-checks"'],
-                   env={"SWIFTLET_BIN": swiftlet_release}, timeout=1500)
-    r = session()
-    if r.returncode in (121, 124):
-        # L1 itself crashed or wedged (QEMU TCG's emulated SVM under load: a soft
-        # lockup of L1 has been seen in kvm_destroy_vm waiting on an IPI). Said in the
-        # summary, and the whole session runs once more; a second L1 failure fails.
-        first = [l for l in (r.stdout + r.stderr).splitlines() if l.startswith("testbed:")]
-        warnings.warn("testbed session retried after L1 failure (status %d): %s"
-                      % (r.returncode, first[-1] if first else "no testbed line"))
-        r = session()
+    # --idle-timeout: the checks are never silent for long (the longest: a net check
+    # that hangs three times, 3 x 90 s), so 400 s of silence is a wedged L1
+    r = run_retrying_l1([os.path.join(REPO, "scripts", "testbed"), "--timeout", "1200", "--idle-timeout", "400", "--",
+                         "sh", "-c", 'exec sh "$TESTBED_SCRIPTS/swiftlet-guest-checks"'],
+                        "testbed session", env={"SWIFTLET_BIN": swiftlet_release}, timeout=1500)
     out = r.stdout + r.stderr
     # An L1 crash or timeout is the testbed's, and says so in its own line.
     assert r.returncode not in (120, 121, 122, 124, 127), "testbed failed, not swiftlet:\n" + out[-3000:]

@@ -85,7 +85,7 @@ public let maxELFProgramHeaders = 64
 /// which carry no cmdline_size.
 public let elfCmdlineMax = 2047
 
-private let elfMagic: [UInt8] = [0x7f, 0x45, 0x4c, 0x46]
+let elfMagic: [UInt8] = [0x7f, 0x45, 0x4c, 0x46]
 
 /// Detects the format and parses. `path` only names the file in errors.
 public func parseKernel(_ bytes: [UInt8], ram: RAMLayout, path: String = "kernel") throws -> KernelImage {

@@ -116,7 +116,7 @@ public func unpackBzImagePayload(_ file: UnsafeRawBufferPointer, kernel: KernelI
         do { bytes = try LZ4.decompressLegacy(payload, limit: limit) } catch let e as LZ4Error {
             throw BootError.badPayload("\(e)")
         }
-    } else if payload.count >= 4, payload[0] == 0x7f, payload[1] == 0x45, payload[2] == 0x4c, payload[3] == 0x46 {
+    } else if payload.starts(with: elfMagic) {
         bytes = Array(payload)
     } else {
         return nil

@@ -63,11 +63,19 @@ final class QueueWorker {
     }
 }
 
+/// Which of the watched descriptors a poll found readable (index into `watch`). A view
+/// of the poll array: nothing is allocated per wake-up.
+struct PollReadiness {
+    let fds: [pollfd]
+    var count: Int { fds.count - 1 }
+    subscript(i: Int) -> Bool { fds[i + 1].revents != 0 }
+}
+
 /// A device thread's loop: poll `stop` and `watch` until `stop` is readable, calling
 /// `onReady` with which of `watch` are readable. A failing poll is logged once and the
 /// thread then only waits for `stop` (no spinning).
 func pollUntilStopped(stop: EventFD, watch: [Int32], what: String, log: (@Sendable (String) -> Void)?,
-                      _ onReady: ([Bool]) -> Void) {
+                      _ onReady: (PollReadiness) -> Void) {
     var fds = [pollfd(fd: stop.fd, events: Int16(POLLIN), revents: 0)]
         + watch.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
     while true {
@@ -81,7 +89,7 @@ func pollUntilStopped(stop: EventFD, watch: [Int32], what: String, log: (@Sendab
             return
         }
         if fds[0].revents != 0 { return }
-        onReady(fds.dropFirst().map { $0.revents != 0 })
+        onReady(PollReadiness(fds: fds))
     }
 }
 

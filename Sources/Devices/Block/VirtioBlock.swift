@@ -61,7 +61,7 @@ public final class VirtioBlock: HostedVirtioDevice, VirtioStaticConfig, @uncheck
         self.engine = engine ?? .default(direct: disk.direct)
         self.name = name
         self.log = log
-        self.stats = (0..<min(max(numQueues, 1), VirtioBlockLimits.maxQueues)).map { _ in BlockQueueStats() }
+        self.stats = (0..<self.numQueues).map { _ in BlockQueueStats() }
         var w = ByteWriter(size: VirtioBlockConfig.size)
         w.set(disk.sectors, at: VirtioBlockConfig.capacity)
         w.set(VirtioBlockLimits.sizeMax, at: VirtioBlockConfig.sizeMax)
@@ -145,7 +145,6 @@ enum BlockOp {
     case writeZeroes([(offset: UInt64, length: UInt64, unmap: Bool)])
 }
 
-/// One virtqueue of a virtio-blk device: validates and runs requests, retires them in batches.
 /// One queue's counters, owned by the device (they outlive the queue's handler).
 public final class BlockQueueStats: Sendable {
     let requestCount = Atomic<UInt64>(0)
@@ -155,6 +154,7 @@ public final class BlockQueueStats: Sendable {
     public var interrupts: UInt64 { interruptCount.load(ordering: .relaxed) }
 }
 
+/// One virtqueue of a virtio-blk device: validates and runs requests, retires them in batches.
 public final class BlockQueue: VirtioQueueHandler, @unchecked Sendable {
     public let queueIndex: Int
     let queue: SplitQueue
@@ -174,10 +174,8 @@ public final class BlockQueue: VirtioQueueHandler, @unchecked Sendable {
     let doneLock = Mutex()
     var done: [(head: UInt16, used: UInt32)] = []
 
-    /// Statistics (the device's, kept across resets): requests served, interrupts raised.
+    /// Requests served and interrupts raised (the device's counters, kept across resets).
     let stats: BlockQueueStats
-    public var requests: UInt64 { stats.requests }
-    public var interrupts: UInt64 { stats.interrupts }
 
     init(index: Int, queue: SplitQueue, disk: DiskImage, features: UInt64, interrupt: any VirtioInterruptSink,
          engine: BlockEngine, name: String, stats: BlockQueueStats = BlockQueueStats(),
