@@ -2,6 +2,7 @@
 documented non-zero exit status (README "Exit status"). Inputs are checked
 before KVM is touched, so these run on any host, this PVM one included."""
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -143,6 +144,26 @@ def test_boot_protocol_too_old(swiftlet, kernel, tmp_path):
     one_line(r, "2.05")
 
 
+def test_corrupt_kernel_payload(swiftlet, kernel, tmp_path):
+    """swiftlet unpacks the bzImage's LZ4 payload itself by default: a payload that
+    does not unpack is one line naming the way out, status 65; with
+    --no-kernel-decompress the same file goes to the guest whole (here it then stops at
+    the PVM host check, past every input check)."""
+    data = bytearray(open(kernel, "rb").read())
+    setup_sects = data[0x1f1] or 4
+    payload = (setup_sects + 1) * 512 + struct.unpack_from("<I", data, 0x248)[0]
+    assert data[payload:payload + 4] == b"\x02\x21\x4c\x18", "Debian's kernel payload is an LZ4 legacy frame"
+    data[payload + 8:payload + 8 + 64] = b"\xff" * 64
+    k = tmp_path / "bad-payload"
+    k.write_bytes(bytes(data))
+    r = sw(swiftlet, "--kernel", str(k))
+    assert r.returncode == BAD_INPUT, r.stderr
+    one_line(r, "payload", "--no-kernel-decompress")
+    if os.path.exists("/sys/module/kvm_pvm"):
+        r = sw(swiftlet, "--kernel", str(k), "--no-kernel-decompress")
+        assert r.returncode == HOST, r.stderr
+
+
 def test_initrd_missing(swiftlet, kernel, tmp_path):
     r = sw(swiftlet, "--kernel", kernel, "--initrd", str(tmp_path / "nope"))
     assert r.returncode == MISSING
@@ -171,6 +192,24 @@ def test_pvm_host_is_refused_with_the_way_out(swiftlet, kernel):
     r = sw(swiftlet, "--kernel", kernel)
     assert r.returncode == HOST
     one_line(r, "PVM", "scripts/testbed")
+
+
+def test_debug_log_maps_first_exits(swiftlet, tmp_path):
+    """--log-level debug lists the first exit to each port, in order, with its time
+    since swiftlet started: the tiny guest writes COM1 ('K', newline), then the ACPI
+    sleep register. On this PVM host (the tiny guest runs anywhere)."""
+    if not os.path.exists("/dev/kvm"):
+        pytest.skip("no /dev/kvm")
+    tiny = str(tmp_path / "tiny.elf")
+    subprocess.run([sys.executable, os.path.join(REPO, "scripts", "lib", "tinyguest.py"), tiny], check=True)
+    env = dict(os.environ, SWIFTLET_ALLOW_PVM="1")
+    r = subprocess.run([swiftlet, "--kernel", tiny, "--memory", "128M", "--serial", "none", "--log-level", "debug"],
+                       env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    firsts = re.findall(r"^swiftlet: first exit \+(\d+) us: (.*)$", r.stderr, re.M)
+    assert [w for _, w in firsts] == ["port 0x3f8 write", "port 0x3c0 write"], r.stderr
+    assert int(firsts[0][0]) <= int(firsts[1][0])
 
 
 def test_sigusr1_dumps_metrics_and_sigterm_stops_cleanly(swiftlet_release, tmp_path):

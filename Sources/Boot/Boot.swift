@@ -139,7 +139,7 @@ public enum BootError: Error, Equatable, CustomStringConvertible, Sendable {
         case let .badSetupHeader(d):
             return "kernel setup header is invalid (\(d)): the bzImage is corrupt, copy it again"
         case let .badPayload(d):
-            return "kernel payload does not unpack (\(d)): the bzImage is corrupt, copy it again (or leave out --kernel-decompress to let the guest try)"
+            return "kernel payload does not unpack (\(d)): the bzImage is corrupt, copy it again (or run with --no-kernel-decompress to let the guest try)"
         case let .kernelDoesNotFit(a, s, end):
             return "kernel needs guest memory \(hex(a))..\(hex(a &+ s)) but guest RAM ends at \(hex(end)) (or has a hole there): give the VM at least \(mib(a &+ s + (16 << 20))) of memory"
         case let .elfWrongClass(c):

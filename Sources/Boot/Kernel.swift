@@ -224,8 +224,11 @@ public func parseELFKernel(_ b: [UInt8], ram: RAMLayout) throws -> KernelImage {
     try b.withUnsafeBytes { try parseELFKernel($0, ram: ram) }
 }
 
-public func parseELFKernel(_ b: UnsafeRawBufferPointer, ram: RAMLayout) throws -> KernelImage {
+/// `fileSize`: the whole file's size when `b` is only its beginning (the headers and
+/// program headers must be inside `b`; the segments inside `fileSize`).
+public func parseELFKernel(_ b: UnsafeRawBufferPointer, ram: RAMLayout, fileSize: Int? = nil) throws -> KernelImage {
     let n = b.count
+    let fileN = max(fileSize ?? n, n)
     guard n >= 4, Array(b[0..<4]) == elfMagic else { throw BootError.notAKernel("kernel") }
     guard n >= 5 else { throw BootError.truncatedKernel("\(n) bytes, ends inside the ELF header") }
     guard b[4] == ELF.classELF64 else { throw BootError.elfWrongClass(b[4]) }
@@ -261,8 +264,8 @@ public func parseELFKernel(_ b: UnsafeRawBufferPointer, ram: RAMLayout) throws -
         let filesz = u64(p + 32), memsz = u64(p + 40)
         if memsz == 0 && filesz == 0 { continue }
         guard filesz <= memsz else { throw BootError.elfSegmentFileSizeExceedsMemSize(index: i, fileSize: filesz, memSize: memsz) }
-        guard off <= UInt64(n), filesz <= UInt64(n) - off else {
-            throw BootError.elfSegmentOutsideFile(index: i, offset: off, size: filesz, fileSize: UInt64(n))
+        guard off <= UInt64(fileN), filesz <= UInt64(fileN) - off else {
+            throw BootError.elfSegmentOutsideFile(index: i, offset: off, size: filesz, fileSize: UInt64(fileN))
         }
         guard paddr >= X86Layout.highMemoryStart else { throw BootError.elfSegmentOverlapsBootArea(index: i, address: paddr) }
         guard paddr <= UInt64.max - memsz, ramContains(ram, paddr, memsz) else {

@@ -17,6 +17,7 @@ public enum LZ4Error: Error, Equatable, CustomStringConvertible {
     case badOffset(at: Int)
     case blockOutputTooLarge(at: Int)
     case sizeMismatch(trailer: Int, produced: Int)
+    case blockCount(blocks: Int, trailer: Int)
 
     public var description: String {
         switch self {
@@ -28,6 +29,8 @@ public enum LZ4Error: Error, Equatable, CustomStringConvertible {
         case let .blockOutputTooLarge(at): return "LZ4 block at byte \(at) decompresses to more than 8 MiB"
         case let .sizeMismatch(trailer, produced):
             return "LZ4 payload says it decompresses to \(trailer) bytes, but gives \(produced)"
+        case let .blockCount(blocks, trailer):
+            return "LZ4 payload has \(blocks) blocks, which cannot make the \(trailer) bytes it says it decompresses to"
         }
     }
 }
@@ -54,9 +57,16 @@ public enum LZ4 {
         try input.withUnsafeBytes { try decompressLegacy($0, limit: limit) }
     }
 
-    public static func decompressLegacy(_ input: UnsafeRawBufferPointer, limit: Int) throws -> [UInt8] {
+    /// A legacy frame's blocks (where each compressed block starts in the input, and its
+    /// size) and the kernel's uncompressed-size trailer, if there is one. Every size is
+    /// checked against the input.
+    public struct LegacyFrame {
+        public let blocks: [(start: Int, size: Int)]
+        public let trailer: Int?
+    }
+
+    public static func parseLegacyFrame(_ input: UnsafeRawBufferPointer) throws -> LegacyFrame {
         guard isLegacyFrame(input) else { throw LZ4Error.badMagic }
-        // First pass: the total output size bound, so the output is allocated once.
         let n = input.count
         var pos = 4
         var blocks: [(start: Int, size: Int)] = []
@@ -73,6 +83,31 @@ public enum LZ4 {
             blocks.append((pos, size))
             pos += size
         }
+        return LegacyFrame(blocks: blocks, trailer: trailer)
+    }
+
+    /// Decodes one block of a legacy frame into `dst` (at most `dst.count` bytes, and
+    /// never more than a legacy block holds); returns the bytes written. Bytes of `dst`
+    /// past that count may have been overwritten.
+    public static func decodeLegacyBlock(_ input: UnsafeRawBufferPointer, _ block: (start: Int, size: Int),
+                                         into dst: UnsafeMutableRawBufferPointer) throws -> Int {
+        guard block.start >= 0, block.size >= 0, block.start <= input.count - block.size else {
+            throw LZ4Error.truncated(at: input.count)
+        }
+        guard let base = dst.baseAddress else { return block.size == 0 ? 0 : try fail(.blockOutputTooLarge(at: block.start)) }
+        switch decodeBlock(input.baseAddress! + block.start, block.size, base.assumingMemoryBound(to: UInt8.self),
+                           min(dst.count, legacyBlockSize), inputOffset: block.start) {
+        case let .success(k): return k
+        case let .failure(e): throw e
+        }
+    }
+
+    private static func fail(_ e: LZ4Error) throws -> Int { throw e }
+
+    public static func decompressLegacy(_ input: UnsafeRawBufferPointer, limit: Int) throws -> [UInt8] {
+        // First pass: the total output size bound, so the output is allocated once.
+        let frame = try parseLegacyFrame(input)
+        let blocks = frame.blocks, trailer = frame.trailer
         // Output capacity: the trailer's size when there is one, else 8 MiB a block; never
         // more than `limit`. Pages never written are never touched.
         let perBlocks = blocks.count.multipliedReportingOverflow(by: legacyBlockSize)
@@ -102,11 +137,17 @@ public enum LZ4 {
     enum BlockResult { case success(Int), failure(LZ4Error) }
 
     /// One LZ4 block: `src[0..<srcLen]` into `dst[0..<room]`; returns the bytes written.
+    /// Bytes of `dst` past the returned count but inside `room` may be overwritten (the
+    /// short copies below move 8 bytes at a time); nothing outside `dst[0..<room]` is.
     static func decodeBlock(_ src: UnsafeRawPointer, _ srcLen: Int, _ dst: UnsafeMutablePointer<UInt8>, _ room: Int,
                             inputOffset: Int) -> BlockResult {
         let s = src.assumingMemoryBound(to: UInt8.self)
+        let d = UnsafeMutableRawPointer(dst)
         var ip = 0, op = 0
         func tooLarge() -> BlockResult { .failure(.blockOutputTooLarge(at: inputOffset)) }
+        @inline(__always) func copy8(_ to: Int, _ from: UnsafeRawPointer) {
+            d.storeBytes(of: from.loadUnaligned(as: UInt64.self), toByteOffset: to, as: UInt64.self)
+        }
         if srcLen == 0 { return .success(0) }
         while true {
             guard ip < srcLen else { return .failure(.truncated(at: inputOffset + ip)) }
@@ -123,7 +164,14 @@ public enum LZ4 {
             }
             guard lit <= srcLen - ip else { return .failure(.truncated(at: inputOffset + srcLen)) }
             guard lit <= room - op else { return tooLarge() }
-            (dst + op).update(from: s + ip, count: lit)
+            // Most literal runs are short: two 8-byte moves (reading and writing up to 16
+            // bytes, both checked) instead of a memcpy call.
+            if lit <= 16 && srcLen - ip >= 16 && room - op >= 16 {
+                copy8(op, src + ip)
+                copy8(op + 8, src + ip + 8)
+            } else {
+                (dst + op).update(from: s + ip, count: lit)
+            }
             ip += lit; op += lit
             if ip == srcLen { return .success(op) }  // the last sequence has literals only
             guard srcLen - ip >= 2 else { return .failure(.truncated(at: inputOffset + srcLen)) }
@@ -142,9 +190,19 @@ public enum LZ4 {
             }
             mlen += 4
             guard mlen <= room - op else { return tooLarge() }
+            let from = op - offset
+            if offset >= 8 && room - op >= mlen + 7 {
+                // Far enough back that every 8-byte move reads bytes already final.
+                var k = 0
+                while k < mlen {
+                    copy8(op + k, UnsafeRawPointer(d + from + k))
+                    k += 8
+                }
+                op += mlen
+                continue
+            }
             // An overlapping match repeats the `offset` bytes before it; copy it in
             // non-overlapping chunks that double (runs of zeros in a vmlinux are MiBs long).
-            let from = op - offset
             var left = mlen
             while left > 0 {
                 let chunk = min(left, op - from)

@@ -52,11 +52,14 @@ public func loadLinuxDetailed(_ config: LinuxBootConfig, into memory: GuestMemor
 
     let file = try mapKernelFile(config.kernelPath)
     var kernel = try parseKernel(file.bytes, ram: ram, path: config.kernelPath)
-    // The bytes the kernel's segments are copied from: the file, or the unpacked payload.
+    // The bytes the kernel's segments are copied from: the file, or the unpacked payload
+    // (none when the unpacker already wrote the segments into guest memory).
     var unpacked: [UInt8]?
+    var segmentsLoaded = false
     if config.decompressKernel, case let .bzImage(h) = kernel.format,
-       let vmlinux = try unpackBzImagePayload(file.bytes, kernel: kernel, header: h, ram: ram) {
+       let vmlinux = try unpackBzImagePayload(file.bytes, kernel: kernel, header: h, ram: ram, into: memory) {
         unpacked = vmlinux.bytes
+        segmentsLoaded = vmlinux.bytes == nil
         kernel = vmlinux.image
     }
     for r in config.extraReserved where r.base < kernel.end && kernel.loadAddress < r.base + r.size {
@@ -86,7 +89,8 @@ public func loadLinuxDetailed(_ config: LinuxBootConfig, into memory: GuestMemor
         }
     }
 
-    if let unpacked {
+    if segmentsLoaded {
+    } else if let unpacked {
         try loadKernelSegments(kernel, from: unpacked, into: memory)
     } else {
         try loadKernelSegments(kernel, from: file.bytes, into: memory)
@@ -102,18 +106,32 @@ public func loadLinuxDetailed(_ config: LinuxBootConfig, into memory: GuestMemor
 /// for other compressions (gzip, xz, zstd, ...): the guest then decompresses itself.
 /// The result keeps the bzImage's setup header (for the zero page) and takes the ELF's
 /// segments, entry and end. A payload that claims LZ4 or ELF but is corrupt is an error.
+/// An LZ4 payload with the kernel's size trailer goes straight into guest memory (see
+/// `loadLZ4Vmlinux`) and `bytes` is nil; otherwise `bytes` is the vmlinux, whose segments
+/// the caller copies.
 public func unpackBzImagePayload(_ file: UnsafeRawBufferPointer, kernel: KernelImage, header h: SetupHeader,
-                                 ram: RAMLayout) throws -> (bytes: [UInt8], image: KernelImage)? {
+                                 ram: RAMLayout, into memory: GuestMemory) throws -> (bytes: [UInt8]?, image: KernelImage)? {
     guard h.payloadLength >= 4, let pm = kernel.segments.first else { return nil }
     let start = pm.fileOffset + Int(h.payloadOffset)
     let end = start + Int(h.payloadLength)
     guard start >= 0, end <= file.count else { return nil }  // parseBzImage checked this
     let payload = UnsafeRawBufferPointer(rebasing: file[start..<end])
+    func keepingHeader(_ elf: KernelImage) -> KernelImage {
+        KernelImage(format: .bzImage(h), segments: elf.segments, entry: elf.entry, loadAddress: elf.loadAddress,
+                    end: elf.end, cmdlineMax: kernel.cmdlineMax, initrdAddrMax: kernel.initrdAddrMax)
+    }
     let bytes: [UInt8]
     if LZ4.isLegacyFrame(payload) {
         // Limit: guest RAM (the vmlinux must fit in it) and 1 GiB.
         let limit = Int(min(ram.map(\.size).reduce(0, +), 1 << 30))
-        do { bytes = try LZ4.decompressLegacy(payload, limit: limit) } catch let e as LZ4Error {
+        do {
+            let frame = try LZ4.parseLegacyFrame(payload)
+            if let total = frame.trailer {
+                return (nil, keepingHeader(try loadLZ4Vmlinux(payload, frame: frame, size: total, limit: limit,
+                                                              ram: ram, into: memory)))
+            }
+            bytes = try LZ4.decompressLegacy(payload, limit: limit)
+        } catch let e as LZ4Error {
             throw BootError.badPayload("\(e)")
         }
     } else if payload.starts(with: elfMagic) {
@@ -125,9 +143,59 @@ public func unpackBzImagePayload(_ file: UnsafeRawBufferPointer, kernel: KernelI
     do { elf = try parseELFKernel(bytes, ram: ram) } catch let e as BootError {
         throw BootError.badPayload("the unpacked vmlinux: \(e)")
     }
-    return (bytes, KernelImage(format: .bzImage(h), segments: elf.segments, entry: elf.entry,
-                               loadAddress: elf.loadAddress, end: elf.end, cmdlineMax: kernel.cmdlineMax,
-                               initrdAddrMax: kernel.initrdAddrMax))
+    return (bytes, keepingHeader(elf))
+}
+
+/// Unpacks an LZ4 vmlinux of `size` bytes (the kernel's trailer) block by block straight
+/// into its segments in guest memory, never holding the whole vmlinux (50-odd MiB for
+/// Debian's): a block whose output lies inside one segment is decoded in place; the
+/// others (the first, with the ELF headers, and those across a segment's edge) go
+/// through one 8 MiB scratch buffer and only their segment bytes are copied. ELF bss is
+/// zeroed last. Returns the ELF's image.
+func loadLZ4Vmlinux(_ payload: UnsafeRawBufferPointer, frame: LZ4.LegacyFrame, size total: Int, limit: Int,
+                    ram: RAMLayout, into memory: GuestMemory) throws -> KernelImage {
+    let blockSize = LZ4.legacyBlockSize
+    guard total <= limit else { throw LZ4Error.outputTooLarge(limit: limit) }
+    guard let first = frame.blocks.first, total > 0 else { throw LZ4Error.blockCount(blocks: frame.blocks.count, trailer: total) }
+    let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: min(blockSize, total), alignment: 16)
+    defer { scratch.deallocate() }
+    var off = try LZ4.decodeLegacyBlock(payload, first, into: scratch)
+    let elf: KernelImage
+    do {
+        elf = try parseELFKernel(UnsafeRawBufferPointer(rebasing: scratch[0..<off]), ram: ram, fileSize: total)
+    } catch let e as BootError {
+        throw BootError.badPayload("the unpacked vmlinux: \(e)")
+    }
+    // Copies the segment bytes among `bytes`, the vmlinux's bytes from file offset `at`.
+    func scatter(_ bytes: UnsafeRawBufferPointer, at: Int) throws {
+        for s in elf.segments {
+            let lo = max(at, s.fileOffset), hi = min(at + bytes.count, s.fileOffset + s.fileSize)
+            if lo < hi {
+                try memory.write(UnsafeRawBufferPointer(rebasing: bytes[(lo - at)..<(hi - at)]),
+                                 at: s.address + UInt64(lo - s.fileOffset))
+            }
+        }
+    }
+    try mem {
+        try scatter(UnsafeRawBufferPointer(rebasing: scratch[0..<off]), at: 0)
+        for block in frame.blocks.dropFirst() {
+            let room = min(blockSize, total - off)
+            if room > 0,
+               let s = elf.segments.first(where: { off >= $0.fileOffset && off + room <= $0.fileOffset + $0.fileSize }) {
+                let dst = try memory.pointer(s.address + UInt64(off - s.fileOffset), length: UInt64(room))
+                off += try LZ4.decodeLegacyBlock(payload, block, into: UnsafeMutableRawBufferPointer(start: dst, count: room))
+            } else {
+                let k = try LZ4.decodeLegacyBlock(payload, block, into: UnsafeMutableRawBufferPointer(rebasing: scratch[0..<room]))
+                try scatter(UnsafeRawBufferPointer(rebasing: scratch[0..<k]), at: off)
+                off += k
+            }
+        }
+        guard off == total else { throw LZ4Error.sizeMismatch(trailer: total, produced: off) }
+        for s in elf.segments where s.memSize > UInt64(s.fileSize) {
+            try memory.zero(s.address + UInt64(s.fileSize), length: s.memSize - UInt64(s.fileSize))
+        }
+    }
+    return elf
 }
 
 /// Writes everything except the kernel and initrd: GDT/IDT, page tables, command line,

@@ -86,8 +86,9 @@ public struct MachineConfig {
     public var disks: [DiskOptions] = []
     public var nets: [NetOptions] = []
     public var virtioDiscovery: VirtioDiscovery = .acpi
-    /// Unpack the bzImage payload in swiftlet (LinuxBootConfig.decompressKernel).
-    public var decompressKernel = false
+    /// Unpack the bzImage payload in swiftlet (LinuxBootConfig.decompressKernel): on by
+    /// default, --no-kernel-decompress turns it off.
+    public var decompressKernel = true
     /// --metrics: "-" (stderr) or a file, written at exit and on SIGUSR1.
     public var metricsPath: String? = nil
 

@@ -122,13 +122,24 @@ final class Machine: @unchecked Sendable {
     private var outcome: Outcome? = nil
     private var stopping = false
     /// At --log-level debug, accesses to nothing are logged (each kind once, 256 at most).
-    private lazy var debugUnhandled = config.logLevel >= .debug
+    private lazy var debugExits = config.logLevel >= .debug
     private var unhandledSeen = Set<String>()
     private func noteUnhandled(_ what: String) {
         let first: Bool = outcomeLock.withLock {
             unhandledSeen.count < 256 && unhandledSeen.insert(what).inserted
         }
         if first { log("unhandled \(what)") }
+    }
+    /// At --log-level debug, the first exit to each port and MMIO page, with its time since
+    /// swiftlet started: a rough map of where a boot spends its time ("first exit" lines).
+    private var firstExitSeen = Set<UInt64>()
+    private var firstExits: [String] = []
+    private func noteFirstExit(_ key: UInt64, _ what: @autoclosure () -> String) {
+        let t = monotonicNanos()
+        outcomeLock.withLock {
+            guard firstExits.count < 64, firstExitSeen.insert(key).inserted else { return }
+            firstExits.append("first exit +\((t &- config.startNanos) / 1000) us: \(what())")
+        }
     }
     /// monotonicNanos() just before vCPU 0's first KVM_RUN.
     private var firstRunNanos: UInt64 = 0
@@ -270,6 +281,7 @@ final class Machine: @unchecked Sendable {
                 last = t
             }
             log("startup: first KVM_RUN \((firstRunNanos &- config.startNanos) / 1000) us after main, at monotonic \(firstRunNanos) ns")
+            for line in outcomeLock.withLock({ firstExits }) { log(line) }
             let rss = residentSetBytes()
             let anon = (procKiB("/proc/self/status", "RssAnon:") ?? 0) * 1024
             let file = (procKiB("/proc/self/status", "RssFile:") ?? 0) * 1024
@@ -336,9 +348,11 @@ final class Machine: @unchecked Sendable {
             switch exit {
             case let .io(port, size, isWrite, count, data):
                 exitCounters.pio.wrappingAdd(1, ordering: .relaxed)
+                if debugExits { noteFirstExit(UInt64(port), "port 0x\(String(port, radix: 16)) \(isWrite ? "write" : "read")") }
                 handlePIO(port: port, size: size, isWrite: isWrite, count: count, data: data)
             case let .mmio(address, length, isWrite, data):
                 exitCounters.mmio.wrappingAdd(1, ordering: .relaxed)
+                if debugExits { noteFirstExit(address >> 12 | 1 << 63, "MMIO 0x\(String(address, radix: 16)) \(isWrite ? "write" : "read")") }
                 handleMMIO(address: address, length: length, isWrite: isWrite, data: data)
             case .hlt:
                 // Only without an in-kernel irqchip; ours has one, so a HLT exit means the
@@ -379,7 +393,7 @@ final class Machine: @unchecked Sendable {
         guard let (dev, off) = pio.lookup(UInt64(port), length: 1) else {
             // Nothing there: reads float high, writes vanish.
             if !isWrite { memset(data, 0xff, size * count) }
-            if debugUnhandled { noteUnhandled("port 0x\(String(port, radix: 16)) \(isWrite ? "write" : "read") size \(size)") }
+            if debugExits { noteUnhandled("port 0x\(String(port, radix: 16)) \(isWrite ? "write" : "read") size \(size)") }
             return
         }
         for i in 0..<count {
@@ -407,7 +421,7 @@ final class Machine: @unchecked Sendable {
     private func handleMMIO(address: UInt64, length: Int, isWrite: Bool, data: UnsafeMutableRawPointer) {
         guard let (dev, off) = mmio.lookup(address, length: UInt64(length)) else {
             if !isWrite { memset(data, 0, 8) }
-            if debugUnhandled { noteUnhandled("MMIO 0x\(String(address, radix: 16)) \(isWrite ? "write" : "read") size \(length)") }
+            if debugExits { noteUnhandled("MMIO 0x\(String(address, radix: 16)) \(isWrite ? "write" : "read") size \(length)") }
             return
         }
         if isWrite {

@@ -48,8 +48,8 @@ struct Swiftlet: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("How the guest finds virtio devices: acpi (DSDT, stock kernels) or cmdline (virtio_mmio.device=).", valueName: "mode"))
     var virtioDiscovery: String = "acpi"
 
-    @Flag(name: .long, help: ArgumentHelp("Unpack the bzImage's payload (LZ4 or uncompressed) in swiftlet and enter the vmlinux directly, without KASLR, instead of letting the guest decompress itself (README: slower in the nested testbed)."))
-    var kernelDecompress = false
+    @Flag(name: .long, inversion: .prefixedNo, help: ArgumentHelp("Unpack the bzImage's payload (LZ4 or uncompressed; other compressions are left to the guest) in swiftlet, and enter the vmlinux directly, without KASLR; --no-kernel-decompress lets the guest decompress itself."))
+    var kernelDecompress = true
 
     @Option(name: .long, help: ArgumentHelp("Write counters (KVM exits, per-device register exits, per-queue packets/requests) as JSON at exit and on SIGUSR1: - for stderr, or a file.", valueName: "path"))
     var metrics: String?

@@ -11,9 +11,9 @@ final class LinuxBootTests: XCTestCase {
         let initrd = tempFile(initrdBytes, name: "initrd")
         defer { unlink(initrd) }
         let virtio = [VirtioMMIODeviceDescription(address: 0xd000_1000, size: 0x1000, gsi: 5)]
-        var cfg = LinuxBootConfig(kernelPath: path, initrdPath: initrd, cmdline: "console=ttyS0 reboot=k panic=-1",
+        let cfg = LinuxBootConfig(kernelPath: path, initrdPath: initrd, cmdline: "console=ttyS0 reboot=k panic=-1",
                                   cpus: 2, virtioDevices: virtio, extraReserved: [(0x800_0000, 0x1000)])
-        XCTAssertFalse(cfg.decompressKernel, "the default: the guest decompresses, the bzImage goes in whole")
+        XCTAssertFalse(cfg.decompressKernel, "the library's default: the guest decompresses, the bzImage goes in whole (swiftlet's CLI turns unpacking on)")
         let info = try loadLinuxDetailed(cfg, into: m)
         guard case let .bzImage(h) = info.kernel.format else { return XCTFail() }
         XCTAssertEqual(info.cpu.rip, info.kernel.loadAddress + 0x200)
@@ -80,11 +80,14 @@ final class LinuxBootTests: XCTestCase {
         let elf = try parseELFKernel(vmlinux, ram: [(0, 256 * MiB)])
         XCTAssertEqual(info.kernel.segments, elf.segments)
         XCTAssertGreaterThanOrEqual(elf.segments.count, 3)
+        // Every byte of every segment: the unpacker decodes some 8 MiB blocks in place and
+        // scatters the others (the first, and those across a segment's edge).
         for s in elf.segments {
-            let n = min(s.fileSize, 8192)
-            XCTAssertEqual(try m.readBytes(at: s.address, count: n), Array(vmlinux[s.fileOffset..<s.fileOffset + n]))
-            XCTAssertEqual(try m.readBytes(at: s.address + UInt64(s.fileSize) - 64, count: 64),
-                           Array(vmlinux[s.fileOffset + s.fileSize - 64..<s.fileOffset + s.fileSize]))
+            XCTAssertTrue(try m.readBytes(at: s.address, count: s.fileSize) == Array(vmlinux[s.fileOffset..<s.fileOffset + s.fileSize]),
+                          "segment at \(s.address) differs from the vmlinux")
+            if s.memSize > UInt64(s.fileSize) {
+                XCTAssertTrue(try m.readBytes(at: s.address + UInt64(s.fileSize), count: Int(s.memSize) - s.fileSize).allSatisfy { $0 == 0 })
+            }
         }
         let zp = try m.readBytes(at: 0x7000, count: 4096)
         XCTAssertEqual(Array(zp[0x1f1..<0x210]), Array(h.bytes[0..<(0x210 - 0x1f1)]))
@@ -105,10 +108,79 @@ final class LinuxBootTests: XCTestCase {
         var cfg = LinuxBootConfig(kernelPath: bad)
         cfg.decompressKernel = true
         assertThrowsBoot(try loadLinux(cfg, into: m)) {
-            if case .badPayload = $0 { return "\($0)".contains("--kernel-decompress") }
+            if case .badPayload = $0 { return "\($0)".contains("--no-kernel-decompress") }
             return false
         }
         XCTAssertEqual(try loadLinux(LinuxBootConfig(kernelPath: bad), into: m).rip, img.loadAddress + 0x200)
+    }
+
+    /// The unpacker writes most blocks straight into guest memory: a corrupt block in the
+    /// middle, a trailer that claims more or fewer bytes than the blocks give, and a block
+    /// size past the payload are each one clear error, never a write outside guest RAM.
+    func testCorruptLZ4PayloadInPlaceBlocks() throws {
+        let (_, k0) = try requireKernel()
+        let img = try parseBzImage(k0, ram: [(0, 1 << 30)])
+        guard case let .bzImage(h) = img.format else { return XCTFail() }
+        let start = img.segments[0].fileOffset + Int(h.payloadOffset)
+        let end = start + Int(h.payloadLength)
+        let frame = try k0.withUnsafeBytes { try LZ4.parseLegacyFrame(UnsafeRawBufferPointer(rebasing: $0[start..<end])) }
+        XCTAssertGreaterThanOrEqual(frame.blocks.count, 4)
+        let mid = start + frame.blocks[2].start
+        func le32(_ b: [UInt8], _ o: Int) -> UInt32 { UInt32(b[o]) | UInt32(b[o + 1]) << 8 | UInt32(b[o + 2]) << 16 | UInt32(b[o + 3]) << 24 }
+        func put32(_ b: inout [UInt8], _ o: Int, _ v: UInt32) { for i in 0..<4 { b[o + i] = UInt8(truncatingIfNeeded: v >> (8 * i)) } }
+        var cases: [(String, [UInt8])] = []
+        var k = k0
+        for i in 0..<256 { k[mid + 100 + i] = 0xff }
+        cases.append(("corrupt middle block", k))
+        k = k0; put32(&k, end - 4, le32(k0, end - 4) + 1)
+        cases.append(("trailer one byte too many", k))
+        k = k0; put32(&k, end - 4, le32(k0, end - 4) - 1)
+        cases.append(("trailer one byte too few", k))
+        k = k0; put32(&k, mid - 4, UInt32(LZ4.maxCompressedBlock))
+        cases.append(("block size past the payload", k))
+        let m = try makeMemory(256 * MiB)
+        for (what, bytes) in cases {
+            let bad = tempFile(bytes, name: "bad-bz")
+            defer { unlink(bad) }
+            var cfg = LinuxBootConfig(kernelPath: bad)
+            cfg.decompressKernel = true
+            assertThrowsBoot(try loadLinux(cfg, into: m), what) {
+                if case .badPayload = $0 { return true }
+                return false
+            }
+        }
+    }
+
+    /// Random damage anywhere in the payload: the unpack either succeeds (a changed
+    /// literal is still valid LZ4) or fails with one badPayload error, and the guest
+    /// memory around the kernel (below its load address, above its end) stays untouched.
+    func testRandomlyDamagedLZ4PayloadNeverEscapes() throws {
+        let (_, k0) = try requireKernel()
+        let img = try parseBzImage(k0, ram: [(0, 1 << 30)])
+        guard case let .bzImage(h) = img.format else { return XCTFail() }
+        let start = img.segments[0].fileOffset + Int(h.payloadOffset)
+        let len = Int(h.payloadLength)
+        var rng = SystemRandomNumberGenerator()
+        let m = try makeMemory(256 * MiB)
+        let canary = [UInt8](repeating: 0xa5, count: 4096)
+        for round in 0..<12 {
+            var k = k0
+            for _ in 0..<(1 + round % 4) {
+                let at = start + Int.random(in: 0..<len, using: &rng)
+                k[at] = UInt8.random(in: 0...255, using: &rng)
+            }
+            let bad = tempFile(k, name: "dmg-bz")
+            defer { unlink(bad) }
+            var cfg = LinuxBootConfig(kernelPath: bad)
+            cfg.decompressKernel = true
+            try m.write(canary, at: 0xf0_0000)              // just below the 16 MiB load address
+            try m.write(canary, at: 200 * UInt64(MiB))      // well above the vmlinux's end
+            do { _ = try loadLinux(cfg, into: m) } catch let e as BootError {
+                guard case .badPayload = e else { return XCTFail("round \(round): unexpected error \(e)") }
+            }
+            XCTAssertEqual(try m.readBytes(at: 0xf0_0000, count: 4096), canary, "round \(round)")
+            XCTAssertEqual(try m.readBytes(at: 200 * UInt64(MiB), count: 4096), canary, "round \(round)")
+        }
     }
 
     func testInitrdTooLarge() throws {
