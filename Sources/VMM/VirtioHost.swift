@@ -5,8 +5,10 @@
 // driver has the device running (DRIVER_OK), per active queue:
 //   - an eventfd registered as ioeventfd on QueueNotify (base + 0x050, 4 bytes,
 //     datamatch = queue index), so the guest's kick never exits to swiftlet;
-//   - one thread ("blk0-q0", ...) that polls that eventfd, a stop eventfd and the
-//     device's completion fd, and calls the queue's handler.
+//   - one thread per group of queues (the device's queueHandlerGroups: "blk0-q0" for
+//     each virtio-blk queue, "net0-q0+1" for each virtio-net rx/tx pair) that polls the
+//     group's kick eventfds, a stop eventfd and the handlers' completion fds, and calls
+//     the handlers.
 // Interrupts are level-triggered, as on real virtio-mmio hardware and in QEMU: the line
 // is high while InterruptStatus is nonzero. The device calls the transport's
 // VirtioInterruptSink, which sets the InterruptStatus bit first and then writes the irqfd,
@@ -32,34 +34,52 @@ import Boot
 import Devices
 import Virtio
 
-/// One running queue: its eventfds and thread.
+/// One running group of queues (one queue, or a virtio-net rx/tx pair): a kick eventfd
+/// per queue, one stop eventfd, one thread.
 final class QueueWorker {
-    let index: Int
-    let kick: EventFD
+    private(set) var indices: [Int]
+    private(set) var kicks: [EventFD]
     let stop: EventFD
-    var ioeventfd: Bool
+    /// Per queue: its kick eventfd is registered as an ioeventfd.
+    var ioeventfd: [Bool]
     var thread: OSThread?
 
-    init(index: Int, kick: EventFD, stop: EventFD, ioeventfd: Bool) {
-        self.index = index
-        self.kick = kick
+    init(indices: [Int], kicks: [EventFD], stop: EventFD, ioeventfd: [Bool]) {
+        self.indices = indices
+        self.kicks = kicks
         self.stop = stop
         self.ioeventfd = ioeventfd
     }
 
-    /// The queue thread: serve once, then on every kick / completion until stopped.
-    static func loop(handler: VirtioQueueHandler, kick: EventFD, stop: EventFD, log: (@Sendable (String) -> Void)?) {
-        handler.kicked()
-        let completion = handler.completionFD
-        pollUntilStopped(stop: stop, watch: completion >= 0 ? [kick.fd, completion] : [kick.fd],
-                         what: "virtio queue \(handler.queueIndex)", log: log) { ready in
-            if ready.count > 1 && ready[1] { handler.completionsReady() }
-            if ready[0] {
-                _ = try? kick.read()
-                handler.kicked()
+    func add(index: Int, kick: EventFD, ioeventfd registered: Bool) {
+        indices.append(index)
+        kicks.append(kick)
+        ioeventfd.append(registered)
+    }
+
+    /// The group's thread: serve every queue once, then on every kick / completion until
+    /// stopped. A handler's completions are retired before its kick is served.
+    static func loop(handlers: [VirtioQueueHandler], kicks: [EventFD], stop: EventFD, log: (@Sendable (String) -> Void)?) {
+        for h in handlers { h.kicked() }
+        var watch: [Int32] = []
+        var slots: [(handler: Int, kick: Bool)] = []
+        for (k, h) in handlers.enumerated() {
+            if h.completionFD >= 0 { watch.append(h.completionFD); slots.append((k, false)) }
+            watch.append(kicks[k].fd); slots.append((k, true))
+        }
+        let what = "virtio queue " + handlers.map { String($0.queueIndex) }.joined(separator: "+")
+        pollUntilStopped(stop: stop, watch: watch, what: what, log: log) { ready in
+            for j in slots.indices where ready[j] {
+                let s = slots[j]
+                if s.kick {
+                    _ = try? kicks[s.handler].read()
+                    handlers[s.handler].kicked()
+                } else {
+                    handlers[s.handler].completionsReady()
+                }
             }
         }
-        handler.quiesce()
+        for h in handlers { h.quiesce() }
     }
 }
 
@@ -125,7 +145,7 @@ final class HostedDeviceAdapter: VirtioDevice, @unchecked Sendable {
             stopWorkersLocked()
             try inner.activate(queues: queues, memory: memory, features: features, interrupt: interrupt)
             do {
-                for h in inner.queueHandlers { try startWorkerLocked(h) }
+                for g in inner.queueHandlerGroups where !g.isEmpty { try startWorkerLocked(g) }
             } catch {
                 log?("\(name): cannot start queue threads: \(error)")
                 stopWorkersLocked()
@@ -135,38 +155,46 @@ final class HostedDeviceAdapter: VirtioDevice, @unchecked Sendable {
         }
     }
 
-    private func startWorkerLocked(_ handler: VirtioQueueHandler) throws {
-        let i = handler.queueIndex
-        let kick = try EventFD()
+    private func startWorkerLocked(_ handlers: [VirtioQueueHandler]) throws {
+        let indices = handlers.map(\.queueIndex)
         let stop = try EventFD()
-        var registered = true
-        do {
-            try vm.registerIoeventfd(kick, address: notifyAddress, length: 4, datamatch: UInt64(i))
-        } catch {
-            // Kicks then exit to the vCPU and come back through onQueueNotify.
-            registered = false
-            log?("\(name) queue \(i): no ioeventfd (\(error)): kicks go through MMIO exits")
+        let w = QueueWorker(indices: [], kicks: [], stop: stop, ioeventfd: [])
+        workers.append(w)  // before anything is registered: a failure below still deregisters it
+        var kicks: [EventFD] = []
+        for i in indices {
+            let kick = try EventFD()
+            var registered = true
+            do {
+                try vm.registerIoeventfd(kick, address: notifyAddress, length: 4, datamatch: UInt64(i))
+            } catch {
+                // Kicks then exit to the vCPU and come back through onQueueNotify.
+                registered = false
+                log?("\(name) queue \(i): no ioeventfd (\(error)): kicks go through MMIO exits")
+            }
+            kicks.append(kick)
+            w.add(index: i, kick: kick, ioeventfd: registered)
         }
-        let w = QueueWorker(index: i, kick: kick, stop: stop, ioeventfd: registered)
-        workers.append(w)  // before the thread: a failure below still deregisters the ioeventfd
         let log = self.log
-        w.thread = try spawnThread(name: "\(name)-q\(i)") {
-            QueueWorker.loop(handler: handler, kick: kick, stop: stop, log: log)
+        let threadName = "\(name)-q" + indices.map(String.init).joined(separator: "+")
+        w.thread = try spawnThread(name: threadName) {
+            QueueWorker.loop(handlers: handlers, kicks: kicks, stop: stop, log: log)
         }
     }
 
     /// Deregisters the ioeventfds, then stops and joins every queue thread.
     private func stopWorkersLocked() {
-        for w in workers where w.ioeventfd {
-            do {
-                try vm.deassignIoeventfd(w.kick, address: notifyAddress, length: 4, datamatch: UInt64(w.index))
-            } catch {
-                log?("\(name) queue \(w.index): cannot deregister ioeventfd: \(error)")
+        for w in workers {
+            for (k, i) in w.indices.enumerated() where w.ioeventfd[k] {
+                do {
+                    try vm.deassignIoeventfd(w.kicks[k], address: notifyAddress, length: 4, datamatch: UInt64(i))
+                } catch {
+                    log?("\(name) queue \(i): cannot deregister ioeventfd: \(error)")
+                }
+                w.ioeventfd[k] = false
             }
-            w.ioeventfd = false
         }
         for w in workers where w.thread != nil {
-            do { try w.stop.write(1) } catch { log?("\(name) queue \(w.index): cannot signal stop: \(error)") }
+            do { try w.stop.write(1) } catch { log?("\(name) queues \(w.indices): cannot signal stop: \(error)") }
         }
         for w in workers { w.thread?.join() }
         workers = []
@@ -182,7 +210,9 @@ final class HostedDeviceAdapter: VirtioDevice, @unchecked Sendable {
     /// A QueueNotify write that exited to swiftlet: pass it to the queue's thread.
     func notify(queue: Int) {
         lock.withLock {
-            if let w = workers.first(where: { $0.index == queue }) { try? w.kick.write(1) }
+            for w in workers {
+                if let k = w.indices.firstIndex(of: queue) { try? w.kicks[k].write(1) }
+            }
         }
     }
 

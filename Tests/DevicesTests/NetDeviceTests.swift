@@ -32,6 +32,8 @@ final class NetDeviceTests: XCTestCase {
         XCTAssertEqual(h.control.offloads.last, TunOffload.csum | TunOffload.tso4 | TunOffload.tso6 | TunOffload.tsoECN)
         XCTAssertEqual(h.control.attached, [0])
         XCTAssertEqual(h.device.queueHandlers.count, 9)
+        // One host thread per queue pair (rx i with tx i), the control queue on its own.
+        XCTAssertEqual(h.device.queueHandlerGroups.map { $0.map(\.queueIndex) }, [[0, 1], [2, 3], [4, 5], [6, 7], [8]])
     }
 
     func testOffloadOffOffersNoOffloads() throws {
@@ -216,6 +218,7 @@ final class NetDeviceTests: XCTestCase {
         XCTAssertEqual(h.device.queueHandlers.count, 5)
         h.device.reset()
         XCTAssertTrue(h.device.queueHandlers.isEmpty)
+        XCTAssertTrue(h.device.queueHandlerGroups.isEmpty)
         h.device.reset()  // idempotent
     }
 }

@@ -162,9 +162,9 @@ final class VirtioHostTests: XCTestCase {
         // Queue 0: kick through the ioeventfd's eventfd, as KVM does on the guest's write.
         let s0 = try postWrite(env.mem, queue: 0, n: 0, sector: 4, data: [UInt8](repeating: 0xA5, count: 1024))
         XCTAssertEqual(slot.read(offset: VirtioMMIOReg.interruptStatus, size: 4), 0)
-        let w0 = slot.adapter.workers.first { $0.index == 0 }!
-        XCTAssertTrue(w0.ioeventfd, "ioeventfd registered on QueueNotify")
-        try w0.kick.write(1)
+        let w0 = slot.adapter.workers.first { $0.indices == [0] }!
+        XCTAssertTrue(w0.ioeventfd[0], "ioeventfd registered on QueueNotify")
+        try w0.kicks[0].write(1)
         waitUsed(env.mem, 0, 1)
         XCTAssertEqual(try env.mem.load(UInt8.self, at: s0), VirtioBlockStatus.ok)
         XCTAssertEqual(fileBytes(env.image, 4 * 512, 1024), [UInt8](repeating: 0xA5, count: 1024))
@@ -203,7 +203,7 @@ final class VirtioHostTests: XCTestCase {
         driverInit(slot, queues: 2, features: features)
         XCTAssertEqual(waitThreads("tblk0-q", ["tblk0-q0", "tblk0-q1"]), ["tblk0-q0", "tblk0-q1"])
         let s2 = try postWrite(env.mem, queue: 0, n: 0, sector: 8, data: [UInt8](repeating: 0x77, count: 512))
-        try slot.adapter.workers.first { $0.index == 0 }!.kick.write(1)
+        try slot.adapter.workers.first { $0.indices == [0] }!.kicks[0].write(1)
         waitUsed(env.mem, 0, 1)
         XCTAssertEqual(try env.mem.load(UInt8.self, at: s2), VirtioBlockStatus.ok)
         XCTAssertEqual(fileBytes(env.image, 8 * 512, 512), [UInt8](repeating: 0x77, count: 512))
@@ -237,7 +237,7 @@ final class VirtioHostTests: XCTestCase {
                 _ = try postWrite(env.mem, queue: 0, n: n, sector: UInt64(n * 8), data: [UInt8](repeating: UInt8(n), count: 4096))
                 n += 1
             }
-            try w.kick.write(1)
+            try w.kicks[0].write(1)
             waitUsed(env.mem, 0, UInt16(n))  // a driver never has more than the queue size outstanding
             round = round % 5 + 1
         }
@@ -246,7 +246,7 @@ final class VirtioHostTests: XCTestCase {
         XCTAssertEqual(slot.read(offset: VirtioMMIOReg.interruptStatus, size: 4) & 1, 1)
         // Status 0 with requests possibly in flight: joins cleanly.
         _ = try postWrite(env.mem, queue: 0, n: 40, sector: 0, data: [UInt8](repeating: 1, count: 4096))
-        try w.kick.write(1)
+        try w.kicks[0].write(1)
         slot.write(offset: VirtioMMIOReg.status, size: 4, value: 0)
         XCTAssertEqual(waitThreads("tblk3-q0", []), [])
         XCTAssertEqual(waitThreads("tblk3-q0-io", []), [], "I/O pool threads joined")

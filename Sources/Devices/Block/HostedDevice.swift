@@ -1,8 +1,9 @@
 // The contract between a virtio device model (here) and the VMM glue that runs it
 // (Sources/VMM/VirtioHost.swift): the device does the work on its queues, the host owns
-// the threads and eventfds. Per active queue the host runs one thread that polls the
-// queue's kick eventfd (an ioeventfd on QueueNotify), a stop eventfd and the handler's
-// completion fd, and calls the handler:
+// the threads and eventfds. Per group of active queues (`queueHandlerGroups`: each queue
+// alone by default; virtio-net groups each rx queue with its tx queue) the host runs one
+// thread that polls each queue's kick eventfd (an ioeventfd on QueueNotify), a stop
+// eventfd and each handler's completion fd, and calls the handlers:
 //
 //     handler.kicked()               once at start, then on every kick
 //     handler.completionsReady()     when completionFD is readable
@@ -30,4 +31,11 @@ public protocol VirtioQueueHandler: AnyObject {
 public protocol HostedVirtioDevice: VirtioDevice {
     /// Handlers for the queues activated by the last activate() (empty after reset()).
     var queueHandlers: [VirtioQueueHandler] { get }
+    /// `queueHandlers` split into the groups that share one host thread.
+    var queueHandlerGroups: [[VirtioQueueHandler]] { get }
+}
+
+extension HostedVirtioDevice {
+    /// One thread per queue.
+    public var queueHandlerGroups: [[VirtioQueueHandler]] { queueHandlers.map { [$0] } }
 }

@@ -2,9 +2,10 @@
 //
 // Queues: rx0, tx0, rx1, tx1, ..., ctrl (the control queue is queue 2 * pairs, where
 // pairs is `queuePairs` with VIRTIO_NET_F_MQ negotiated and 1 without it). Each rx and
-// each tx queue has its own handler and so its own host thread (VirtioHost runs one
-// thread per queue); queue pair i uses TAP queue file descriptor i for both directions.
-// The control queue has its own handler.
+// each tx queue has its own handler; queue pair i uses TAP queue file descriptor i for
+// both directions, and its two handlers share one host thread ("net0-q0+1": VirtioHost
+// runs one thread per `queueHandlerGroups` entry). The control queue has its own handler
+// and thread.
 //
 // RX: packets are read with readv straight into the guest's buffers (vnet header
 // first); with MRG_RXBUF one packet may fill several chains and num_buffers says how
@@ -161,6 +162,15 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig, @unchecked
     // MARK: HostedVirtioDevice
 
     public var queueHandlers: [VirtioQueueHandler] { lock.withLock { handlers } }
+    /// One thread per queue pair (rx i and tx i, which share TAP queue i), and one for the
+    /// control queue: frames both ways and their completions batch on one thread, with
+    /// one wake-up where two threads would hand over to each other.
+    public var queueHandlerGroups: [[VirtioQueueHandler]] {
+        let hs = queueHandlers
+        var groups: [Int: [VirtioQueueHandler]] = [:]
+        for h in hs { groups[h.queueIndex / 2, default: []].append(h) }
+        return groups.keys.sorted().map { k in groups[k]!.sorted { $0.queueIndex < $1.queueIndex } }
+    }
 
     /// Queue pairs in use (the driver's last VQ_PAIRS_SET, 1 after activation).
     public var activePairs: Int { lock.withLock { pairsActive } }
