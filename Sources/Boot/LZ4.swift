@@ -94,15 +94,16 @@ public enum LZ4 {
         guard block.start >= 0, block.size >= 0, block.start <= input.count - block.size else {
             throw LZ4Error.truncated(at: input.count)
         }
-        guard let base = dst.baseAddress else { return block.size == 0 ? 0 : try fail(.blockOutputTooLarge(at: block.start)) }
+        guard let base = dst.baseAddress else {
+            if block.size == 0 { return 0 }
+            throw LZ4Error.blockOutputTooLarge(at: block.start)
+        }
         switch decodeBlock(input.baseAddress! + block.start, block.size, base.assumingMemoryBound(to: UInt8.self),
                            min(dst.count, legacyBlockSize), inputOffset: block.start) {
         case let .success(k): return k
         case let .failure(e): throw e
         }
     }
-
-    private static func fail(_ e: LZ4Error) throws -> Int { throw e }
 
     public static func decompressLegacy(_ input: UnsafeRawBufferPointer, limit: Int) throws -> [UInt8] {
         // First pass: the total output size bound, so the output is allocated once.

@@ -52,15 +52,13 @@ public func loadLinuxDetailed(_ config: LinuxBootConfig, into memory: GuestMemor
 
     let file = try mapKernelFile(config.kernelPath)
     var kernel = try parseKernel(file.bytes, ram: ram, path: config.kernelPath)
-    // The bytes the kernel's segments are copied from: the file, or the unpacked payload
-    // (none when the unpacker already wrote the segments into guest memory).
-    var unpacked: [UInt8]?
+    // With decompressKernel the unpacker writes the vmlinux's segments into guest memory
+    // itself (nil: not a payload swiftlet unpacks, the bzImage goes in whole).
     var segmentsLoaded = false
     if config.decompressKernel, case let .bzImage(h) = kernel.format,
        let vmlinux = try unpackBzImagePayload(file.bytes, kernel: kernel, header: h, ram: ram, into: memory) {
-        unpacked = vmlinux.bytes
-        segmentsLoaded = vmlinux.bytes == nil
-        kernel = vmlinux.image
+        segmentsLoaded = true
+        kernel = vmlinux
     }
     for r in config.extraReserved where r.base < kernel.end && kernel.loadAddress < r.base + r.size {
         throw BootError.badReservedRange(base: r.base, size: r.size, reason: "it overlaps the kernel at \(hex(kernel.loadAddress))..\(hex(kernel.end))")
@@ -89,10 +87,7 @@ public func loadLinuxDetailed(_ config: LinuxBootConfig, into memory: GuestMemor
         }
     }
 
-    if segmentsLoaded {
-    } else if let unpacked {
-        try loadKernelSegments(kernel, from: unpacked, into: memory)
-    } else {
+    if !segmentsLoaded {
         try loadKernelSegments(kernel, from: file.bytes, into: memory)
     }
     let header: SetupHeader? = { if case let .bzImage(h) = kernel.format { return h } else { return nil } }()
@@ -106,11 +101,11 @@ public func loadLinuxDetailed(_ config: LinuxBootConfig, into memory: GuestMemor
 /// for other compressions (gzip, xz, zstd, ...): the guest then decompresses itself.
 /// The result keeps the bzImage's setup header (for the zero page) and takes the ELF's
 /// segments, entry and end. A payload that claims LZ4 or ELF but is corrupt is an error.
-/// An LZ4 payload with the kernel's size trailer goes straight into guest memory (see
-/// `loadLZ4Vmlinux`) and `bytes` is nil; otherwise `bytes` is the vmlinux, whose segments
-/// the caller copies.
+/// The vmlinux's segments are written into guest memory (ELF bss zeroed): an LZ4 payload
+/// with the kernel's size trailer block by block (`loadLZ4Vmlinux`), anything else from
+/// the whole unpacked vmlinux.
 public func unpackBzImagePayload(_ file: UnsafeRawBufferPointer, kernel: KernelImage, header h: SetupHeader,
-                                 ram: RAMLayout, into memory: GuestMemory) throws -> (bytes: [UInt8]?, image: KernelImage)? {
+                                 ram: RAMLayout, into memory: GuestMemory) throws -> KernelImage? {
     guard h.payloadLength >= 4, let pm = kernel.segments.first else { return nil }
     let start = pm.fileOffset + Int(h.payloadOffset)
     let end = start + Int(h.payloadLength)
@@ -127,8 +122,8 @@ public func unpackBzImagePayload(_ file: UnsafeRawBufferPointer, kernel: KernelI
         do {
             let frame = try LZ4.parseLegacyFrame(payload)
             if let total = frame.trailer {
-                return (nil, keepingHeader(try loadLZ4Vmlinux(payload, frame: frame, size: total, limit: limit,
-                                                              ram: ram, into: memory)))
+                return keepingHeader(try loadLZ4Vmlinux(payload, frame: frame, size: total, limit: limit,
+                                                        ram: ram, into: memory))
             }
             bytes = try LZ4.decompressLegacy(payload, limit: limit)
         } catch let e as LZ4Error {
@@ -143,7 +138,8 @@ public func unpackBzImagePayload(_ file: UnsafeRawBufferPointer, kernel: KernelI
     do { elf = try parseELFKernel(bytes, ram: ram) } catch let e as BootError {
         throw BootError.badPayload("the unpacked vmlinux: \(e)")
     }
-    return (bytes, keepingHeader(elf))
+    try loadKernelSegments(elf, from: bytes, into: memory)
+    return keepingHeader(elf)
 }
 
 /// Unpacks an LZ4 vmlinux of `size` bytes (the kernel's trailer) block by block straight

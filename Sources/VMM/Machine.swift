@@ -121,8 +121,9 @@ final class Machine: @unchecked Sendable {
     private let outcomeLock = Mutex()
     private var outcome: Outcome? = nil
     private var stopping = false
-    /// At --log-level debug, accesses to nothing are logged (each kind once, 256 at most).
-    private lazy var debugExits = config.logLevel >= .debug
+    /// --log-level debug: accesses to nothing are logged (each kind once, 256 at most), and
+    /// the first exit to each port and MMIO page is noted.
+    private let debugExits: Bool
     private var unhandledSeen = Set<String>()
     private func noteUnhandled(_ what: String) {
         let first: Bool = outcomeLock.withLock {
@@ -146,6 +147,7 @@ final class Machine: @unchecked Sendable {
 
     init(config: MachineConfig, kvm: Hypervisor, memory: GuestMemory, boot: BootCPUState, disks: [OpenDisk], nets: [OpenTap] = []) throws {
         self.config = config
+        debugExits = config.logLevel >= .debug
         self.memory = memory
         self.kvm = kvm
         do {

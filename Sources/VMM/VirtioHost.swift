@@ -37,19 +37,14 @@ import Virtio
 /// One running group of queues (one queue, or a virtio-net rx/tx pair): a kick eventfd
 /// per queue, one stop eventfd, one thread.
 final class QueueWorker {
-    private(set) var indices: [Int]
-    private(set) var kicks: [EventFD]
+    private(set) var indices: [Int] = []
+    private(set) var kicks: [EventFD] = []
     let stop: EventFD
     /// Per queue: its kick eventfd is registered as an ioeventfd.
-    var ioeventfd: [Bool]
+    var ioeventfd: [Bool] = []
     var thread: OSThread?
 
-    init(indices: [Int], kicks: [EventFD], stop: EventFD, ioeventfd: [Bool]) {
-        self.indices = indices
-        self.kicks = kicks
-        self.stop = stop
-        self.ioeventfd = ioeventfd
-    }
+    init(stop: EventFD) { self.stop = stop }
 
     func add(index: Int, kick: EventFD, ioeventfd registered: Bool) {
         indices.append(index)
@@ -158,9 +153,8 @@ final class HostedDeviceAdapter: VirtioDevice, @unchecked Sendable {
     private func startWorkerLocked(_ handlers: [VirtioQueueHandler]) throws {
         let indices = handlers.map(\.queueIndex)
         let stop = try EventFD()
-        let w = QueueWorker(indices: [], kicks: [], stop: stop, ioeventfd: [])
+        let w = QueueWorker(stop: stop)
         workers.append(w)  // before anything is registered: a failure below still deregisters it
-        var kicks: [EventFD] = []
         for i in indices {
             let kick = try EventFD()
             var registered = true
@@ -171,10 +165,10 @@ final class HostedDeviceAdapter: VirtioDevice, @unchecked Sendable {
                 registered = false
                 log?("\(name) queue \(i): no ioeventfd (\(error)): kicks go through MMIO exits")
             }
-            kicks.append(kick)
             w.add(index: i, kick: kick, ioeventfd: registered)
         }
         let log = self.log
+        let kicks = w.kicks
         let threadName = "\(name)-q" + indices.map(String.init).joined(separator: "+")
         w.thread = try spawnThread(name: threadName) {
             QueueWorker.loop(handlers: handlers, kicks: kicks, stop: stop, log: log)

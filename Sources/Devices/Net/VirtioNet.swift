@@ -166,9 +166,7 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig, @unchecked
     /// control queue: frames both ways and their completions batch on one thread, with
     /// one wake-up where two threads would hand over to each other.
     public var queueHandlerGroups: [[VirtioQueueHandler]] {
-        let hs = queueHandlers
-        var groups: [Int: [VirtioQueueHandler]] = [:]
-        for h in hs { groups[h.queueIndex / 2, default: []].append(h) }
+        let groups = Dictionary(grouping: queueHandlers) { $0.queueIndex / 2 }
         return groups.keys.sorted().map { k in groups[k]!.sorted { $0.queueIndex < $1.queueIndex } }
     }
 
