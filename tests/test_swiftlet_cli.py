@@ -72,6 +72,7 @@ def test_help_exits_zero(swiftlet):
     (["--kernel", "K", "--memory", "100000G"], ["--memory"]),
     (["--kernel", "K", "--serial", "tty"], ["--serial"]),
     (["--kernel", "K", "--log-level", "loud"], ["--log-level"]),
+    (["--kernel", "K", "--virtio-irq", "msi"], ["--virtio-irq", "line", "irqfd"]),
 ])
 def test_usage_errors(swiftlet, kernel, args, words):
     args = [kernel if a == "K" else a for a in args]

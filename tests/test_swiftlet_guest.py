@@ -11,7 +11,7 @@ from conftest import REPO, run_retrying_l1
 
 CHECKS = ["metrics-json", "one-cpu-cmdline-initrd", "boot-marker", "two-cpus", "reboot-status-3",
           "reboot-kbd-status-3", "triple-fault-status-4", "console-input",
-          "blk-guest-write", "blk-guest-read", "blk-readonly", "blk-two-queues",
+          "blk-guest-write", "blk-guest-read", "blk-read-irqfd", "blk-readonly", "blk-two-queues",
           "blk-flush-survives-kill", "blk-discard-frees-blocks",
           "net-ping", "net-two-queues", "net-iperf-guest-to-host",
           "net-iperf-host-to-guest", "net-offload-off", "net-ethtool-L", "net-jumbo-mtu"]

@@ -93,6 +93,15 @@ public final class VirtualMachine: @unchecked Sendable {
         try check(clinux_ioctl_ptr(fd, clinux_KVM_IRQ_LINE(), &l), "KVM_IRQ_LINE")
     }
 
+    /// KVM_GET_IRQCHIP for the IOAPIC: its IRR, one bit per pin whose line is asserted
+    /// (a level-triggered pin stays set while its line is high, masked or not).
+    public func ioapicIRR() throws -> UInt32 {
+        var c = kvm_irqchip()
+        c.chip_id = UInt32(KVM_IRQCHIP_IOAPIC)
+        try check(clinux_ioctl_ptr(fd, clinux_KVM_GET_IRQCHIP(), &c), "KVM_GET_IRQCHIP")
+        return c.chip.ioapic.irr
+    }
+
     /// KVM_IRQFD: a write to `eventfd` raises GSI `gsi` (edge). Needs the in-kernel irqchip.
     public func registerIrqfd(eventfd: EventFD, gsi: UInt32) throws {
         try irqfd(eventfd.fd, gsi: gsi, flags: 0)

@@ -243,9 +243,10 @@ extension VirtioMMIOSlot {
     /// A virtio-blk device for `disk` as virtio-mmio device `index` (address and GSI from
     /// X86Layout), with queue threads named "\(name)-qN".
     public static func block(_ disk: OpenDisk, index: Int, name: String, vm: VirtualMachine, memory: GuestMemory,
-                             engine: BlockEngine? = nil, log: (@Sendable (String) -> Void)? = nil) throws -> VirtioMMIOSlot {
+                             engine: BlockEngine? = nil, interrupts: VirtioInterruptMode = .line,
+                             log: (@Sendable (String) -> Void)? = nil) throws -> VirtioMMIOSlot {
         try VirtioMMIOSlot(vm: vm, memory: memory, device: disk.makeDevice(name: name, engine: engine, log: log),
-                           index: index, name: name, log: log)
+                           index: index, name: name, interrupts: interrupts, log: log)
     }
 }
 
@@ -266,9 +267,11 @@ public func virtioDescriptions(count: Int, firstIndex: Int = 0) throws -> [Virti
 /// inserted into `mmio`. Call after the irqchip is created and guest memory registered;
 /// call `stop()` on every returned slot after the vCPU threads have been joined.
 public func attachDisks(_ disks: [OpenDisk], firstIndex: Int = 0, vm: VirtualMachine, memory: GuestMemory,
-                        mmio: inout RangeMap<MMIODevice>, log: (@Sendable (String) -> Void)? = nil) throws -> [VirtioMMIOSlot] {
+                        mmio: inout RangeMap<MMIODevice>, interrupts: VirtioInterruptMode = .line,
+                        log: (@Sendable (String) -> Void)? = nil) throws -> [VirtioMMIOSlot] {
     try attachSlots(count: disks.count, mmio: &mmio) { i in
-        try VirtioMMIOSlot.block(disks[i], index: firstIndex + i, name: "blk\(i)", vm: vm, memory: memory, log: log)
+        try VirtioMMIOSlot.block(disks[i], index: firstIndex + i, name: "blk\(i)", vm: vm, memory: memory,
+                                 interrupts: interrupts, log: log)
     }
 }
 

@@ -186,9 +186,11 @@ final class Machine: @unchecked Sendable {
         pio.insert(base: UInt64(X86Layout.i8042DataPort), size: 5, I8042(onEvent: onEvent))
         pio.insert(base: UInt64(X86Layout.acpiSleepPort), size: 1, ACPISleepRegister(onEvent: onEvent))
         mmio.insert(base: BootMarker.address, size: BootMarker.size, bootMarker)
-        slots = try attachDisks(disks, vm: vm, memory: memory, mmio: &mmio, log: { log($0) })
+        slots = try attachDisks(disks, vm: vm, memory: memory, mmio: &mmio, interrupts: config.virtioInterrupts,
+                                log: { log($0) })
         do {
-            slots += try attachNets(nets, firstIndex: disks.count, vm: vm, memory: memory, mmio: &mmio, log: { log($0) })
+            slots += try attachNets(nets, firstIndex: disks.count, vm: vm, memory: memory, mmio: &mmio,
+                                    interrupts: config.virtioInterrupts, log: { log($0) })
         } catch {
             for s in slots { s.stop() }
             throw error

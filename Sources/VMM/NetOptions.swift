@@ -232,17 +232,19 @@ public func openTap(_ o: NetOptions) throws -> OpenTap {
 extension VirtioMMIOSlot {
     /// A virtio-net device for `tap` as virtio-mmio device `index`, threads "\(name)-qN".
     public static func net(_ tap: OpenTap, netIndex: Int, index: Int, name: String, vm: VirtualMachine, memory: GuestMemory,
-                           log: (@Sendable (String) -> Void)? = nil) throws -> VirtioMMIOSlot {
+                           interrupts: VirtioInterruptMode = .line, log: (@Sendable (String) -> Void)? = nil) throws -> VirtioMMIOSlot {
         try VirtioMMIOSlot(vm: vm, memory: memory, device: tap.makeDevice(index: netIndex, name: name, log: log),
-                           index: index, name: name, log: log)
+                           index: index, name: name, interrupts: interrupts, log: log)
     }
 }
 
 /// One virtio-net slot per TAP (virtio-mmio index firstIndex + i, threads "net\(i)-qN"),
 /// inserted into `mmio`. Call like attachDisks, with firstIndex = the number of disks.
 public func attachNets(_ taps: [OpenTap], firstIndex: Int, vm: VirtualMachine, memory: GuestMemory,
-                       mmio: inout RangeMap<MMIODevice>, log: (@Sendable (String) -> Void)? = nil) throws -> [VirtioMMIOSlot] {
+                       mmio: inout RangeMap<MMIODevice>, interrupts: VirtioInterruptMode = .line,
+                       log: (@Sendable (String) -> Void)? = nil) throws -> [VirtioMMIOSlot] {
     try attachSlots(count: taps.count, mmio: &mmio) { i in
-        try VirtioMMIOSlot.net(taps[i], netIndex: i, index: firstIndex + i, name: "net\(i)", vm: vm, memory: memory, log: log)
+        try VirtioMMIOSlot.net(taps[i], netIndex: i, index: firstIndex + i, name: "net\(i)", vm: vm, memory: memory,
+                               interrupts: interrupts, log: log)
     }
 }

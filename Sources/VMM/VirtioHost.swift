@@ -222,7 +222,8 @@ final class HostedDeviceAdapter: VirtioDevice, @unchecked Sendable {
     var threadCount: Int { lock.withLock { workers.filter { $0.thread != nil }.count } }
 }
 
-/// A virtio-mmio device in the machine: register window, transport, irqfd, queue threads.
+/// A virtio-mmio device in the machine: register window, transport, interrupt line, queue
+/// threads.
 public final class VirtioMMIOSlot: MMIODevice, @unchecked Sendable {
     /// Size of a device's register window.
     public static let windowSize: UInt64 = 0x1000
@@ -235,66 +236,54 @@ public final class VirtioMMIOSlot: MMIODevice, @unchecked Sendable {
     /// The device model.
     public let device: any HostedVirtioDevice
     let adapter: HostedDeviceAdapter
-    let vm: VirtualMachine
-    let irqfd: EventFD
-    let resample: EventFD
-    let resampleStop: EventFD
-    private var resampleThread: OSThread?
+    /// What drives the line: exactly one of these.
+    let line: InterruptLine?
+    let irqfd: ResampledIrqfd?
     private let stopLock = Mutex()
     private var stopped = false
 
-    /// Builds the transport around `device` and registers its irqfd on `gsi`. `vm` must have
-    /// the in-kernel irqchip and `memory` registered. Nothing runs until the driver sets DRIVER_OK.
+    /// Builds the transport around `device` and wires its level-triggered interrupt to
+    /// `gsi` (`interrupts`). `vm` must have the in-kernel irqchip and `memory` registered.
+    /// Nothing runs until the driver sets DRIVER_OK.
     public init(vm: VirtualMachine, memory: GuestMemory, device: any HostedVirtioDevice, base: UInt64, gsi: UInt32,
-                name: String, log: (@Sendable (String) -> Void)? = nil) throws {
-        self.vm = vm
+                name: String, interrupts: VirtioInterruptMode = .line, log: (@Sendable (String) -> Void)? = nil) throws {
         self.base = base
         self.gsi = gsi
         self.name = name
         self.device = device
-        let irqfd = try EventFD()
-        self.irqfd = irqfd
-        let resample = try EventFD()
-        self.resample = resample
-        let resampleStop = try EventFD()
-        self.resampleStop = resampleStop
         let adapter = HostedDeviceAdapter(inner: device, vm: vm, base: base, name: name, log: log)
         self.adapter = adapter
+        let raise: @Sendable () -> Void
+        var cleared: (@Sendable () -> Void)? = nil
+        switch interrupts {
+        case .line:
+            let l = InterruptLine(vm: vm, gsi: gsi, log: log)
+            (line, irqfd) = (l, nil)
+            raise = { l.update() }
+            cleared = { l.update() }
+        case .irqfd:
+            let r = try ResampledIrqfd(vm: vm, gsi: gsi)
+            (line, irqfd) = (nil, r)
+            raise = { r.raise() }
+        }
         let transport = VirtioMMIOTransport(device: adapter, memory: memory,
-                                            signalInterrupt: { try? irqfd.write(1) },
+                                            signalInterrupt: raise, interruptCleared: cleared,
                                             onQueueNotify: { [weak adapter] q in adapter?.notify(queue: q) },
                                             log: log)
         self.transport = transport
-        try vm.registerIrqfd(irqfd, gsi: gsi, resample: resample)
-        do {
-            resampleThread = try spawnThread(name: "\(name)-irq") {
-                VirtioMMIOSlot.resampleLoop(transport: transport, resample: resample, stop: resampleStop, log: log)
-            }
-        } catch {
-            try? vm.deassignIrqfd(irqfd, gsi: gsi)
-            throw error
-        }
-    }
-
-    /// The "-irq" thread: after each EOI of the line (KVM deasserted it), re-asserts it
-    /// while InterruptStatus is nonzero. Reads the resample eventfd before it looks at
-    /// InterruptStatus, so an EOI after the look brings a new wake-up.
-    static func resampleLoop(transport: VirtioMMIOTransport, resample: EventFD, stop: EventFD,
-                             log: (@Sendable (String) -> Void)?) {
-        pollUntilStopped(stop: stop, watch: [resample.fd], what: "virtio interrupt resample", log: log) { _ in
-            _ = try? resample.read()
-            transport.reassertIfPending()
-        }
+        line?.transport = transport
+        try irqfd?.start(transport: transport, name: name, log: log)
     }
 
     /// Device `index` at X86Layout.virtioMMIOAddress(index:) with GSI X86Layout.virtioGSI(index:).
     public convenience init(vm: VirtualMachine, memory: GuestMemory, device: any HostedVirtioDevice, index: Int,
-                            name: String, log: (@Sendable (String) -> Void)? = nil) throws {
+                            name: String, interrupts: VirtioInterruptMode = .line,
+                            log: (@Sendable (String) -> Void)? = nil) throws {
         guard index >= 0, index < X86Layout.maxVirtioDevices, let gsi = X86Layout.virtioGSI(index: index) else {
             throw SwiftletError(.usage, "too many virtio devices: at most \(X86Layout.maxVirtioDevices)")
         }
         try self.init(vm: vm, memory: memory, device: device, base: X86Layout.virtioMMIOAddress(index: index),
-                      gsi: gsi, name: name, log: log)
+                      gsi: gsi, name: name, interrupts: interrupts, log: log)
     }
 
     deinit { stop() }
@@ -326,9 +315,7 @@ public final class VirtioMMIOSlot: MMIODevice, @unchecked Sendable {
         }
         guard first else { return }
         adapter.shutdown()
-        try? resampleStop.write(1)
-        resampleThread?.join()
-        try? vm.deassignIrqfd(irqfd, gsi: gsi)
+        irqfd?.stop()
     }
 
     // MARK: MMIODevice (vCPU threads)
@@ -344,5 +331,87 @@ public final class VirtioMMIOSlot: MMIODevice, @unchecked Sendable {
         guard size == 1 || size == 2 || size == 4 || size == 8, offset < VirtioMMIOSlot.windowSize else { return }
         var v = value.littleEndian
         withUnsafeBytes(of: &v) { transport.write(offset: offset, from: UnsafeRawBufferPointer(rebasing: $0[0..<size])) }
+    }
+}
+
+/// A level-triggered line driven with KVM_IRQ_LINE (VirtioInterruptMode.line): high
+/// exactly while the transport's InterruptStatus is nonzero. Updates are serialized, so a
+/// raise racing an acknowledgement always ends with the line matching InterruptStatus
+/// (a line left high with nothing pending would storm the guest).
+final class InterruptLine: @unchecked Sendable {
+    let vm: VirtualMachine
+    let gsi: UInt32
+    let log: (@Sendable (String) -> Void)?
+    weak var transport: VirtioMMIOTransport?
+    private let lock = Mutex()
+    private var high = false
+    private var loggedError = false
+
+    init(vm: VirtualMachine, gsi: UInt32, log: (@Sendable (String) -> Void)?) {
+        self.vm = vm
+        self.gsi = gsi
+        self.log = log
+    }
+
+    func update() {
+        lock.withLock {
+            let want = (transport?.interruptStatus ?? 0) != 0
+            guard want != high else { return }
+            do {
+                try vm.irqLine(gsi: gsi, level: want)
+                high = want
+            } catch {
+                if !loggedError { log?("virtio interrupt line \(gsi): \(error)") }
+                loggedError = true
+            }
+        }
+    }
+}
+
+/// A level-triggered line through KVM_IRQFD with resampling (VirtioInterruptMode.irqfd):
+/// an eventfd write asserts it, KVM deasserts it at the guest's EOI, and the "-irq"
+/// thread re-asserts it while InterruptStatus is nonzero.
+final class ResampledIrqfd: @unchecked Sendable {
+    let vm: VirtualMachine
+    let gsi: UInt32
+    let eventfd: EventFD
+    let resample: EventFD
+    let stopEvent: EventFD
+    private var thread: OSThread?
+
+    init(vm: VirtualMachine, gsi: UInt32) throws {
+        self.vm = vm
+        self.gsi = gsi
+        eventfd = try EventFD()
+        resample = try EventFD()
+        stopEvent = try EventFD()
+    }
+
+    func raise() { try? eventfd.write(1) }
+
+    func start(transport: VirtioMMIOTransport, name: String, log: (@Sendable (String) -> Void)?) throws {
+        try vm.registerIrqfd(eventfd, gsi: gsi, resample: resample)
+        let (resample, stop) = (self.resample, stopEvent)
+        do {
+            thread = try spawnThread(name: "\(name)-irq") {
+                // Reads the resample eventfd before it looks at InterruptStatus, so an EOI
+                // after the look brings a new wake-up.
+                pollUntilStopped(stop: stop, watch: [resample.fd], what: "virtio interrupt resample", log: log) { _ in
+                    _ = try? resample.read()
+                    transport.reassertIfPending()
+                }
+            }
+        } catch {
+            try? vm.deassignIrqfd(eventfd, gsi: gsi)
+            throw error
+        }
+    }
+
+    func stop() {
+        guard let t = thread else { return }
+        try? stopEvent.write(1)
+        t.join()
+        thread = nil
+        try? vm.deassignIrqfd(eventfd, gsi: gsi)
     }
 }

@@ -96,6 +96,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
     public let offeredFeatures: UInt64
     let maxSizes: [UInt16]
     let signalInterrupt: @Sendable () -> Void
+    let interruptCleared: (@Sendable () -> Void)?
     let onQueueNotify: (@Sendable (Int) -> Void)?
     let onReset: (@Sendable () -> Void)?
     let log: (@Sendable (String) -> Void)?
@@ -115,8 +116,11 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
     /// - onQueueNotify: a QueueNotify write that reached the transport (not caught by an
     ///   ioeventfd), with the queue index; only forwarded while the device is active.
     /// - onReset: called on driver reset, after device.reset().
+    /// - interruptCleared: called after InterruptStatus bits were cleared (InterruptACK,
+    ///   reset), for a line owner that drives the level itself (KVM_IRQ_LINE).
     public init(device: any VirtioDevice, memory: GuestMemory,
                 signalInterrupt: @escaping @Sendable () -> Void,
+                interruptCleared: (@Sendable () -> Void)? = nil,
                 onQueueNotify: (@Sendable (Int) -> Void)? = nil,
                 onReset: (@Sendable () -> Void)? = nil,
                 log: (@Sendable (String) -> Void)? = nil) {
@@ -126,6 +130,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
             | VirtioFeature.version1
         self.maxSizes = device.queueMaxSizes.map { min($0, SplitQueue.maxQueueSize) }
         self.signalInterrupt = signalInterrupt
+        self.interruptCleared = interruptCleared
         self.onQueueNotify = onQueueNotify
         self.onReset = onReset
         self.log = log
@@ -306,6 +311,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
         switch offset {
         case VirtioMMIOReg.interruptACK:
             interruptBits.bitwiseAnd(~value, ordering: .acquiringAndReleasing)
+            interruptCleared?()
             return
         case VirtioMMIOReg.queueNotify:
             let notify = state.withLock { s -> Int? in
@@ -476,6 +482,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
         driverOKFlag.store(false, ordering: .releasing)
         needsResetFlag.store(false, ordering: .releasing)
         interruptBits.store(0, ordering: .releasing)
+        interruptCleared?()
         s = State(queues: maxSizes.map { QueueRegs(size: UInt32($0)) })
     }
 }

@@ -233,7 +233,8 @@ public final class SplitQueue: @unchecked Sendable {
     public private(set) var nextUsed: UInt16 = 0
     /// The used.idx value last published to the driver.
     public private(set) var publishedUsed: UInt16 = 0
-    /// used.idx at the last notification that needsNotification() asked for.
+    /// used.idx at the last needsNotification() check (with EVENT_IDX), or at the last
+    /// notification it asked for (without).
     var signalledUsed: UInt16? = nil
     /// Set once the queue has seen a queue-level violation; every later pop rethrows it.
     public private(set) var brokenBy: VirtqueueError? = nil
@@ -443,7 +444,12 @@ public final class SplitQueue: @unchecked Sendable {
             let flags = loadIndex(avail, acquire: false)
             notify = flags & VirtqRingFlags.availNoInterrupt == 0
         }
-        if notify { signalledUsed = new }
+        // With EVENT_IDX the next check covers only what is published after this one
+        // (vhost's and QEMU's signalled_used): a used_event the device has already
+        // passed without it asking is the driver's to catch, and it does, by looking at
+        // the used ring after it writes used_event. Without EVENT_IDX a suppressed
+        // interrupt is still owed until the driver wants interrupts again.
+        if notify || eventIdx { signalledUsed = new }
         return notify
     }
 

@@ -51,6 +51,9 @@ struct Swiftlet: ParsableCommand {
     @Flag(name: .long, inversion: .prefixedNo, help: ArgumentHelp("Unpack the bzImage's payload (LZ4 or uncompressed; other compressions are left to the guest) in swiftlet, and enter the vmlinux directly, without KASLR; --no-kernel-decompress lets the guest decompress itself."))
     var kernelDecompress = true
 
+    @Option(name: .long, help: ArgumentHelp("How virtio interrupt lines are driven: line (KVM_IRQ_LINE, as QEMU does; the default) or irqfd (KVM_IRQFD with resampling).", valueName: "mode"))
+    var virtioIrq: String = "line"
+
     @Option(name: .long, help: ArgumentHelp("Write counters (KVM exits, per-device register exits, per-queue packets/requests) as JSON at exit and on SIGUSR1: - for stderr, or a file.", valueName: "path"))
     var metrics: String?
 
@@ -68,6 +71,7 @@ struct Swiftlet: ParsableCommand {
         c.nets = try net.map(NetOptions.parse)
         c.virtioDiscovery = try VirtioDiscovery.parse(virtioDiscovery)
         c.decompressKernel = kernelDecompress
+        c.virtioInterrupts = try VirtioInterruptMode.parse(virtioIrq)
         if let m = metrics {
             guard !m.isEmpty else { throw SwiftletError(.usage, "--metrics needs - (stderr) or a file path") }
             c.metricsPath = m

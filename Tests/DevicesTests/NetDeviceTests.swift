@@ -5,6 +5,11 @@ import Virtio
 @testable import Devices
 
 final class NetDeviceTests: XCTestCase {
+    /// Every feature but guest GSO: frames are at most MTU-sized, so one read needs only
+    /// buffers for MTU + 18 bytes (the tests below that are not about GSO use this).
+    static let noGuestGSO = VirtioNet(queueFDs: [-1], mac: [2, 0, 0, 0, 0, 1]).deviceFeatures
+        & ~(VirtioNetFeature.guestTSO4 | VirtioNetFeature.guestTSO6)
+
     func testConstantsMatchLinuxValues() {
         // linux/virtio_net.h
         XCTAssertEqual(VirtioNetFeature.csum, 1 << 0)
@@ -122,17 +127,19 @@ final class NetDeviceTests: XCTestCase {
     }
 
     func testMergeableReceiveSpansSeveralBuffers() throws {
-        let h = try NetHarness()
-        let bufs = (0..<4).map { _ in h.addRxBuffer(1000) }
+        // Without guest GSO a read waits for buffers worth an MTU-sized frame (1530 bytes
+        // with the header): three of 600 here.
+        let h = try NetHarness(features: NetDeviceTests.noGuestGSO)
+        let bufs = (0..<4).map { _ in h.addRxBuffer(600) }
         h.rxHandler.kicked()
-        h.hostSend(frame(2500))
+        h.hostSend(frame(1500))
         h.rxHandler.completionsReady()
         XCTAssertEqual(h.rx().usedIdx, 3)
-        XCTAssertEqual(h.rx().usedElem(0).len, 1000)
-        XCTAssertEqual(h.rx().usedElem(1).len, 1000)
-        XCTAssertEqual(h.rx().usedElem(2).len, 512)
+        XCTAssertEqual(h.rx().usedElem(0).len, 600)
+        XCTAssertEqual(h.rx().usedElem(1).len, 600)
+        XCTAssertEqual(h.rx().usedElem(2).len, 312)
         XCTAssertEqual(h.bytes(bufs[0] + 10, 2), [3, 0])
-        XCTAssertEqual(h.bytes(bufs[0] + 12, 988) + h.bytes(bufs[1], 1000) + h.bytes(bufs[2], 512), frame(2500))
+        XCTAssertTrue(h.bytes(bufs[0] + 12, 588) + h.bytes(bufs[1], 600) + h.bytes(bufs[2], 312) == frame(1500))
         // The fourth buffer is kept for the next frame, which waits until the buffers
         // can hold a full MTU-sized frame.
         h.hostSend(frame(50, seed: 9))
@@ -145,8 +152,49 @@ final class NetDeviceTests: XCTestCase {
         XCTAssertEqual(h.bytes(bufs[3] + 12, 50), frame(50, seed: 9))
     }
 
-    func testNoBuffersStopsPollingTheTapUntilKick() throws {
+    /// With guest GSO a frame may be 64 KiB: nothing is read until the buffers can hold
+    /// one, so a big frame is never cut short (a cut GSO frame costs TCP ~44 segments).
+    func testMergeableGSOReadWaitsForBuffersWorthAWholeFrame() throws {
         let h = try NetHarness()
+        XCTAssertNotEqual(h.features & VirtioNetFeature.guestTSO4, 0)
+        let bufs = (0..<30).map { _ in h.addRxBuffer(1518) }   // 45540 bytes
+        h.rxHandler.kicked()
+        let big = frame(60000, seed: 3)
+        h.hostSend(big)
+        h.rxHandler.completionsReady()
+        XCTAssertEqual(h.rx().usedIdx, 0)
+        var p = pollfd(fd: h.rxHandler.completionFD, events: Int16(POLLIN), revents: 0)
+        XCTAssertEqual(poll(&p, 1, 0), 0, "waits on the rx kick, not on the TAP")
+        let more = (0..<14).map { _ in h.addRxBuffer(1518) }   // 44 * 1518 = 66792 bytes
+        h.rxHandler.kicked()
+        let all = bufs + more
+        let used = (60012 + 1517) / 1518
+        XCTAssertEqual(Int(h.rx().usedIdx), used)
+        XCTAssertEqual(h.bytes(all[0] + 10, 2), [UInt8(used), 0])
+        var got = h.bytes(all[0] + 12, 1518 - 12)
+        for k in 1..<used { got += h.bytes(all[k], Int(h.rx().usedElem(k).len)) }
+        XCTAssertTrue(got == big, "the 60000-byte frame arrives whole")
+        XCTAssertEqual(h.device.stats[0].drops, 0)
+    }
+
+    /// A guest whose whole ring holds less than a GSO frame still receives: once it has
+    /// handed over every descriptor, the read goes into what there is.
+    func testMergeableReadsIntoLessOnceTheGuestGaveItsWholeRing() throws {
+        let h = try NetHarness(queueSize: 8)
+        let bufs = (0..<7).map { _ in h.addRxBuffer(2000) }
+        h.rxHandler.kicked()
+        h.hostSend(frame(3000))
+        h.rxHandler.completionsReady()
+        XCTAssertEqual(h.rx().usedIdx, 0)
+        h.addRxBuffer(2000)
+        h.rxHandler.kicked()
+        XCTAssertEqual(h.rx().usedIdx, 2)
+        XCTAssertEqual(h.bytes(bufs[0] + 10, 2), [2, 0])
+        XCTAssertEqual(h.bytes(bufs[0] + 12, 1988) + h.bytes(bufs[1], 1012), frame(3000))
+    }
+
+    func testNoBuffersStopsPollingTheTapUntilKick() throws {
+        let h = try NetHarness(features: NetDeviceTests.noGuestGSO)
         h.hostSend(frame(60))
         h.rxHandler.kicked()          // no buffers: stops watching the TAP
         var p = pollfd(fd: h.rxHandler.completionFD, events: Int16(POLLIN), revents: 0)
@@ -164,7 +212,7 @@ final class NetDeviceTests: XCTestCase {
     }
 
     func testHostileReceiveBuffersAreReturnedEmpty() throws {
-        let h = try NetHarness()
+        let h = try NetHarness(features: NetDeviceTests.noGuestGSO)
         h.addRxBuffer(8)                               // cannot hold the header
         let r = h.alloc(100)
         h.rx().offer(h.rx().chain([(r, 100, false)]))   // device-readable: not an rx buffer

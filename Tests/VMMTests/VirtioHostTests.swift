@@ -218,6 +218,35 @@ final class VirtioHostTests: XCTestCase {
         XCTAssertNotEqual(slot.read(offset: VirtioMMIOReg.status, size: 4) & UInt64(VirtioStatus.needsReset), 0)
     }
 
+    /// The interrupt line seen from KVM's IOAPIC: with KVM_IRQ_LINE (the default) it is
+    /// high exactly while InterruptStatus is nonzero; with the resampled irqfd it is
+    /// asserted by the used-buffer interrupt (and only deasserted at the guest's EOI).
+    func testInterruptLineFollowsInterruptStatus() throws {
+        for mode in [VirtioInterruptMode.line, .irqfd] {
+            let env = try makeEnv()
+            let disk = try openDisk(DiskOptions(path: env.image, numQueues: 1))
+            let slot = try VirtioMMIOSlot.block(disk, index: 2, name: "tblkl", vm: env.vm, memory: env.mem, interrupts: mode)
+            defer { slot.stop() }
+            let bit = UInt32(1) << slot.gsi
+            XCTAssertEqual(try env.vm.ioapicIRR() & bit, 0, "\(mode): low at start")
+            XCTAssertEqual(waitThreads("tblkl", mode == .irqfd ? ["tblkl-irq"] : []), mode == .irqfd ? ["tblkl-irq"] : [], "\(mode)")
+            driverInit(slot, queues: 1, features: VirtioFeature.version1)
+            for n in 0..<3 {
+                _ = try postWrite(env.mem, queue: 0, n: n, sector: UInt64(n), data: [UInt8](repeating: 0x11, count: 512))
+                try slot.adapter.workers[0].kicks[0].write(1)
+                waitUsed(env.mem, 0, UInt16(n + 1))
+                XCTAssertEqual(slot.read(offset: VirtioMMIOReg.interruptStatus, size: 4), 1)
+                XCTAssertEqual(try env.vm.ioapicIRR() & bit, bit, "\(mode): raised for request \(n)")
+                slot.write(offset: VirtioMMIOReg.interruptACK, size: 4, value: 1)
+                if mode == .line {
+                    XCTAssertEqual(try env.vm.ioapicIRR() & bit, 0, "line: lowered by InterruptACK")
+                }
+            }
+            slot.stop()
+            XCTAssertEqual(waitThreads("tblkl-irq", []), [], "\(mode): no -irq thread left")
+        }
+    }
+
     func testManyKicksAndBatchesOnePoolQueue() throws {
         let env = try makeEnv()
         let disk = try openDisk(DiskOptions(path: env.image, direct: true))

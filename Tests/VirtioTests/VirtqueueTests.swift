@@ -478,8 +478,18 @@ final class NotificationTests: XCTestCase {
         try popAndComplete(h, q, 1)               // used idx 4: crossed 3
         XCTAssertTrue(q.needsNotification())
         h.usedEvent = 2                           // stale (behind): no interrupt
-        try popAndComplete(h, q, 1)
+        try popAndComplete(h, q, 1)               // used idx 5
         XCTAssertFalse(q.needsNotification())
+        // used_event set to an index the device published and checked without asking
+        // (the driver then finds those entries itself): not owed later.
+        try popAndComplete(h, q, 1)               // used idx 6
+        XCTAssertFalse(q.needsNotification())
+        h.usedEvent = 5
+        try popAndComplete(h, q, 1)               // used idx 7
+        XCTAssertFalse(q.needsNotification())
+        h.usedEvent = 7                           // the next one: crossed at idx 8
+        try popAndComplete(h, q, 1)
+        XCTAssertTrue(q.needsNotification())
     }
 
     func testNeedsNotificationWithoutEventIdx() throws {

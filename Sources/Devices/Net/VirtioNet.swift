@@ -12,9 +12,11 @@
 // many. When the guest has no buffers the thread stops polling the TAP until the next rx
 // kick (the packets wait in the TAP's queue, which drops beyond its length, like a NIC).
 // With MRG_RXBUF a read waits for buffers worth a whole frame (64 KiB + headers with
-// guest GSO, else MTU + 18), or at least MTU-sized ones when the ring holds no more; a
-// frame larger than the buffers given reaches the guest cut short (tun truncates; older
-// kernels fail the read with EFAULT and drop it, counted) and the guest's stack drops it.
+// guest GSO, else MTU + 18); it reads into less only when the guest has handed over its
+// whole ring (and then at least an MTU-sized frame's worth). A frame larger than the
+// buffers given reaches the guest cut short (tun truncates; older kernels fail the read
+// with EFAULT and drop it, counted) and the guest's stack drops it: reading into whatever
+// the ring held made TCP host->guest lose a 64 KiB frame whenever the ring ran low.
 // TX: writev straight from the guest's buffers (the chain starts with the 12-byte
 // virtio_net_hdr_v1; the kernel validates it). At most VirtioNetLimits.budget packets
 // per wake-up per queue.
@@ -308,16 +310,29 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
     }
 
     /// Enough buffers for the next frame: one chain, or with MRG_RXBUF chains adding up
-    /// to `wanted` bytes (or whatever the ring holds, if at least one frame of MTU size).
+    /// to `wanted` bytes, the largest frame the TAP may hand out. tun cuts a frame short
+    /// when the buffers given to readv cannot hold it, and a cut GSO frame is lost (the
+    /// guest drops it as truncated and TCP must retransmit ~44 segments), so fewer bytes
+    /// are read into only when the guest cannot give more: it has handed over its whole
+    /// ring, or the chain cap is reached. Otherwise the thread waits for the guest's next
+    /// rx kick; a Linux guest refills its whole ring once it has taken what is used.
     func gather() -> Bool {
         if !mergeable { return !pending.isEmpty || popOne() }
-        var total = pending.reduce(0) { $0 + Int($1.writableLength) }
-        while total < wanted && pending.count < 64 {
+        var total = 0, descriptors = 0
+        for c in pending { total += Int(c.writableLength); descriptors += c.descriptorCount }
+        while total < wanted && pending.count < NetRxQueue.maxChainsPerFrame {
             guard popOne() else { break }
             total += Int(pending[pending.count - 1].writableLength)
+            descriptors += pending[pending.count - 1].descriptorCount
         }
-        return total >= min(wanted, VirtioNetHeader.size + 1518) || total >= wanted
+        if total >= wanted { return true }
+        let guestHasNoMore = descriptors >= Int(queue.size) || pending.count >= NetRxQueue.maxChainsPerFrame
+        return guestHasNoMore && total >= VirtioNetHeader.size + 1518
     }
+
+    /// Most chains one frame may fill (num_buffers); 64 of Linux's smallest mergeable
+    /// buffers (1518 bytes) hold a 64 KiB GSO frame.
+    static let maxChainsPerFrame = 64
 
     /// Reads up to `budget` frames from the TAP into guest buffers.
     func receive() {
@@ -375,6 +390,10 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
             _ = withUnsafeBytes(of: &nb) { use[0].writeWritable($0, offset: UInt64(VirtioNetHeader.numBuffersOffset)) }
             pending.removeFirst(k)
             stats.count(bytes: max(0, n - VirtioNetHeader.size))
+            // Each frame is the guest's as soon as it is written (QEMU and vhost publish
+            // per packet too): its NAPI can take it while the next one is read, and
+            // EVENT_IDX still keeps interrupts to the ones it asked for.
+            netPublish(queue, interrupt)
         }
     }
 }
@@ -447,6 +466,11 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
                     fail("\(error)")
                     return
                 }
+                // Hand the buffer back at once: the guest frees its skb on completion, and
+                // TCP small queues hold its sender until then (a 64 KiB frame's write takes
+                // the host's whole TCP receive path), so a batch published only at its end
+                // stalls the sender for the batch.
+                netPublish(queue, interrupt)
             }
             if served >= VirtioNetLimits.budget {
                 // More may wait: come back after the used ring is published.
