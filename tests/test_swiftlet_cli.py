@@ -214,8 +214,9 @@ def test_debug_log_maps_first_exits(swiftlet, tmp_path):
 
 
 def test_sigusr1_dumps_metrics_and_sigterm_stops_cleanly(swiftlet_release, tmp_path):
-    """The shipped binary with a virtio-blk device (so its helper threads exist before
-    any guest runs): SIGUSR1, sent again and again, rewrites --metrics and never kills
+    """The shipped binary with a virtio-blk device whose interrupt line is a resampling
+    irqfd (--virtio-irq irqfd: its "-irq" helper thread exists before any guest runs;
+    the default KVM_IRQ_LINE way has none): SIGUSR1, sent again and again, rewrites --metrics and never kills
     swiftlet; SIGTERM then ends it with 128+15 after a clean teardown. On this PVM host
     with the tiny guest that halts for good (scripts/lib/tinyguest.py --halt).
     Regression: the per-device interrupt threads were created before the main thread
@@ -229,7 +230,7 @@ def test_sigusr1_dumps_metrics_and_sigterm_stops_cleanly(swiftlet_release, tmp_p
     metrics = tmp_path / "m.json"
     env = dict(os.environ, SWIFTLET_ALLOW_PVM="1")
     p = subprocess.Popen([swiftlet_release, "--kernel", tiny, "--memory", "128M", "--serial", "none",
-                          "--disk", "path=%s" % disk, "--metrics", str(metrics)],
+                          "--disk", "path=%s" % disk, "--virtio-irq", "irqfd", "--metrics", str(metrics)],
                          env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 20

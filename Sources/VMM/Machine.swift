@@ -135,9 +135,16 @@ final class Machine: @unchecked Sendable {
     /// swiftlet started: a rough map of where a boot spends its time ("first exit" lines).
     private var firstExitSeen = Set<UInt64>()
     private var firstExits: [String] = []
+    /// Exits per port or MMIO page (debug): the "exits by place" line at the end.
+    private var exitCounts: [UInt64: (what: String, count: Int)] = [:]
     private func noteFirstExit(_ key: UInt64, _ what: @autoclosure () -> String) {
         let t = monotonicNanos()
         outcomeLock.withLock {
+            if exitCounts[key] != nil {
+                exitCounts[key]!.count += 1
+            } else if exitCounts.count < 256 {
+                exitCounts[key] = (what(), 1)
+            }
             guard firstExits.count < 64, firstExitSeen.insert(key).inserted else { return }
             firstExits.append("first exit +\((t &- config.startNanos) / 1000) us: \(what())")
         }
@@ -286,6 +293,8 @@ final class Machine: @unchecked Sendable {
             }
             log("startup: first KVM_RUN \((firstRunNanos &- config.startNanos) / 1000) us after main, at monotonic \(firstRunNanos) ns")
             for line in outcomeLock.withLock({ firstExits }) { log(line) }
+            let top = outcomeLock.withLock { exitCounts.values.sorted { $0.count > $1.count }.prefix(12) }
+            log("exits by place: " + top.map { "\($0.what) \($0.count)" }.joined(separator: ", "))
             let rss = residentSetBytes()
             let anon = (procKiB("/proc/self/status", "RssAnon:") ?? 0) * 1024
             let file = (procKiB("/proc/self/status", "RssFile:") ?? 0) * 1024
@@ -352,11 +361,11 @@ final class Machine: @unchecked Sendable {
             switch exit {
             case let .io(port, size, isWrite, count, data):
                 exitCounters.pio.wrappingAdd(1, ordering: .relaxed)
-                if debugExits { noteFirstExit(UInt64(port), "port 0x\(String(port, radix: 16)) \(isWrite ? "write" : "read")") }
+                if debugExits { noteFirstExit(UInt64(port) | (isWrite ? 1 << 32 : 0), "port 0x\(String(port, radix: 16)) \(isWrite ? "write" : "read")") }
                 handlePIO(port: port, size: size, isWrite: isWrite, count: count, data: data)
             case let .mmio(address, length, isWrite, data):
                 exitCounters.mmio.wrappingAdd(1, ordering: .relaxed)
-                if debugExits { noteFirstExit(address >> 12 | 1 << 63, "MMIO 0x\(String(address, radix: 16)) \(isWrite ? "write" : "read")") }
+                if debugExits { noteFirstExit(address >> 12 | 1 << 63 | (isWrite ? 1 << 62 : 0), "MMIO 0x\(String(address, radix: 16)) \(isWrite ? "write" : "read")") }
                 handleMMIO(address: address, length: length, isWrite: isWrite, data: data)
             case .hlt:
                 // Only without an in-kernel irqchip; ours has one, so a HLT exit means the
