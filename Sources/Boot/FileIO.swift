@@ -6,6 +6,9 @@ final class InputFile {
     let fd: Int32
     let size: UInt64
     let path: String
+    /// Which file this is, and which version of it: device, inode, size, mtime and ctime
+    /// (seconds, nanoseconds). The unpacked-kernel cache's key.
+    let identity: [UInt64]
 
     enum Failure: Error { case notFound, unreadable(Int32) }
 
@@ -23,6 +26,9 @@ final class InputFile {
         self.fd = fd
         self.size = UInt64(st.st_size)
         self.path = path
+        identity = [UInt64(st.st_dev), UInt64(st.st_ino), UInt64(st.st_size),
+                    UInt64(bitPattern: Int64(st.st_mtim.tv_sec)), UInt64(bitPattern: Int64(st.st_mtim.tv_nsec)),
+                    UInt64(bitPattern: Int64(st.st_ctim.tv_sec)), UInt64(bitPattern: Int64(st.st_ctim.tv_nsec))]
     }
 
     deinit { close(fd) }
@@ -48,7 +54,7 @@ final class InputFile {
         guard let p = mmap(nil, Int(size), PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0), p != MAP_FAILED else {
             throw Failure.unreadable(errno)
         }
-        return MappedBytes(base: p, count: Int(size))
+        return MappedBytes(base: p, count: Int(size), identity: identity)
     }
 
     /// The whole file as bytes (read straight into uninitialised storage: no zero-fill
@@ -105,7 +111,11 @@ public func readKernelFile(_ path: String) throws -> [UInt8] {
 final class MappedBytes {
     let base: UnsafeMutableRawPointer
     let count: Int
-    init(base: UnsafeMutableRawPointer, count: Int) { self.base = base; self.count = count }
+    /// InputFile.identity of the mapped file.
+    let identity: [UInt64]
+    init(base: UnsafeMutableRawPointer, count: Int, identity: [UInt64]) {
+        self.base = base; self.count = count; self.identity = identity
+    }
     deinit { munmap(base, count) }
     var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: base, count: count) }
 }

@@ -22,6 +22,9 @@ public struct LinuxBootConfig: Sendable {
     /// KASLR). Off by default: in the nested testbed swiftlet's unpacking (1.45 s in L1
     /// for Debian's 53 MB vmlinux) costs more than the guest's decompressor (about 0.3 s).
     public var decompressKernel: Bool = false
+    /// With decompressKernel: a directory for the unpacked-kernel cache (KernelCache), or
+    /// nil for none. A hit reads the vmlinux's segments from there instead of unpacking.
+    public var kernelCacheDir: String? = nil
 
     public init(kernelPath: String, initrdPath: String? = nil, cmdline: String = "", cpus: Int = 1,
                 virtioDevices: [VirtioMMIODeviceDescription] = [],
@@ -55,10 +58,18 @@ public func loadLinuxDetailed(_ config: LinuxBootConfig, into memory: GuestMemor
     // With decompressKernel the unpacker writes the vmlinux's segments into guest memory
     // itself (nil: not a payload swiftlet unpacks, the bzImage goes in whole).
     var segmentsLoaded = false
-    if config.decompressKernel, case let .bzImage(h) = kernel.format,
-       let vmlinux = try unpackBzImagePayload(file.bytes, kernel: kernel, header: h, ram: ram, into: memory) {
-        segmentsLoaded = true
-        kernel = vmlinux
+    if config.decompressKernel, case let .bzImage(h) = kernel.format {
+        if let dir = config.kernelCacheDir,
+           let cached = KernelCache.load(dir: dir, key: file.identity, kernel: kernel, header: h, into: memory) {
+            segmentsLoaded = true
+            kernel = cached
+        } else if let vmlinux = try unpackBzImagePayload(file.bytes, kernel: kernel, header: h, ram: ram, into: memory) {
+            segmentsLoaded = true
+            kernel = vmlinux
+            if let dir = config.kernelCacheDir {
+                KernelCache.store(dir: dir, key: file.identity, image: vmlinux, memory: memory)
+            }
+        }
     }
     for r in config.extraReserved where r.base < kernel.end && kernel.loadAddress < r.base + r.size {
         throw BootError.badReservedRange(base: r.base, size: r.size, reason: "it overlaps the kernel at \(hex(kernel.loadAddress))..\(hex(kernel.end))")

@@ -110,6 +110,8 @@ public struct MachineConfig {
     /// Unpack the bzImage payload in swiftlet (LinuxBootConfig.decompressKernel): on by
     /// default, --no-kernel-decompress turns it off.
     public var decompressKernel = true
+    /// --kernel-cache: the unpacked-kernel cache directory (checked by `checkKernelCacheDir`).
+    public var kernelCacheDir: String? = nil
     /// --virtio-irq: how virtio interrupt lines are driven.
     public var virtioInterrupts: VirtioInterruptMode = .line
     /// --metrics: "-" (stderr) or a file, written at exit and on SIGUSR1.
@@ -216,4 +218,24 @@ public func validate(_ c: MachineConfig, maxVCPUs: Int? = nil) throws {
     if let m = maxVCPUs, c.cpus > m {
         throw SwiftletError(.usage, "--cpus \(c.cpus) is above this host's KVM limit of \(m) vCPUs: use --cpus \(m) or fewer")
     }
+}
+
+/// The --kernel-cache directory, made (mode 0700) if missing; one clear error otherwise.
+public func checkKernelCacheDir(_ dir: String, decompress: Bool) throws -> String {
+    guard decompress else {
+        throw SwiftletError(.usage, "--kernel-cache keeps what swiftlet unpacks, and --no-kernel-decompress turns unpacking off: drop one of them")
+    }
+    guard !dir.isEmpty else { throw SwiftletError(.usage, "--kernel-cache needs a directory, e.g. --kernel-cache ~/.cache/swiftlet") }
+    if mkdir(dir, 0o700) != 0 && errno != EEXIST {
+        let why = String(cString: strerror(errno))
+        throw SwiftletError(.usage, "--kernel-cache '\(dir)': cannot create it (\(why)): give a directory you can write")
+    }
+    var st = stat()
+    guard stat(dir, &st) == 0, st.st_mode & S_IFMT == S_IFDIR else {
+        throw SwiftletError(.usage, "--kernel-cache '\(dir)' is not a directory: give a directory you can write")
+    }
+    guard access(dir, W_OK | X_OK) == 0 else {
+        throw SwiftletError(.usage, "--kernel-cache '\(dir)': no permission to write there: give a directory you can write")
+    }
+    return dir
 }

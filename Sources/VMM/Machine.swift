@@ -70,6 +70,7 @@ public func run(_ config: MachineConfig) throws -> Int32 {
                                      virtioDevices: config.virtioDiscovery == .acpi ? virtio : [],
                                      extraReserved: [], serial: true, rtc: true)
     bootConfig.decompressKernel = config.decompressKernel
+    bootConfig.kernelCacheDir = config.kernelCacheDir
     let boot: BootCPUState
     do {
         phase("inputs checked, RAM mapped")

@@ -51,6 +51,9 @@ struct Swiftlet: ParsableCommand {
     @Flag(name: .long, inversion: .prefixedNo, help: ArgumentHelp("Unpack the bzImage's payload (LZ4 or uncompressed; other compressions are left to the guest) in swiftlet, and enter the vmlinux directly, without KASLR; --no-kernel-decompress lets the guest decompress itself."))
     var kernelDecompress = true
 
+    @Option(name: .long, help: ArgumentHelp("Keep the vmlinux swiftlet unpacks from a bzImage in this directory (made if missing), keyed by the kernel file's inode, size and times; later boots of the same file read it instead of unpacking again.", valueName: "dir"))
+    var kernelCache: String?
+
     @Option(name: .long, help: ArgumentHelp("How virtio interrupt lines are driven: line (KVM_IRQ_LINE, as QEMU does; the default) or irqfd (KVM_IRQFD with resampling).", valueName: "mode"))
     var virtioIrq: String = "line"
 
@@ -72,6 +75,7 @@ struct Swiftlet: ParsableCommand {
         c.virtioDiscovery = try VirtioDiscovery.parse(virtioDiscovery)
         c.decompressKernel = kernelDecompress
         c.virtioInterrupts = try VirtioInterruptMode.parse(virtioIrq)
+        if let d = kernelCache { c.kernelCacheDir = try checkKernelCacheDir(d, decompress: kernelDecompress) }
         if let m = metrics {
             guard !m.isEmpty else { throw SwiftletError(.usage, "--metrics needs - (stderr) or a file path") }
             c.metricsPath = m
