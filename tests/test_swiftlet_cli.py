@@ -277,3 +277,22 @@ def test_kernel_cache_is_written_once_per_kernel_file(swiftlet, kernel, tmp_path
     assert os.stat(cache).st_mode & 0o777 == 0o700
     assert os.stat(cache / entries[0]).st_mode & 0o777 == 0o600
     assert os.path.getsize(cache / entries[0]) > 20 << 20, "the unpacked segments, tens of MiB"
+
+
+def test_kernel_cache_default_and_none(swiftlet, kernel, tmp_path):
+    """By default the cache is $XDG_CACHE_HOME/swiftlet (else ~/.cache/swiftlet);
+    --kernel-cache none writes nothing; an unusable default is skipped without a word."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    os.mkdir(tmp_path / "xdg")
+    r = subprocess.run([swiftlet, "--kernel", kernel, "--kernel-cache", "none"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode in (HOST, 0), r.stderr
+    assert os.listdir(tmp_path / "xdg") == []
+    r = subprocess.run([swiftlet, "--kernel", kernel], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode in (HOST, 0), r.stderr
+    assert [e for e in os.listdir(tmp_path / "xdg" / "swiftlet") if e.endswith(".unpacked")], "default cache entry"
+    (tmp_path / "file").write_text("x")
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "file"))
+    r = subprocess.run([swiftlet, "--kernel", kernel], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode in (HOST, 0), r.stderr
+    assert "cache" not in r.stderr

@@ -80,6 +80,7 @@ enum KernelCache {
                 (dst + s.fileSize).initializeMemory(as: UInt8.self, repeating: 0, count: Int(s.memSize) - s.fileSize)
             }
         }
+        _ = futimens(fd, nil)  // most recently used: kept longest by `prune`
         return KernelImage(format: .bzImage(h), segments: segments, entry: entry, loadAddress: loadAddress, end: end,
                            cmdlineMax: kernel.cmdlineMax, initrdAddrMax: kernel.initrdAddrMax)
     }
@@ -104,6 +105,32 @@ enum KernelCache {
         }
         ok = close(fd) == 0 && ok
         if !ok || rename(tmp, dir + "/" + fileName(key: key)) != 0 { unlink(tmp) }
+        prune(dir: dir)
+    }
+
+    /// Entries kept: the most recently used (written or read) ones.
+    static let keep = 4
+
+    /// Removes all but the `keep` most recently used entries, and temporary files left
+    /// by writers that died more than 10 minutes ago.
+    static func prune(dir: String) {
+        guard let dp = opendir(dir) else { return }
+        var entries: [(name: String, mtime: Int)] = []
+        let now = time(nil)
+        while let e = readdir(dp) {
+            let name = withUnsafeBytes(of: e.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
+            let isEntry = name.hasPrefix("vmlinux-") && name.hasSuffix(".unpacked")
+            guard isEntry || name.hasPrefix(".vmlinux-") else { continue }
+            var st = stat()
+            guard lstat(dir + "/" + name, &st) == 0, st.st_mode & S_IFMT == S_IFREG, st.st_uid == geteuid() else { continue }
+            if isEntry {
+                entries.append((name, st.st_mtim.tv_sec * 1_000_000_000 + st.st_mtim.tv_nsec))
+            } else if now - st.st_mtim.tv_sec > 600 {
+                unlink(dir + "/" + name)
+            }
+        }
+        closedir(dp)
+        for old in entries.sorted(by: { $0.mtime > $1.mtime }).dropFirst(keep) { unlink(dir + "/" + old.name) }
     }
 
     static func readFully(_ fd: Int32, _ dst: UnsafeMutableRawPointer, _ count: Int, offset: UInt64) -> Bool {

@@ -110,7 +110,7 @@ public struct MachineConfig {
     /// Unpack the bzImage payload in swiftlet (LinuxBootConfig.decompressKernel): on by
     /// default, --no-kernel-decompress turns it off.
     public var decompressKernel = true
-    /// --kernel-cache: the unpacked-kernel cache directory (checked by `checkKernelCacheDir`).
+    /// --kernel-cache: the unpacked-kernel cache directory (`resolveKernelCache`), nil for none.
     public var kernelCacheDir: String? = nil
     /// --virtio-irq: how virtio interrupt lines are driven.
     public var virtioInterrupts: VirtioInterruptMode = .line
@@ -217,6 +217,28 @@ public func validate(_ c: MachineConfig, maxVCPUs: Int? = nil) throws {
     }
     if let m = maxVCPUs, c.cpus > m {
         throw SwiftletError(.usage, "--cpus \(c.cpus) is above this host's KVM limit of \(m) vCPUs: use --cpus \(m) or fewer")
+    }
+}
+
+/// --kernel-cache: `auto` (the default) is $XDG_CACHE_HOME/swiftlet, else
+/// $HOME/.cache/swiftlet, used when it can be made and written and silently skipped when
+/// not (the boot only gets slower); `none` turns the cache off; anything else is a
+/// directory that must be usable (`checkKernelCacheDir`). nil: no cache.
+public func resolveKernelCache(_ option: String, decompress: Bool) throws -> String? {
+    switch option {
+    case "none": return nil
+    case "auto":
+        guard decompress else { return nil }
+        func env(_ k: String) -> String? {
+            guard let v = getenv(k).map({ String(cString: $0) }), v.hasPrefix("/") else { return nil }
+            return v
+        }
+        let base: String
+        if let x = env("XDG_CACHE_HOME") { base = x } else if let h = env("HOME") { base = h + "/.cache" } else { return nil }
+        _ = mkdir(base, 0o700)
+        return try? checkKernelCacheDir(base + "/swiftlet", decompress: true)
+    default:
+        return try checkKernelCacheDir(option, decompress: decompress)
     }
 }
 

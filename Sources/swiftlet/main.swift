@@ -51,8 +51,8 @@ struct Swiftlet: ParsableCommand {
     @Flag(name: .long, inversion: .prefixedNo, help: ArgumentHelp("Unpack the bzImage's payload (LZ4 or uncompressed; other compressions are left to the guest) in swiftlet, and enter the vmlinux directly, without KASLR; --no-kernel-decompress lets the guest decompress itself."))
     var kernelDecompress = true
 
-    @Option(name: .long, help: ArgumentHelp("Keep the vmlinux swiftlet unpacks from a bzImage in this directory (made if missing), keyed by the kernel file's inode, size and times; later boots of the same file read it instead of unpacking again.", valueName: "dir"))
-    var kernelCache: String?
+    @Option(name: .long, help: ArgumentHelp("Where swiftlet keeps the vmlinux it unpacks from a bzImage, keyed by the kernel file's inode, size and times, so later boots of the same file read it instead of unpacking again: auto ($XDG_CACHE_HOME/swiftlet or ~/.cache/swiftlet, skipped if unusable), none, or a directory (made if missing).", valueName: "auto|none|dir"))
+    var kernelCache: String = "auto"
 
     @Option(name: .long, help: ArgumentHelp("How virtio interrupt lines are driven: line (KVM_IRQ_LINE, as QEMU does; the default) or irqfd (KVM_IRQFD with resampling).", valueName: "mode"))
     var virtioIrq: String = "line"
@@ -75,7 +75,7 @@ struct Swiftlet: ParsableCommand {
         c.virtioDiscovery = try VirtioDiscovery.parse(virtioDiscovery)
         c.decompressKernel = kernelDecompress
         c.virtioInterrupts = try VirtioInterruptMode.parse(virtioIrq)
-        if let d = kernelCache { c.kernelCacheDir = try checkKernelCacheDir(d, decompress: kernelDecompress) }
+        c.kernelCacheDir = try resolveKernelCache(kernelCache, decompress: kernelDecompress)
         if let m = metrics {
             guard !m.isEmpty else { throw SwiftletError(.usage, "--metrics needs - (stderr) or a file path") }
             c.metricsPath = m

@@ -146,4 +146,26 @@ final class KernelCacheTests: XCTestCase {
         XCTAssertEqual(try loadLinuxDetailed(bad, into: try makeMemory(256 * MiB)).kernel, info.kernel)
         XCTAssertEqual(files(dir), [])
     }
+
+    /// The cache keeps the 4 most recently used entries and drops temporary files of
+    /// writers that died long ago (not those of a writer at work).
+    func testPruneKeepsTheMostRecentlyUsed() throws {
+        let dir = tempDir()
+        defer { removeDir(dir) }
+        func make(_ name: String, age: Int) {
+            let fd = open(dir + "/" + name, O_CREAT | O_WRONLY, 0o600)
+            XCTAssertGreaterThanOrEqual(fd, 0)
+            close(fd)
+            let t = timespec(tv_sec: time(nil) - age, tv_nsec: 0)
+            var times = [t, t]
+            XCTAssertEqual(utimensat(AT_FDCWD, dir + "/" + name, &times, 0), 0)
+        }
+        for (i, age) in [500, 100, 4000, 30, 2000, 60].enumerated() { make("vmlinux-\(i).unpacked", age: age) }
+        make(".vmlinux-old", age: 3600)
+        make(".vmlinux-new", age: 5)
+        make("unrelated", age: 99999)
+        KernelCache.prune(dir: dir)
+        XCTAssertEqual(files(dir), [".vmlinux-new", "unrelated", "vmlinux-0.unpacked", "vmlinux-1.unpacked",
+                                    "vmlinux-3.unpacked", "vmlinux-5.unpacked"])
+    }
 }
