@@ -35,16 +35,8 @@ final class InputFile {
 
     /// Reads exactly `count` bytes from `offset` into `dst`; a file that shrank reads as EIO.
     func read(into dst: UnsafeMutableRawPointer, count: Int, offset: UInt64 = 0) throws {
-        var done = 0
-        while done < count {
-            let n = pread(fd, dst + done, min(count - done, 1 << 30), off_t(offset) + off_t(done))
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw Failure.unreadable(errno)
-            }
-            if n == 0 { throw Failure.unreadable(EIO) }
-            done += n
-        }
+        let e = preadFully(fd, dst, count, offset: offset)
+        if e != 0 { throw Failure.unreadable(e) }
     }
 
     /// The whole file mapped read-only (MAP_PRIVATE), so a kernel can be parsed and copied
@@ -118,4 +110,20 @@ final class MappedBytes {
     }
     deinit { munmap(base, count) }
     var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: base, count: count) }
+}
+
+/// pread until `count` bytes from `offset` are in `dst`: 0, or the errno (EIO when the
+/// file ends first).
+func preadFully(_ fd: Int32, _ dst: UnsafeMutableRawPointer, _ count: Int, offset: UInt64) -> Int32 {
+    var done = 0
+    while done < count {
+        let n = pread(fd, dst + done, min(count - done, 1 << 30), off_t(offset) + off_t(done))
+        if n < 0 {
+            if errno == EINTR { continue }
+            return errno
+        }
+        if n == 0 { return EIO }
+        done += n
+    }
+    return 0
 }

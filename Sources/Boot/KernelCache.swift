@@ -134,14 +134,7 @@ enum KernelCache {
     }
 
     static func readFully(_ fd: Int32, _ dst: UnsafeMutableRawPointer, _ count: Int, offset: UInt64) -> Bool {
-        var done = 0
-        while done < count {
-            let n = pread(fd, dst + done, min(count - done, 1 << 30), off_t(offset) + off_t(done))
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 { return false }
-            done += n
-        }
-        return true
+        preadFully(fd, dst, count, offset: offset) == 0
     }
 
     static func writeFully(_ fd: Int32, _ src: UnsafeRawPointer, _ count: Int) -> Bool {

@@ -136,9 +136,9 @@ final class Machine: @unchecked Sendable {
     /// swiftlet started: a rough map of where a boot spends its time ("first exit" lines).
     private var firstExitSeen = Set<UInt64>()
     private var firstExits: [String] = []
-    /// Exits per port or MMIO page (debug): the "exits by place" line at the end.
+    /// Exits per port or MMIO page and direction (debug): the "exits by place" line.
     private var exitCounts: [UInt64: (what: String, count: Int)] = [:]
-    private func noteFirstExit(_ key: UInt64, _ what: @autoclosure () -> String) {
+    private func noteExit(_ key: UInt64, _ what: @autoclosure () -> String) {
         let t = monotonicNanos()
         outcomeLock.withLock {
             if exitCounts[key] != nil {
@@ -362,11 +362,11 @@ final class Machine: @unchecked Sendable {
             switch exit {
             case let .io(port, size, isWrite, count, data):
                 exitCounters.pio.wrappingAdd(1, ordering: .relaxed)
-                if debugExits { noteFirstExit(UInt64(port) | (isWrite ? 1 << 32 : 0), "port 0x\(String(port, radix: 16)) \(isWrite ? "write" : "read")") }
+                if debugExits { noteExit(UInt64(port) | (isWrite ? 1 << 32 : 0), "port 0x\(String(port, radix: 16)) \(isWrite ? "write" : "read")") }
                 handlePIO(port: port, size: size, isWrite: isWrite, count: count, data: data)
             case let .mmio(address, length, isWrite, data):
                 exitCounters.mmio.wrappingAdd(1, ordering: .relaxed)
-                if debugExits { noteFirstExit(address >> 12 | 1 << 63 | (isWrite ? 1 << 62 : 0), "MMIO 0x\(String(address, radix: 16)) \(isWrite ? "write" : "read")") }
+                if debugExits { noteExit(address >> 12 | 1 << 63 | (isWrite ? 1 << 62 : 0), "MMIO 0x\(String(address, radix: 16)) \(isWrite ? "write" : "read")") }
                 handleMMIO(address: address, length: length, isWrite: isWrite, data: data)
             case .hlt:
                 // Only without an in-kernel irqchip; ours has one, so a HLT exit means the

@@ -1,7 +1,7 @@
 // Runs a virtio-mmio device in the machine.
 //
 // A `VirtioMMIOSlot` owns one device's register window [base, base+0x1000), its
-// `VirtioMMIOTransport`, its interrupt (an irqfd on the device's GSI) and, while the
+// `VirtioMMIOTransport`, its interrupt line (the device's GSI) and, while the
 // driver has the device running (DRIVER_OK), per active queue:
 //   - an eventfd registered as ioeventfd on QueueNotify (base + 0x050, 4 bytes,
 //     datamatch = queue index), so the guest's kick never exits to swiftlet;
@@ -11,13 +11,16 @@
 //     the handlers.
 // Interrupts are level-triggered, as on real virtio-mmio hardware and in QEMU: the line
 // is high while InterruptStatus is nonzero. The device calls the transport's
-// VirtioInterruptSink, which sets the InterruptStatus bit first and then writes the irqfd,
-// registered with KVM_IRQFD_FLAG_RESAMPLE: the write asserts the GSI and KVM keeps it
-// asserted until the guest EOIs it. At the EOI KVM deasserts it and signals the slot's
-// resample eventfd; the slot's "<name>-irq" thread then re-asserts if InterruptStatus is
-// still nonzero (bits set after the driver's InterruptACK and before its EOI).
+// VirtioInterruptSink, which sets the InterruptStatus bit first and then raises the line
+// (VirtioInterruptMode):
+//   - line (default, `InterruptLine`): KVM_IRQ_LINE high when a bit is set, low when the
+//     driver's InterruptACK (or a reset) clears the last one, as QEMU does;
+//   - irqfd (`ResampledIrqfd`): an irqfd with KVM_IRQFD_FLAG_RESAMPLE asserts the GSI
+//     until the guest's EOI; KVM then deasserts it and signals the resample eventfd, and
+//     the "<name>-irq" thread re-asserts it if InterruptStatus is still nonzero.
 // Edge-triggered irqfd pulses (as Firecracker uses) made nested-KVM L2 guests die under
-// iperf3 load (issue 5); QEMU microvm's level lines did not.
+// iperf3 load (issue 5), and so, less often, did the resampling irqfd; KVM_IRQ_LINE did
+// not.
 //
 // Driver reset (status 0) and machine stop deregister the ioeventfds, stop and join the
 // queue threads (each waits for its requests in flight), then the device forgets its

@@ -12,13 +12,7 @@ final class KernelCacheTests: XCTestCase {
     }
 
     func removeDir(_ d: String) {
-        if let dp = opendir(d) {
-            while let e = readdir(dp) {
-                let n = withUnsafeBytes(of: e.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
-                if n != "." && n != ".." { unlink(d + "/" + n) }
-            }
-            closedir(dp)
-        }
+        for n in files(d) { unlink(d + "/" + n) }
         rmdir(d)
     }
 
