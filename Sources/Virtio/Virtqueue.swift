@@ -124,8 +124,11 @@ public struct ChainSegment: @unchecked Sendable {
 /// Host pointers stay valid while `memory` is alive (the chain keeps it alive).
 public struct DescriptorChain: @unchecked Sendable {
     public let head: UInt16
-    public let segments: [ChainSegment]
-    /// segments[0..<readableCount] are device-readable, the rest device-writable.
+    /// The first segment is kept inline and the others in `more`, so a chain of one buffer
+    /// (virtio-net's mergeable rx buffers: 16 or more per 64 KiB frame) allocates nothing.
+    let first: ChainSegment?
+    let more: [ChainSegment]
+    /// Segments 0..<readableCount are device-readable, the rest device-writable.
     public let readableCount: Int
     public let readableLength: UInt32
     public let writableLength: UInt32
@@ -133,6 +136,25 @@ public struct DescriptorChain: @unchecked Sendable {
     public let descriptorCount: Int
     let memory: GuestMemory
 
+    init(head: UInt16, first: ChainSegment?, more: [ChainSegment], readableCount: Int,
+         readableLength: UInt32, writableLength: UInt32, descriptorCount: Int, memory: GuestMemory) {
+        self.head = head
+        self.first = first
+        self.more = more
+        self.readableCount = readableCount
+        self.readableLength = readableLength
+        self.writableLength = writableLength
+        self.descriptorCount = descriptorCount
+        self.memory = memory
+    }
+
+    /// Number of segments (descriptors with a non-zero length).
+    public var segmentCount: Int { first == nil ? 0 : 1 + more.count }
+    /// Segment `i` (< segmentCount).
+    @inline(__always)
+    public func segment(_ i: Int) -> ChainSegment { i == 0 ? first! : more[i - 1] }
+    /// All segments, readable ones first (allocates: for inspection, not the data path).
+    public var segments: [ChainSegment] { (0..<segmentCount).map { segment($0) } }
     public var readableSegments: ArraySlice<ChainSegment> { segments[0..<readableCount] }
     public var writableSegments: ArraySlice<ChainSegment> { segments[readableCount...] }
 
@@ -148,7 +170,8 @@ public struct DescriptorChain: @unchecked Sendable {
         var out: [iovec] = []
         var skip = skipping
         var left = length
-        for s in (writable ? writableSegments : readableSegments) where left > 0 {
+        for i in (writable ? readableCount..<segmentCount : 0..<readableCount) where left > 0 {
+            let s = segment(i)
             let l = UInt64(s.length)
             if skip >= l { skip -= l; continue }
             let n = min(l - skip, left)
@@ -323,7 +346,8 @@ public final class SplitQueue: @unchecked Sendable {
 
     /// Walks and validates the chain starting at `head` (< size).
     func readChain(head: UInt16) throws -> DescriptorChain {
-        var segments: [ChainSegment] = []
+        var first: ChainSegment? = nil
+        var more: [ChainSegment] = []
         var readableCount = 0
         var readable: UInt64 = 0
         var writable: UInt64 = 0
@@ -376,7 +400,8 @@ public final class SplitQueue: @unchecked Sendable {
             if isWritable { writable += UInt64(len) } else { readable += UInt64(len) }
             guard readable + writable <= UInt64(UInt32.max) else { throw ChainError.totalLengthTooLarge }
             if len > 0 {
-                segments.append(ChainSegment(address: addr, length: len, isWritable: isWritable, host: host))
+                let seg = ChainSegment(address: addr, length: len, isWritable: isWritable, host: host)
+                if first == nil { first = seg } else { more.append(seg) }
                 if !isWritable { readableCount += 1 }
             }
 
@@ -384,7 +409,7 @@ public final class SplitQueue: @unchecked Sendable {
             guard Int(next) < tableSize else { throw ChainError.nextOutOfRange(index: next, tableSize: tableSize) }
             index = Int(next)
         }
-        return DescriptorChain(head: head, segments: segments, readableCount: readableCount,
+        return DescriptorChain(head: head, first: first, more: more, readableCount: readableCount,
                                readableLength: UInt32(readable), writableLength: UInt32(writable),
                                descriptorCount: walked, memory: memory)
     }

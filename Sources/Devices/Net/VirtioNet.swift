@@ -223,6 +223,8 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
     let epfd: Int32
     /// Chains popped but not filled yet (kept for the next frame).
     var pending: [DescriptorChain] = []
+    /// The iovecs of the frame being read (kept: no allocation per frame).
+    var iovs: [iovec] = []
     var broken = false
     var quiesced = false
     var loggedError = false
@@ -347,9 +349,16 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
                 watchTap(false)
                 return
             }
-            let use = mergeable ? pending : [pending[0]]
-            var iovs: [iovec] = []
-            for c in use { iovs += c.writableIovecs() }
+            // The chains this frame may fill: all gathered ones, or the first without MRG_RXBUF.
+            let useCount = mergeable ? pending.count : 1
+            iovs.removeAll(keepingCapacity: true)
+            for c in 0..<useCount {
+                let chain = pending[c]
+                for i in chain.readableCount..<chain.segmentCount {
+                    let seg = chain.segment(i)
+                    iovs.append(iovec(iov_base: seg.host, iov_len: Int(seg.length)))
+                }
+            }
             let n = iovs.withUnsafeBufferPointer { readv(fd, $0.baseAddress, Int32($0.count)) }
             if n < 0 {
                 let e = errno
@@ -376,18 +385,18 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
             var k = 0
             do {
                 repeat {
-                    let len = min(left, Int(use[k].writableLength))
-                    try queue.stageUsed(head: use[k].head, length: UInt32(len))
+                    let len = min(left, Int(pending[k].writableLength))
+                    try queue.stageUsed(head: pending[k].head, length: UInt32(len))
                     left -= len
                     k += 1
-                } while left > 0 && k < use.count
+                } while left > 0 && k < useCount
             } catch {
                 fail("\(error)")
                 return
             }
             // tun skips num_buffers (it writes 10 header bytes of our 12): fill it in.
             var nb = UInt16(k).littleEndian
-            _ = withUnsafeBytes(of: &nb) { use[0].writeWritable($0, offset: UInt64(VirtioNetHeader.numBuffersOffset)) }
+            _ = withUnsafeBytes(of: &nb) { pending[0].writeWritable($0, offset: UInt64(VirtioNetHeader.numBuffersOffset)) }
             pending.removeFirst(k)
             stats.count(bytes: max(0, n - VirtioNetHeader.size))
             // Each frame is the guest's as soon as it is written (QEMU and vhost publish
