@@ -15,7 +15,7 @@ CHECKS = ["metrics-json", "one-cpu-cmdline-initrd", "boot-marker", "two-cpus", "
           "blk-guest-write", "blk-guest-read", "blk-read-irqfd", "blk-readonly", "blk-two-queues",
           "blk-flush-survives-kill", "blk-discard-frees-blocks",
           "net-ping", "net-two-queues", "net-iperf-guest-to-host",
-          "net-iperf-host-to-guest", "net-offload-off", "net-ethtool-L", "net-jumbo-mtu"]
+          "net-iperf-host-to-guest", "net-offload-off", "net-ethtool-L", "net-mq-traffic-both-queues", "net-jumbo-mtu"]
 
 
 def run_checks_resuming(swiftlet_release, sessions=3):
