@@ -23,7 +23,15 @@ def test_smoke_qemu_end_to_end(testbed_image):
                    "swiftlet-guest: root /dev/vda mounted", "swiftlet-guest: ping ok",
                    "swiftlet-guest: exit status 0"):
         assert re.search(r"^[0-9.]+ " + re.escape(marker), out, re.M), marker
+    assert_iperf(out)
     print(last)
+
+
+def assert_iperf(out):
+    """The guest's 3 s iperf3 to L1 finished with a non-zero rate, and smoke printed it."""
+    m = re.search(r"^smoke: iperf3 guest->host ([0-9.]+) Mbits/sec$", out, re.M)
+    assert m and float(m.group(1)) > 0, out[-2000:]
+    assert re.search(r"^[0-9.]+ swiftlet-guest: iperf3 status 0 rate [0-9.]+ Mbits/sec$", out, re.M), out[-2000:]
 
 
 def test_smoke_swiftlet_end_to_end(testbed_image, swiftlet_release):
@@ -34,8 +42,10 @@ def test_smoke_swiftlet_end_to_end(testbed_image, swiftlet_release):
     last = out.strip().splitlines()[-1]
     assert re.fullmatch(r"smoke: ok swiftlet userspace in \d+ ms", last), last
     for marker in ("swiftlet-guest: disk vda present", "swiftlet-guest: root /dev/vda mounted",
+                   "swiftlet-guest: net eth0 present", "swiftlet-guest: ping ok",
                    "swiftlet-guest: exit status 0"):
         assert re.search(r"^[0-9.]+ " + re.escape(marker), out, re.M), marker
+    assert_iperf(out)
     print(last)
 
 
