@@ -41,7 +41,8 @@ final class CountedVirtioWindow: MMIODevice, @unchecked Sendable {
     func deviceJSON() -> String {
         if let net = slot.device as? VirtioNet {
             let qs = net.stats.enumerated().map { i, s in
-                "{\"queue\": \(i), \"packets\": \(s.packets), \"bytes\": \(s.bytes), \"drops\": \(s.drops)}"
+                "{\"queue\": \(i), \"packets\": \(s.packets), \"bytes\": \(s.bytes), \"drops\": \(s.drops), "
+                    + "\"notifications\": \(s.notifications), \"interrupts\": \(s.interrupts)}"
             }
             return "\"active_pairs\": \(net.activePairs), \"queues\": [\(qs.joined(separator: ", "))]"
         }

@@ -71,6 +71,11 @@ final class NetDeviceTests: XCTestCase {
         XCTAssertEqual(h.device.stats[1].packets, 2)
         XCTAssertEqual(h.device.stats[1].bytes, 2000)
         XCTAssertGreaterThan(h.sink.used, 0)
+        // per-queue counters: one kick, and the interrupts this queue asked for
+        XCTAssertEqual(h.device.stats[1].notifications, 1)
+        XCTAssertEqual(h.device.stats[1].interrupts, UInt64(h.sink.used))
+        XCTAssertEqual(h.device.stats[0].notifications, 0)
+        XCTAssertEqual(h.device.stats[0].interrupts, 0)
     }
 
     func testHostileTransmitChainsAreDroppedAndCounted() throws {

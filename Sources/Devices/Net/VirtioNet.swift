@@ -44,7 +44,14 @@ public final class NetQueueStats: Sendable {
     let packetCount = Atomic<UInt64>(0)
     let byteCount = Atomic<UInt64>(0)
     let dropCount = Atomic<UInt64>(0)
+    let notifyCount = Atomic<UInt64>(0)
+    let interruptCount = Atomic<UInt64>(0)
     public init() {}
+    /// Queue notifications (kicks) from the driver that woke the queue's thread.
+    public var notifications: UInt64 { notifyCount.load(ordering: .relaxed) }
+    /// Interrupts this queue asked for (used buffers the driver wanted to hear of).
+    public var interrupts: UInt64 { interruptCount.load(ordering: .relaxed) }
+    func notified() { notifyCount.wrappingAdd(1, ordering: .relaxed) }
     public var packets: UInt64 { packetCount.load(ordering: .relaxed) }
     public var bytes: UInt64 { byteCount.load(ordering: .relaxed) }
     /// Chains or frames dropped: hostile chains, frames the TAP refused, bad commands.
@@ -195,9 +202,12 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig, @unchecked
 
 /// Publishes staged used entries and interrupts the driver if it asked to be.
 @inline(__always)
-func netPublish(_ queue: SplitQueue, _ interrupt: any VirtioInterruptSink) {
+func netPublish(_ queue: SplitQueue, _ interrupt: any VirtioInterruptSink, _ stats: NetQueueStats) {
     queue.publishUsed()
-    if queue.needsNotification() { interrupt.signalUsedBuffer() }
+    if queue.needsNotification() {
+        stats.interruptCount.wrappingAdd(1, ordering: .relaxed)
+        interrupt.signalUsedBuffer()
+    }
 }
 
 @_silgen_name("epoll_create1") func swiftlet_epoll_create1(_ flags: Int32) -> Int32
@@ -269,6 +279,7 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
     }
 
     public func kicked() {
+        stats.notified()
         guard !broken && !quiesced else { return }
         queue.disableNotifications()
         watchTap(true)
@@ -340,7 +351,7 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
     func receive() {
         guard !broken && !quiesced else { return }
         var served = 0
-        defer { netPublish(queue, interrupt) }
+        defer { netPublish(queue, interrupt, stats) }
         while served < VirtioNetLimits.budget && !broken {
             if !gather() {
                 if broken { return }
@@ -402,7 +413,7 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
             // Each frame is the guest's as soon as it is written (QEMU and vhost publish
             // per packet too): its NAPI can take it while the next one is read, and
             // EVENT_IDX still keeps interrupts to the ones it asked for.
-            netPublish(queue, interrupt)
+            netPublish(queue, interrupt, stats)
         }
     }
 }
@@ -440,7 +451,10 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
 
     public var completionFD: Int32 { again }
 
-    public func kicked() { transmit() }
+    public func kicked() {
+        stats.notified()
+        transmit()
+    }
 
     public func completionsReady() {
         var v: UInt64 = 0
@@ -459,7 +473,7 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
     func transmit() {
         guard !broken && !quiesced else { return }
         var served = 0
-        defer { netPublish(queue, interrupt) }
+        defer { netPublish(queue, interrupt, stats) }
         while !broken {
             queue.disableNotifications()
             while served < VirtioNetLimits.budget {
@@ -479,7 +493,7 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
                 // TCP small queues hold its sender until then (a 64 KiB frame's write takes
                 // the host's whole TCP receive path), so a batch published only at its end
                 // stalls the sender for the batch.
-                netPublish(queue, interrupt)
+                netPublish(queue, interrupt, stats)
             }
             if served >= VirtioNetLimits.budget {
                 // More may wait: come back after the used ring is published.
@@ -547,8 +561,9 @@ public final class NetCtrlQueue: VirtioQueueHandler, @unchecked Sendable {
     public func quiesce() { quiesced = true }
 
     public func kicked() {
+        stats.notified()
         guard !broken && !quiesced else { return }
-        defer { netPublish(queue, interrupt) }
+        defer { netPublish(queue, interrupt, stats) }
         while !broken {
             queue.disableNotifications()
             while true {
