@@ -47,7 +47,7 @@ enum KernelCache {
         func words(_ n: Int, at offset: UInt64) -> [UInt64]? {
             var w = [UInt64](repeating: 0, count: n)
             let want = 8 * n
-            let got = w.withUnsafeMutableBytes { readFully(fd, $0.baseAddress!, want, offset: offset) }
+            let got = w.withUnsafeMutableBytes { preadFully(fd, $0.baseAddress!, want, offset: offset) == 0 }
             return got ? w.map { UInt64(littleEndian: $0) } : nil
         }
         guard let fixed = words(fixedWords, at: 0) else { return nil }
@@ -75,7 +75,7 @@ enum KernelCache {
               segments.contains(where: { entry >= $0.address && entry < $0.address + $0.memSize }) else { return nil }
         for (s, at) in zip(segments, data) {
             guard let dst = try? memory.pointer(s.address, length: s.memSize),
-                  readFully(fd, dst, s.fileSize, offset: at) else { return nil }
+                  preadFully(fd, dst, s.fileSize, offset: at) == 0 else { return nil }
             if s.memSize > UInt64(s.fileSize) {
                 (dst + s.fileSize).initializeMemory(as: UInt8.self, repeating: 0, count: Int(s.memSize) - s.fileSize)
             }
@@ -131,10 +131,6 @@ enum KernelCache {
         }
         closedir(dp)
         for old in entries.sorted(by: { $0.mtime > $1.mtime }).dropFirst(keep) { unlink(dir + "/" + old.name) }
-    }
-
-    static func readFully(_ fd: Int32, _ dst: UnsafeMutableRawPointer, _ count: Int, offset: UInt64) -> Bool {
-        preadFully(fd, dst, count, offset: offset) == 0
     }
 
     static func writeFully(_ fd: Int32, _ src: UnsafeRawPointer, _ count: Int) -> Bool {

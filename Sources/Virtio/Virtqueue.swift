@@ -168,6 +168,13 @@ public struct DescriptorChain: @unchecked Sendable {
     /// Clamped to what the part holds.
     public func iovecs(writable: Bool, skipping: UInt64 = 0, length: UInt64 = .max) -> [iovec] {
         var out: [iovec] = []
+        appendIovecs(writable: writable, skipping: skipping, length: length, to: &out)
+        return out
+    }
+
+    /// `iovecs(writable:skipping:length:)` appended to `out` (a reused array: no
+    /// allocation on a data path once it has grown).
+    public func appendIovecs(writable: Bool, skipping: UInt64 = 0, length: UInt64 = .max, to out: inout [iovec]) {
         var skip = skipping
         var left = length
         for i in (writable ? readableCount..<segmentCount : 0..<readableCount) where left > 0 {
@@ -179,7 +186,6 @@ public struct DescriptorChain: @unchecked Sendable {
             left -= n
             skip = 0
         }
-        return out
     }
 
     /// Copies up to `into.count` bytes of the readable part, starting `offset` bytes into

@@ -52,6 +52,7 @@ public final class NetQueueStats: Sendable {
     /// Interrupts this queue asked for (used buffers the driver wanted to hear of).
     public var interrupts: UInt64 { interruptCount.load(ordering: .relaxed) }
     func notified() { notifyCount.wrappingAdd(1, ordering: .relaxed) }
+    func interrupted() { interruptCount.wrappingAdd(1, ordering: .relaxed) }
     public var packets: UInt64 { packetCount.load(ordering: .relaxed) }
     public var bytes: UInt64 { byteCount.load(ordering: .relaxed) }
     /// Chains or frames dropped: hostile chains, frames the TAP refused, bad commands.
@@ -205,7 +206,7 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig, @unchecked
 func netPublish(_ queue: SplitQueue, _ interrupt: any VirtioInterruptSink, _ stats: NetQueueStats) {
     queue.publishUsed()
     if queue.needsNotification() {
-        stats.interruptCount.wrappingAdd(1, ordering: .relaxed)
+        stats.interrupted()
         interrupt.signalUsedBuffer()
     }
 }
@@ -363,13 +364,7 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
             // The chains this frame may fill: all gathered ones, or the first without MRG_RXBUF.
             let useCount = mergeable ? pending.count : 1
             iovs.removeAll(keepingCapacity: true)
-            for c in 0..<useCount {
-                let chain = pending[c]
-                for i in chain.readableCount..<chain.segmentCount {
-                    let seg = chain.segment(i)
-                    iovs.append(iovec(iov_base: seg.host, iov_len: Int(seg.length)))
-                }
-            }
+            for c in 0..<useCount { pending[c].appendIovecs(writable: true, to: &iovs) }
             let n = iovs.withUnsafeBufferPointer { readv(fd, $0.baseAddress, Int32($0.count)) }
             if n < 0 {
                 let e = errno
