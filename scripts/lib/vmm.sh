@@ -103,3 +103,45 @@ swiftlet_with_marks() {
         { split($1, p, "-"); if (p[2] == "start") s[p[1]] = $2; else if ($2 != "" && s[p[1]] != "") print tag " swiftlet " run " " p[1] " " ($2 - s[p[1]]) }' "$_marks"
     rm -f "$_m" "$_marks"
 }
+
+# KVM's own work counters, the same for every VMM: in-kernel histograms (tracefs hist
+# triggers) on KVM's tracepoints, which keep counting across VMs (debugfs's stats vanish
+# with the VM). kvm_counters prints one line of NAME=COUNT, cumulative since
+# kvm_counters_mount; kvm_counters_diff gives the work between two such lines:
+#   exits      every exit of a guest vCPU to KVM (kvm_exit)
+#   to_vmm     exits KVM passed on to the VMM's KVM_RUN (kvm_userspace_exit); of them
+#              vmm_io and vmm_mmio (port and MMIO accesses the VMM served)
+#   irq_inj    interrupts injected into the guest (kvm_inj_virq)
+#   hlt ioio npf msr intr vintr cpuid  exits by reason (AMD SVM codes; npf = nested
+#              page faults, MMIO served in the kernel among them), other = the rest
+KVM_TRACING=/sys/kernel/tracing
+kvm_counters_mount() {
+    [ -d $KVM_TRACING/events/kvm ] || mount -t tracefs none $KVM_TRACING 2>/dev/null || return 0
+    [ -w $KVM_TRACING/events/kvm/kvm_exit/trigger ] || return 0
+    grep -q '^hist' $KVM_TRACING/events/kvm/kvm_exit/trigger 2>/dev/null && return 0
+    echo 'hist:keys=exit_reason:size=512' > $KVM_TRACING/events/kvm/kvm_exit/trigger 2>/dev/null || return 0
+    echo 'hist:keys=reason' > $KVM_TRACING/events/kvm/kvm_userspace_exit/trigger 2>/dev/null
+    echo 'hist:keys=common_type' > $KVM_TRACING/events/kvm/kvm_inj_virq/trigger 2>/dev/null
+}
+kvm_counters() {
+    [ -r $KVM_TRACING/events/kvm/kvm_exit/hist ] || return 0
+    grep -q '^hist' $KVM_TRACING/events/kvm/kvm_exit/trigger 2>/dev/null || return 0
+    { sed 's/^/E /' $KVM_TRACING/events/kvm/kvm_exit/hist
+      sed 's/^/U /' $KVM_TRACING/events/kvm/kvm_userspace_exit/hist
+      sed 's/^/I /' $KVM_TRACING/events/kvm/kvm_inj_virq/hist; } 2>/dev/null | awk '
+        BEGIN { n[96] = "intr"; n[100] = "vintr"; n[114] = "cpuid"; n[120] = "hlt"; n[123] = "ioio"
+                n[124] = "msr"; n[1024] = "npf" }
+        $2 == "Hits:" { t[$1] = $3 }
+        $2 == "{" { k = $4; sub(/}/, "", k); c = $NF
+            if ($1 == "E") { if (k in n) e[n[k]] += c; else other += c }
+            if ($1 == "U") { if (k == 2) vio += c; if (k == 6) vmmio += c } }
+        END { printf "exits=%d to_vmm=%d vmm_io=%d vmm_mmio=%d irq_inj=%d", t["E"], t["U"], vio, vmmio, t["I"]
+              split("hlt ioio npf msr intr vintr cpuid", o, " ")
+              for (i = 1; i <= 7; i++) printf " %s=%d", o[i], e[o[i]]
+              printf " other=%d\n", other }'
+}
+# kvm_counters_diff BEFORE AFTER: "exits=D to_vmm=D ..." (AFTER - BEFORE)
+kvm_counters_diff() {
+    [ -n "$1" ] && [ -n "$2" ] || { echo "unavailable"; return 0; }
+    echo "$1 $2" | awk '{ n = NF / 2; for (i = 1; i <= n; i++) { split($i, a, "="); split($(i + n), b, "="); printf "%s=%d ", a[1], b[2] - a[2] } print "" }'
+}

@@ -1,0 +1,93 @@
+"""Runs a list of work items through scripts/testbed and survives L1 failures.
+
+The ONE place that knows what to do when the testbed's L1 crashes (status 121) or
+wedges (status 124) in the middle of a list of boots: the item that was running gets
+an "L1 crash"/"L1 wedge" result and a new testbed runs the items that have none yet,
+up to a limit of L1 failures. Used by scripts/stress, scripts/bench and the tests.
+
+The inner command announces each item on a line of its own (``start_re``, group 1 is
+the item's name) and reports it (``done_re``, group 1 the name). Everything it prints
+is streamed to ``out`` (or collected).
+"""
+import os
+import re
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TESTBED = os.path.join(REPO, "scripts", "testbed")
+L1_FAILURES = {121: "crash", 124: "wedge"}
+
+
+class Session:
+    def __init__(self, items, argv_for, start_re, done_re, max_l1_failures=3,
+                 idle_timeout=240, timeout_for=lambda n: 600 + 120 * n, retry_item=False,
+                 out=sys.stdout, env=None):
+        self.items = list(items)
+        self.argv_for = argv_for          # (todo items) -> inner command argv
+        self.start_re = re.compile(start_re)
+        self.done_re = re.compile(done_re)
+        self.max_l1_failures = max_l1_failures
+        self.idle_timeout = idle_timeout
+        self.timeout_for = timeout_for
+        self.retry_item = retry_item      # run an item L1 died in once more (not twice)
+        self.out = out
+        self.env = env
+        self.done = []                    # item names with a result, in order
+        self.l1_failures = []             # (item or None, "crash"|"wedge", testbed run)
+        self.text = []                    # all lines printed by the inner command
+        self.status = None                # last testbed status
+
+    def todo(self):
+        died = [i for i, _, _ in self.l1_failures]
+        left = []
+        for it in self.items:
+            if it in self.done:
+                continue
+            if it in died and (not self.retry_item or died.count(it) >= 2):
+                continue
+            left.append(it)
+        return left
+
+    def run(self):
+        """Runs until every item has a result or the L1 failures reach the limit.
+        Returns the last testbed status (0 when the last run ended well)."""
+        runs = 0
+        while True:
+            left = self.todo()
+            if not left:
+                return self.status if self.status not in L1_FAILURES else 0
+            runs += 1
+            cmd = [TESTBED, "--timeout", str(self.timeout_for(len(left))),
+                   "--idle-timeout", str(self.idle_timeout), "--"] + list(self.argv_for(left))
+            current = None
+            p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 env=self.env, bufsize=1, universal_newlines=True, errors="replace")
+            for line in p.stdout:
+                self.text.append(line)
+                if self.out is not None:
+                    self.out.write(line)
+                    self.out.flush()
+                m = self.start_re.search(line)
+                if m:
+                    current = m.group(1)
+                m = self.done_re.search(line)
+                if m and m.group(1) not in self.done:
+                    self.done.append(m.group(1))
+                    if m.group(1) == current:
+                        current = None
+            self.status = p.wait()
+            if self.status not in L1_FAILURES:
+                return self.status
+            self.l1_failures.append((current, L1_FAILURES[self.status], runs))
+            if current is not None and not self.retry_item:
+                pass  # the item keeps its L1 result; todo() skips it
+            if len(self.l1_failures) >= self.max_l1_failures:
+                return self.status
+            if self.out is not None:
+                self.out.write("testbed-session: L1 %s during %s (testbed run %d); a new testbed for the %d items left\n"
+                               % (L1_FAILURES[self.status], current or "start-up", runs, len(self.todo())))
+                self.out.flush()
+
+    def output(self):
+        return "".join(self.text)
