@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO, run
 
-CHECKS = ["metrics-json", "one-cpu-cmdline-initrd", "boot-marker", "two-cpus", "reboot-status-3",
+CHECKS = ["metrics-json", "one-cpu-cmdline-initrd", "boot-marker", "boot-no-kernel-errors", "two-cpus", "reboot-status-3",
           "reboot-kbd-status-3", "triple-fault-status-4", "console-input",
           "blk-guest-write", "blk-guest-read", "blk-read-irqfd", "blk-readonly", "blk-two-queues",
           "blk-flush-survives-kill", "blk-discard-frees-blocks",

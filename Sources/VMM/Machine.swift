@@ -193,6 +193,7 @@ final class Machine: @unchecked Sendable {
         pio.insert(base: UInt64(X86Layout.rtcPort), size: 2, CMOSRTC())
         pio.insert(base: UInt64(X86Layout.i8042DataPort), size: 5, I8042(onEvent: onEvent))
         pio.insert(base: UInt64(X86Layout.acpiSleepPort), size: 1, ACPISleepRegister(onEvent: onEvent))
+        pio.insert(base: UInt64(PCIHostBridge.port), size: PCIHostBridge.size, PCIHostBridge())
         mmio.insert(base: BootMarker.address, size: BootMarker.size, bootMarker)
         slots = try attachDisks(disks, vm: vm, memory: memory, mmio: &mmio, interrupts: config.virtioInterrupts,
                                 log: { log($0) })

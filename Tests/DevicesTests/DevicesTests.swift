@@ -135,3 +135,48 @@ final class LegacyTests: XCTestCase {
         XCTAssertNil(map.lookup(0x72))
     }
 }
+
+final class PCIHostBridgeTests: XCTestCase {
+    /// Linux's pci_check_type1: a byte write to 0xCFB, save 0xCF8, write 0x80000000, read
+    /// it back; then pci_sanity_check reads the class of 00:00.0 as a 16-bit word at 0xA.
+    func testLinuxType1ProbeAndSanityCheckPass() {
+        let b = PCIHostBridge()
+        b.write(offset: 3, size: 1, value: 0x01)
+        let saved = b.read(offset: 0, size: 4)
+        b.write(offset: 0, size: 4, value: 0x8000_0000)
+        XCTAssertEqual(b.read(offset: 0, size: 4), 0x8000_0000)
+        b.write(offset: 0, size: 4, value: 0x8000_0008)
+        XCTAssertEqual(b.read(offset: 4 + 2, size: 2), 0x0600, "host bridge class")
+        b.write(offset: 0, size: 4, value: 0x8000_0000)
+        XCTAssertEqual(b.read(offset: 4, size: 2), UInt32(PCIHostBridge.vendorID))
+        XCTAssertEqual(b.read(offset: 6, size: 2), UInt32(PCIHostBridge.deviceID))
+        b.write(offset: 0, size: 4, value: saved)
+        XCTAssertEqual(b.read(offset: 0, size: 4), saved)
+    }
+
+    func testEverythingElseReadsAsNoDevice() {
+        let b = PCIHostBridge()
+        for addr: UInt32 in [0x0000_0000, 0x8000_0800, 0x8001_0000, 0x80ff_ff00, 0x8000_0100] {
+            b.write(offset: 0, size: 4, value: addr)
+            XCTAssertEqual(b.read(offset: 4, size: 4), 0xffff_ffff, "address 0x\(String(addr, radix: 16))")
+            XCTAssertEqual(b.read(offset: 7, size: 1), 0xff)
+        }
+    }
+
+    func testHostileAccessesAreHarmless() {
+        let b = PCIHostBridge()
+        b.write(offset: 0, size: 4, value: 0xffff_ffff)
+        XCTAssertEqual(b.read(offset: 0, size: 4), 0x80ff_fffc, "reserved bits and the low 2 bits are not stored")
+        b.write(offset: 0, size: 4, value: 0x8000_0000)
+        b.write(offset: 4, size: 4, value: 0xdead_beef)  // config writes are ignored
+        XCTAssertEqual(b.read(offset: 4, size: 4) & 0xffff, UInt32(PCIHostBridge.vendorID))
+        XCTAssertEqual(b.read(offset: 1, size: 2), 0xffff, "unaligned address register read floats high")
+        XCTAssertEqual(b.read(offset: 6, size: 4), 0xffff_ffff, "a read past the data window floats high")
+        b.write(offset: 2, size: 2, value: 0)  // a partial address write changes nothing
+        XCTAssertEqual(b.read(offset: 0, size: 4), 0x8000_0000)
+        for r in stride(from: UInt32(0x10), to: 0x100, by: 4) {
+            b.write(offset: 0, size: 4, value: 0x8000_0000 | r)
+            XCTAssertEqual(b.read(offset: 4, size: 4), 0, "register 0x\(String(r, radix: 16)) of the bridge")
+        }
+    }
+}
