@@ -4,11 +4,15 @@ Two testbed sessions run them (the network checks in the second); after an L1 cr
 a new one runs the checks left."""
 import os
 import re
+import sys
 import warnings
 
 import pytest
 
 from conftest import REPO, run
+
+sys.path.insert(0, os.path.join(REPO, "scripts", "lib"))
+from testbed_session import Session  # noqa: E402
 
 CHECKS = ["metrics-json", "one-cpu-cmdline-initrd", "boot-marker", "boot-no-kernel-errors", "two-cpus", "reboot-status-3",
           "reboot-kbd-status-3", "triple-fault-status-4", "console-input",
@@ -26,47 +30,39 @@ GROUPS = [[c for c in CHECKS if not c.startswith("net-")], [c for c in CHECKS if
 
 
 def run_checks_resuming(swiftlet_release, l1_failures=3):
-    """Runs scripts/swiftlet-guest-checks in the testbed, one testbed per group of GROUPS
-    (SWIFTLET_CHECKS_SKIP names the others). When L1 itself crashes or wedges (testbed
-    status 121 or 124: QEMU TCG's emulated SVM; which check was running is on the last
-    "running" line), a new testbed runs the checks of the group with no result yet; each
-    resume is a warning naming the check L1 died in, and the `l1_failures`th L1 failure
-    ends it (the caller's assertions then fail). Returns (last CompletedProcess, every
-    session's output)."""
-    done, outs, failures, session = [], [], 0, 0
+    """Runs scripts/swiftlet-guest-checks in the testbed, one testbed per group of GROUPS,
+    through scripts/lib/testbed_session.py: when L1 itself crashes or wedges (testbed
+    status 121 or 124), a new testbed runs the checks of the group with no result yet,
+    the check L1 died in once more (not twice); each resume is a warning naming it, and
+    the `l1_failures`th L1 failure in all ends the run (the caller's assertions then
+    fail). Returns (last testbed status, every session's output)."""
+    env = dict(os.environ, SWIFTLET_BIN=swiftlet_release)
+    outs, status, left = [], 0, l1_failures
     for group in GROUPS:
-        while True:
-            session += 1
-            skip = [c for c in CHECKS if c not in group or c in done]
-            cmd = 'SWIFTLET_CHECKS_SKIP="%s" exec sh "$TESTBED_SCRIPTS/swiftlet-guest-checks"' % " ".join(skip)
-            # --idle-timeout: every boot of a check is bounded (90 s) and each check, and
-            # each retry of a check, prints a line, so 240 s of silence is a wedged L1
-            r = run([os.path.join(REPO, "scripts", "testbed"), "--timeout", "1200", "--idle-timeout", "240", "--",
-                     "sh", "-c", cmd], env={"SWIFTLET_BIN": swiftlet_release}, timeout=1500)
-            out = r.stdout + r.stderr
-            outs.append(out)
-            done += re.findall(r"^check (\S+) (?:ok|FAILED)", out, re.M)
-            if r.returncode not in (121, 124):
-                break
-            failures += 1
-            running = re.findall(r"^running (.*)$", out, re.M)
-            at = running[-1] if running else "(none: before the first check)"
-            why = [l for l in out.splitlines() if l.startswith("testbed:")]
-            warnings.warn("swiftlet-guest-checks: testbed session %d: L1 failed (status %d, %s) during check %s%s"
-                          % (session, r.returncode, why[-1] if why else "no testbed line", at,
-                             "; the checks left run in a new testbed" if failures < l1_failures else ""))
-            if failures >= l1_failures:
-                return r, "\n".join(outs)
-        if r.returncode != 0:
+        def argv_for(todo):
+            skip = " ".join(c for c in CHECKS if c not in todo)
+            return ["sh", "-c", 'SWIFTLET_CHECKS_SKIP="$1" exec sh "$TESTBED_SCRIPTS/swiftlet-guest-checks"', "sh", skip]
+        # every boot of a check is bounded (90 s) and each check prints a line, so 240 s
+        # of silence is a wedged L1
+        s = Session(group, argv_for, start_re=r"^running (.*)$", done_re=r"^check (\S+) (?:ok|FAILED)",
+                    max_l1_failures=left, idle_timeout=240, timeout_for=lambda n: 300 + 60 * n,
+                    retry_item=True, out=None, env=env)
+        status = s.run()
+        outs.append(s.output())
+        for item, kind, run in s.l1_failures:
+            warnings.warn("swiftlet-guest-checks: testbed run %d: L1 %s during check %s" % (
+                run, kind, item or "(none: before the first check)"))
+        left -= len(s.l1_failures)
+        if status != 0 or left <= 0:
             break
-    return r, "\n".join(outs)
+    return status, "\n".join(outs)
 
 
 @pytest.fixture(scope="module")
 def checks(testbed_image, swiftlet_release):
-    r, out = run_checks_resuming(swiftlet_release)
+    status, out = run_checks_resuming(swiftlet_release)
     # An L1 crash or timeout is the testbed's, and says so in its own line.
-    assert r.returncode not in (120, 121, 122, 124, 127), "testbed failed, not swiftlet:\n" + out[-3000:]
+    assert status not in (120, 121, 122, 124, 127), "testbed failed, not swiftlet:\n" + out[-3000:]
     assert "checks done" in out, out[-3000:]
     # A check retried after a nested-testbed guest crash says so; show it in the summary.
     for line in re.findall(r"^retry: .*$", out, re.M):

@@ -6,7 +6,8 @@ an "L1 crash"/"L1 wedge" result and a new testbed runs the items that have none 
 up to a limit of L1 failures. Used by scripts/stress, scripts/bench and the tests.
 
 The inner command announces each item on a line of its own (``start_re``, group 1 is
-the item's name) and reports it (``done_re``, group 1 the name). Everything it prints
+the item's name, or several names split by spaces for items that one step reports
+together) and reports it (``done_re``, group 1 the name). Everything it prints
 is streamed to ``out`` (or collected).
 """
 import os
@@ -60,7 +61,7 @@ class Session:
             runs += 1
             cmd = [TESTBED, "--timeout", str(self.timeout_for(len(left))),
                    "--idle-timeout", str(self.idle_timeout), "--"] + list(self.argv_for(left))
-            current = None
+            started = []
             p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  env=self.env, bufsize=1, universal_newlines=True, errors="replace")
             for line in p.stdout:
@@ -70,18 +71,15 @@ class Session:
                     self.out.flush()
                 m = self.start_re.search(line)
                 if m:
-                    current = m.group(1)
+                    started = m.group(1).split()
                 m = self.done_re.search(line)
                 if m and m.group(1) not in self.done:
                     self.done.append(m.group(1))
-                    if m.group(1) == current:
-                        current = None
             self.status = p.wait()
+            current = next((i for i in started if i not in self.done), None)
             if self.status not in L1_FAILURES:
                 return self.status
             self.l1_failures.append((current, L1_FAILURES[self.status], runs))
-            if current is not None and not self.retry_item:
-                pass  # the item keeps its L1 result; todo() skips it
             if len(self.l1_failures) >= self.max_l1_failures:
                 return self.status
             if self.out is not None:

@@ -72,35 +72,53 @@ in_private_netns() {
     fi
 }
 
-# swiftlet_with_marks MARK TAG RUN LIMIT CMD...: runs swiftlet (CMD...) with --metrics,
-# output in $log. Each time the guest prints a "MARK NAME-start" or "MARK NAME-end" line
-# (and then idles 1 s), the metrics are dumped (SIGUSR1) and the KVM_RUN count kept, so
-# a job's exits to swiftlet are end - start. Prints one line per job:
-#   TAG swiftlet RUN NAME EXITS
-# Status in $rc (swiftlet is killed after LIMIT s: 137). Uses $scratch.
-swiftlet_with_marks() {
-    _mark=$1 _tag=$2 _run=$3 _limit=$4
-    shift 4
+# vmm_with_marks MARK TAG VMM RUN LIMIT CMD...: runs the VMM (CMD...), output in $log.
+# Each time the guest prints a "MARK NAME-start" or "MARK NAME-end" line (and then
+# idles 1 s), KVM's counters (kvm_counters) are read, and for swiftlet its --metrics
+# are dumped (SIGUSR1) for its own KVM_RUN count, so a job's work is end - start.
+# Prints per job:
+#   TAG-kvm VMM RUN NAME exits=N to_vmm=N ...   (every VMM, when the counters exist)
+#   TAG VMM RUN NAME EXITS                      (swiftlet's own count of KVM_RUN returns)
+# Status in $rc (the VMM is killed after LIMIT s: 137). Uses $scratch.
+vmm_with_marks() {
+    _mark=$1 _tag=$2 _vmm=$3 _run=$4 _limit=$5
+    shift 5
     _m="$scratch/bench-metrics.json" _marks="$scratch/bench-marks"
     rm -f "$_m" "$_marks"
     : > "$log"  # now, not in the background job: an old log's marks must not count
-    "$@" --metrics "$_m" < /dev/null > "$log" 2>&1 &
+    kvm_counters_mount
+    _own=; case "$_vmm" in swiftlet*) _own=1;; esac
+    if [ -n "$_own" ]; then "$@" --metrics "$_m" < /dev/null > "$log" 2>&1 &
+    else "$@" < /dev/null > "$log" 2>&1 &
+    fi
     _pid=$! _seen=0 _ticks=0
     while kill -0 $_pid 2>/dev/null; do
         _n=$(grep -c "^$_mark " "$log")
         while [ "$_seen" -lt "$_n" ]; do
             _seen=$((_seen + 1))
             _name=$(tr -d '\r' < "$log" | grep "^$_mark " | sed -n "${_seen}p" | cut -d' ' -f2)
-            rm -f "$_m"; kill -USR1 $_pid 2>/dev/null
-            _w=0; while [ ! -s "$_m" ] && [ $_w -lt 20 ]; do sleep 0.05; _w=$((_w + 1)); done
-            echo "$_name $(sed -n 's/.*"kvm_run": \([0-9]*\).*/\1/p' "$_m" 2>/dev/null)" >> "$_marks"
+            _k=$(kvm_counters)
+            _e=
+            if [ -n "$_own" ]; then
+                rm -f "$_m"; kill -USR1 $_pid 2>/dev/null
+                _w=0; while [ ! -s "$_m" ] && [ $_w -lt 20 ]; do sleep 0.05; _w=$((_w + 1)); done
+                _e=$(sed -n 's/.*"kvm_run": \([0-9]*\).*/\1/p' "$_m" 2>/dev/null)
+            fi
+            echo "$_name ${_e:--} $_k" >> "$_marks"
         done
         sleep 0.1; _ticks=$((_ticks + 1))
         [ $_ticks -lt $((_limit * 10)) ] || kill -9 $_pid 2>/dev/null
     done
     wait $_pid; rc=$?
-    [ -f "$_marks" ] && awk -v run="$_run" -v tag="$_tag" '
-        { split($1, p, "-"); if (p[2] == "start") s[p[1]] = $2; else if ($2 != "" && s[p[1]] != "") print tag " swiftlet " run " " p[1] " " ($2 - s[p[1]]) }' "$_marks"
+    [ -f "$_marks" ] && awk -v run="$_run" -v tag="$_tag" -v vmm="$_vmm" '
+        { split($1, p, "-"); j = p[1]
+          if (p[2] == "start") { s[j] = $2; n[j] = NF; for (i = 3; i <= NF; i++) k[j, i] = $i; next }
+          if (!(j in s)) next
+          if ($2 != "-" && s[j] != "-" && $2 != "") print tag " " vmm " " run " " j " " ($2 - s[j])
+          if (NF > 2 && NF == n[j]) {
+              line = tag "-kvm " vmm " " run " " j
+              for (i = 3; i <= NF; i++) { split(k[j, i], a, "="); split($i, b, "="); line = line " " a[1] "=" (b[2] - a[2]) }
+              print line } }' "$_marks"
     rm -f "$_m" "$_marks"
 }
 
