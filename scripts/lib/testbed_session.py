@@ -7,7 +7,8 @@ up to a limit of L1 failures. Used by scripts/stress, scripts/bench and the test
 
 The inner command announces each item on a line of its own (``start_re``, group 1 is
 the item's name, or several names split by spaces for items that one step reports
-together) and reports it (``done_re``, group 1 the name). Everything it prints
+together) and reports it (``done_re``: group 1 the name, or its groups joined with
+":" when it has several). Everything it prints
 is streamed to ``out`` (or collected).
 """
 import os
@@ -73,8 +74,10 @@ class Session:
                 if m:
                     started = m.group(1).split()
                 m = self.done_re.search(line)
-                if m and m.group(1) not in self.done:
-                    self.done.append(m.group(1))
+                if m:
+                    name = ":".join(m.groups())
+                    if name not in self.done:
+                        self.done.append(name)
             self.status = p.wait()
             current = next((i for i in started if i not in self.done), None)
             if self.status not in L1_FAILURES:
