@@ -21,7 +21,7 @@ let package = Package(
         .target(name: "Boot", dependencies: ["GuestMemory"]),
         // Split virtqueues, the virtio-mmio transport, feature negotiation.
         .target(name: "Virtio", dependencies: ["CLinux", "GuestMemory"]),
-        // Legacy devices: 16550 UART, CMOS RTC, i8042, boot-time marker.
+        // Legacy devices: 16550 UART, CMOS RTC, i8042, boot-time marker, guest exit register.
         .target(name: "Devices", dependencies: ["CLinux", "GuestMemory", "Virtio"]),
         // Builds a machine from a configuration and runs its lifecycle.
         .target(name: "VMM", dependencies: ["CLinux", "KVM", "GuestMemory", "Boot", "Devices", "Virtio"]),

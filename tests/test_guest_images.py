@@ -137,6 +137,9 @@ def test_initramfs_has_init_and_modules_in_dependency_order(images, tmp_path):
             assert d in order[:i], "%s needs %s first" % (m, d)
     init = cpio_file(data, "init", tmp_path)
     assert "devmem 0xd0000000 8 123" in init
+    # the guest exit register gets the command's status, after the console drained
+    assert init.index('say "exit status $rc"') < init.rindex('stty "$(stty -g)"') \
+        < init.index('devmem 0xd0000004 32 "$rc"') < init.index("poweroff -f")
 
 
 def debugfs_ls(img, d):

@@ -1,6 +1,7 @@
 """swiftlet's command line: every user mistake is one line on stderr and a
 documented non-zero exit status (README "Exit status"). Inputs are checked
 before KVM is touched, so these run on any host, this PVM one included."""
+import json
 import os
 import re
 import shutil
@@ -77,6 +78,22 @@ def test_help_exits_zero(swiftlet):
     (["--kernel", "K", "--kernel-cache", "/etc/hostname"], ["--kernel-cache", "not a directory"]),
     (["--kernel", "K", "--kernel-cache", "/tmp", "--no-kernel-decompress"], ["--kernel-cache", "--no-kernel-decompress"]),
     (["--kernel", "K", "--kernel-cache", "/no/such/parent/dir"], ["--kernel-cache", "cannot create"]),
+    (["--kernel", "K", "--timeout", "soon"], ["--timeout", "not a duration", "90s"]),
+    (["--kernel", "K", "--timeout", ""], ["--timeout", "not a duration"]),
+    (["--kernel", "K", "--timeout", "1h30m"], ["--timeout", "not a duration"]),
+    (["--kernel", "K", "--timeout", "5 s"], ["--timeout", "not a duration"]),
+    (["--kernel", "K", "--timeout", "1e3"], ["--timeout", "not a duration"]),
+    (["--kernel", "K", "--timeout", "30S"], ["--timeout", "not a duration"]),
+    (["--kernel", "K", "--timeout", "1.5.2"], ["--timeout", "not a duration"]),
+    (["--kernel", "K", "--timeout", "0x10"], ["--timeout", "not a duration"]),
+    (["--kernel", "K", "--timeout", "\u0663s"], ["--timeout", "not a duration"]),
+    (["--kernel", "K", "--timeout=-5"], ["--timeout", "not a duration"]),
+    (["--kernel", "K", "--timeout", "-5"], ["--timeout"]),
+    (["--kernel", "K", "--timeout"], ["--timeout"]),
+    (["--kernel", "K", "--timeout", "0"], ["--timeout", "zero", "leave --timeout out"]),
+    (["--kernel", "K", "--timeout", "0.0s"], ["--timeout", "zero"]),
+    (["--kernel", "K", "--timeout", "99999999999999999999999d"], ["--timeout", "too long"]),
+    (["--kernel", "K", "--timeout", "36501d"], ["--timeout", "too long"]),
 ])
 def test_usage_errors(swiftlet, kernel, args, words):
     args = [kernel if a == "K" else a for a in args]
@@ -262,6 +279,91 @@ def test_sigusr1_dumps_metrics_and_sigterm_stops_cleanly(swiftlet_release, tmp_p
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def tiny_guest(tmp_path, *args):
+    """scripts/lib/tinyguest.py with ARGS: prints 'K' on COM1, then powers off, halts for
+    good (--halt), writes the exit register (--exit N) or port 0xf4 (--debug-exit V)."""
+    path = str(tmp_path / ("tiny%s.elf" % "".join(a.replace("-", "_") for a in args)))
+    subprocess.run([sys.executable, os.path.join(REPO, "scripts", "lib", "tinyguest.py"), path, *args], check=True)
+    return path
+
+
+def run_tiny(swiftlet, kernel, *args, stdin=subprocess.DEVNULL):
+    """swiftlet with a tiny guest on this host's /dev/kvm (PVM included)."""
+    if not os.path.exists("/dev/kvm"):
+        pytest.skip("no /dev/kvm")
+    env = dict(os.environ, SWIFTLET_ALLOW_PVM="1")
+    return subprocess.run([swiftlet, "--kernel", kernel, "--memory", "128M", *args], env=env, stdin=stdin,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("n,status", [(0, 0), (1, 1), (7, 7), (124, 124), (255, 255), (256, 255), (0xffffffff, 255)])
+def test_guest_exit_register_status_is_swiftlets(swiftlet, tmp_path, n, status):
+    """A write of N to the exit register (0xd0000004) ends the VM at once with status N as
+    it is (a value above 255 with 255: never 0); the console line written before it is
+    out; a non-zero status is named on stderr as the guest's, and --metrics says who
+    chose it."""
+    metrics = tmp_path / "m.json"
+    r = run_tiny(swiftlet, tiny_guest(tmp_path, "--exit", str(n)), "--metrics", str(metrics))
+    assert r.returncode == status, (r.returncode, r.stderr)
+    assert r.stdout == "K\n"
+    if status:
+        assert one_line(r).startswith("swiftlet: guest exit status %d (exit register) after " % status), r.stderr
+    else:
+        assert r.stderr == ""
+    exit_json = json.loads(metrics.read_text())["exit"]
+    assert exit_json == {"status": status, "by": "guest", "reason": "exit-register"}
+
+
+def test_isa_debug_exit_only_with_its_flag(swiftlet, tmp_path):
+    """--isa-debug-exit: a write of V to port 0xf4 ends the VM with (V << 1) | 1, as QEMU's
+    isa-debug-exit; without the flag the port is nothing and the guest runs on (here it
+    halts, and --timeout ends it)."""
+    guest = tiny_guest(tmp_path, "--debug-exit", "16")
+    metrics = tmp_path / "m.json"
+    r = run_tiny(swiftlet, guest, "--isa-debug-exit", "--metrics", str(metrics))
+    assert r.returncode == 33, r.stderr
+    one_line(r, "guest exit status 33 (isa-debug-exit)")
+    assert json.loads(metrics.read_text())["exit"] == {"status": 33, "by": "guest", "reason": "isa-debug-exit"}
+    r = run_tiny(swiftlet, guest, "--timeout", "1", "--metrics", str(metrics))
+    assert r.returncode == 124, r.stderr
+    assert json.loads(metrics.read_text())["exit"]["reason"] == "timeout"
+
+
+def test_timeout_stops_a_running_guest_cleanly(swiftlet, tmp_path):
+    """--timeout: a guest still running at the deadline (the tiny guest halts for good) is
+    stopped with status 124 and one stderr line naming the limit, through the same
+    teardown as SIGTERM: the terminal swiftlet put into raw mode is restored, the disk
+    image is unlocked, --metrics is written (by swiftlet, reason timeout)."""
+    import pty
+    import termios
+    import time
+    guest = tiny_guest(tmp_path, "--halt")
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(1 << 20))
+    metrics = tmp_path / "m.json"
+    master, slave = pty.openpty()
+    try:
+        before = termios.tcgetattr(slave)
+        t0 = time.monotonic()
+        r = run_tiny(swiftlet, guest, "--timeout", "1.5s", "--disk", "path=%s" % disk, "--metrics", str(metrics),
+                     stdin=slave)
+        took = time.monotonic() - t0
+        after = termios.tcgetattr(slave)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert r.returncode == 124, (r.returncode, r.stderr)
+    line = one_line(r, "timed out (--timeout 1.5 s): guest stopped after")
+    ms = int(re.search(r"after (\d+) ms", line).group(1))
+    assert 1500 <= ms < 10000 and 1.5 <= took < 15, (ms, took)
+    assert r.stdout.replace("\r", "") == "K\n"
+    assert after == before, "terminal settings restored"
+    assert json.loads(metrics.read_text())["exit"] == {"status": 124, "by": "swiftlet", "reason": "timeout"}
+    import fcntl
+    with open(disk, "r+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def test_kernel_cache_is_written_once_per_kernel_file(swiftlet, kernel, tmp_path):

@@ -45,6 +45,8 @@ public enum X86Layout {
     public static let bootMarkerPage: UInt64 = 0xD000_0000
     /// The guest writes this byte to the boot marker page when it has booted.
     public static let bootMarkerValue: UInt8 = 123
+    /// The guest exit register (Devices.GuestExitRegister), in the boot marker's page.
+    public static let guestExitRegister: UInt64 = 0xD000_0004
     public static let virtioMMIOBase: UInt64 = 0xD000_1000
     public static let virtioMMIOStride: UInt64 = 0x1000
     public static let ioapicAddress: UInt64 = 0xFEC0_0000

@@ -1,5 +1,5 @@
 // Small legacy devices: CMOS RTC, i8042 (reset only), the ACPI sleep/reset register,
-// and the boot-time marker.
+// the boot-time marker, the guest exit register and QEMU's isa-debug-exit port.
 import Glibc
 
 /// CMOS RTC at ports 0x70 (index) and 0x71 (data), reporting the host's UTC time in BCD,
@@ -99,7 +99,8 @@ public final class ACPISleepRegister: PortDevice, @unchecked Sendable {
 /// swiftlet started is recorded (first write wins) and reported.
 public final class BootMarker: MMIODevice, @unchecked Sendable {
     public static let address: UInt64 = 0xd000_0000
-    public static let size: UInt64 = 0x1000
+    /// One 32-bit register; the exit register follows it in the same page.
+    public static let size: UInt64 = 4
     public static let magic: UInt64 = 123
     private let start: UInt64
     private let lock = Mutex()
@@ -125,5 +126,61 @@ public final class BootMarker: MMIODevice, @unchecked Sendable {
             return true
         }
         if first { onMark(elapsed) }
+    }
+}
+
+/// The guest exit register, beside the boot-time marker: a write of N (any width from 1
+/// to 4 bytes) ends the VM at once and swiftlet exits with status N. A value above 255
+/// does not fit an exit status and ends it with 255, so that a failure never reads as
+/// success. The host side of the console needs no draining: the UART writes each byte
+/// out before its vCPU goes back into the guest, so all the UART output before this write
+/// is out (a guest drains its own tty first).
+public final class GuestExitRegister: MMIODevice, @unchecked Sendable {
+    public static let address: UInt64 = 0xd000_0004
+    public static let size: UInt64 = 4
+    private let onExit: (Int32) -> Void
+
+    public init(onExit: @escaping (Int32) -> Void) { self.onExit = onExit }
+
+    /// The exit status a write asks for, nil for a write that is not one (another
+    /// offset, or a width other than 1, 2 or 4 bytes).
+    public static func status(offset: UInt64, size: Int, value: UInt64) -> Int32? {
+        guard offset == 0, size == 1 || size == 2 || size == 4 else { return nil }
+        let v = value & (size == 1 ? 0xff : size == 2 ? 0xffff : 0xffff_ffff)
+        return v > 255 ? 255 : Int32(v)
+    }
+
+    public func read(offset: UInt64, size: Int) -> UInt64 { 0 }
+
+    public func write(offset: UInt64, size: Int, value: UInt64) {
+        if let s = Self.status(offset: offset, size: size, value: value) { onExit(s) }
+    }
+}
+
+/// QEMU's isa-debug-exit as test guests use it (`-device isa-debug-exit,iobase=0xf4,iosize=0x04`):
+/// a write of V to ports 0xf4-0xf7 ends the VM with exit status (V << 1) | 1, cut to 8
+/// bits as QEMU's exit() cuts it. Only with --isa-debug-exit.
+public final class ISADebugExit: PortDevice, @unchecked Sendable {
+    public static let port: UInt16 = 0xf4
+    public static let size: UInt16 = 4
+    private let onExit: (Int32) -> Void
+
+    public init(onExit: @escaping (Int32) -> Void) { self.onExit = onExit }
+
+    /// The exit status for a write of `value` of `size` bytes.
+    public static func status(size: Int, value: UInt32) -> Int32 {
+        let v: UInt32
+        switch size {
+        case 1: v = value & 0xff
+        case 2: v = value & 0xffff
+        default: v = value
+        }
+        return Int32((v << 1 | 1) & 0xff)
+    }
+
+    public func read(offset: UInt16, size: Int) -> UInt32 { 0 }
+
+    public func write(offset: UInt16, size: Int, value: UInt32) {
+        onExit(Self.status(size: size, value: value))
     }
 }

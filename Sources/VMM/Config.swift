@@ -11,6 +11,8 @@ public enum ExitStatus: Int32 {
     case badInput = 65
     case missingInput = 66
     case hostUnavailable = 69
+    /// --timeout: the guest was still running at the deadline (as timeout(1) exits).
+    case timedOut = 124
 }
 
 /// A failure that ends swiftlet with one line on stderr and a documented status.
@@ -116,6 +118,11 @@ public struct MachineConfig {
     public var virtioInterrupts: VirtioInterruptMode = .line
     /// --metrics: "-" (stderr) or a file, written at exit and on SIGUSR1.
     public var metricsPath: String? = nil
+    /// --timeout: nanoseconds after swiftlet's start (`startNanos`) at which a guest still
+    /// running is stopped (status 124); nil for no limit.
+    public var timeoutNanos: UInt64? = nil
+    /// --isa-debug-exit: QEMU's isa-debug-exit at ports 0xf4-0xf7.
+    public var isaDebugExit = false
 
     public init(kernelPath: String, initrdPath: String? = nil, cmdline: String = MachineConfig.defaultCmdline,
                 cpus: Int = 1, memoryBytes: UInt64 = 512 << 20, serial: SerialMode = .stdio,
@@ -170,6 +177,62 @@ public func parseSize(_ text: String, flag: String = "--memory") throws -> UInt6
         throw SwiftletError(.usage, "\(flag) '\(text)' is too large")
     }
     return n << shift
+}
+
+/// Parses a --timeout DURATION into nanoseconds: a number of seconds, whole or with up
+/// to 9 decimals (`30`, `1.5`), with an optional unit s, m, h or d (`30s`, `2m`, `1h`,
+/// as timeout(1) takes them). Zero, a sign, an exponent, spaces inside, non-ASCII digits
+/// and more than about 584 years are refused.
+public func parseDuration(_ text: String, flag: String = "--timeout") throws -> UInt64 {
+    let bad = SwiftletError(.usage, "\(flag) '\(text)' is not a duration: use a number of seconds with an optional unit s, m, h or d, e.g. 30, 90s, 2m or 1h")
+    let s = text.trimmingWhitespace()
+    func isDigit(_ c: Character) -> Bool { c.isASCII && c.isNumber }
+    let whole = s.prefix(while: isDigit)
+    var rest = s.dropFirst(whole.count)
+    var fraction = Substring("")
+    if rest.first == "." {
+        fraction = rest.dropFirst().prefix(while: isDigit)
+        rest = rest.dropFirst(1 + fraction.count)
+        guard !fraction.isEmpty else { throw bad }
+    }
+    guard !whole.isEmpty || !fraction.isEmpty, fraction.count <= 9 else { throw bad }
+    let unitNanos: UInt64
+    switch rest {
+    case "", "s": unitNanos = 1_000_000_000
+    case "m": unitNanos = 60 * 1_000_000_000
+    case "h": unitNanos = 3600 * 1_000_000_000
+    case "d": unitNanos = 86400 * 1_000_000_000
+    default: throw bad
+    }
+    let tooLarge = SwiftletError(.usage, "\(flag) '\(text)' is too long: give at most 100 years, or leave \(flag) out for no limit")
+    // Whole units and the fraction in nanoseconds of a unit, with overflow checks.
+    let digits = whole.drop(while: { $0 == "0" })
+    guard digits.count <= 20, let w = UInt64(digits.isEmpty ? "0" : String(digits)) else { throw tooLarge }
+    let f = UInt64(String(fraction) + String(repeating: "0", count: 9 - fraction.count))!  // 0..<1e9
+    let (wn, o1) = w.multipliedReportingOverflow(by: unitNanos)
+    // f/1e9 of a unit; unitNanos is a multiple of 1e9, so this is exact.
+    let fn = f * (unitNanos / 1_000_000_000)
+    let (total, o2) = wn.addingReportingOverflow(fn)
+    guard !o1, !o2, total <= maximumDurationNanos else { throw tooLarge }
+    guard total > 0 else {
+        throw SwiftletError(.usage, "\(flag) '\(text)' is zero: give a positive duration, or leave \(flag) out for no limit")
+    }
+    return total
+}
+
+/// The longest --timeout: 100 years (far from UInt64 and timespec limits).
+public let maximumDurationNanos: UInt64 = 100 * 365 * 86400 * 1_000_000_000
+
+/// A duration for messages: "90 s", "1.5 s", "0.001 s" (seconds, at most 3 decimals, no
+/// trailing zeros).
+public func formatDuration(_ nanos: UInt64) -> String {
+    let ms = (nanos + 500_000) / 1_000_000
+    let whole = ms / 1000, frac = ms % 1000
+    guard frac != 0 else { return "\(whole) s" }
+    var f = String(frac)
+    f = String(repeating: "0", count: 3 - f.count) + f
+    while f.hasSuffix("0") { f.removeLast() }
+    return "\(whole).\(f) s"
 }
 
 extension String {

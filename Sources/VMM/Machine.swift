@@ -23,6 +23,10 @@ enum Outcome {
     case crashed(String)
     case failed(String)
     case signalled(Int32)
+    /// The guest chose the status: the exit register, or isa-debug-exit (`debugPort`).
+    case guestExit(Int32, debugPort: Bool)
+    /// --timeout ran out (its duration in nanoseconds).
+    case timedOut(UInt64)
 
     var status: Int32 {
         switch self {
@@ -31,6 +35,8 @@ enum Outcome {
         case .crashed: return ExitStatus.guestCrashed.rawValue
         case .failed: return ExitStatus.runtimeError.rawValue
         case .signalled(let s): return 128 + s
+        case .guestExit(let s, _): return s
+        case .timedOut: return ExitStatus.timedOut.rawValue
         }
     }
 
@@ -41,7 +47,37 @@ enum Outcome {
         case .crashed(let why): return "guest crashed: \(why)"
         case .failed(let why): return "stopped on a host error: \(why)"
         case .signalled(let s): return "stopped by signal \(s)"
+        case .guestExit(let s, let port): return "guest exit status \(s) (\(port ? "isa-debug-exit" : "exit register"))"
+        case .timedOut(let ns): return "timed out (--timeout \(formatDuration(ns))): guest stopped"
         }
+    }
+
+    /// Printed at the default log level: swiftlet's own failures, and a guest's non-zero
+    /// status (the rest only at --log-level info).
+    var loggedByDefault: Bool {
+        switch self {
+        case .crashed, .failed, .timedOut: return true
+        case .guestExit(let s, _): return s != 0
+        default: return false
+        }
+    }
+
+    /// --metrics "exit": who chose the status ("guest" only when the guest wrote the number
+    /// itself) and a one-word reason.
+    var metricsJSON: String {
+        let reason: String
+        switch self {
+        case .poweredOff: reason = "poweroff"
+        case .rebooted: reason = "reboot"
+        case .crashed: reason = "crash"
+        case .failed: reason = "host-error"
+        case .signalled: reason = "signal"
+        case .guestExit(_, let port): reason = port ? "isa-debug-exit" : "exit-register"
+        case .timedOut: reason = "timeout"
+        }
+        let by: String
+        if case .guestExit = self { by = "guest" } else { by = "swiftlet" }
+        return "{\"status\": \(status), \"by\": \"\(by)\", \"reason\": \"\(reason)\"}"
     }
 }
 
@@ -117,6 +153,8 @@ final class Machine: @unchecked Sendable {
     let serialIRQ: EventFD
     let console: ConsoleOutput
     let bootMarker: BootMarker
+    /// --timeout: monotonicNanos() deadline, nil for none.
+    let deadline: UInt64?
     /// Written once by whoever ends the run; the main thread waits on it.
     let stopEvent: EventFD
     private let outcomeLock = Mutex()
@@ -158,6 +196,10 @@ final class Machine: @unchecked Sendable {
         debugExits = config.logLevel >= .debug
         self.memory = memory
         self.kvm = kvm
+        deadline = config.timeoutNanos.map { t in
+            let (d, o) = config.startNanos.addingReportingOverflow(t)
+            return o ? UInt64.max : d
+        }
         do {
             try kvm.requireCapabilities()
         } catch {
@@ -195,6 +237,12 @@ final class Machine: @unchecked Sendable {
         pio.insert(base: UInt64(X86Layout.acpiSleepPort), size: 1, ACPISleepRegister(onEvent: onEvent))
         pio.insert(base: UInt64(PCIHostBridge.port), size: PCIHostBridge.size, PCIHostBridge())
         mmio.insert(base: BootMarker.address, size: BootMarker.size, bootMarker)
+        mmio.insert(base: GuestExitRegister.address, size: GuestExitRegister.size,
+                    GuestExitRegister(onExit: { [unowned self] s in self.finish(.guestExit(s, debugPort: false)) }))
+        if config.isaDebugExit {
+            pio.insert(base: UInt64(ISADebugExit.port), size: UInt64(ISADebugExit.size),
+                       ISADebugExit(onExit: { [unowned self] s in self.finish(.guestExit(s, debugPort: true)) }))
+        }
         slots = try attachDisks(disks, vm: vm, memory: memory, mmio: &mmio, interrupts: config.virtioInterrupts,
                                 log: { log($0) })
         do {
@@ -273,19 +321,16 @@ final class Machine: @unchecked Sendable {
 
         for v in vcpus { v.kick() }
         for t in threads { t.join() }
-        if let path = config.metricsPath { MetricsSink(path: path).write(metricsJSON()) }
+        let o = outcomeLock.withLock { outcome } ?? .failed("no outcome")
+        if let path = config.metricsPath { MetricsSink(path: path).write(metricsJSON(exit: o)) }
         for s in slots { s.stop() }
         if sigfd >= 0 { close(sigfd) }
         terminal.restore()
 
-        let o = outcomeLock.withLock { outcome } ?? .failed("no outcome")
         let elapsed = (monotonicNanos() &- config.startNanos) / 1_000_000
         var line = "\(o.summary) after \(elapsed) ms"
         if let ns = bootMarker.elapsedNanos { line += ", boot marker at \(ns / 1_000_000) ms" }
-        switch o {
-        case .crashed, .failed: log(line)
-        default: if config.logLevel >= .info { log(line) }
-        }
+        if o.loggedByDefault || config.logLevel >= .info { log(line) }
         if config.logLevel >= .debug {
             // Absolute CLOCK_MONOTONIC too, so a harness can measure from its exec().
             var last = config.startNanos
@@ -317,7 +362,17 @@ final class Machine: @unchecked Sendable {
                        pollfd(fd: sigfd, events: Int16(POLLIN), revents: 0)]
             if readStdin && pending.isEmpty { fds.append(pollfd(fd: 0, events: Int16(POLLIN), revents: 0)) }
             // With input waiting for FIFO room, look again soon.
-            let r = poll(&fds, nfds_t(fds.count), pending.isEmpty ? -1 : 5)
+            var wait: Int32 = pending.isEmpty ? -1 : 5
+            if let d = deadline {
+                let now = monotonicNanos()
+                if now >= d {
+                    finish(.timedOut(config.timeoutNanos ?? 0))
+                    break
+                }
+                let ms = min((d - now + 999_999) / 1_000_000, UInt64(Int32.max))
+                wait = wait < 0 ? Int32(ms) : min(wait, Int32(ms))
+            }
+            let r = poll(&fds, nfds_t(fds.count), wait)
             if r < 0 && errno != EINTR { finish(.failed("poll: \(String(cString: strerror(errno)))")); break }
             if fds[1].revents & Int16(POLLIN) != 0 {
                 var info = signalfd_siginfo()

@@ -95,7 +95,8 @@ extension Machine {
         return (out, windows)
     }
 
-    func metricsJSON() -> String {
+    /// `exit`: how the run ended, for the dump at exit ("exit" member); nil while running.
+    func metricsJSON(exit: Outcome? = nil) -> String {
         let e = exitCounters
         let devices = windows.map { w in
             "{\"name\": \"\(w.slot.name)\", \"mmio_exits\": \(w.exits.load(ordering: .relaxed)), "
@@ -107,6 +108,7 @@ extension Machine {
         }
         return "{\"exits\": {\"kvm_run\": \(e.runs.load(ordering: .relaxed)), \"pio\": \(e.pio.load(ordering: .relaxed)), "
             + "\"mmio\": \(e.mmio.load(ordering: .relaxed)), \"other\": \(e.other.load(ordering: .relaxed))}, "
-            + "\"devices\": [\(devices.joined(separator: ", "))]}"
+            + "\"devices\": [\(devices.joined(separator: ", "))]"
+            + (exit.map { ", \"exit\": \($0.metricsJSON)" } ?? "") + "}"
     }
 }

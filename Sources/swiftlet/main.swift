@@ -17,8 +17,11 @@ struct Swiftlet: ParsableCommand {
         abstract: "Boot a Linux guest in a KVM micro-VM.",
         discussion: """
         Exit status: 0 guest powered off, 3 guest rebooted, 4 guest crashed (triple fault, \
-        KVM internal error), 1 swiftlet failed while running, 64 usage error, 65 bad kernel/initrd \
-        data, 66 input missing or unreadable, 69 host cannot run the VM (no usable /dev/kvm).
+        KVM internal error), 1 swiftlet failed while running, 124 --timeout ran out, 128+N stopped \
+        by signal N, 64 usage error, 65 bad kernel/initrd data, 66 input missing or unreadable, \
+        69 host cannot run the VM (no usable /dev/kvm). A guest that writes N to the exit register \
+        (0xd0000004) ends the VM with status N as it is (a non-zero one is named on stderr as \
+        "swiftlet: guest exit status N"; --metrics says "by": "guest").
         """)
 
     @Option(name: .long, help: ArgumentHelp("Linux kernel: bzImage or ELF vmlinux.", valueName: "path"))
@@ -60,6 +63,12 @@ struct Swiftlet: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Write counters (KVM exits, per-device register exits, per-queue packets/requests) as JSON at exit and on SIGUSR1: - for stderr, or a file.", valueName: "path"))
     var metrics: String?
 
+    @Option(name: .long, help: ArgumentHelp("Stop a guest still running this long after swiftlet started, with a clean teardown and status 124: seconds, or a number with s, m, h or d (30, 90s, 2m, 1h).", valueName: "duration"))
+    var timeout: String?
+
+    @Flag(name: .long, help: ArgumentHelp("QEMU's isa-debug-exit at ports 0xf4-0xf7 (as -device isa-debug-exit,iobase=0xf4,iosize=0x04): a write of V ends the VM with status (V << 1) | 1."))
+    var isaDebugExit = false
+
     @Option(name: .long, help: ArgumentHelp("error, warn, info or debug (info prints the boot-time marker and an exit summary).", valueName: "level"))
     var logLevel: String = "warn"
 
@@ -76,6 +85,8 @@ struct Swiftlet: ParsableCommand {
         c.decompressKernel = kernelDecompress
         c.virtioInterrupts = try VirtioInterruptMode.parse(virtioIrq)
         c.kernelCacheDir = try resolveKernelCache(kernelCache, decompress: kernelDecompress)
+        if let t = timeout { c.timeoutNanos = try parseDuration(t) }
+        c.isaDebugExit = isaDebugExit
         if let m = metrics {
             guard !m.isEmpty else { throw SwiftletError(.usage, "--metrics needs - (stderr) or a file path") }
             c.metricsPath = m

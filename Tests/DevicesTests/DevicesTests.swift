@@ -122,6 +122,65 @@ final class LegacyTests: XCTestCase {
         XCTAssertEqual(marks.count, 1)
     }
 
+    func testGuestExitRegisterDecoding() {
+        typealias R = GuestExitRegister
+        XCTAssertEqual(R.address, BootMarker.address + BootMarker.size, "right after the marker, same page")
+        XCTAssertEqual(R.address & ~0xfff, BootMarker.address)
+        for size in [1, 2, 4] {
+            XCTAssertEqual(R.status(offset: 0, size: size, value: 0), 0)
+            XCTAssertEqual(R.status(offset: 0, size: size, value: 7), 7)
+            XCTAssertEqual(R.status(offset: 0, size: size, value: 255), 255)
+        }
+        // wider values never wrap to success: 256 is 255, not 0
+        XCTAssertEqual(R.status(offset: 0, size: 2, value: 256), 255)
+        XCTAssertEqual(R.status(offset: 0, size: 4, value: 0x1_00), 255)
+        XCTAssertEqual(R.status(offset: 0, size: 4, value: 0xffff_ffff), 255)
+        // bits beyond the access width are not the guest's (a byte write of 0x100 is 0)
+        XCTAssertEqual(R.status(offset: 0, size: 1, value: 0xffff_ff01), 1)
+        XCTAssertEqual(R.status(offset: 0, size: 2, value: 0xffff_0000), 0)
+        XCTAssertEqual(R.status(offset: 0, size: 4, value: 0xffff_ffff_0000_0003), 3)
+        // not a write of the register
+        for (off, size) in [(1, 1), (2, 2), (3, 1), (4, 4), (0x1000, 4), (UInt64.max, 1)] as [(UInt64, Int)] {
+            XCTAssertNil(R.status(offset: off, size: size, value: 1), "offset \(off)")
+        }
+        for size in [0, 3, 8, 16, -1, Int.max] { XCTAssertNil(R.status(offset: 0, size: size, value: 1), "size \(size)") }
+
+        var got: [Int32] = []
+        let r = R(onExit: { got.append($0) })
+        r.write(offset: 2, size: 1, value: 9)
+        r.write(offset: 0, size: 8, value: 9)
+        XCTAssertEqual(got, [])
+        r.write(offset: 0, size: 4, value: 42)
+        XCTAssertEqual(got, [42])
+        XCTAssertEqual(r.read(offset: 0, size: 4), 0)
+    }
+
+    func testISADebugExitIsQEMUsEncoding() {
+        typealias D = ISADebugExit
+        XCTAssertEqual(D.port, 0xf4)
+        XCTAssertEqual(D.status(size: 1, value: 0), 1)
+        XCTAssertEqual(D.status(size: 1, value: 1), 3)
+        XCTAssertEqual(D.status(size: 1, value: 0x10), 33)
+        XCTAssertEqual(D.status(size: 4, value: 0x10), 33)
+        XCTAssertEqual(D.status(size: 1, value: 0x7f), 255)
+        // exit() keeps 8 bits of (V << 1) | 1
+        XCTAssertEqual(D.status(size: 1, value: 0x80), 1)
+        XCTAssertEqual(D.status(size: 1, value: 0xff), 255)
+        XCTAssertEqual(D.status(size: 2, value: 0x1234), Int32((0x1234 << 1 | 1) & 0xff))
+        XCTAssertEqual(D.status(size: 4, value: 0xffff_ffff), 255)
+        XCTAssertEqual(D.status(size: 1, value: 0xffff_ff00), 1, "only the access's bytes")
+        XCTAssertEqual(D.status(size: 0, value: 2), 5, "a width KVM never gives is taken whole")
+        XCTAssertEqual(D.status(size: -1, value: 2), 5)
+        for v: UInt32 in [0, 1, 2, 0x55, 0x80, 0xffff, 0xdead_beef] {
+            let st = D.status(size: 4, value: v)
+            XCTAssertTrue((0...255).contains(st) && st & 1 == 1, "always odd: \(v) -> \(st)")
+        }
+        var got: [Int32] = []
+        let d = D(onExit: { got.append($0) })
+        d.write(offset: 3, size: 1, value: 2)
+        XCTAssertEqual(got, [5], "every port of the 4 (iosize=0x04)")
+    }
+
     func testRangeMapRejectsOverlapAndStraddling() {
         var map = RangeMap<Int>()
         XCTAssertTrue(map.insert(base: 0x3f8, size: 8, 1))

@@ -4,9 +4,11 @@
 It runs on any KVM, PVM hosts included (no interrupts, no SSE): it prints
 'K' on COM1, then writes SLP_TYP=5|SLP_EN to the ACPI sleep register at
 0x3c0, so swiftlet ends with status 0 (powered off).
-usage: tinyguest.py OUT.elf [--halt]
+usage: tinyguest.py OUT.elf [--halt | --exit N | --debug-exit V]
 --halt: print 'K' and halt for good instead of powering off (for tests that need a
 running VM: the halted vCPU waits inside KVM).
+--exit N: print 'K', then write N (32 bits) to the exit register at 0xd0000004.
+--debug-exit V: print 'K', then write byte V to port 0xf4 (isa-debug-exit).
 """
 import struct
 import sys
@@ -37,8 +39,27 @@ def elf(code):
 
 POWEROFF = bytes([0x66, 0xBA, 0xC0, 0x03, 0xB0, 0x34, 0xEE])
 
+
+def exit_register(n):
+    # mov edx, 0xd0000004 (zero-extended into rdx); mov dword [rdx], n
+    return bytes([0xBA]) + struct.pack("<I", 0xD0000004) + bytes([0xC7, 0x02]) + struct.pack("<I", n)
+
+
+def debug_exit(v):
+    # mov dx, 0xf4; mov al, v; out dx, al
+    return bytes([0x66, 0xBA, 0xF4, 0x00, 0xB0, v, 0xEE])
+
+
 if __name__ == "__main__":
-    code = CODE.replace(POWEROFF, b"") if "--halt" in sys.argv[2:] else CODE
-    assert code != CODE or "--halt" not in sys.argv[2:]
+    args = sys.argv[2:]
+    if "--halt" in args:
+        code = CODE.replace(POWEROFF, b"")
+    elif "--exit" in args:
+        code = CODE.replace(POWEROFF, exit_register(int(args[args.index("--exit") + 1], 0)))
+    elif "--debug-exit" in args:
+        code = CODE.replace(POWEROFF, debug_exit(int(args[args.index("--debug-exit") + 1], 0)))
+    else:
+        code = CODE
+    assert code != CODE or not args
     with open(sys.argv[1], "wb") as f:
         f.write(elf(code))
