@@ -8,6 +8,7 @@ import GuestMemory
 import KVM
 import Boot
 import Devices
+import Virtio
 import Synchronization
 
 public func monotonicNow() -> UInt64 { monotonicNanos() }
@@ -194,11 +195,12 @@ final class Machine: @unchecked Sendable {
         pio.insert(base: UInt64(X86Layout.i8042DataPort), size: 5, I8042(onEvent: onEvent))
         pio.insert(base: UInt64(X86Layout.acpiSleepPort), size: 1, ACPISleepRegister(onEvent: onEvent))
         mmio.insert(base: BootMarker.address, size: BootMarker.size, bootMarker)
+        let deviceLog = logSink(level: config.logLevel)
         slots = try attachDisks(disks, vm: vm, memory: memory, mmio: &mmio, interrupts: config.virtioInterrupts,
-                                log: { log($0) })
+                                log: deviceLog)
         do {
             slots += try attachNets(nets, firstIndex: disks.count, vm: vm, memory: memory, mmio: &mmio,
-                                    interrupts: config.virtioInterrupts, log: { log($0) })
+                                    interrupts: config.virtioInterrupts, log: deviceLog)
         } catch {
             for s in slots { s.stop() }
             throw error
@@ -452,6 +454,12 @@ final class Machine: @unchecked Sendable {
 /// A log line on stderr (CR LF so it reads right while the terminal is raw).
 func log(_ s: String) {
     fputs("swiftlet: \(s)\r\n", stderr)
+}
+
+/// Where the devices' log lines go: `print` (stderr) for those at `level` (--log-level)
+/// or a more important one.
+func logSink(level: LogLevel, print: @escaping @Sendable (String) -> Void = { log($0) }) -> LogSink {
+    { lineLevel, line in if lineLevel <= level { print(line) } }
 }
 
 /// This process's resident set (VmRSS) in bytes.

@@ -266,6 +266,37 @@ final class NetDeviceTests: XCTestCase {
         XCTAssertFalse(h.sink.needsReset)
     }
 
+    /// A guest that breaks the device and resets it, over and over, gets the first few
+    /// lines and no more (the log lives as long as the device), and the device works after
+    /// every reset.
+    func testNeedsResetLinesAcrossDriverResetsAreRateLimited() throws {
+        final class Lines: @unchecked Sendable {
+            let lock = Mutex()
+            var all: [(level: LogLevel, text: String)] = []
+        }
+        let lines = Lines()
+        let log = RateLimitedLog(name: "tnet", clock: { 0 }, sink: { level, text in
+            lines.lock.withLock { lines.all.append((level, text)) }
+        })
+        let h = try NetHarness(log: log)
+        for _ in 0..<50 {
+            let a = h.alloc(64)
+            let head = h.tx().chain([(a, 64, false)])
+            try h.mem.store(VirtqDesc.next, at: h.tx().desc + 16 * UInt64(head) + 12)
+            try h.mem.store(UInt16(999), at: h.tx().desc + 16 * UInt64(head) + 14)
+            h.tx().offer(head)
+            h.txHandler.kicked()
+            XCTAssertTrue(h.sink.needsReset)
+            try h.resetAndRestart()
+        }
+        XCTAssertEqual(lines.all.count, RateLimitedLog.defaultBurst)
+        XCTAssertTrue(lines.all.allSatisfy { $0.level == .warn && $0.text.hasSuffix("device needs reset") })
+        h.send([UInt8](repeating: 0, count: 12) + frame(60))
+        h.txHandler.kicked()
+        XCTAssertEqual(h.hostReceive()?.count, 72)
+        XCTAssertFalse(h.sink.needsReset)
+    }
+
     func testResetAndReactivate() throws {
         let h = try NetHarness(pairs: 2)
         XCTAssertEqual(h.device.queueHandlers.count, 5)

@@ -72,18 +72,21 @@ final class NetHarness {
     let mem: GuestMemory
     let device: VirtioNet
     let control = RecordingTapControl()
-    let sink = RecordingSink()
+    /// What the device told its transport since the last (re)activation.
+    private(set) var sink = RecordingSink()
     /// Device ends (given to the device) and host ends (the test's "network"), per pair.
     var deviceFDs: [Int32] = []
     var hostFDs: [Int32] = []
     var queues: [DriverQueue] = []
     var nextAddr: UInt64 = 0x20_0000
     let features: UInt64
+    let pairs: Int
+    let queueSize: UInt16
     var ownsFDs = true
 
     /// `tapFDs`: real TAP queue descriptors (not closed by the harness) instead of socketpairs.
     init(pairs: Int = 1, features: UInt64? = nil, queueSize: UInt16 = 64, mtu: UInt16 = 1500,
-         tapFDs: [Int32]? = nil) throws {
+         tapFDs: [Int32]? = nil, log: RateLimitedLog? = nil) throws {
         mem = try GuestMemory(layout: [(base: 0, size: 0x80_0000)])
         if let tapFDs { deviceFDs = tapFDs }
         for _ in 0..<(tapFDs == nil ? pairs : 0) {
@@ -95,17 +98,34 @@ final class NetHarness {
         }
         ownsFDs = tapFDs == nil
         device = VirtioNet(queueFDs: deviceFDs, mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56], mtu: mtu,
-                           control: tapFDs.map { TapQueueControl(fds: $0) } ?? control, name: "tnet")
+                           control: tapFDs.map { TapQueueControl(fds: $0) } ?? control, name: "tnet", log: log)
         var f = features ?? device.deviceFeatures
         f &= device.deviceFeatures
         self.features = f
-        let used = f & VirtioNetFeature.mq != 0 ? pairs : 1
+        self.pairs = pairs
+        self.queueSize = queueSize
+        try start()
+    }
+
+    /// Fresh rings (zeroed), handed to the device as at DRIVER_OK.
+    func start() throws {
+        let used = features & VirtioNetFeature.mq != 0 ? pairs : 1
+        queues = []
         for i in 0..<(2 * used + 1) {
-            queues.append(try DriverQueue(mem: mem, base: 0x10000 + UInt64(i) * 0x10000, size: queueSize, features: f))
+            let base = 0x10000 + UInt64(i) * 0x10000
+            try mem.zero(base, length: 0x10000)
+            queues.append(try DriverQueue(mem: mem, base: base, size: queueSize, features: features))
         }
         var qs: [SplitQueue?] = queues.map { $0.queue }
         while qs.count < 2 * pairs + 1 { qs.append(nil) }
-        try device.activate(queues: qs, memory: mem, features: f, interrupt: sink)
+        try device.activate(queues: qs, memory: mem, features: features, interrupt: sink)
+    }
+
+    /// What a driver reset and a new initialization do to the device.
+    func resetAndRestart() throws {
+        device.reset()
+        sink = RecordingSink()
+        try start()
     }
 
     deinit {

@@ -73,7 +73,7 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig, @unchecked
     /// One TAP queue file descriptor per queue pair (not owned: the caller closes them).
     public let queueFDs: [Int32]
     let control: NetTapControl?
-    let log: (@Sendable (String) -> Void)?
+    let log: RateLimitedLog?
     public let config: [UInt8]
     /// Counters per virtqueue index (rx0, tx0, ..., ctrl), kept across resets.
     public let stats: [NetQueueStats]
@@ -84,7 +84,7 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig, @unchecked
 
     /// `queueFDs.count` is the number of queue pairs (1...VirtioNetLimits.maxQueuePairs).
     public init(queueFDs: [Int32], mac: [UInt8], mtu: UInt16 = 1500, offload: Bool = true,
-                control: NetTapControl? = nil, name: String = "net", log: (@Sendable (String) -> Void)? = nil) {
+                control: NetTapControl? = nil, name: String = "net", log: RateLimitedLog? = nil) {
         precondition(!queueFDs.isEmpty && queueFDs.count <= VirtioNetLimits.maxQueuePairs && mac.count == 6)
         self.queueFDs = queueFDs
         self.queuePairs = queueFDs.count
@@ -132,7 +132,7 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig, @unchecked
         do {
             try control?.setOffload(offload ? TunOffload.flags(forGuestFeatures: features) : 0)
         } catch {
-            log?("\(name): cannot set the TAP's offloads: \(error)")
+            log?.warn("cannot set the TAP's offloads", "\(name): cannot set the TAP's offloads: \(error)")
         }
         // Only pair 0 until the driver asks for more (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET):
         // frames steered to a pair without rx buffers would wait there.
@@ -188,7 +188,7 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig, @unchecked
     func setPairs(_ n: Int) {
         for p in 0..<queuePairs {
             do { try control?.setQueueEnabled(pair: p, p < n) } catch {
-                log?("\(name): cannot \(p < n ? "attach" : "detach") TAP queue \(p): \(error)")
+                log?.warn("cannot attach or detach a TAP queue", "\(name): cannot \(p < n ? "attach" : "detach") TAP queue \(p): \(error)")
             }
         }
         let rx: [NetRxQueue] = lock.withLock {
@@ -229,7 +229,7 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
     let interrupt: any VirtioInterruptSink
     let stats: NetQueueStats
     let name: String
-    let log: (@Sendable (String) -> Void)?
+    let log: RateLimitedLog?
     /// epoll instance holding the TAP fd (EPOLLIN while the guest has buffers): our completion fd.
     let epfd: Int32
     /// Chains popped but not filled yet (kept for the next frame).
@@ -255,7 +255,7 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
     }
 
     init(index: Int, queue: SplitQueue, fd: Int32, mergeable: Bool, minFrame: Int, interrupt: any VirtioInterruptSink,
-         stats: NetQueueStats, name: String, log: (@Sendable (String) -> Void)?) {
+         stats: NetQueueStats, name: String, log: RateLimitedLog?) {
         queueIndex = index
         self.queue = queue
         self.fd = fd
@@ -298,7 +298,7 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
     func fail(_ why: String) {
         broken = true
         watchTap(false)
-        log?("virtio-net \(name) rx\(queueIndex / 2): \(why): device needs reset")
+        log?.warn("rx queue stopped", "virtio-net \(name) rx\(queueIndex / 2): \(why): device needs reset")
         interrupt.markNeedsReset()
     }
 
@@ -379,7 +379,7 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
                 }
                 if !loggedError {
                     loggedError = true
-                    log?("virtio-net \(name) rx\(queueIndex / 2): read from the TAP failed: \(errnoText(e))")
+                    log?.warn("read from the TAP failed", "virtio-net \(name) rx\(queueIndex / 2): read from the TAP failed: \(errnoText(e))")
                 }
                 // E.g. EBADFD for a detached queue: wait for the next kick.
                 watchTap(false)
@@ -423,7 +423,7 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
     let interrupt: any VirtioInterruptSink
     let stats: NetQueueStats
     let name: String
-    let log: (@Sendable (String) -> Void)?
+    let log: RateLimitedLog?
     /// Written when a wake-up ran out of budget with work left: brings the thread back.
     let again: Int32
     var broken = false
@@ -431,7 +431,7 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
     var loggedError = false
 
     init(index: Int, queue: SplitQueue, fd: Int32, interrupt: any VirtioInterruptSink, stats: NetQueueStats,
-         name: String, log: (@Sendable (String) -> Void)?) {
+         name: String, log: RateLimitedLog?) {
         queueIndex = index
         self.queue = queue
         self.fd = fd
@@ -461,7 +461,7 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
 
     func fail(_ why: String) {
         broken = true
-        log?("virtio-net \(name) tx\(queueIndex / 2): \(why): device needs reset")
+        log?.warn("tx queue stopped", "virtio-net \(name) tx\(queueIndex / 2): \(why): device needs reset")
         interrupt.markNeedsReset()
     }
 
@@ -517,7 +517,7 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
             stats.drop()
             if !loggedError && e != EAGAIN && e != EINVAL {
                 loggedError = true
-                log?("virtio-net \(name) tx\(queueIndex / 2): write to the TAP failed: \(errnoText(e))")
+                log?.warn("write to the TAP failed", "virtio-net \(name) tx\(queueIndex / 2): write to the TAP failed: \(errnoText(e))")
             }
             return
         }
@@ -536,12 +536,12 @@ public final class NetCtrlQueue: VirtioQueueHandler, @unchecked Sendable {
     let features: UInt64
     let interrupt: any VirtioInterruptSink
     let stats: NetQueueStats
-    let log: (@Sendable (String) -> Void)?
+    let log: RateLimitedLog?
     var broken = false
     var quiesced = false
 
     init(index: Int, queue: SplitQueue, device: VirtioNet, features: UInt64, interrupt: any VirtioInterruptSink,
-         stats: NetQueueStats, log: (@Sendable (String) -> Void)?) {
+         stats: NetQueueStats, log: RateLimitedLog?) {
         queueIndex = index
         self.queue = queue
         self.device = device
@@ -565,7 +565,7 @@ public final class NetCtrlQueue: VirtioQueueHandler, @unchecked Sendable {
                 let chain: DescriptorChain?
                 do { chain = try queue.popAvailable() } catch {
                     broken = true
-                    log?("virtio-net ctrl: \(error): device needs reset")
+                    log?.warn("control queue stopped", "virtio-net ctrl: \(error): device needs reset")
                     interrupt.markNeedsReset()
                     return
                 }
