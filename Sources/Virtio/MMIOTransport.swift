@@ -410,7 +410,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
             return false
         }
         let old = s.status
-        var new = value & 0xFF & ~VirtioStatus.needsReset  // NEEDS_RESET is the device's to set
+        var new = value & VirtioStatus.setByDriver
         guard new & old == old else {
             ignored("ignored status write", "status 0x\(String(value, radix: 16)) clears bits of 0x\(String(old, radix: 16))", VirtioMMIOReg.status, 4)
             return false

@@ -201,6 +201,35 @@ final class MMIOTransportTests: XCTestCase {
         XCTAssertTrue(dev.activations.isEmpty)
     }
 
+    /// Only the bits the driver may set are stored: undefined bits read back as 0, and
+    /// NEEDS_RESET only when the device set it.
+    func testStatusStoresOnlyTheDriverBits() throws {
+        w(R.status, 0xFFFF_FFFF)  // no features yet: FEATURES_OK and DRIVER_OK are refused
+        XCTAssertEqual(r(R.status), VirtioStatus.acknowledge | VirtioStatus.driver | VirtioStatus.failed)
+        w(R.status, 0)
+        w(R.status, 0x30)
+        XCTAssertEqual(r(R.status), 0)
+        XCTAssertEqual(dev.resets, 1, "a write of undefined bits only is not a reset")
+        negotiate(VirtioFeature.version1)
+        setupQueue(0, size: 16, desc: 0x1_0000, avail: 0x1_1000, used: 0x1_2000)
+        w(R.status, 0xFFFF_FFFF)
+        XCTAssertEqual(r(R.status), allOK | VirtioStatus.failed)
+        XCTAssertEqual(dev.activations.count, 1)
+        XCTAssertFalse(t.needsReset)
+        try XCTUnwrap(dev.sink).markNeedsReset()
+        XCTAssertEqual(r(R.status), allOK | VirtioStatus.failed | VirtioStatus.needsReset)
+        w(R.status, 0xFFFF_FFFF & ~VirtioStatus.needsReset)
+        XCTAssertEqual(r(R.status), allOK | VirtioStatus.failed | VirtioStatus.needsReset, "the driver cannot clear it but by a reset")
+        w(R.status, 0)
+        XCTAssertEqual(r(R.status), 0)
+        // Usable again after the reset.
+        negotiate(VirtioFeature.version1)
+        setupQueue(0, size: 16, desc: 0x1_0000, avail: 0x1_1000, used: 0x1_2000)
+        w(R.status, allOK)
+        XCTAssertEqual(r(R.status), allOK)
+        XCTAssertEqual(dev.activations.count, 2)
+    }
+
     func testQueueAddressWrittenWhileReadyIgnored() {
         negotiate(VirtioFeature.version1)
         setupQueue(0, size: 16, desc: 0x1_0000, avail: 0x1_1000, used: 0x1_2000)
