@@ -4,6 +4,9 @@ import GuestMemory
 import Virtio
 @testable import Devices
 
+@_silgen_name("inotify_init1") private func netTestInotifyInit1(_ flags: Int32) -> Int32
+@_silgen_name("inotify_add_watch") private func netTestInotifyAddWatch(_ fd: Int32, _ path: UnsafePointer<CChar>, _ mask: UInt32) -> Int32
+
 final class NetDeviceTests: XCTestCase {
     /// Every feature but guest GSO: frames are at most MTU-sized, so one read needs only
     /// buffers for MTU + 18 bytes (the tests below that are not about GSO use this).
@@ -230,6 +233,64 @@ final class NetDeviceTests: XCTestCase {
         XCTAssertEqual(h.rx().usedElem(2).len, 82)
         XCTAssertEqual(h.bytes(good + 12, 70), frame(70))
         XCTAssertEqual(h.device.stats[0].drops, 2)
+        XCTAssertFalse(h.sink.needsReset)
+    }
+
+    /// 64 chains (the most one frame may fill) holding less than an MTU-sized frame, with
+    /// more chains behind them: the frame is read into the 64 instead of the ring being
+    /// asked again and again for chains that would not be taken.
+    func testChainCapReachedWithLittleRoomReadsIntoWhatThereIs() throws {
+        let h = try NetHarness(features: NetDeviceTests.noGuestGSO, queueSize: 256)
+        let bufs = (0..<70).map { _ in h.addRxBuffer(16) }
+        h.hostSend(frame(60))
+        let rx = h.rxHandler
+        XCTAssertTrue(returnsInTime(2, rx.kicked, stop: { rx.broken = true }), "receive() kept going round")
+        XCTAssertEqual(h.rx().usedIdx, 5)
+        XCTAssertEqual((0..<5).map { h.rx().usedElem($0).len }, [16, 16, 16, 16, 8])
+        XCTAssertEqual(h.bytes(bufs[0] + 10, 2), [5, 0])
+        XCTAssertEqual(h.bytes(bufs[0] + 12, 4) + (1..<5).flatMap { h.bytes(bufs[$0], $0 < 4 ? 16 : 8) }, frame(60))
+        XCTAssertFalse(h.sink.needsReset)
+    }
+
+    /// Reads that fail without taking what waits (here an inotify event longer than the
+    /// buffer: EINVAL, and the event stays) give the chain back empty, each one, so the
+    /// queue runs out of buffers and sleeps until the next kick instead of reading again
+    /// and again while the descriptor stays readable.
+    func testReadsThatFailWithoutProgressUseUpChains() throws {
+        let ino = netTestInotifyInit1(O_NONBLOCK | O_CLOEXEC)
+        XCTAssertGreaterThanOrEqual(ino, 0)
+        defer { close(ino) }
+        var tmpl = Array("/tmp/swiftlet-net-XXXXXX".utf8CString)
+        XCTAssertNotNil(mkdtemp(&tmpl))
+        let dir = String(cString: tmpl)
+        XCTAssertGreaterThanOrEqual(netTestInotifyAddWatch(ino, dir, 0x100 /* IN_CREATE */), 0)
+        let file = dir + "/event"
+        close(open(file, O_CREAT | O_WRONLY, 0o600))
+        defer { unlink(file); rmdir(dir) }
+        let h = try NetHarness(features: NetDeviceTests.noGuestGSO & ~VirtioNetFeature.mrgRxbuf, tapFDs: [ino])
+        for _ in 0..<3 { h.addRxBuffer(12) }
+        h.rxHandler.kicked()
+        XCTAssertEqual(h.rx().usedIdx, 3)
+        XCTAssertEqual((0..<3).map { h.rx().usedElem($0).len }, [0, 0, 0])
+        XCTAssertEqual(h.device.stats[0].drops, 3)
+        var p = pollfd(fd: h.rxHandler.completionFD, events: Int16(POLLIN), revents: 0)
+        XCTAssertEqual(poll(&p, 1, 100), 0, "waits on the rx kick, not on the descriptor")
+        XCTAssertFalse(h.sink.needsReset)
+    }
+
+    /// A tx chain of more buffers than one writev takes marks the device NEEDS_RESET (a
+    /// frame is one write, so it cannot be split); after a reset the device sends again.
+    func testTxChainOfMoreBuffersThanOneWriteTakesNeedsReset() throws {
+        let h = try NetHarness()
+        h.offerIndirect(on: h.tx(), first: 12, count: 1024, each: 4, writable: false)
+        h.txHandler.kicked()
+        XCTAssertTrue(h.sink.needsReset)
+        XCTAssertNil(h.hostReceive())
+        XCTAssertEqual(h.tx().usedIdx, 0)
+        try h.resetAndRestart()
+        h.send([UInt8](repeating: 0, count: 12) + frame(60))
+        h.txHandler.kicked()
+        XCTAssertEqual(h.hostReceive()?.count, 72)
         XCTAssertFalse(h.sink.needsReset)
     }
 

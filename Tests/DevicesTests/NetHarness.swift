@@ -159,6 +159,45 @@ final class NetHarness {
         return a
     }
 
+    /// Offers a chain of a `first`-byte buffer (none when nil) and then an indirect table
+    /// of `count` buffers of `each` bytes, all device-writable (rx) or all readable (tx),
+    /// on `queue`. Returns the buffers' addresses in chain order.
+    @discardableResult
+    func offerIndirect(on q: DriverQueue, first: Int?, count: Int, each: Int, writable: Bool) -> [UInt64] {
+        let w: UInt16 = writable ? VirtqDesc.write : 0
+        var bufs: [UInt64] = []
+        if let first { bufs.append(alloc(first, fill: 0xEE)) }
+        let table = alloc(16 * count)
+        for k in 0..<count {
+            let b = alloc(each, fill: 0xEE)
+            bufs.append(b)
+            let d = table + UInt64(16 * k)
+            try! mem.store(b, at: d)
+            try! mem.store(UInt32(each), at: d + 8)
+            try! mem.store(w | (k < count - 1 ? VirtqDesc.next : 0), at: d + 12)
+            try! mem.store(UInt16(k < count - 1 ? k + 1 : 0), at: d + 14)
+        }
+        let head = q.nextDesc % Int(q.size)
+        var i = head
+        if let first {
+            let next = (i + 1) % Int(q.size)
+            let d = q.desc + UInt64(16 * i)
+            try! mem.store(bufs[0], at: d)
+            try! mem.store(UInt32(first), at: d + 8)
+            try! mem.store(w | VirtqDesc.next, at: d + 12)
+            try! mem.store(UInt16(next), at: d + 14)
+            i = next
+        }
+        let d = q.desc + UInt64(16 * i)
+        try! mem.store(table, at: d)
+        try! mem.store(UInt32(16 * count), at: d + 8)
+        try! mem.store(VirtqDesc.indirect, at: d + 12)
+        try! mem.store(UInt16(0), at: d + 14)
+        q.nextDesc += first == nil ? 1 : 2
+        q.offer(UInt16(head))
+        return bufs
+    }
+
     /// The host sends one frame (with its 12-byte vnet header) to the guest.
     func hostSend(_ frame: [UInt8], pair: Int = 0) {
         let hdr = [UInt8](repeating: 0, count: 12)
@@ -201,6 +240,34 @@ final class NetHarness {
         ctrl.offer(ctrl.chain(parts))
         return ack
     }
+}
+
+/// Runs `body` on a thread of its own and waits up to `seconds` for it to return. If it
+/// has not, calls `stop` (which must make it return) and waits for it. Returns whether it
+/// returned in time.
+func returnsInTime(_ seconds: Double, _ body: @escaping () -> Void, stop: () -> Void) -> Bool {
+    final class Job: @unchecked Sendable {
+        let body: () -> Void
+        let lock = Mutex()
+        var finished = false
+        init(_ b: @escaping () -> Void) { body = b }
+        var done: Bool { lock.withLock { finished } }
+    }
+    let job = Job(body)
+    var t = pthread_t()
+    let ctx = Unmanaged.passRetained(job).toOpaque()
+    precondition(pthread_create(&t, nil, { p in
+        let j = Unmanaged<Job>.fromOpaque(p!).takeRetainedValue()
+        j.body()
+        j.lock.withLock { j.finished = true }
+        return nil
+    }, ctx) == 0)
+    let deadline = monotonicNanos() + UInt64(seconds * 1e9)
+    while !job.done && monotonicNanos() < deadline { usleep(1000) }
+    let inTime = job.done
+    if !inTime { stop() }
+    pthread_join(t, nil)
+    return inTime
 }
 
 func frame(_ n: Int, seed: UInt8 = 1) -> [UInt8] {

@@ -12,19 +12,23 @@
 // many. When the guest has no buffers the thread stops polling the TAP until the next rx
 // kick (the packets wait in the TAP's queue, which drops beyond its length, like a NIC).
 // With MRG_RXBUF a read waits for buffers worth a whole frame (64 KiB + headers with
-// guest GSO, else MTU + 18); it reads into less only when the guest has handed over its
-// whole ring (and then at least an MTU-sized frame's worth). A frame larger than the
-// buffers given reaches the guest cut short (tun truncates; older kernels fail the read
-// with EFAULT and drop it, counted) and the guest's stack drops it: reading into whatever
-// the ring held made TCP host->guest lose a 64 KiB frame whenever the ring ran low.
+// guest GSO, else MTU + 18); it reads into less only when the guest cannot give more for
+// it (its whole ring handed over, 64 chains, or as many buffers as one readv takes). A
+// frame larger than the buffers given reaches the guest cut short (tun truncates; older
+// kernels fail the read with EFAULT and drop it; the first chain then goes back empty,
+// counted) and the guest's stack drops it: reading into whatever the ring held made TCP
+// host->guest lose a 64 KiB frame whenever the ring ran low.
 // TX: writev straight from the guest's buffers (the chain starts with the 12-byte
 // virtio_net_hdr_v1; the kernel validates it). At most VirtioNetLimits.budget packets
 // per wake-up per queue.
 //
 // The guest is hostile: rx chains that cannot hold the header, tx chains shorter than
 // the header, frames the TAP refuses and malformed control commands are dropped (used
-// length 0) and counted; a malformed descriptor chain or a broken ring marks the device
-// DEVICE_NEEDS_RESET and that queue stops. Nothing a guest writes can crash swiftlet.
+// length 0) and counted; a malformed descriptor chain, a chain of more buffers than one
+// readv/writev takes (GuestMemory.maxIovecsPerCall) or a broken ring marks the device
+// DEVICE_NEEDS_RESET and that queue stops. Nothing a guest writes can crash swiftlet or
+// make a thread retry without progress: a failed read gives the guest's first chain back
+// empty, a failed write drops the frame.
 import Glibc
 import CLinux
 import GuestMemory
@@ -303,7 +307,9 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
     }
 
     /// Pops one usable chain into `pending`; false when the ring is empty (or broken).
-    /// Chains that cannot hold the header are returned at once, empty, and counted.
+    /// Chains that cannot hold the header are returned at once, empty, and counted; a
+    /// chain of more buffers than one readv takes breaks the device (a frame is one read,
+    /// so it cannot be split over several).
     func popOne() -> Bool {
         while !broken {
             let chain: DescriptorChain?
@@ -317,31 +323,41 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
                 do { try queue.stageUsed(head: chain.head, length: 0) } catch { fail("\(error)"); return false }
                 continue
             }
+            guard chain.writableCount <= GuestMemory.maxIovecsPerCall else {
+                fail("chain at head \(chain.head) has \(chain.writableCount) buffers, more than one read takes (\(GuestMemory.maxIovecsPerCall))")
+                return false
+            }
             pending.append(chain)
             return true
         }
         return false
     }
 
-    /// Enough buffers for the next frame: one chain, or with MRG_RXBUF chains adding up
-    /// to `wanted` bytes, the largest frame the TAP may hand out. tun cuts a frame short
-    /// when the buffers given to readv cannot hold it, and a cut GSO frame is lost (the
-    /// guest drops it as truncated and TCP must retransmit ~44 segments), so fewer bytes
-    /// are read into only when the guest cannot give more: it has handed over its whole
-    /// ring, or the chain cap is reached. Otherwise the thread waits for the guest's next
-    /// rx kick; a Linux guest refills its whole ring once it has taken what is used.
-    func gather() -> Bool {
-        if !mergeable { return !pending.isEmpty || popOne() }
-        var total = 0, descriptors = 0
-        for c in pending { total += Int(c.writableLength); descriptors += c.descriptorCount }
-        while total < wanted && pending.count < NetRxQueue.maxChainsPerFrame {
-            guard popOne() else { break }
-            total += Int(pending[pending.count - 1].writableLength)
-            descriptors += pending[pending.count - 1].descriptorCount
+    /// How many of the pending chains (the first ones) the next frame may fill, popping
+    /// more as needed: one chain, or with MRG_RXBUF chains adding up to `wanted` bytes,
+    /// the largest frame the TAP may hand out. tun cuts a frame short when the buffers
+    /// given to readv cannot hold it, and a cut GSO frame is lost (the guest drops it as
+    /// truncated and TCP must retransmit ~44 segments), so fewer bytes are read into only
+    /// when the guest cannot give more for this frame: it has handed over its whole ring,
+    /// or a cap is reached (chains per frame, iovecs per read). 0 only when the ring ran
+    /// empty first: then the thread waits for the guest's next rx kick; a Linux guest
+    /// refills its whole ring once it has taken what is used.
+    func gather() -> Int {
+        if !mergeable { return !pending.isEmpty || popOne() ? 1 : 0 }
+        var total = 0, descriptors = 0, iovecs = 0, use = 0
+        while total < wanted {
+            if use == pending.count {
+                guard use < NetRxQueue.maxChainsPerFrame, popOne() else { break }
+            }
+            let c = pending[use]
+            if iovecs + c.writableCount > GuestMemory.maxIovecsPerCall { return use }
+            total += Int(c.writableLength)
+            descriptors += c.descriptorCount
+            iovecs += c.writableCount
+            use += 1
         }
-        if total >= wanted { return true }
-        let guestHasNoMore = descriptors >= Int(queue.size) || pending.count >= NetRxQueue.maxChainsPerFrame
-        return guestHasNoMore && total >= VirtioNetHeader.size + 1518
+        if total >= wanted || use >= NetRxQueue.maxChainsPerFrame || descriptors >= Int(queue.size) { return use }
+        return 0
     }
 
     /// Most chains one frame may fill (num_buffers); 64 of Linux's smallest mergeable
@@ -354,15 +370,15 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
         var served = 0
         defer { netPublish(queue, interrupt, stats) }
         while served < VirtioNetLimits.budget && !broken {
-            if !gather() {
-                if broken { return }
-                // Out of buffers: sleep on the rx kick, not on the TAP.
+            let useCount = gather()
+            if broken { return }
+            if useCount == 0 {
+                // Out of buffers: sleep on the rx kick, not on the TAP. Buffers that came
+                // in meanwhile are taken at once (the ring was empty, so they are new).
                 if queue.enableNotifications() { queue.disableNotifications(); continue }
                 watchTap(false)
                 return
             }
-            // The chains this frame may fill: all gathered ones, or the first without MRG_RXBUF.
-            let useCount = mergeable ? pending.count : 1
             iovs.removeAll(keepingCapacity: true)
             for c in 0..<useCount { pending[c].appendIovecs(writable: true, to: &iovs) }
             let n = iovs.withUnsafeBufferPointer { readv(fd, $0.baseAddress, Int32($0.count)) }
@@ -371,10 +387,16 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
                 if e == EINTR { continue }
                 if e == EAGAIN || e == EWOULDBLOCK { return }  // nothing waiting; epoll wakes us
                 if e == EFAULT || e == EINVAL || e == EMSGSIZE {
-                    // The frame did not fit the guest's buffers: tun dropped it. The
-                    // buffers stay ours for the next frame.
+                    // The frame did not fit the guest's buffers (tun dropped it), or the
+                    // buffers were refused: the first chain goes back empty, so a read that
+                    // fails again and again still uses up the guest's buffers, never loops.
                     stats.drop()
                     served += 1
+                    do { try queue.stageUsed(head: pending[0].head, length: 0) } catch {
+                        fail("\(error)")
+                        return
+                    }
+                    pending.removeFirst()
                     continue
                 }
                 if !loggedError {
@@ -480,6 +502,7 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
                 guard let chain else { break }
                 served += 1
                 send(chain)
+                if broken { return }
                 do { try queue.stageUsed(head: chain.head, length: 0) } catch {
                     fail("\(error)")
                     return
@@ -500,7 +523,13 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
         }
     }
 
+    /// Writes one frame to the TAP, or drops it (counted); a chain of more buffers than
+    /// one writev takes breaks the device (one write is one frame).
     func send(_ chain: DescriptorChain) {
+        guard chain.readableCount <= GuestMemory.maxIovecsPerCall else {
+            fail("chain at head \(chain.head) has \(chain.readableCount) buffers, more than one write takes (\(GuestMemory.maxIovecsPerCall))")
+            return
+        }
         let len = Int(chain.readableLength)
         guard len >= VirtioNetHeader.size, len <= VirtioNetHeader.size + VirtioNetLimits.maxGSOFrame else {
             stats.drop()
