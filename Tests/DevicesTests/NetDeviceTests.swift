@@ -278,6 +278,54 @@ final class NetDeviceTests: XCTestCase {
         XCTAssertFalse(h.sink.needsReset)
     }
 
+    /// A read error that is not about the frame (here ENOTCONN, from a listening socket
+    /// that stays readable while a connection waits) stops the reads until the next rx
+    /// kick, even with buffers waiting in the ring: the thread is not woken for it again.
+    func testReadErrorNotAboutTheFrameWaitsForTheNextKick() throws {
+        let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        XCTAssertGreaterThanOrEqual(listener, 0)
+        defer { close(listener) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = UInt32(0x7F00_0001).bigEndian
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        func withSockaddr<T>(_ body: (UnsafeMutablePointer<sockaddr>) -> T) -> T {
+            withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1, body) }
+        }
+        XCTAssertEqual(withSockaddr { bind(listener, $0, len) }, 0)
+        XCTAssertEqual(listen(listener, 1), 0)
+        XCTAssertEqual(withSockaddr { getsockname(listener, $0, &len) }, 0)
+        let client = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        defer { close(client) }
+        XCTAssertEqual(withSockaddr { connect(client, $0, len) }, 0)
+        var p = pollfd(fd: listener, events: Int16(POLLIN), revents: 0)
+        XCTAssertEqual(poll(&p, 1, 1000), 1)
+        let h = try NetHarness(tapFDs: [listener])
+        for _ in 0..<50 { h.addRxBuffer(1518) }    // more than one GSO frame's worth: some stay in the ring
+        h.rxHandler.kicked()
+        XCTAssertEqual(h.serveRx(milliseconds: 300), 0)
+        XCTAssertEqual(h.rx().usedIdx, 0)
+        XCTAssertEqual(h.device.stats[0].drops, 0)
+        XCTAssertFalse(h.sink.needsReset)
+    }
+
+    /// A descriptor that hangs up (here a socket whose peer closed; a TAP whose device is
+    /// deleted reports an error the same way) wakes the thread only while it reads
+    /// something: once the buffers are used up the thread stops watching it.
+    func testHungUpDescriptorDoesNotWakeTheThreadOnceIdle() throws {
+        var sv: [Int32] = [0, 0]
+        XCTAssertEqual(socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0, &sv), 0)
+        defer { close(sv[0]) }
+        let h = try NetHarness(features: NetDeviceTests.noGuestGSO & ~VirtioNetFeature.mrgRxbuf, tapFDs: [sv[0]])
+        h.addRxBuffer(2048)
+        h.addRxBuffer(2048)
+        h.rxHandler.kicked()
+        close(sv[1])
+        XCTAssertLessThanOrEqual(h.serveRx(milliseconds: 300), 1)
+        XCTAssertEqual(h.rx().usedIdx, 2, "each read of nothing still takes a chain")
+        XCTAssertFalse(h.sink.needsReset)
+    }
+
     /// A tx chain of more buffers than one writev takes marks the device NEEDS_RESET (a
     /// frame is one write, so it cannot be split); after a reset the device sends again.
     func testTxChainOfMoreBuffersThanOneWriteTakesNeedsReset() throws {

@@ -159,6 +159,21 @@ final class NetHarness {
         return a
     }
 
+    /// Plays rx queue 0's thread for `milliseconds` (or until `done`): waits on its
+    /// completion fd and serves it whenever it is readable. Returns how many times it was.
+    func serveRx(milliseconds: Int, until done: () -> Bool = { false }) -> Int {
+        let deadline = monotonicNanos() + UInt64(milliseconds) * 1_000_000
+        var wakeups = 0
+        while monotonicNanos() < deadline && !done() {
+            var p = pollfd(fd: rxHandler.completionFD, events: Int16(POLLIN), revents: 0)
+            if poll(&p, 1, 20) > 0 {
+                wakeups += 1
+                rxHandler.completionsReady()
+            }
+        }
+        return wakeups
+    }
+
     /// Offers a chain of a `first`-byte buffer (none when nil) and then an indirect table
     /// of `count` buffers of `each` bytes, all device-writable (rx) or all readable (tx),
     /// on `queue`. Returns the buffers' addresses in chain order.

@@ -140,21 +140,6 @@ final class NetTapTests: XCTestCase {
         precondition(n == frame.count, "sendto: \(String(cString: strerror(errno)))")
     }
 
-    /// Plays the rx queue's thread for `milliseconds`: waits on the completion fd and
-    /// serves it whenever it is readable. Returns how many times it was.
-    static func serve(_ h: NetHarness, milliseconds: Int, until done: () -> Bool = { false }) -> Int {
-        let deadline = monotonicNanos() + UInt64(milliseconds) * 1_000_000
-        var wakeups = 0
-        while monotonicNanos() < deadline && !done() {
-            var p = pollfd(fd: h.rxHandler.completionFD, events: Int16(POLLIN), revents: 0)
-            if poll(&p, 1, 20) > 0 {
-                wakeups += 1
-                h.rxHandler.completionsReady()
-            }
-        }
-        return wakeups
-    }
-
     static let testHeader = guestMAC + [2, 0, 0, 0, 0, 9] + [0x88, 0xB5]  // local experimental ethertype
 
     /// An rx chain of more buffers than one readv takes (a 12-byte buffer, then an
@@ -171,7 +156,7 @@ final class NetTapTests: XCTestCase {
                 h.offerIndirect(on: h.rx(), first: 12, count: 1024, each: 4, writable: true)
                 h.rxHandler.kicked()
                 NetTapTests.inject(NetTapTests.testHeader + Array("queued-frame".utf8))
-                let wakeups = NetTapTests.serve(h, milliseconds: 300)
+                let wakeups = h.serveRx(milliseconds: 300)
                 XCTAssertTrue(h.sink.needsReset)
                 XCTAssertEqual(wakeups, 0, "the rx thread was woken for a queue that needs reset")
                 XCTAssertEqual(h.device.stats[0].drops, 0)
@@ -197,7 +182,7 @@ final class NetTapTests: XCTestCase {
             h.rxHandler.kicked()
             let sent = NetTapTests.testHeader + Array("two-chains".utf8)
             NetTapTests.inject(sent)
-            let wakeups = NetTapTests.serve(h, milliseconds: 2000) { h.rx().usedIdx > 0 }
+            let wakeups = h.serveRx(milliseconds: 2000) { h.rx().usedIdx > 0 }
             XCTAssertLessThanOrEqual(wakeups, 2)
             XCTAssertEqual(h.rx().usedIdx, 1)
             XCTAssertEqual(h.rx().usedElem(0).len, UInt32(12 + sent.count))

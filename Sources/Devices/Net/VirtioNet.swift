@@ -234,7 +234,7 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
     let stats: NetQueueStats
     let name: String
     let log: RateLimitedLog?
-    /// epoll instance holding the TAP fd (EPOLLIN while the guest has buffers): our completion fd.
+    /// epoll instance holding the TAP fd (for EPOLLIN) while the guest has buffers: our completion fd.
     let epfd: Int32
     /// Chains popped but not filled yet (kept for the next frame).
     var pending: [DescriptorChain] = []
@@ -248,7 +248,7 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
     // struct epoll_event { u32 events; u64 data } (12 bytes on x86-64) built by hand.
     static let epollCloexec: Int32 = 0o2000000
     static let epollCtlAdd: Int32 = 1
-    static let epollCtlMod: Int32 = 3
+    static let epollCtlDel: Int32 = 2
     static let epollIn: UInt32 = 1
 
     static func epollCtl(_ ep: Int32, _ op: Int32, _ fd: Int32, events: UInt32) -> Int32 {
@@ -270,17 +270,19 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
         self.name = name
         self.log = log
         epfd = swiftlet_epoll_create1(NetRxQueue.epollCloexec)
-        if epfd >= 0 { _ = NetRxQueue.epollCtl(epfd, NetRxQueue.epollCtlAdd, fd, events: 0) }
     }
 
     deinit { if epfd >= 0 { close(epfd) } }
 
     public var completionFD: Int32 { epfd }
 
-    /// Start (true) or stop polling the TAP for frames. Safe from any thread.
+    /// Start (true) or stop polling the TAP for frames. Safe from any thread. Stopping
+    /// takes the TAP out of the epoll set: with no events asked for, epoll still reports
+    /// a TAP in error or hung up, and the thread would wake for it again and again.
+    /// (Adding what is there or removing what is not fails harmlessly.)
     func watchTap(_ on: Bool) {
         guard epfd >= 0 else { return }
-        _ = NetRxQueue.epollCtl(epfd, NetRxQueue.epollCtlMod, fd, events: on ? NetRxQueue.epollIn : 0)
+        _ = NetRxQueue.epollCtl(epfd, on ? NetRxQueue.epollCtlAdd : NetRxQueue.epollCtlDel, fd, events: NetRxQueue.epollIn)
     }
 
     public func kicked() {
@@ -403,9 +405,11 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
                     loggedError = true
                     log?.warn("read from the TAP failed", "virtio-net \(name) rx\(queueIndex / 2): read from the TAP failed: \(errnoText(e))")
                 }
-                // E.g. EBADFD for a detached queue: wait for the next kick.
+                // Not about this frame (e.g. EBADFD: the TAP is gone): read again only
+                // after the next kick, even if buffers came in meanwhile (the TAP could
+                // stay readable and fail every read).
                 watchTap(false)
-                if queue.enableNotifications() { queue.disableNotifications(); watchTap(true) }
+                _ = queue.enableNotifications()
                 return
             }
             served += 1
