@@ -326,6 +326,24 @@ final class NetDeviceTests: XCTestCase {
         XCTAssertFalse(h.sink.needsReset)
     }
 
+    /// A stopped rx queue (the guest broke it) stays unwatched even when a control
+    /// command attaches its TAP queue again, so frames on the TAP do not wake its thread.
+    func testPairsCommandDoesNotWakeAStoppedRxQueue() throws {
+        let h = try NetHarness(pairs: 2, features: NetDeviceTests.noGuestGSO)
+        let a = h.alloc(64)
+        let head = h.rx().chain([(a, 64, true)])
+        try h.mem.store(VirtqDesc.next | VirtqDesc.write, at: h.rx().desc + 16 * UInt64(head) + 12)
+        try h.mem.store(UInt16(999), at: h.rx().desc + 16 * UInt64(head) + 14)
+        h.rx().offer(head)
+        h.rxHandler.kicked()
+        XCTAssertTrue(h.sink.needsReset)
+        h.hostSend(frame(60))
+        let ack = h.command(VirtioNetCtrl.classMQ, VirtioNetCtrl.mqVQPairsSet, [1, 0])
+        h.ctrlHandler.kicked()
+        XCTAssertEqual(h.bytes(ack, 1), [VirtioNetCtrl.ok])
+        XCTAssertLessThanOrEqual(h.serveRx(milliseconds: 300), 1)
+    }
+
     /// A tx chain of more buffers than one writev takes marks the device NEEDS_RESET (a
     /// frame is one write, so it cannot be split); after a reset the device sends again.
     func testTxChainOfMoreBuffersThanOneWriteTakesNeedsReset() throws {

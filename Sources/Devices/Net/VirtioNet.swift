@@ -368,7 +368,11 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
 
     /// Reads up to `budget` frames from the TAP into guest buffers.
     func receive() {
-        guard !broken && !quiesced else { return }
+        guard !broken && !quiesced else {
+            // Watched again from another thread (the control queue's pairs command).
+            watchTap(false)
+            return
+        }
         var served = 0
         defer { netPublish(queue, interrupt, stats) }
         while served < VirtioNetLimits.budget && !broken {
