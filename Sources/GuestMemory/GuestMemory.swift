@@ -179,6 +179,11 @@ public final class GuestMemory: @unchecked Sendable {
 
     // MARK: iovecs
 
+    /// Most iovecs one readv, writev, preadv or pwritev takes (Linux's UIO_MAXIOV, the
+    /// IOV_MAX glibc reports): with more the call fails with EINVAL before it reads or
+    /// writes anything.
+    public static let maxIovecsPerCall = 1024
+
     /// Appends the iovec for [addr, addr+len) to `iovs`, for readv/writev straight into
     /// or out of guest memory. Throws if the range is not wholly inside one region.
     public func appendIovec(_ addr: UInt64, length len: UInt32, to iovs: inout [iovec]) throws {

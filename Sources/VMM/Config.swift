@@ -1,5 +1,6 @@
 // The machine configuration and the parsers for user-supplied values.
 import Glibc
+import Virtio
 
 /// Exit statuses a CI script can rely on (README "Exit status").
 public enum ExitStatus: Int32 {
@@ -81,10 +82,9 @@ public enum VirtioInterruptMode: Equatable, Sendable {
     }
 }
 
-public enum LogLevel: Int, Comparable {
-    case error = 0, warn, info, debug
-    public static func < (a: LogLevel, b: LogLevel) -> Bool { a.rawValue < b.rawValue }
+public typealias LogLevel = Virtio.LogLevel
 
+extension LogLevel {
     public static func parse(_ s: String) throws -> LogLevel {
         switch s.lowercased() {
         case "error": return .error

@@ -19,6 +19,7 @@
 //   - Commas inside a value are written ",," (as with QEMU).
 import Glibc
 import Devices
+import Virtio
 import GuestMemory
 import KVM
 import Boot
@@ -150,7 +151,7 @@ public final class OpenDisk: @unchecked Sendable {
 
     /// The virtio-blk device model for this disk.
     public func makeDevice(name: String, engine: BlockEngine? = nil,
-                           log: (@Sendable (String) -> Void)? = nil) -> VirtioBlock {
+                           log: RateLimitedLog? = nil) -> VirtioBlock {
         VirtioBlock(disk: image, numQueues: options.numQueues, engine: engine, name: name, log: log)
     }
 }
@@ -244,9 +245,10 @@ extension VirtioMMIOSlot {
     /// X86Layout), with queue threads named "\(name)-qN".
     public static func block(_ disk: OpenDisk, index: Int, name: String, vm: VirtualMachine, memory: GuestMemory,
                              engine: BlockEngine? = nil, interrupts: VirtioInterruptMode = .line,
-                             log: (@Sendable (String) -> Void)? = nil) throws -> VirtioMMIOSlot {
-        try VirtioMMIOSlot(vm: vm, memory: memory, device: disk.makeDevice(name: name, engine: engine, log: log),
-                           index: index, name: name, interrupts: interrupts, log: log)
+                             log: LogSink? = nil) throws -> VirtioMMIOSlot {
+        let deviceLog = log.map { RateLimitedLog(name: name, sink: $0) }
+        return try VirtioMMIOSlot(vm: vm, memory: memory, device: disk.makeDevice(name: name, engine: engine, log: deviceLog),
+                                  index: index, name: name, interrupts: interrupts, log: deviceLog)
     }
 }
 
@@ -268,7 +270,7 @@ public func virtioDescriptions(count: Int, firstIndex: Int = 0) throws -> [Virti
 /// call `stop()` on every returned slot after the vCPU threads have been joined.
 public func attachDisks(_ disks: [OpenDisk], firstIndex: Int = 0, vm: VirtualMachine, memory: GuestMemory,
                         mmio: inout RangeMap<MMIODevice>, interrupts: VirtioInterruptMode = .line,
-                        log: (@Sendable (String) -> Void)? = nil) throws -> [VirtioMMIOSlot] {
+                        log: LogSink? = nil) throws -> [VirtioMMIOSlot] {
     try attachSlots(count: disks.count, mmio: &mmio) { i in
         try VirtioMMIOSlot.block(disks[i], index: firstIndex + i, name: "blk\(i)", vm: vm, memory: memory,
                                  interrupts: interrupts, log: log)

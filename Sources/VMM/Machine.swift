@@ -8,6 +8,7 @@ import GuestMemory
 import KVM
 import Boot
 import Devices
+import Virtio
 import Synchronization
 
 public func monotonicNow() -> UInt64 { monotonicNanos() }
@@ -243,11 +244,12 @@ final class Machine: @unchecked Sendable {
             pio.insert(base: UInt64(ISADebugExit.port), size: UInt64(ISADebugExit.size),
                        ISADebugExit(onExit: { [unowned self] s in self.finish(.guestExit(s, debugPort: true)) }))
         }
+        let deviceLog = logSink(level: config.logLevel)
         slots = try attachDisks(disks, vm: vm, memory: memory, mmio: &mmio, interrupts: config.virtioInterrupts,
-                                log: { log($0) })
+                                log: deviceLog)
         do {
             slots += try attachNets(nets, firstIndex: disks.count, vm: vm, memory: memory, mmio: &mmio,
-                                    interrupts: config.virtioInterrupts, log: { log($0) })
+                                    interrupts: config.virtioInterrupts, log: deviceLog)
         } catch {
             for s in slots { s.stop() }
             throw error
@@ -508,6 +510,12 @@ final class Machine: @unchecked Sendable {
 /// A log line on stderr (CR LF so it reads right while the terminal is raw).
 func log(_ s: String) {
     fputs("swiftlet: \(s)\r\n", stderr)
+}
+
+/// Where the devices' log lines go: `print` (stderr) for those at `level` (--log-level)
+/// or a more important one.
+func logSink(level: LogLevel, print: @escaping @Sendable (String) -> Void = { log($0) }) -> LogSink {
+    { lineLevel, line in if lineLevel <= level { print(line) } }
 }
 
 /// This process's resident set (VmRSS) in bytes.

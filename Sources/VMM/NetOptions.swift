@@ -23,6 +23,7 @@
 import Glibc
 import CLinux
 import Devices
+import Virtio
 import GuestMemory
 import KVM
 import Boot
@@ -147,7 +148,7 @@ public final class OpenTap: @unchecked Sendable {
     }
 
     /// The virtio-net device model for this TAP (`index`: its --net position, for the default MAC).
-    public func makeDevice(index: Int, name: String, log: (@Sendable (String) -> Void)? = nil) -> VirtioNet {
+    public func makeDevice(index: Int, name: String, log: RateLimitedLog? = nil) -> VirtioNet {
         VirtioNet(queueFDs: fds, mac: options.macAddress(index: index), mtu: UInt16(options.mtu),
                   offload: options.offload, control: TapQueueControl(fds: fds, owner: self), name: name, log: log)
     }
@@ -232,9 +233,10 @@ public func openTap(_ o: NetOptions) throws -> OpenTap {
 extension VirtioMMIOSlot {
     /// A virtio-net device for `tap` as virtio-mmio device `index`, threads "\(name)-qN".
     public static func net(_ tap: OpenTap, netIndex: Int, index: Int, name: String, vm: VirtualMachine, memory: GuestMemory,
-                           interrupts: VirtioInterruptMode = .line, log: (@Sendable (String) -> Void)? = nil) throws -> VirtioMMIOSlot {
-        try VirtioMMIOSlot(vm: vm, memory: memory, device: tap.makeDevice(index: netIndex, name: name, log: log),
-                           index: index, name: name, interrupts: interrupts, log: log)
+                           interrupts: VirtioInterruptMode = .line, log: LogSink? = nil) throws -> VirtioMMIOSlot {
+        let deviceLog = log.map { RateLimitedLog(name: name, sink: $0) }
+        return try VirtioMMIOSlot(vm: vm, memory: memory, device: tap.makeDevice(index: netIndex, name: name, log: deviceLog),
+                                  index: index, name: name, interrupts: interrupts, log: deviceLog)
     }
 }
 
@@ -242,7 +244,7 @@ extension VirtioMMIOSlot {
 /// inserted into `mmio`. Call like attachDisks, with firstIndex = the number of disks.
 public func attachNets(_ taps: [OpenTap], firstIndex: Int, vm: VirtualMachine, memory: GuestMemory,
                        mmio: inout RangeMap<MMIODevice>, interrupts: VirtioInterruptMode = .line,
-                       log: (@Sendable (String) -> Void)? = nil) throws -> [VirtioMMIOSlot] {
+                       log: LogSink? = nil) throws -> [VirtioMMIOSlot] {
     try attachSlots(count: taps.count, mmio: &mmio) { i in
         try VirtioMMIOSlot.net(taps[i], netIndex: i, index: firstIndex + i, name: "net\(i)", vm: vm, memory: memory,
                                interrupts: interrupts, log: log)

@@ -57,7 +57,7 @@ final class QueueWorker {
 
     /// The group's thread: serve every queue once, then on every kick / completion until
     /// stopped. A handler's completions are retired before its kick is served.
-    static func loop(handlers: [VirtioQueueHandler], kicks: [EventFD], stop: EventFD, log: (@Sendable (String) -> Void)?) {
+    static func loop(handlers: [VirtioQueueHandler], kicks: [EventFD], stop: EventFD, log: RateLimitedLog?) {
         for h in handlers { h.kicked() }
         var watch: [Int32] = []
         var slots: [(handler: Int, kick: Bool)] = []
@@ -92,7 +92,7 @@ struct PollReadiness {
 /// A device thread's loop: poll `stop` and `watch` until `stop` is readable, calling
 /// `onReady` with which of `watch` are readable. A failing poll is logged once and the
 /// thread then only waits for `stop` (no spinning).
-func pollUntilStopped(stop: EventFD, watch: [Int32], what: String, log: (@Sendable (String) -> Void)?,
+func pollUntilStopped(stop: EventFD, watch: [Int32], what: String, log: RateLimitedLog?,
                       _ onReady: (PollReadiness) -> Void) {
     var fds = [pollfd(fd: stop.fd, events: Int16(POLLIN), revents: 0)]
         + watch.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
@@ -101,7 +101,7 @@ func pollUntilStopped(stop: EventFD, watch: [Int32], what: String, log: (@Sendab
         let r = poll(&fds, nfds_t(fds.count), -1)
         if r < 0 {
             if errno == EINTR { continue }
-            log?("\(what): poll failed: \(String(cString: strerror(errno)))")
+            log?.warn("queue thread poll failed", "\(what): poll failed: \(String(cString: strerror(errno)))")
             var p = pollfd(fd: stop.fd, events: Int16(POLLIN), revents: 0)
             while poll(&p, 1, -1) < 0 && errno == EINTR {}
             return
@@ -117,12 +117,12 @@ final class HostedDeviceAdapter: VirtioDevice, @unchecked Sendable {
     let vm: VirtualMachine
     let notifyAddress: UInt64
     let name: String
-    let log: (@Sendable (String) -> Void)?
+    let log: RateLimitedLog?
     let lock = Mutex()
     var workers: [QueueWorker] = []
     var shutDown = false
 
-    init(inner: any HostedVirtioDevice, vm: VirtualMachine, base: UInt64, name: String, log: (@Sendable (String) -> Void)?) {
+    init(inner: any HostedVirtioDevice, vm: VirtualMachine, base: UInt64, name: String, log: RateLimitedLog?) {
         self.inner = inner
         self.vm = vm
         self.notifyAddress = base + VirtioMMIOReg.queueNotify
@@ -145,7 +145,7 @@ final class HostedDeviceAdapter: VirtioDevice, @unchecked Sendable {
             do {
                 for g in inner.queueHandlerGroups where !g.isEmpty { try startWorkerLocked(g) }
             } catch {
-                log?("\(name): cannot start queue threads: \(error)")
+                log?.warn("cannot start queue threads", "\(name): cannot start queue threads: \(error)")
                 stopWorkersLocked()
                 inner.reset()
                 throw error
@@ -166,7 +166,7 @@ final class HostedDeviceAdapter: VirtioDevice, @unchecked Sendable {
             } catch {
                 // Kicks then exit to the vCPU and come back through onQueueNotify.
                 registered = false
-                log?("\(name) queue \(i): no ioeventfd (\(error)): kicks go through MMIO exits")
+                log?.warn("no ioeventfd", "\(name) queue \(i): no ioeventfd (\(error)): kicks go through MMIO exits")
             }
             w.add(index: i, kick: kick, ioeventfd: registered)
         }
@@ -185,13 +185,13 @@ final class HostedDeviceAdapter: VirtioDevice, @unchecked Sendable {
                 do {
                     try vm.deassignIoeventfd(w.kicks[k], address: notifyAddress, length: 4, datamatch: UInt64(i))
                 } catch {
-                    log?("\(name) queue \(i): cannot deregister ioeventfd: \(error)")
+                    log?.warn("cannot deregister an ioeventfd", "\(name) queue \(i): cannot deregister ioeventfd: \(error)")
                 }
                 w.ioeventfd[k] = false
             }
         }
         for w in workers where w.thread != nil {
-            do { try w.stop.write(1) } catch { log?("\(name) queues \(w.indices): cannot signal stop: \(error)") }
+            do { try w.stop.write(1) } catch { log?.warn("cannot stop a queue thread", "\(name) queues \(w.indices): cannot signal stop: \(error)") }
         }
         for w in workers { w.thread?.join() }
         workers = []
@@ -242,18 +242,22 @@ public final class VirtioMMIOSlot: MMIODevice, @unchecked Sendable {
     /// What drives the line: exactly one of these.
     let line: InterruptLine?
     let irqfd: ResampledIrqfd?
+    /// The device's log, shared by the transport, the device model and its threads.
+    let log: RateLimitedLog?
     private let stopLock = Mutex()
     private var stopped = false
 
     /// Builds the transport around `device` and wires its level-triggered interrupt to
     /// `gsi` (`interrupts`). `vm` must have the in-kernel irqchip and `memory` registered.
-    /// Nothing runs until the driver sets DRIVER_OK.
+    /// Nothing runs until the driver sets DRIVER_OK. `log`: the device's (the one its
+    /// device model was made with).
     public init(vm: VirtualMachine, memory: GuestMemory, device: any HostedVirtioDevice, base: UInt64, gsi: UInt32,
-                name: String, interrupts: VirtioInterruptMode = .line, log: (@Sendable (String) -> Void)? = nil) throws {
+                name: String, interrupts: VirtioInterruptMode = .line, log: RateLimitedLog? = nil) throws {
         self.base = base
         self.gsi = gsi
         self.name = name
         self.device = device
+        self.log = log
         let adapter = HostedDeviceAdapter(inner: device, vm: vm, base: base, name: name, log: log)
         self.adapter = adapter
         let raise: @Sendable () -> Void
@@ -281,7 +285,7 @@ public final class VirtioMMIOSlot: MMIODevice, @unchecked Sendable {
     /// Device `index` at X86Layout.virtioMMIOAddress(index:) with GSI X86Layout.virtioGSI(index:).
     public convenience init(vm: VirtualMachine, memory: GuestMemory, device: any HostedVirtioDevice, index: Int,
                             name: String, interrupts: VirtioInterruptMode = .line,
-                            log: (@Sendable (String) -> Void)? = nil) throws {
+                            log: RateLimitedLog? = nil) throws {
         guard index >= 0, index < X86Layout.maxVirtioDevices, let gsi = X86Layout.virtioGSI(index: index) else {
             throw SwiftletError(.usage, "too many virtio devices: at most \(X86Layout.maxVirtioDevices)")
         }
@@ -319,6 +323,7 @@ public final class VirtioMMIOSlot: MMIODevice, @unchecked Sendable {
         guard first else { return }
         adapter.shutdown()
         irqfd?.stop()
+        log?.flush()
     }
 
     // MARK: MMIODevice (vCPU threads)
@@ -344,13 +349,13 @@ public final class VirtioMMIOSlot: MMIODevice, @unchecked Sendable {
 final class InterruptLine: @unchecked Sendable {
     let vm: VirtualMachine
     let gsi: UInt32
-    let log: (@Sendable (String) -> Void)?
+    let log: RateLimitedLog?
     weak var transport: VirtioMMIOTransport?
     private let lock = Mutex()
     private var high = false
     private var loggedError = false
 
-    init(vm: VirtualMachine, gsi: UInt32, log: (@Sendable (String) -> Void)?) {
+    init(vm: VirtualMachine, gsi: UInt32, log: RateLimitedLog?) {
         self.vm = vm
         self.gsi = gsi
         self.log = log
@@ -364,7 +369,7 @@ final class InterruptLine: @unchecked Sendable {
                 try vm.irqLine(gsi: gsi, level: want)
                 high = want
             } catch {
-                if !loggedError { log?("virtio interrupt line \(gsi): \(error)") }
+                if !loggedError { log?.warn("interrupt line failed", "virtio interrupt line \(gsi): \(error)") }
                 loggedError = true
             }
         }
@@ -392,7 +397,7 @@ final class ResampledIrqfd: @unchecked Sendable {
 
     func raise() { try? eventfd.write(1) }
 
-    func start(transport: VirtioMMIOTransport, name: String, log: (@Sendable (String) -> Void)?) throws {
+    func start(transport: VirtioMMIOTransport, name: String, log: RateLimitedLog?) throws {
         try vm.registerIrqfd(eventfd, gsi: gsi, resample: resample)
         let (resample, stop) = (self.resample, stopEvent)
         do {

@@ -99,7 +99,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
     let interruptCleared: (@Sendable () -> Void)?
     let onQueueNotify: (@Sendable (Int) -> Void)?
     let onReset: (@Sendable () -> Void)?
-    let log: (@Sendable (String) -> Void)?
+    let log: RateLimitedLog?
 
     let state: Mutex<State>
     let interruptBits = Atomic<UInt32>(0)
@@ -118,12 +118,13 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
     /// - onReset: called on driver reset, after device.reset().
     /// - interruptCleared: called after InterruptStatus bits were cleared (InterruptACK,
     ///   reset), for a line owner that drives the level itself (KVM_IRQ_LINE).
+    /// - log: the device's log (every line the transport writes can be caused by the guest).
     public init(device: any VirtioDevice, memory: GuestMemory,
                 signalInterrupt: @escaping @Sendable () -> Void,
                 interruptCleared: (@Sendable () -> Void)? = nil,
                 onQueueNotify: (@Sendable (Int) -> Void)? = nil,
                 onReset: (@Sendable () -> Void)? = nil,
-                log: (@Sendable (String) -> Void)? = nil) {
+                log: RateLimitedLog? = nil) {
         self.device = device
         self.memory = memory
         self.offeredFeatures = (device.deviceFeatures & (VirtioFeature.deviceSpecificMask | VirtioFeature.transportSupported))
@@ -197,7 +198,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
     public func markNeedsReset() {
         let (was, _) = needsResetFlag.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing)
         guard was else { return }
-        log?("virtio-mmio device type \(device.deviceType): DEVICE_NEEDS_RESET")
+        log?.warn("device needs reset", "virtio-mmio device type \(device.deviceType): DEVICE_NEEDS_RESET")
         if driverOKFlag.load(ordering: .acquiring) {
             interruptBits.bitwiseOr(VirtioInterrupt.configChange, ordering: .acquiringAndReleasing)
             signalInterrupt()
@@ -214,14 +215,14 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
         base.initializeMemory(as: UInt8.self, repeating: 0, count: data.count)
         if offset >= VirtioMMIOReg.config {
             guard [1, 2, 4, 8].contains(data.count), let off = configRange(offset, data.count) else {
-                ignored("config read", offset, data.count)
+                ignored("ignored config read", "config read", offset, data.count)
                 return
             }
             device.readConfig(offset: off, into: data)
             return
         }
         guard data.count == 4, offset % 4 == 0 else {
-            ignored("register read", offset, data.count)
+            ignored("ignored register access of the wrong size", "register read", offset, data.count)
             return
         }
         base.storeBytes(of: readRegister(offset).littleEndian, as: UInt32.self)
@@ -232,7 +233,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
         guard let base = data.baseAddress, data.count > 0 else { return }
         if offset >= VirtioMMIOReg.config {
             guard [1, 2, 4, 8].contains(data.count), let off = configRange(offset, data.count) else {
-                ignored("config write", offset, data.count)
+                ignored("ignored config write", "config write", offset, data.count)
                 return
             }
             // Config writes are serialized with register accesses.
@@ -240,7 +241,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
             return
         }
         guard data.count == 4, offset % 4 == 0 else {
-            ignored("register write", offset, data.count)
+            ignored("ignored register access of the wrong size", "register write", offset, data.count)
             return
         }
         writeRegister(offset, UInt32(littleEndian: base.loadUnaligned(as: UInt32.self)))
@@ -268,8 +269,8 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
         return Int(off)
     }
 
-    func ignored(_ what: String, _ offset: UInt64, _ count: Int) {
-        log?("virtio-mmio: ignored \(what) of \(count) bytes at 0x\(String(offset, radix: 16))")
+    func ignored(_ kind: StaticString, _ what: @autoclosure () -> String, _ offset: UInt64, _ count: Int) {
+        log?.warn(kind, "virtio-mmio: ignored \(what()) of \(count) bytes at 0x\(String(offset, radix: 16))")
     }
 
     func readRegister(_ offset: UInt64) -> UInt32 {
@@ -318,7 +319,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
                 guard s.activated, value < UInt32(s.queues.count) else { return nil }
                 return Int(value)
             }
-            if let q = notify { onQueueNotify?(q) } else { ignored("queue notify \(value)", offset, 4) }
+            if let q = notify { onQueueNotify?(q) } else { ignored("ignored queue notify", "queue notify \(value)", offset, 4) }
             return
         default: break
         }
@@ -329,7 +330,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
             case VirtioMMIOReg.driverFeaturesSel: s.driverFeaturesSel = value
             case VirtioMMIOReg.driverFeatures:
                 guard s.status & VirtioStatus.featuresOK == 0, s.status & VirtioStatus.driver != 0 else {
-                    ignored("driver features write in status 0x\(String(s.status, radix: 16))", offset, 4)
+                    ignored("ignored driver features write", "driver features write in status 0x\(String(s.status, radix: 16))", offset, 4)
                     return
                 }
                 switch s.driverFeaturesSel {
@@ -347,7 +348,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
                  VirtioMMIOReg.queueDeviceLow, VirtioMMIOReg.queueDeviceHigh:
                 markBroken = writeQueueRegister(&s, offset, value)
             default:
-                ignored("write to read-only or reserved register", offset, 4)
+                ignored("ignored register write", "write to read-only or reserved register", offset, 4)
             }
         }
         if markBroken { markNeedsReset() }
@@ -356,7 +357,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
     /// Returns true if the device must be marked NEEDS_RESET.
     func writeQueueRegister(_ s: inout State, _ offset: UInt64, _ value: UInt32) -> Bool {
         guard s.queueSel < UInt32(s.queues.count) else {
-            ignored("queue register write for absent queue \(s.queueSel)", offset, 4)
+            ignored("ignored queue register write", "queue register write for absent queue \(s.queueSel)", offset, 4)
             return false
         }
         let i = Int(s.queueSel)
@@ -368,7 +369,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
             }
             guard !s.queues[i].ready else { return false }
             guard s.status & VirtioStatus.featuresOK != 0, s.status & VirtioStatus.driverOK == 0 else {
-                ignored("QueueReady outside FEATURES_OK..DRIVER_OK (status 0x\(String(s.status, radix: 16)))", offset, 4)
+                ignored("ignored queue register write", "QueueReady outside FEATURES_OK..DRIVER_OK (status 0x\(String(s.status, radix: 16)))", offset, 4)
                 return false
             }
             let q = s.queues[i]
@@ -376,14 +377,14 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
             do {
                 try SplitQueue.validate(l, maxSize: maxSizes[i], memory: memory)
             } catch {
-                log?("virtio-mmio device type \(device.deviceType) queue \(i): \(error)")
+                log?.warn("queue refused", "virtio-mmio device type \(device.deviceType) queue \(i): \(error)")
                 return true
             }
             s.queues[i].ready = true
             return false
         }
         guard !s.queues[i].ready, s.status & VirtioStatus.driverOK == 0 else {
-            ignored("queue \(i) register write while ready", offset, 4)
+            ignored("ignored queue register write", "queue \(i) register write while ready", offset, 4)
             return false
         }
         func low(_ v: inout UInt64) { v = (v & 0xFFFF_FFFF_0000_0000) | UInt64(value) }
@@ -409,22 +410,22 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
             return false
         }
         let old = s.status
-        var new = value & 0xFF & ~VirtioStatus.needsReset  // NEEDS_RESET is the device's to set
+        var new = value & VirtioStatus.setByDriver
         guard new & old == old else {
-            ignored("status 0x\(String(value, radix: 16)) clears bits of 0x\(String(old, radix: 16))", VirtioMMIOReg.status, 4)
+            ignored("ignored status write", "status 0x\(String(value, radix: 16)) clears bits of 0x\(String(old, radix: 16))", VirtioMMIOReg.status, 4)
             return false
         }
         let added = new & ~old
         if added & (VirtioStatus.driver | VirtioStatus.featuresOK | VirtioStatus.driverOK) != 0,
            new & VirtioStatus.acknowledge == 0 {
-            ignored("status 0x\(String(value, radix: 16)) without ACKNOWLEDGE", VirtioMMIOReg.status, 4)
+            ignored("ignored status write", "status 0x\(String(value, radix: 16)) without ACKNOWLEDGE", VirtioMMIOReg.status, 4)
             return false
         }
         if added & VirtioStatus.featuresOK != 0 {
             let f = s.driverFeatures
             if new & VirtioStatus.driver == 0 || f & ~offeredFeatures != 0 || f & VirtioFeature.version1 == 0
                 || s.driverFeaturesBeyond64 {
-                log?("virtio-mmio device type \(device.deviceType): features 0x\(String(f, radix: 16)) refused (offered 0x\(String(offeredFeatures, radix: 16)))")
+                log?.warn("features refused", "virtio-mmio device type \(device.deviceType): features 0x\(String(f, radix: 16)) refused (offered 0x\(String(offeredFeatures, radix: 16)))")
                 new &= ~(VirtioStatus.featuresOK | VirtioStatus.driverOK)
             }
         }
@@ -460,14 +461,14 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
                                              eventIdx: f & VirtioFeature.eventIdx != 0,
                                              indirectDescriptors: f & VirtioFeature.indirectDesc != 0))
             } catch {
-                log?("virtio-mmio device type \(device.deviceType) queue \(i): \(error)")
+                log?.warn("queue refused", "virtio-mmio device type \(device.deviceType) queue \(i): \(error)")
                 return true
             }
         }
         do {
             try device.activate(queues: queues, memory: memory, features: f, interrupt: self)
         } catch {
-            log?("virtio-mmio device type \(device.deviceType): activation failed: \(error)")
+            log?.warn("activation failed", "virtio-mmio device type \(device.deviceType): activation failed: \(error)")
             return true
         }
         s.activated = true

@@ -10,6 +10,8 @@ public enum VirtioStatus {
     public static let featuresOK: UInt32 = 8
     public static let needsReset: UInt32 = 0x40
     public static let failed: UInt32 = 0x80
+    /// The bits a driver sets; NEEDS_RESET is the device's own.
+    public static let setByDriver: UInt32 = acknowledge | driver | driverOK | featuresOK | failed
 }
 
 /// Transport-level feature bits (virtio 1.2 §6).

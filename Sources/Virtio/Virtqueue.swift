@@ -150,6 +150,8 @@ public struct DescriptorChain: @unchecked Sendable {
 
     /// Number of segments (descriptors with a non-zero length).
     public var segmentCount: Int { first == nil ? 0 : 1 + more.count }
+    /// Number of device-writable segments: the iovecs `appendIovecs(writable: true)` makes.
+    public var writableCount: Int { segmentCount - readableCount }
     /// Segment `i` (< segmentCount).
     @inline(__always)
     public func segment(_ i: Int) -> ChainSegment { i == 0 ? first! : more[i - 1] }

@@ -130,6 +130,53 @@ final class BlockTests: XCTestCase {
         XCTAssertEqual(h.bytes(d1, 1536) + h.bytes(d2, 512), data)
     }
 
+    /// A request with more data buffers than one preadv/pwritev takes (1033: ten in the
+    /// ring, then an indirect table) is split over several calls and moves every byte.
+    func testRequestOfMoreBuffersThanOneCallTakesIsSplit() throws {
+        let h = try BlockHarness()
+        let direct = 10, count = direct + 1023
+        XCTAssertGreaterThan(count, GuestMemory.maxIovecsPerCall)
+        let data = pattern(512 * count, seed: 3)
+        func post(_ type: UInt32, _ fill: [UInt8]?) -> (status: UInt64, bufs: [UInt64]) {
+            let writable = type == VirtioBlockRequest.input
+            let hdr = h.header(type: type, sector: 4)
+            let bufs = (0..<count).map { i -> UInt64 in
+                let a = h.alloc(512, fill: 0xEE)
+                if let fill { try! h.mem.write(Array(fill[(i * 512)..<((i + 1) * 512)]), at: a) }
+                return a
+            }
+            let status = h.alloc(1, fill: 0xFF)
+            let table = h.alloc(16 * 1024)
+            h.chain(bufs[direct...].map { ($0, 512, writable) } + [(status, 1, true)], table: table)
+            let head = h.nextDesc
+            let parts: [(addr: UInt64, len: UInt32, writable: Bool)] = [(hdr, 16, false)] + bufs[..<direct].map { ($0, 512, writable) }
+            for (k, p) in parts.enumerated() {
+                let d = BlockHarness.desc + UInt64(16 * (head + k))
+                try! h.mem.store(p.addr, at: d)
+                try! h.mem.store(p.len, at: d + 8)
+                try! h.mem.store(VirtqDesc.next | (p.writable ? VirtqDesc.write : 0), at: d + 12)
+                try! h.mem.store(UInt16(head + k + 1), at: d + 14)
+            }
+            let d = BlockHarness.desc + UInt64(16 * (head + parts.count))
+            try! h.mem.store(table, at: d)
+            try! h.mem.store(UInt32(16 * 1024), at: d + 8)
+            try! h.mem.store(VirtqDesc.indirect, at: d + 12)
+            h.nextDesc += parts.count + 1
+            h.offer(UInt16(head))
+            return (status, bufs)
+        }
+        let w = post(VirtioBlockRequest.output, data)
+        h.kick()
+        XCTAssertEqual(try h.mem.load(UInt8.self, at: w.status), ok)
+        XCTAssertTrue(h.image.bytes(at: 4 * 512, count: data.count) == data)
+        let r = post(VirtioBlockRequest.input, nil)
+        h.kick()
+        XCTAssertEqual(try h.mem.load(UInt8.self, at: r.status), ok)
+        XCTAssertEqual(h.usedElem(1).len, UInt32(data.count + 1))
+        XCTAssertTrue(r.bufs.flatMap { h.bytes($0, 512) } == data)
+        XCTAssertFalse(h.sink.needsReset)
+    }
+
     func testLastSectorAndZeroLength() throws {
         let h = try BlockHarness(sizeBytes: 64 * 512)
         let w = h.write(sector: 63, data: pattern(512))

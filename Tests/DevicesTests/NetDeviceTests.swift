@@ -4,6 +4,9 @@ import GuestMemory
 import Virtio
 @testable import Devices
 
+@_silgen_name("inotify_init1") private func netTestInotifyInit1(_ flags: Int32) -> Int32
+@_silgen_name("inotify_add_watch") private func netTestInotifyAddWatch(_ fd: Int32, _ path: UnsafePointer<CChar>, _ mask: UInt32) -> Int32
+
 final class NetDeviceTests: XCTestCase {
     /// Every feature but guest GSO: frames are at most MTU-sized, so one read needs only
     /// buffers for MTU + 18 bytes (the tests below that are not about GSO use this).
@@ -233,6 +236,130 @@ final class NetDeviceTests: XCTestCase {
         XCTAssertFalse(h.sink.needsReset)
     }
 
+    /// 64 chains (the most one frame may fill) holding less than an MTU-sized frame, with
+    /// more chains behind them: the frame is read into the 64 instead of the ring being
+    /// asked again and again for chains that would not be taken.
+    func testChainCapReachedWithLittleRoomReadsIntoWhatThereIs() throws {
+        let h = try NetHarness(features: NetDeviceTests.noGuestGSO, queueSize: 256)
+        let bufs = (0..<70).map { _ in h.addRxBuffer(16) }
+        h.hostSend(frame(60))
+        let rx = h.rxHandler
+        XCTAssertTrue(returnsInTime(2, rx.kicked, stop: { rx.broken = true }), "receive() kept going round")
+        XCTAssertEqual(h.rx().usedIdx, 5)
+        XCTAssertEqual((0..<5).map { h.rx().usedElem($0).len }, [16, 16, 16, 16, 8])
+        XCTAssertEqual(h.bytes(bufs[0] + 10, 2), [5, 0])
+        XCTAssertEqual(h.bytes(bufs[0] + 12, 4) + (1..<5).flatMap { h.bytes(bufs[$0], $0 < 4 ? 16 : 8) }, frame(60))
+        XCTAssertFalse(h.sink.needsReset)
+    }
+
+    /// Reads that fail without taking what waits (here an inotify event longer than the
+    /// buffer: EINVAL, and the event stays) give the chain back empty, each one, so the
+    /// queue runs out of buffers and sleeps until the next kick instead of reading again
+    /// and again while the descriptor stays readable.
+    func testReadsThatFailWithoutProgressUseUpChains() throws {
+        let ino = netTestInotifyInit1(O_NONBLOCK | O_CLOEXEC)
+        XCTAssertGreaterThanOrEqual(ino, 0)
+        defer { close(ino) }
+        var tmpl = Array("/tmp/swiftlet-net-XXXXXX".utf8CString)
+        XCTAssertNotNil(mkdtemp(&tmpl))
+        let dir = String(cString: tmpl)
+        XCTAssertGreaterThanOrEqual(netTestInotifyAddWatch(ino, dir, 0x100 /* IN_CREATE */), 0)
+        let file = dir + "/event"
+        close(open(file, O_CREAT | O_WRONLY, 0o600))
+        defer { unlink(file); rmdir(dir) }
+        let h = try NetHarness(features: NetDeviceTests.noGuestGSO & ~VirtioNetFeature.mrgRxbuf, tapFDs: [ino])
+        for _ in 0..<3 { h.addRxBuffer(12) }
+        h.rxHandler.kicked()
+        XCTAssertEqual(h.rx().usedIdx, 3)
+        XCTAssertEqual((0..<3).map { h.rx().usedElem($0).len }, [0, 0, 0])
+        XCTAssertEqual(h.device.stats[0].drops, 3)
+        var p = pollfd(fd: h.rxHandler.completionFD, events: Int16(POLLIN), revents: 0)
+        XCTAssertEqual(poll(&p, 1, 100), 0, "waits on the rx kick, not on the descriptor")
+        XCTAssertFalse(h.sink.needsReset)
+    }
+
+    /// A read error that is not about the frame (here ENOTCONN, from a listening socket
+    /// that stays readable while a connection waits) stops the reads until the next rx
+    /// kick, even with buffers waiting in the ring: the thread is not woken for it again.
+    func testReadErrorNotAboutTheFrameWaitsForTheNextKick() throws {
+        let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        XCTAssertGreaterThanOrEqual(listener, 0)
+        defer { close(listener) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = UInt32(0x7F00_0001).bigEndian
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        func withSockaddr<T>(_ body: (UnsafeMutablePointer<sockaddr>) -> T) -> T {
+            withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1, body) }
+        }
+        XCTAssertEqual(withSockaddr { bind(listener, $0, len) }, 0)
+        XCTAssertEqual(listen(listener, 1), 0)
+        XCTAssertEqual(withSockaddr { getsockname(listener, $0, &len) }, 0)
+        let client = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        defer { close(client) }
+        XCTAssertEqual(withSockaddr { connect(client, $0, len) }, 0)
+        var p = pollfd(fd: listener, events: Int16(POLLIN), revents: 0)
+        XCTAssertEqual(poll(&p, 1, 1000), 1)
+        let h = try NetHarness(tapFDs: [listener])
+        for _ in 0..<50 { h.addRxBuffer(1518) }    // more than one GSO frame's worth: some stay in the ring
+        h.rxHandler.kicked()
+        XCTAssertEqual(h.serveRx(milliseconds: 300), 0)
+        XCTAssertEqual(h.rx().usedIdx, 0)
+        XCTAssertEqual(h.device.stats[0].drops, 0)
+        XCTAssertFalse(h.sink.needsReset)
+    }
+
+    /// A descriptor that hangs up (here a socket whose peer closed; a TAP whose device is
+    /// deleted reports an error the same way) wakes the thread only while it reads
+    /// something: once the buffers are used up the thread stops watching it.
+    func testHungUpDescriptorDoesNotWakeTheThreadOnceIdle() throws {
+        var sv: [Int32] = [0, 0]
+        XCTAssertEqual(socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0, &sv), 0)
+        defer { close(sv[0]) }
+        let h = try NetHarness(features: NetDeviceTests.noGuestGSO & ~VirtioNetFeature.mrgRxbuf, tapFDs: [sv[0]])
+        h.addRxBuffer(2048)
+        h.addRxBuffer(2048)
+        h.rxHandler.kicked()
+        close(sv[1])
+        XCTAssertLessThanOrEqual(h.serveRx(milliseconds: 300), 1)
+        XCTAssertEqual(h.rx().usedIdx, 2, "each read of nothing still takes a chain")
+        XCTAssertFalse(h.sink.needsReset)
+    }
+
+    /// A stopped rx queue (the guest broke it) stays unwatched even when a control
+    /// command attaches its TAP queue again, so frames on the TAP do not wake its thread.
+    func testPairsCommandDoesNotWakeAStoppedRxQueue() throws {
+        let h = try NetHarness(pairs: 2, features: NetDeviceTests.noGuestGSO)
+        let a = h.alloc(64)
+        let head = h.rx().chain([(a, 64, true)])
+        try h.mem.store(VirtqDesc.next | VirtqDesc.write, at: h.rx().desc + 16 * UInt64(head) + 12)
+        try h.mem.store(UInt16(999), at: h.rx().desc + 16 * UInt64(head) + 14)
+        h.rx().offer(head)
+        h.rxHandler.kicked()
+        XCTAssertTrue(h.sink.needsReset)
+        h.hostSend(frame(60))
+        let ack = h.command(VirtioNetCtrl.classMQ, VirtioNetCtrl.mqVQPairsSet, [1, 0])
+        h.ctrlHandler.kicked()
+        XCTAssertEqual(h.bytes(ack, 1), [VirtioNetCtrl.ok])
+        XCTAssertLessThanOrEqual(h.serveRx(milliseconds: 300), 1)
+    }
+
+    /// A tx chain of more buffers than one writev takes marks the device NEEDS_RESET (a
+    /// frame is one write, so it cannot be split); after a reset the device sends again.
+    func testTxChainOfMoreBuffersThanOneWriteTakesNeedsReset() throws {
+        let h = try NetHarness()
+        h.offerIndirect(on: h.tx(), first: 12, count: 1024, each: 4, writable: false)
+        h.txHandler.kicked()
+        XCTAssertTrue(h.sink.needsReset)
+        XCTAssertNil(h.hostReceive())
+        XCTAssertEqual(h.tx().usedIdx, 0)
+        try h.resetAndRestart()
+        h.send([UInt8](repeating: 0, count: 12) + frame(60))
+        h.txHandler.kicked()
+        XCTAssertEqual(h.hostReceive()?.count, 72)
+        XCTAssertFalse(h.sink.needsReset)
+    }
+
     func testControlQueuePairsAndHostileCommands() throws {
         let h = try NetHarness(pairs: 4)
         func run(_ cls: UInt8, _ cmd: UInt8, _ data: [UInt8], ackLength: Int = 1, headerLength: Int = 2) -> UInt8 {
@@ -263,6 +390,37 @@ final class NetDeviceTests: XCTestCase {
         h.ctrlHandler.kicked()
         XCTAssertEqual(h.device.stats[8].drops, before + 1)
         XCTAssertEqual(h.ctrl.usedElem(Int(h.ctrl.usedIdx) - 1).len, 0)
+        XCTAssertFalse(h.sink.needsReset)
+    }
+
+    /// A guest that breaks the device and resets it, over and over, gets the first few
+    /// lines and no more (the log lives as long as the device), and the device works after
+    /// every reset.
+    func testNeedsResetLinesAcrossDriverResetsAreRateLimited() throws {
+        final class Lines: @unchecked Sendable {
+            let lock = Mutex()
+            var all: [(level: LogLevel, text: String)] = []
+        }
+        let lines = Lines()
+        let log = RateLimitedLog(name: "tnet", clock: { 0 }, sink: { level, text in
+            lines.lock.withLock { lines.all.append((level, text)) }
+        })
+        let h = try NetHarness(log: log)
+        for _ in 0..<50 {
+            let a = h.alloc(64)
+            let head = h.tx().chain([(a, 64, false)])
+            try h.mem.store(VirtqDesc.next, at: h.tx().desc + 16 * UInt64(head) + 12)
+            try h.mem.store(UInt16(999), at: h.tx().desc + 16 * UInt64(head) + 14)
+            h.tx().offer(head)
+            h.txHandler.kicked()
+            XCTAssertTrue(h.sink.needsReset)
+            try h.resetAndRestart()
+        }
+        XCTAssertEqual(lines.all.count, RateLimitedLog.defaultBurst)
+        XCTAssertTrue(lines.all.allSatisfy { $0.level == .warn && $0.text.hasSuffix("device needs reset") })
+        h.send([UInt8](repeating: 0, count: 12) + frame(60))
+        h.txHandler.kicked()
+        XCTAssertEqual(h.hostReceive()?.count, 72)
         XCTAssertFalse(h.sink.needsReset)
     }
 

@@ -72,18 +72,21 @@ final class NetHarness {
     let mem: GuestMemory
     let device: VirtioNet
     let control = RecordingTapControl()
-    let sink = RecordingSink()
+    /// What the device told its transport since the last (re)activation.
+    private(set) var sink = RecordingSink()
     /// Device ends (given to the device) and host ends (the test's "network"), per pair.
     var deviceFDs: [Int32] = []
     var hostFDs: [Int32] = []
     var queues: [DriverQueue] = []
     var nextAddr: UInt64 = 0x20_0000
     let features: UInt64
+    let pairs: Int
+    let queueSize: UInt16
     var ownsFDs = true
 
     /// `tapFDs`: real TAP queue descriptors (not closed by the harness) instead of socketpairs.
     init(pairs: Int = 1, features: UInt64? = nil, queueSize: UInt16 = 64, mtu: UInt16 = 1500,
-         tapFDs: [Int32]? = nil) throws {
+         tapFDs: [Int32]? = nil, log: RateLimitedLog? = nil) throws {
         mem = try GuestMemory(layout: [(base: 0, size: 0x80_0000)])
         if let tapFDs { deviceFDs = tapFDs }
         for _ in 0..<(tapFDs == nil ? pairs : 0) {
@@ -95,17 +98,34 @@ final class NetHarness {
         }
         ownsFDs = tapFDs == nil
         device = VirtioNet(queueFDs: deviceFDs, mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56], mtu: mtu,
-                           control: tapFDs.map { TapQueueControl(fds: $0) } ?? control, name: "tnet")
+                           control: tapFDs.map { TapQueueControl(fds: $0) } ?? control, name: "tnet", log: log)
         var f = features ?? device.deviceFeatures
         f &= device.deviceFeatures
         self.features = f
-        let used = f & VirtioNetFeature.mq != 0 ? pairs : 1
+        self.pairs = pairs
+        self.queueSize = queueSize
+        try start()
+    }
+
+    /// Fresh rings (zeroed), handed to the device as at DRIVER_OK.
+    func start() throws {
+        let used = features & VirtioNetFeature.mq != 0 ? pairs : 1
+        queues = []
         for i in 0..<(2 * used + 1) {
-            queues.append(try DriverQueue(mem: mem, base: 0x10000 + UInt64(i) * 0x10000, size: queueSize, features: f))
+            let base = 0x10000 + UInt64(i) * 0x10000
+            try mem.zero(base, length: 0x10000)
+            queues.append(try DriverQueue(mem: mem, base: base, size: queueSize, features: features))
         }
         var qs: [SplitQueue?] = queues.map { $0.queue }
         while qs.count < 2 * pairs + 1 { qs.append(nil) }
-        try device.activate(queues: qs, memory: mem, features: f, interrupt: sink)
+        try device.activate(queues: qs, memory: mem, features: features, interrupt: sink)
+    }
+
+    /// What a driver reset and a new initialization do to the device.
+    func resetAndRestart() throws {
+        device.reset()
+        sink = RecordingSink()
+        try start()
     }
 
     deinit {
@@ -137,6 +157,60 @@ final class NetHarness {
         let a = alloc(len, fill: 0xEE)
         rx(pair).offer(rx(pair).chain([(a, UInt32(len), true)]))
         return a
+    }
+
+    /// Plays rx queue 0's thread for `milliseconds` (or until `done`): waits on its
+    /// completion fd and serves it whenever it is readable. Returns how many times it was.
+    func serveRx(milliseconds: Int, until done: () -> Bool = { false }) -> Int {
+        let deadline = monotonicNanos() + UInt64(milliseconds) * 1_000_000
+        var wakeups = 0
+        while monotonicNanos() < deadline && !done() {
+            var p = pollfd(fd: rxHandler.completionFD, events: Int16(POLLIN), revents: 0)
+            if poll(&p, 1, 20) > 0 {
+                wakeups += 1
+                rxHandler.completionsReady()
+            }
+        }
+        return wakeups
+    }
+
+    /// Offers a chain of a `first`-byte buffer (none when nil) and then an indirect table
+    /// of `count` buffers of `each` bytes, all device-writable (rx) or all readable (tx),
+    /// on `queue`. Returns the buffers' addresses in chain order.
+    @discardableResult
+    func offerIndirect(on q: DriverQueue, first: Int?, count: Int, each: Int, writable: Bool) -> [UInt64] {
+        let w: UInt16 = writable ? VirtqDesc.write : 0
+        var bufs: [UInt64] = []
+        if let first { bufs.append(alloc(first, fill: 0xEE)) }
+        let table = alloc(16 * count)
+        for k in 0..<count {
+            let b = alloc(each, fill: 0xEE)
+            bufs.append(b)
+            let d = table + UInt64(16 * k)
+            try! mem.store(b, at: d)
+            try! mem.store(UInt32(each), at: d + 8)
+            try! mem.store(w | (k < count - 1 ? VirtqDesc.next : 0), at: d + 12)
+            try! mem.store(UInt16(k < count - 1 ? k + 1 : 0), at: d + 14)
+        }
+        let head = q.nextDesc % Int(q.size)
+        var i = head
+        if let first {
+            let next = (i + 1) % Int(q.size)
+            let d = q.desc + UInt64(16 * i)
+            try! mem.store(bufs[0], at: d)
+            try! mem.store(UInt32(first), at: d + 8)
+            try! mem.store(w | VirtqDesc.next, at: d + 12)
+            try! mem.store(UInt16(next), at: d + 14)
+            i = next
+        }
+        let d = q.desc + UInt64(16 * i)
+        try! mem.store(table, at: d)
+        try! mem.store(UInt32(16 * count), at: d + 8)
+        try! mem.store(VirtqDesc.indirect, at: d + 12)
+        try! mem.store(UInt16(0), at: d + 14)
+        q.nextDesc += first == nil ? 1 : 2
+        q.offer(UInt16(head))
+        return bufs
     }
 
     /// The host sends one frame (with its 12-byte vnet header) to the guest.
@@ -181,6 +255,34 @@ final class NetHarness {
         ctrl.offer(ctrl.chain(parts))
         return ack
     }
+}
+
+/// Runs `body` on a thread of its own and waits up to `seconds` for it to return. If it
+/// has not, calls `stop` (which must make it return) and waits for it. Returns whether it
+/// returned in time.
+func returnsInTime(_ seconds: Double, _ body: @escaping () -> Void, stop: () -> Void) -> Bool {
+    final class Job: @unchecked Sendable {
+        let body: () -> Void
+        let lock = Mutex()
+        var finished = false
+        init(_ b: @escaping () -> Void) { body = b }
+        var done: Bool { lock.withLock { finished } }
+    }
+    let job = Job(body)
+    var t = pthread_t()
+    let ctx = Unmanaged.passRetained(job).toOpaque()
+    precondition(pthread_create(&t, nil, { p in
+        let j = Unmanaged<Job>.fromOpaque(p!).takeRetainedValue()
+        j.body()
+        j.lock.withLock { j.finished = true }
+        return nil
+    }, ctx) == 0)
+    let deadline = monotonicNanos() + UInt64(seconds * 1e9)
+    while !job.done && monotonicNanos() < deadline { usleep(1000) }
+    let inTime = job.done
+    if !inTime { stop() }
+    pthread_join(t, nil)
+    return inTime
 }
 
 func frame(_ n: Int, seed: UInt8 = 1) -> [UInt8] {

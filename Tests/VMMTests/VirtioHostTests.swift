@@ -467,6 +467,18 @@ final class VirtioHostTests: XCTestCase {
         }
     }
 
+    /// Device lines are warnings: none at --log-level error, all (within the rate limit)
+    /// at warn and above.
+    func testDeviceLinesFollowTheLogLevel() {
+        final class Got: @unchecked Sendable { var lines: [String] = [] }
+        for (level, shown) in [(LogLevel.error, 0), (.warn, 1), (.info, 1), (.debug, 1)] {
+            let got = Got()
+            let log = RateLimitedLog(name: "blk0", sink: logSink(level: level, print: { got.lines.append($0) }))
+            log.warn("ignored queue notify", "virtio-mmio: ignored queue notify 9 of 4 bytes at 0x50")
+            XCTAssertEqual(got.lines.count, shown, "--log-level \(level)")
+        }
+    }
+
     func testTooManyDevicesIsAUsageError() throws {
         let env = try makeEnv()
         let disk = try openDisk(DiskOptions(path: env.image))

@@ -39,6 +39,9 @@ final class Recorder: @unchecked Sendable {
     var notifies: [Int] = []
     var resets = 0
     var logs: [String] = []
+    var logLevels: [LogLevel] = []
+    /// The log's clock (ns).
+    var now: UInt64 = 0
     weak var transport: VirtioMMIOTransport?
 }
 
@@ -58,7 +61,10 @@ final class MMIOTransportTests: XCTestCase {
                                 signalInterrupt: { rec.interrupts += 1; rec.statusAtInterrupt.append(rec.transport?.interruptStatus ?? 0) },
                                 onQueueNotify: { rec.notifies.append($0) },
                                 onReset: { rec.resets += 1 },
-                                log: { rec.logs.append($0) })
+                                log: RateLimitedLog(name: "tdev", clock: { rec.now }, sink: { level, line in
+                                    rec.logs.append(line)
+                                    rec.logLevels.append(level)
+                                }))
         rec.transport = t
     }
 
@@ -193,6 +199,35 @@ final class MMIOTransportTests: XCTestCase {
         w(R.status, VirtioStatus.acknowledge | VirtioStatus.driver | VirtioStatus.failed)
         XCTAssertEqual(r(R.status), VirtioStatus.acknowledge | VirtioStatus.driver | VirtioStatus.failed)
         XCTAssertTrue(dev.activations.isEmpty)
+    }
+
+    /// Only the bits the driver may set are stored: undefined bits read back as 0, and
+    /// NEEDS_RESET only when the device set it.
+    func testStatusStoresOnlyTheDriverBits() throws {
+        w(R.status, 0xFFFF_FFFF)  // no features yet: FEATURES_OK and DRIVER_OK are refused
+        XCTAssertEqual(r(R.status), VirtioStatus.acknowledge | VirtioStatus.driver | VirtioStatus.failed)
+        w(R.status, 0)
+        w(R.status, 0x30)
+        XCTAssertEqual(r(R.status), 0)
+        XCTAssertEqual(dev.resets, 1, "a write of undefined bits only is not a reset")
+        negotiate(VirtioFeature.version1)
+        setupQueue(0, size: 16, desc: 0x1_0000, avail: 0x1_1000, used: 0x1_2000)
+        w(R.status, 0xFFFF_FFFF)
+        XCTAssertEqual(r(R.status), allOK | VirtioStatus.failed)
+        XCTAssertEqual(dev.activations.count, 1)
+        XCTAssertFalse(t.needsReset)
+        try XCTUnwrap(dev.sink).markNeedsReset()
+        XCTAssertEqual(r(R.status), allOK | VirtioStatus.failed | VirtioStatus.needsReset)
+        w(R.status, 0xFFFF_FFFF & ~VirtioStatus.needsReset)
+        XCTAssertEqual(r(R.status), allOK | VirtioStatus.failed | VirtioStatus.needsReset, "the driver cannot clear it but by a reset")
+        w(R.status, 0)
+        XCTAssertEqual(r(R.status), 0)
+        // Usable again after the reset.
+        negotiate(VirtioFeature.version1)
+        setupQueue(0, size: 16, desc: 0x1_0000, avail: 0x1_1000, used: 0x1_2000)
+        w(R.status, allOK)
+        XCTAssertEqual(r(R.status), allOK)
+        XCTAssertEqual(dev.activations.count, 2)
     }
 
     func testQueueAddressWrittenWhileReadyIgnored() {
@@ -456,6 +491,36 @@ final class MMIOTransportTests: XCTestCase {
         dev.config = []
         XCTAssertEqual(t.read(offset: R.config, size: 1), 0)
         t.write(offset: R.config, size: 1, value: 1)
+    }
+
+    /// A guest repeating a bad access cannot flood stderr: per kind of line, the first 5,
+    /// then at most one summary a second; all of them warnings.
+    func testGuestTriggeredLinesAreRateLimitedPerKind() {
+        for _ in 0..<10_000 { w(R.queueNotify, 7) }                             // no such queue
+        for _ in 0..<10_000 { XCTAssertEqual(r(R.config + 0x800), 0) }          // past the config space
+        XCTAssertEqual(rec.logs.count, 10)
+        XCTAssertEqual(rec.logs.filter { $0.contains("ignored queue notify 7") }.count, 5)
+        XCTAssertEqual(rec.logs.filter { $0.contains("ignored config read") }.count, 5)
+        rec.now += 999_999_999
+        w(R.queueNotify, 7)
+        XCTAssertEqual(rec.logs.count, 10)
+        rec.now += 1
+        w(R.queueNotify, 7)
+        XCTAssertEqual(rec.logs.count, 11)
+        XCTAssertEqual(rec.logs.last, "tdev: 9997 more \"ignored queue notify\" lines left out")
+        XCTAssertEqual(r(R.config + 0x800), 0)
+        XCTAssertEqual(rec.logs.last, "tdev: 9996 more \"ignored config read\" lines left out")
+        rec.now += 500_000_000
+        for _ in 0..<100 { w(R.queueNotify, 7) }
+        XCTAssertEqual(rec.logs.count, 12)
+        XCTAssertEqual(Set(rec.logLevels), [.warn])
+        // The device still works: a driver can set it up and run it.
+        negotiate(VirtioFeature.version1)
+        setupQueue(0, size: 16, desc: 0x1_0000, avail: 0x1_1000, used: 0x1_2000)
+        w(R.status, allOK)
+        XCTAssertEqual(dev.activations.count, 1)
+        w(R.queueNotify, 0)
+        XCTAssertEqual(rec.notifies, [0])
     }
 
     func testConstantsMatchLinuxHeaders() {

@@ -7,6 +7,7 @@
 // ever touch the file outside [0, capacity).
 import Glibc
 import CLinux
+import GuestMemory
 import Synchronization
 
 /// fallocate(2) modes (linux/falloc.h; not exported by Swift's Glibc module).
@@ -101,9 +102,8 @@ public final class DiskImage: @unchecked Sendable {
         var iovs = input
         var start = 0
         var off = offset
-        let iovMax = 1024
         while start < iovs.count {
-            let count = min(iovs.count - start, iovMax)
+            let count = min(iovs.count - start, GuestMemory.maxIovecsPerCall)
             let n: Int = iovs.withUnsafeMutableBufferPointer { b in
                 write ? pwritev(fd, b.baseAddress! + start, Int32(count), off_t(off))
                       : preadv(fd, b.baseAddress! + start, Int32(count), off_t(off))

@@ -45,7 +45,7 @@ public final class VirtioBlock: HostedVirtioDevice, VirtioStaticConfig, @uncheck
     public let engine: BlockEngine
     /// Used for I/O thread names: "\(name)-q\(i)-io\(j)".
     public let name: String
-    let log: (@Sendable (String) -> Void)?
+    let log: RateLimitedLog?
     public let config: [UInt8]
     let lock = Mutex()
     var handlers: [BlockQueue] = []
@@ -55,7 +55,7 @@ public final class VirtioBlock: HostedVirtioDevice, VirtioStaticConfig, @uncheck
 
     /// `numQueues` is clamped to 1...VirtioBlockLimits.maxQueues; `engine` nil: the default for the disk.
     public init(disk: DiskImage, numQueues: Int = 1, engine: BlockEngine? = nil, name: String = "blk",
-                log: (@Sendable (String) -> Void)? = nil) {
+                log: RateLimitedLog? = nil) {
         self.disk = disk
         self.numQueues = min(max(numQueues, 1), VirtioBlockLimits.maxQueues)
         self.engine = engine ?? .default(direct: disk.direct)
@@ -161,7 +161,7 @@ public final class BlockQueue: VirtioQueueHandler, @unchecked Sendable {
     let disk: DiskImage
     let features: UInt64
     let interrupt: any VirtioInterruptSink
-    let log: (@Sendable (String) -> Void)?
+    let log: RateLimitedLog?
     let pool: IOPool?
     let maxInFlight: Int
     let eventFD: Int32
@@ -179,7 +179,7 @@ public final class BlockQueue: VirtioQueueHandler, @unchecked Sendable {
 
     init(index: Int, queue: SplitQueue, disk: DiskImage, features: UInt64, interrupt: any VirtioInterruptSink,
          engine: BlockEngine, name: String, stats: BlockQueueStats = BlockQueueStats(),
-         log: (@Sendable (String) -> Void)?) throws {
+         log: RateLimitedLog?) throws {
         self.queueIndex = index
         self.stats = stats
         self.queue = queue
@@ -269,7 +269,7 @@ public final class BlockQueue: VirtioQueueHandler, @unchecked Sendable {
     /// The guest broke the queue: DEVICE_NEEDS_RESET, and this queue stops.
     func fail(_ why: String) {
         broken = true
-        log?("virtio-blk: \(why): device needs reset")
+        log?.warn("queue stopped", "virtio-blk: \(why): device needs reset")
         interrupt.markNeedsReset()
     }
 

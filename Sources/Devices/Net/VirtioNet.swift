@@ -12,19 +12,23 @@
 // many. When the guest has no buffers the thread stops polling the TAP until the next rx
 // kick (the packets wait in the TAP's queue, which drops beyond its length, like a NIC).
 // With MRG_RXBUF a read waits for buffers worth a whole frame (64 KiB + headers with
-// guest GSO, else MTU + 18); it reads into less only when the guest has handed over its
-// whole ring (and then at least an MTU-sized frame's worth). A frame larger than the
-// buffers given reaches the guest cut short (tun truncates; older kernels fail the read
-// with EFAULT and drop it, counted) and the guest's stack drops it: reading into whatever
-// the ring held made TCP host->guest lose a 64 KiB frame whenever the ring ran low.
+// guest GSO, else MTU + 18); it reads into less only when the guest cannot give more for
+// it (its whole ring handed over, 64 chains, or as many buffers as one readv takes). A
+// frame larger than the buffers given reaches the guest cut short (tun truncates; older
+// kernels fail the read with EFAULT and drop it; the first chain then goes back empty,
+// counted) and the guest's stack drops it: reading into whatever the ring held made TCP
+// host->guest lose a 64 KiB frame whenever the ring ran low.
 // TX: writev straight from the guest's buffers (the chain starts with the 12-byte
 // virtio_net_hdr_v1; the kernel validates it). At most VirtioNetLimits.budget packets
 // per wake-up per queue.
 //
 // The guest is hostile: rx chains that cannot hold the header, tx chains shorter than
 // the header, frames the TAP refuses and malformed control commands are dropped (used
-// length 0) and counted; a malformed descriptor chain or a broken ring marks the device
-// DEVICE_NEEDS_RESET and that queue stops. Nothing a guest writes can crash swiftlet.
+// length 0) and counted; a malformed descriptor chain, a chain of more buffers than one
+// readv/writev takes (GuestMemory.maxIovecsPerCall) or a broken ring marks the device
+// DEVICE_NEEDS_RESET and that queue stops. Nothing a guest writes can crash swiftlet or
+// make a thread retry without progress: a failed read gives the guest's first chain back
+// empty, a failed write drops the frame.
 import Glibc
 import CLinux
 import GuestMemory
@@ -73,7 +77,7 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig, @unchecked
     /// One TAP queue file descriptor per queue pair (not owned: the caller closes them).
     public let queueFDs: [Int32]
     let control: NetTapControl?
-    let log: (@Sendable (String) -> Void)?
+    let log: RateLimitedLog?
     public let config: [UInt8]
     /// Counters per virtqueue index (rx0, tx0, ..., ctrl), kept across resets.
     public let stats: [NetQueueStats]
@@ -84,7 +88,7 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig, @unchecked
 
     /// `queueFDs.count` is the number of queue pairs (1...VirtioNetLimits.maxQueuePairs).
     public init(queueFDs: [Int32], mac: [UInt8], mtu: UInt16 = 1500, offload: Bool = true,
-                control: NetTapControl? = nil, name: String = "net", log: (@Sendable (String) -> Void)? = nil) {
+                control: NetTapControl? = nil, name: String = "net", log: RateLimitedLog? = nil) {
         precondition(!queueFDs.isEmpty && queueFDs.count <= VirtioNetLimits.maxQueuePairs && mac.count == 6)
         self.queueFDs = queueFDs
         self.queuePairs = queueFDs.count
@@ -132,7 +136,7 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig, @unchecked
         do {
             try control?.setOffload(offload ? TunOffload.flags(forGuestFeatures: features) : 0)
         } catch {
-            log?("\(name): cannot set the TAP's offloads: \(error)")
+            log?.warn("cannot set the TAP's offloads", "\(name): cannot set the TAP's offloads: \(error)")
         }
         // Only pair 0 until the driver asks for more (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET):
         // frames steered to a pair without rx buffers would wait there.
@@ -188,7 +192,7 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig, @unchecked
     func setPairs(_ n: Int) {
         for p in 0..<queuePairs {
             do { try control?.setQueueEnabled(pair: p, p < n) } catch {
-                log?("\(name): cannot \(p < n ? "attach" : "detach") TAP queue \(p): \(error)")
+                log?.warn("cannot attach or detach a TAP queue", "\(name): cannot \(p < n ? "attach" : "detach") TAP queue \(p): \(error)")
             }
         }
         let rx: [NetRxQueue] = lock.withLock {
@@ -229,8 +233,8 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
     let interrupt: any VirtioInterruptSink
     let stats: NetQueueStats
     let name: String
-    let log: (@Sendable (String) -> Void)?
-    /// epoll instance holding the TAP fd (EPOLLIN while the guest has buffers): our completion fd.
+    let log: RateLimitedLog?
+    /// epoll instance holding the TAP fd (for EPOLLIN) while the guest has buffers: our completion fd.
     let epfd: Int32
     /// Chains popped but not filled yet (kept for the next frame).
     var pending: [DescriptorChain] = []
@@ -244,7 +248,7 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
     // struct epoll_event { u32 events; u64 data } (12 bytes on x86-64) built by hand.
     static let epollCloexec: Int32 = 0o2000000
     static let epollCtlAdd: Int32 = 1
-    static let epollCtlMod: Int32 = 3
+    static let epollCtlDel: Int32 = 2
     static let epollIn: UInt32 = 1
 
     static func epollCtl(_ ep: Int32, _ op: Int32, _ fd: Int32, events: UInt32) -> Int32 {
@@ -255,7 +259,7 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
     }
 
     init(index: Int, queue: SplitQueue, fd: Int32, mergeable: Bool, minFrame: Int, interrupt: any VirtioInterruptSink,
-         stats: NetQueueStats, name: String, log: (@Sendable (String) -> Void)?) {
+         stats: NetQueueStats, name: String, log: RateLimitedLog?) {
         queueIndex = index
         self.queue = queue
         self.fd = fd
@@ -266,17 +270,19 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
         self.name = name
         self.log = log
         epfd = swiftlet_epoll_create1(NetRxQueue.epollCloexec)
-        if epfd >= 0 { _ = NetRxQueue.epollCtl(epfd, NetRxQueue.epollCtlAdd, fd, events: 0) }
     }
 
     deinit { if epfd >= 0 { close(epfd) } }
 
     public var completionFD: Int32 { epfd }
 
-    /// Start (true) or stop polling the TAP for frames. Safe from any thread.
+    /// Start (true) or stop polling the TAP for frames. Safe from any thread. Stopping
+    /// takes the TAP out of the epoll set: with no events asked for, epoll still reports
+    /// a TAP in error or hung up, and the thread would wake for it again and again.
+    /// (Adding what is there or removing what is not fails harmlessly.)
     func watchTap(_ on: Bool) {
         guard epfd >= 0 else { return }
-        _ = NetRxQueue.epollCtl(epfd, NetRxQueue.epollCtlMod, fd, events: on ? NetRxQueue.epollIn : 0)
+        _ = NetRxQueue.epollCtl(epfd, on ? NetRxQueue.epollCtlAdd : NetRxQueue.epollCtlDel, fd, events: NetRxQueue.epollIn)
     }
 
     public func kicked() {
@@ -298,12 +304,14 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
     func fail(_ why: String) {
         broken = true
         watchTap(false)
-        log?("virtio-net \(name) rx\(queueIndex / 2): \(why): device needs reset")
+        log?.warn("rx queue stopped", "virtio-net \(name) rx\(queueIndex / 2): \(why): device needs reset")
         interrupt.markNeedsReset()
     }
 
     /// Pops one usable chain into `pending`; false when the ring is empty (or broken).
-    /// Chains that cannot hold the header are returned at once, empty, and counted.
+    /// Chains that cannot hold the header are returned at once, empty, and counted; a
+    /// chain of more buffers than one readv takes breaks the device (a frame is one read,
+    /// so it cannot be split over several).
     func popOne() -> Bool {
         while !broken {
             let chain: DescriptorChain?
@@ -317,31 +325,41 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
                 do { try queue.stageUsed(head: chain.head, length: 0) } catch { fail("\(error)"); return false }
                 continue
             }
+            guard chain.writableCount <= GuestMemory.maxIovecsPerCall else {
+                fail("chain at head \(chain.head) has \(chain.writableCount) buffers, more than one read takes (\(GuestMemory.maxIovecsPerCall))")
+                return false
+            }
             pending.append(chain)
             return true
         }
         return false
     }
 
-    /// Enough buffers for the next frame: one chain, or with MRG_RXBUF chains adding up
-    /// to `wanted` bytes, the largest frame the TAP may hand out. tun cuts a frame short
-    /// when the buffers given to readv cannot hold it, and a cut GSO frame is lost (the
-    /// guest drops it as truncated and TCP must retransmit ~44 segments), so fewer bytes
-    /// are read into only when the guest cannot give more: it has handed over its whole
-    /// ring, or the chain cap is reached. Otherwise the thread waits for the guest's next
-    /// rx kick; a Linux guest refills its whole ring once it has taken what is used.
-    func gather() -> Bool {
-        if !mergeable { return !pending.isEmpty || popOne() }
-        var total = 0, descriptors = 0
-        for c in pending { total += Int(c.writableLength); descriptors += c.descriptorCount }
-        while total < wanted && pending.count < NetRxQueue.maxChainsPerFrame {
-            guard popOne() else { break }
-            total += Int(pending[pending.count - 1].writableLength)
-            descriptors += pending[pending.count - 1].descriptorCount
+    /// How many of the pending chains (the first ones) the next frame may fill, popping
+    /// more as needed: one chain, or with MRG_RXBUF chains adding up to `wanted` bytes,
+    /// the largest frame the TAP may hand out. tun cuts a frame short when the buffers
+    /// given to readv cannot hold it, and a cut GSO frame is lost (the guest drops it as
+    /// truncated and TCP must retransmit ~44 segments), so fewer bytes are read into only
+    /// when the guest cannot give more for this frame: it has handed over its whole ring,
+    /// or a cap is reached (chains per frame, iovecs per read). 0 only when the ring ran
+    /// empty first: then the thread waits for the guest's next rx kick; a Linux guest
+    /// refills its whole ring once it has taken what is used.
+    func gather() -> Int {
+        if !mergeable { return !pending.isEmpty || popOne() ? 1 : 0 }
+        var total = 0, descriptors = 0, iovecs = 0, use = 0
+        while total < wanted {
+            if use == pending.count {
+                guard use < NetRxQueue.maxChainsPerFrame, popOne() else { break }
+            }
+            let c = pending[use]
+            if iovecs + c.writableCount > GuestMemory.maxIovecsPerCall { return use }
+            total += Int(c.writableLength)
+            descriptors += c.descriptorCount
+            iovecs += c.writableCount
+            use += 1
         }
-        if total >= wanted { return true }
-        let guestHasNoMore = descriptors >= Int(queue.size) || pending.count >= NetRxQueue.maxChainsPerFrame
-        return guestHasNoMore && total >= VirtioNetHeader.size + 1518
+        if total >= wanted || use >= NetRxQueue.maxChainsPerFrame || descriptors >= Int(queue.size) { return use }
+        return 0
     }
 
     /// Most chains one frame may fill (num_buffers); 64 of Linux's smallest mergeable
@@ -350,19 +368,23 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
 
     /// Reads up to `budget` frames from the TAP into guest buffers.
     func receive() {
-        guard !broken && !quiesced else { return }
+        guard !broken && !quiesced else {
+            // Watched again from another thread (the control queue's pairs command).
+            watchTap(false)
+            return
+        }
         var served = 0
         defer { netPublish(queue, interrupt, stats) }
         while served < VirtioNetLimits.budget && !broken {
-            if !gather() {
-                if broken { return }
-                // Out of buffers: sleep on the rx kick, not on the TAP.
+            let useCount = gather()
+            if broken { return }
+            if useCount == 0 {
+                // Out of buffers: sleep on the rx kick, not on the TAP. Buffers that came
+                // in meanwhile are taken at once (the ring was empty, so they are new).
                 if queue.enableNotifications() { queue.disableNotifications(); continue }
                 watchTap(false)
                 return
             }
-            // The chains this frame may fill: all gathered ones, or the first without MRG_RXBUF.
-            let useCount = mergeable ? pending.count : 1
             iovs.removeAll(keepingCapacity: true)
             for c in 0..<useCount { pending[c].appendIovecs(writable: true, to: &iovs) }
             let n = iovs.withUnsafeBufferPointer { readv(fd, $0.baseAddress, Int32($0.count)) }
@@ -371,19 +393,27 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
                 if e == EINTR { continue }
                 if e == EAGAIN || e == EWOULDBLOCK { return }  // nothing waiting; epoll wakes us
                 if e == EFAULT || e == EINVAL || e == EMSGSIZE {
-                    // The frame did not fit the guest's buffers: tun dropped it. The
-                    // buffers stay ours for the next frame.
+                    // The frame did not fit the guest's buffers (tun dropped it), or the
+                    // buffers were refused: the first chain goes back empty, so a read that
+                    // fails again and again still uses up the guest's buffers, never loops.
                     stats.drop()
                     served += 1
+                    do { try queue.stageUsed(head: pending[0].head, length: 0) } catch {
+                        fail("\(error)")
+                        return
+                    }
+                    pending.removeFirst()
                     continue
                 }
                 if !loggedError {
                     loggedError = true
-                    log?("virtio-net \(name) rx\(queueIndex / 2): read from the TAP failed: \(errnoText(e))")
+                    log?.warn("read from the TAP failed", "virtio-net \(name) rx\(queueIndex / 2): read from the TAP failed: \(errnoText(e))")
                 }
-                // E.g. EBADFD for a detached queue: wait for the next kick.
+                // Not about this frame (e.g. EBADFD: the TAP is gone): read again only
+                // after the next kick, even if buffers came in meanwhile (the TAP could
+                // stay readable and fail every read).
                 watchTap(false)
-                if queue.enableNotifications() { queue.disableNotifications(); watchTap(true) }
+                _ = queue.enableNotifications()
                 return
             }
             served += 1
@@ -423,7 +453,7 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
     let interrupt: any VirtioInterruptSink
     let stats: NetQueueStats
     let name: String
-    let log: (@Sendable (String) -> Void)?
+    let log: RateLimitedLog?
     /// Written when a wake-up ran out of budget with work left: brings the thread back.
     let again: Int32
     var broken = false
@@ -431,7 +461,7 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
     var loggedError = false
 
     init(index: Int, queue: SplitQueue, fd: Int32, interrupt: any VirtioInterruptSink, stats: NetQueueStats,
-         name: String, log: (@Sendable (String) -> Void)?) {
+         name: String, log: RateLimitedLog?) {
         queueIndex = index
         self.queue = queue
         self.fd = fd
@@ -461,7 +491,7 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
 
     func fail(_ why: String) {
         broken = true
-        log?("virtio-net \(name) tx\(queueIndex / 2): \(why): device needs reset")
+        log?.warn("tx queue stopped", "virtio-net \(name) tx\(queueIndex / 2): \(why): device needs reset")
         interrupt.markNeedsReset()
     }
 
@@ -480,6 +510,7 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
                 guard let chain else { break }
                 served += 1
                 send(chain)
+                if broken { return }
                 do { try queue.stageUsed(head: chain.head, length: 0) } catch {
                     fail("\(error)")
                     return
@@ -500,7 +531,13 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
         }
     }
 
+    /// Writes one frame to the TAP, or drops it (counted); a chain of more buffers than
+    /// one writev takes breaks the device (one write is one frame).
     func send(_ chain: DescriptorChain) {
+        guard chain.readableCount <= GuestMemory.maxIovecsPerCall else {
+            fail("chain at head \(chain.head) has \(chain.readableCount) buffers, more than one write takes (\(GuestMemory.maxIovecsPerCall))")
+            return
+        }
         let len = Int(chain.readableLength)
         guard len >= VirtioNetHeader.size, len <= VirtioNetHeader.size + VirtioNetLimits.maxGSOFrame else {
             stats.drop()
@@ -517,7 +554,7 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
             stats.drop()
             if !loggedError && e != EAGAIN && e != EINVAL {
                 loggedError = true
-                log?("virtio-net \(name) tx\(queueIndex / 2): write to the TAP failed: \(errnoText(e))")
+                log?.warn("write to the TAP failed", "virtio-net \(name) tx\(queueIndex / 2): write to the TAP failed: \(errnoText(e))")
             }
             return
         }
@@ -536,12 +573,12 @@ public final class NetCtrlQueue: VirtioQueueHandler, @unchecked Sendable {
     let features: UInt64
     let interrupt: any VirtioInterruptSink
     let stats: NetQueueStats
-    let log: (@Sendable (String) -> Void)?
+    let log: RateLimitedLog?
     var broken = false
     var quiesced = false
 
     init(index: Int, queue: SplitQueue, device: VirtioNet, features: UInt64, interrupt: any VirtioInterruptSink,
-         stats: NetQueueStats, log: (@Sendable (String) -> Void)?) {
+         stats: NetQueueStats, log: RateLimitedLog?) {
         queueIndex = index
         self.queue = queue
         self.device = device
@@ -565,7 +602,7 @@ public final class NetCtrlQueue: VirtioQueueHandler, @unchecked Sendable {
                 let chain: DescriptorChain?
                 do { chain = try queue.popAvailable() } catch {
                     broken = true
-                    log?("virtio-net ctrl: \(error): device needs reset")
+                    log?.warn("control queue stopped", "virtio-net ctrl: \(error): device needs reset")
                     interrupt.markNeedsReset()
                     return
                 }
