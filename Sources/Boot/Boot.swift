@@ -122,6 +122,8 @@ public enum BootError: Error, Equatable, CustomStringConvertible, Sendable {
         switch self {
         case let .kernelNotFound(p):
             return "kernel \(p) not found: check the --kernel path"
+        case let .kernelUnreadable(p, e) where e == EINVAL:
+            return "kernel \(p) is not a regular file: pass a bzImage (vmlinuz) or an ELF vmlinux"
         case let .kernelUnreadable(p, e):
             return "cannot read kernel \(p): \(String(cString: strerror(e))); check its permissions and that it is a regular file"
         case let .emptyKernel(p):
@@ -168,6 +170,8 @@ public enum BootError: Error, Equatable, CustomStringConvertible, Sendable {
             return "ELF entry point \(hex(e)) is not inside any PT_LOAD segment: the vmlinux is corrupt"
         case let .initrdNotFound(p):
             return "initrd \(p) not found: check the --initrd path"
+        case let .initrdUnreadable(p, e) where e == EINVAL:
+            return "initrd \(p) is not a regular file: pass an initramfs file"
         case let .initrdUnreadable(p, e):
             return "cannot read initrd \(p): \(String(cString: strerror(e))); check its permissions and that it is a regular file"
         case let .initrdTooLarge(s, a):

@@ -13,7 +13,8 @@ final class InputFile {
     enum Failure: Error { case notFound, unreadable(Int32) }
 
     init(path: String) throws {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        // O_NONBLOCK: a FIFO opens at once (and is refused below) instead of waiting for a writer.
+        let fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC)
         if fd < 0 {
             let e = errno
             throw (e == ENOENT || e == ENOTDIR) ? Failure.notFound : Failure.unreadable(e)

@@ -324,3 +324,29 @@ public func checkKernelCacheDir(_ dir: String, decompress: Bool) throws -> Strin
     }
     return dir
 }
+
+/// An output file (--serial file=PATH, --metrics PATH) checked before anything runs, so a
+/// path swiftlet cannot write is a usage error at once rather than at the first write.
+/// `creates`: the file swiftlet will create (the path itself, or --metrics's temporary
+/// name); when missing it is created and removed again, so nothing is left behind.
+public func checkOutputFile(_ path: String, flag: String, creates: String? = nil) throws {
+    let p = flag.hasSuffix("=") ? flag + shown(path) : flag + " " + shown(path)
+    var st = stat()
+    if stat(path, &st) == 0 {
+        if st.st_mode & S_IFMT == S_IFDIR {
+            throw SwiftletError(.usage, "\(p) is a directory: give a file path inside it")
+        }
+        guard access(path, W_OK) == 0 else {
+            throw SwiftletError(.usage, "\(p): cannot write it (\(String(cString: strerror(errno)))): give a file you can write")
+        }
+        if creates == nil { return }
+    }
+    let target = creates ?? path
+    if access(target, F_OK) == 0 { return }
+    let fd = open(target, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+    guard fd >= 0 else {
+        throw SwiftletError(.usage, "\(p): cannot create it (\(String(cString: strerror(errno)))): give a file in a directory you can write")
+    }
+    close(fd)
+    unlink(target)
+}

@@ -60,7 +60,7 @@ final class ConsoleOutput: @unchecked Sendable {
         case .file(let path):
             let f = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
             guard f >= 0 else {
-                throw SwiftletError(.missingInput, "cannot open serial output file \(path): \(String(cString: strerror(errno))): give a writable path to --serial file=PATH")
+                throw SwiftletError(.usage, "cannot open serial output file \(path): \(String(cString: strerror(errno))): give a writable path to --serial file=PATH")
             }
             fd = f; owned = true
         }

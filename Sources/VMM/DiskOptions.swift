@@ -179,7 +179,7 @@ public func openDisk(_ o: DiskOptions, alreadyOpen: [OpenDisk] = []) throws -> O
     let type = st.st_mode & S_IFMT
     if type == S_IFDIR { throw SwiftletError(.missingInput, "disk image \(p) is a directory: give an image file") }
     guard type == S_IFREG || type == S_IFBLK else {
-        throw SwiftletError(.missingInput, "disk image \(p) is not a regular file or block device")
+        throw SwiftletError(.missingInput, "disk image \(p) is not a regular file or block device: give an image file")
     }
     for d in alreadyOpen where d.device == UInt64(st.st_dev) && d.inode == UInt64(st.st_ino) {
         if !(o.readOnly && d.options.readOnly) {
@@ -205,6 +205,9 @@ public func openDisk(_ o: DiskOptions, alreadyOpen: [OpenDisk] = []) throws -> O
             }
         }
         if e == ENOENT { throw SwiftletError(.missingInput, "disk image \(p) does not exist") }
+        if e == EACCES || e == EPERM {
+            throw SwiftletError(.missingInput, "cannot open disk image \(p): \(errnoText(e)): give a file you can read (and write, without readonly=on)")
+        }
         throw SwiftletError(.missingInput, "cannot open disk image \(p): \(errnoText(e))")
     }
     var ok = false

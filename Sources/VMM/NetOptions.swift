@@ -211,6 +211,9 @@ public func openTap(_ o: NetOptions) throws -> OpenTap {
                 }
                 throw SwiftletError(.hostUnavailable, "--net: not allowed to create TAP \(name): run as root or with CAP_NET_ADMIN, or create it first with ip tuntap add dev \(name) mode tap multi_queue")
             case EINVAL:
+                if existed && o.queues == 1 {
+                    throw SwiftletError(.usage, "--net: \(name) is an existing interface that is not a TAP: give a TAP, or a new name for swiftlet to create")
+                }
                 if existed {
                     throw SwiftletError(.hostUnavailable, "--net: TAP \(name) exists without multi_queue (or is not a TAP): use queues=1, or recreate it with ip tuntap add dev \(name) mode tap multi_queue")
                 }

@@ -79,6 +79,7 @@ struct Swiftlet: ParsableCommand {
         var c = MachineConfig(kernelPath: kernel, initrdPath: initrd, cmdline: cmdline, cpus: n,
                               memoryBytes: try parseSize(memory), serial: try SerialMode.parse(serial),
                               logLevel: try LogLevel.parse(logLevel), startNanos: startNanos)
+        if case .file(let path) = c.serial { try checkOutputFile(path, flag: "--serial file=") }
         c.disks = try disk.map(DiskOptions.parse)
         c.nets = try net.map(NetOptions.parse)
         c.virtioDiscovery = try VirtioDiscovery.parse(virtioDiscovery)
@@ -89,6 +90,7 @@ struct Swiftlet: ParsableCommand {
         c.isaDebugExit = isaDebugExit
         if let m = metrics {
             guard !m.isEmpty else { throw SwiftletError(.usage, "--metrics needs - (stderr) or a file path") }
+            if m != "-" { try checkOutputFile(m, flag: "--metrics", creates: m + ".tmp") }
             c.metricsPath = m
         }
         return c
