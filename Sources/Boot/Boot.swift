@@ -183,7 +183,7 @@ public enum BootError: Error, Equatable, CustomStringConvertible, Sendable {
         case let .notEnoughMemory(n, h):
             return "guest memory of \(h) bytes is too small, \(n) bytes are needed: give the VM more memory"
         case let .badCPUCount(n, m):
-            return "\(n) vCPUs requested: swiftlet supports 1 to \(m)"
+            return "\(n) vCPUs requested: swiftlet supports 1 to \(m); use --cpus \(m) or fewer"
         case let .badDevice(d):
             return "bad virtio-mmio device description: \(d)"
         case let .badReservedRange(b, s, r):

@@ -173,7 +173,7 @@ public func openDisk(_ o: DiskOptions, alreadyOpen: [OpenDisk] = []) throws -> O
     var st = stat()
     if stat(path, &st) != 0 {
         let e = errno
-        if e == ENOENT || e == ENOTDIR { throw SwiftletError(.missingInput, "disk image \(p) does not exist") }
+        if e == ENOENT || e == ENOTDIR { throw SwiftletError(.missingInput, "disk image \(p) does not exist: check the --disk path=, or create it, e.g. truncate -s 1G \(p)") }
         throw SwiftletError(.missingInput, "cannot access disk image \(p): \(errnoText(e))")
     }
     let type = st.st_mode & S_IFMT
@@ -204,7 +204,7 @@ public func openDisk(_ o: DiskOptions, alreadyOpen: [OpenDisk] = []) throws -> O
                 throw SwiftletError(.missingInput, "disk image \(p) is read-only (\(errnoText(e))): add readonly=on to use it read-only")
             }
         }
-        if e == ENOENT { throw SwiftletError(.missingInput, "disk image \(p) does not exist") }
+        if e == ENOENT { throw SwiftletError(.missingInput, "disk image \(p) does not exist: check the --disk path=, or create it, e.g. truncate -s 1G \(p)") }
         if e == EACCES || e == EPERM {
             throw SwiftletError(.missingInput, "cannot open disk image \(p): \(errnoText(e)): give a file you can read (and write, without readonly=on)")
         }
