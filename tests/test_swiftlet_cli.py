@@ -398,3 +398,184 @@ def test_kernel_cache_default_and_none(swiftlet, kernel, tmp_path):
     r = subprocess.run([swiftlet, "--kernel", kernel], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode in (HOST, 0), r.stderr
     assert "cache" not in r.stderr
+
+
+# README "What a mistake looks like": every row is one case here, run as it is written
+# there (FILE names are files made by the `mistakes` fixture). Each must give exactly one
+# stderr line naming the problem, the documented status, and leave nothing behind: no
+# file, lock, kernel-cache temporary, and (cases with --net, run in their own network
+# namespace) no TAP.
+ROOT, NOBODY, NETNS = "root", "nobody", "netns"
+MISTAKES = [
+    # (id, args, status, words in the line, how it runs)
+    ("no-kernel", [], USAGE, ["--kernel"], ROOT),
+    ("unknown-flag", ["--kernel", "K", "--bogus"], USAGE, ["--bogus", "--help"], ROOT),
+    ("cpus-word", ["--kernel", "K", "--cpus", "two"], USAGE, ["--cpus", "not a number"], ROOT),
+    ("cpus-zero", ["--kernel", "K", "--cpus", "0"], USAGE, ["--cpus", "at least 1"], ROOT),
+    ("cpus-too-many", ["--kernel", "K", "--cpus", "100000"], USAGE, ["vcpus", "1 to", "or fewer"], ROOT),
+    ("memory-garbage", ["--kernel", "K", "--memory", "lots"], USAGE, ["--memory", "not a size", "512M"], ROOT),
+    ("memory-fraction", ["--kernel", "K", "--memory", "1.5G"], USAGE, ["--memory", "not a size"], ROOT),
+    ("memory-too-small", ["--kernel", "K", "--memory", "16M"], USAGE, ["--memory", "minimum"], ROOT),
+    ("serial-mode", ["--kernel", "K", "--serial", "tty"], USAGE, ["--serial", "none, stdio or file="], ROOT),
+    ("serial-missing-dir", ["--kernel", "K", "--serial", "file=T/no/such/s.log"], USAGE,
+     ["--serial file=", "cannot create", "directory you can write"], ROOT),
+    ("serial-directory", ["--kernel", "K", "--serial", "file=T/dir"], USAGE, ["--serial file=", "is a directory"], ROOT),
+    ("metrics-missing-dir", ["--kernel", "K", "--metrics", "T/no/such/m.json"], USAGE,
+     ["--metrics", "cannot create", "directory you can write"], ROOT),
+    ("metrics-unwritable", ["--kernel", "K", "--metrics", "T/dir/m.json"], USAGE,
+     ["--metrics", "permission denied"], NOBODY),
+    ("metrics-directory", ["--kernel", "K", "--metrics", "T/dir"], USAGE, ["--metrics", "is a directory"], ROOT),
+    ("kernel-cache-file", ["--kernel", "K", "--kernel-cache", "T/notes.txt"], USAGE,
+     ["--kernel-cache", "not a directory"], ROOT),
+    ("kernel-cache-no-decompress", ["--kernel", "K", "--kernel-cache", "T/cache", "--no-kernel-decompress"], USAGE,
+     ["--kernel-cache", "drop one"], ROOT),
+    ("timeout-word", ["--kernel", "K", "--timeout", "soon"], USAGE, ["--timeout", "not a duration"], ROOT),
+    ("log-level", ["--kernel", "K", "--log-level", "loud"], USAGE, ["--log-level", "error, warn"], ROOT),
+    ("virtio-discovery", ["--kernel", "K", "--virtio-discovery", "pci"], USAGE, ["--virtio-discovery", "acpi"], ROOT),
+    ("kernel-missing", ["--kernel", "T/vmlinuz"], MISSING, ["not found", "--kernel"], ROOT),
+    ("kernel-directory", ["--kernel", "T/dir"], MISSING, ["is a directory"], ROOT),
+    ("kernel-fifo", ["--kernel", "T/fifo"], MISSING, ["not a regular file"], ROOT),
+    ("kernel-dev-zero", ["--kernel", "/dev/zero"], MISSING, ["not a regular file"], ROOT),
+    ("kernel-unreadable", ["--kernel", "T/secret.img"], MISSING, ["permission denied"], NOBODY),
+    ("kernel-empty", ["--kernel", "T/empty.img"], BAD_INPUT, ["empty", "bzImage"], ROOT),
+    ("kernel-bad-payload", ["--kernel", "T/bad-payload", "--kernel-cache", "T/cache"], BAD_INPUT,
+     ["payload does not unpack", "--no-kernel-decompress"], ROOT),
+    ("kernel-not-a-kernel", ["--kernel", "T/notes.txt"], BAD_INPUT, ["neither a bzImage"], ROOT),
+    ("initrd-missing", ["--kernel", "K", "--initrd", "T/initrd.gz"], MISSING, ["not found", "--initrd"], ROOT),
+    ("initrd-directory", ["--kernel", "K", "--initrd", "T/dir"], MISSING, ["initrd", "is a directory"], ROOT),
+    ("initrd-fifo", ["--kernel", "K", "--initrd", "T/fifo"], MISSING, ["initrd", "not a regular file"], ROOT),
+    ("cmdline-too-long", ["--kernel", "K", "--cmdline", "x" * 70000], BAD_INPUT, ["command line", "shorten"], ROOT),
+    ("disk-missing", ["--kernel", "K", "--disk", "path=T/nope.img"], MISSING, ["does not exist", "--disk path="], ROOT),
+    ("disk-directory", ["--kernel", "K", "--disk", "path=T/dir"], MISSING, ["is a directory", "image file"], ROOT),
+    ("disk-fifo", ["--kernel", "K", "--disk", "path=T/fifo"], MISSING, ["not a regular file", "image file"], ROOT),
+    ("disk-odd-size", ["--kernel", "K", "--disk", "path=T/odd.img"], BAD_INPUT, ["not a multiple of 512", "truncate -s 1024"], ROOT),
+    ("disk-empty", ["--kernel", "K", "--disk", "path=T/empty.img"], BAD_INPUT, ["is empty", "truncate"], ROOT),
+    ("disk-read-only-file", ["--kernel", "K", "--disk", "path=T/ro.img"], MISSING, ["read-only", "readonly=on"], NOBODY),
+    ("disk-unreadable", ["--kernel", "K", "--disk", "path=T/secret.img,readonly=on"], MISSING,
+     ["permission denied", "you can read"], NOBODY),
+    ("outputs-then-bad-disk", ["--kernel", "K", "--metrics", "T/m.json", "--serial", "file=T/s.log",
+                               "--disk", "path=T/odd.img"], BAD_INPUT, ["not a multiple of 512"], ROOT),
+    ("disk-twice", ["--kernel", "K", "--disk", "path=T/d.img", "--disk", "path=T/d.img"], USAGE,
+     ["given twice", "readonly=on"], ROOT),
+    ("disk-key-twice", ["--kernel", "K", "--disk", "path=T/d.img,path=T/d.img"], USAGE, ["path= given twice"], ROOT),
+    ("disk-unknown-key", ["--kernel", "K", "--disk", "path=T/d.img,cache=none"], USAGE, ["unknown option 'cache'"], ROOT),
+    ("disk-no-path", ["--kernel", "K", "--disk", "readonly=on"], USAGE, ["missing path="], ROOT),
+    ("disk-queues", ["--kernel", "K", "--disk", "path=T/d.img,num_queues=9"], USAGE, ["num_queues", "1 to 8"], ROOT),
+    ("disk-readonly-yes", ["--kernel", "K", "--disk", "path=T/d.img,readonly=yes"], USAGE, ["readonly=on or readonly=off"], ROOT),
+    ("disk-serial-long", ["--kernel", "K", "--disk", "path=T/d.img,serial=" + "s" * 21], USAGE, ["serial", "at most 20"], ROOT),
+    ("tap-too-long", ["--kernel", "K", "--net", "tap=0123456789abcdef"], USAGE, ["not a valid interface name", "15"], NETNS),
+    ("tap-slash", ["--kernel", "K", "--net", "tap=a/b"], USAGE, ["not a valid interface name", "'/'"], NETNS),
+    ("tap-space", ["--kernel", "K", "--net", "tap=a b"], USAGE, ["not a valid interface name", "spaces"], NETNS),
+    ("tap-twice", ["--kernel", "K", "--net", "tap=sw0", "--net", "tap=sw0"], USAGE, ["given twice", "its own TAP"], NETNS),
+    ("tap-key-twice", ["--kernel", "K", "--net", "tap=sw0,tap=sw1"], USAGE, ["tap= given twice"], NETNS),
+    ("tap-not-a-tap", ["--kernel", "K", "--net", "tap=lo"], USAGE, ["not a tap"], NETNS),
+    ("tap-no-permission", ["--kernel", "K", "--net", "tap=sw0"], HOST, ["/dev/net/tun", "CAP_NET_ADMIN"], NETNS + "+" + NOBODY),
+    ("tap-then-bad-kernel", ["--kernel", "T/dir", "--net", "tap=sw0"], MISSING, ["is a directory"], NETNS),
+    ("mac-multicast", ["--kernel", "K", "--net", "tap=sw0,mac=01:00:5e:00:00:01"], USAGE, ["multicast"], NETNS),
+    ("mac-malformed", ["--kernel", "K", "--net", "tap=sw0,mac=52:54:00:12:34"], USAGE, ["not a MAC address"], NETNS),
+    ("mac-zero", ["--kernel", "K", "--net", "tap=sw0,mac=00:00:00:00:00:00"], USAGE, ["all zeroes"], NETNS),
+    ("net-queues-0", ["--kernel", "K", "--net", "tap=sw0,queues=0"], USAGE, ["queues", "1 to 8"], NETNS),
+    ("net-queues-9", ["--kernel", "K", "--net", "tap=sw0,queues=9"], USAGE, ["queues", "1 to 8"], NETNS),
+    ("mtu-low", ["--kernel", "K", "--net", "tap=sw0,mtu=67"], USAGE, ["mtu", "68 to 65535"], NETNS),
+    ("mtu-high", ["--kernel", "K", "--net", "tap=sw0,mtu=65536"], USAGE, ["mtu", "68 to 65535"], NETNS),
+    ("net-unknown-key", ["--kernel", "K", "--net", "tap=sw0,speed=10"], USAGE, ["unknown option 'speed'"], NETNS),
+    ("net-no-tap", ["--kernel", "K", "--net", "mac=52:54:00:12:34:56"], USAGE, ["missing tap="], NETNS),
+    ("kvm-no-permission", ["--kernel", "K"], HOST, ["/dev/kvm"], NOBODY),
+]
+
+
+@pytest.fixture
+def mistakes():
+    """A directory others can enter, with the files the MISTAKES rows name."""
+    import tempfile
+    t = tempfile.mkdtemp(prefix="swiftlet-mistakes-", dir="/tmp")
+    os.chmod(t, 0o755)
+    os.mkfifo(os.path.join(t, "fifo"))
+    os.mkdir(os.path.join(t, "dir"))
+    os.mkdir(os.path.join(t, "xdg"))
+    for name, data, mode in [("odd.img", bytes(1000), 0o644), ("empty.img", b"", 0o644), ("d.img", bytes(1 << 20), 0o644),
+                             ("ro.img", bytes(1 << 20), 0o644), ("secret.img", bytes(1 << 20), 0o600),
+                             ("notes.txt", b"hello\n" * 200, 0o644)]:
+        with open(os.path.join(t, name), "wb") as f:
+            f.write(data)
+        os.chmod(os.path.join(t, name), mode)
+    yield t
+    shutil.rmtree(t)
+
+
+def tree(top):
+    return sorted(os.path.relpath(os.path.join(d, n), top) for d, ds, fs in os.walk(top) for n in ds + fs)
+
+
+@pytest.mark.parametrize("args,status,words,how", [m[1:] for m in MISTAKES], ids=[m[0] for m in MISTAKES])
+def test_mistake_table(swiftlet, kernel, mistakes, args, status, words, how):
+    if "nobody" in how and os.geteuid() != 0:
+        pytest.skip("needs root to run as nobody")
+    args = [kernel if a == "K" else a.replace("T/", mistakes + "/") for a in args]
+    argv = [swiftlet, *args]
+    if NOBODY in how:
+        argv = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", *argv]
+    if NETNS in how:
+        # A private network namespace: whatever TAP swiftlet makes is there and nowhere
+        # else; what is left in it after swiftlet ends is listed on stdout.
+        argv = ["unshare", "--net", "sh", "-c", '"$@"; rc=$?; ip -o link | cut -d" " -f2; exit $rc', "sh", *argv]
+    if os.path.join(mistakes, "bad-payload") in args:
+        # The default kernel with its LZ4 payload corrupted (as test_corrupt_kernel_payload).
+        data = bytearray(open(kernel, "rb").read())
+        payload = ((data[0x1f1] or 4) + 1) * 512 + struct.unpack_from("<I", data, 0x248)[0]
+        data[payload + 8:payload + 8 + 64] = b"\xff" * 64
+        with open(os.path.join(mistakes, "bad-payload"), "wb") as f:
+            f.write(bytes(data))
+    before = tree(mistakes)
+    env = dict(os.environ, XDG_CACHE_HOME=os.path.join(mistakes, "xdg"))
+    r = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True, timeout=60)
+    assert r.returncode == status, (r.returncode, r.stderr)
+    one_line(r, *words)
+    if NETNS in how:
+        assert r.stdout.split() == ["lo:"], "interfaces left: %r" % r.stdout
+    else:
+        assert r.stdout == ""
+    # A kernel cache directory may have been made, and the default one may have gained
+    # one finished entry; nothing else (no temporary file, no output file) appears.
+    after = [p for p in tree(mistakes) if p not in before]
+    assert all(p in ("xdg/swiftlet", "cache") or (p.startswith("xdg/swiftlet/vmlinux-") and p.endswith(".unpacked"))
+               for p in after), after
+    import fcntl
+    with open(os.path.join(mistakes, "d.img"), "r+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_mistake_disk_in_use_by_another_swiftlet(swiftlet, mistakes, tmp_path):
+    """README "What a mistake looks like": a disk image another swiftlet is using (it
+    holds an exclusive flock on it) is refused with status 66; the first one runs on
+    and is stopped cleanly."""
+    import signal
+    import time
+    if not os.path.exists("/dev/kvm"):
+        pytest.skip("no /dev/kvm")
+    guest = tiny_guest(tmp_path, "--halt")
+    disk = os.path.join(mistakes, "d.img")
+    env = dict(os.environ, SWIFTLET_ALLOW_PVM="1")
+    p = subprocess.Popen([swiftlet, "--kernel", guest, "--memory", "128M", "--serial", "none", "--disk", "path=" + disk],
+                         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not any(open("/proc/%d/task/%s/comm" % (p.pid, t)).read().startswith("vcpu")
+                      for t in os.listdir("/proc/%d/task" % p.pid)):
+            assert p.poll() is None, p.communicate()
+            assert time.monotonic() < deadline, "the first swiftlet has no vCPU thread within 20 s"
+            time.sleep(0.05)
+        before = tree(mistakes)
+        r = run_tiny(swiftlet, guest, "--serial", "none", "--disk", "path=" + disk)
+        assert r.returncode == MISSING, (r.returncode, r.stderr)
+        one_line(r, "in use", "locked by another process", "readonly=on")
+        assert tree(mistakes) == before
+        assert p.poll() is None, "the first swiftlet runs on"
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=20)
+        assert p.returncode == 128 + 15
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
