@@ -69,6 +69,9 @@ struct Swiftlet: ParsableCommand {
     @Flag(name: .long, help: ArgumentHelp("QEMU's isa-debug-exit at ports 0xf4-0xf7 (as -device isa-debug-exit,iobase=0xf4,iosize=0x04): a write of V ends the VM with status (V << 1) | 1."))
     var isaDebugExit = false
 
+    @Option(name: .long, help: ArgumentHelp("seccomp-BPF allowlist per thread (main, vCPU, virtio queue, disk I/O, irq): on (a forbidden system call ends swiftlet with status 1 and one line naming the thread and the call), log (allowed, logged by the kernel's audit log) or off.", valueName: "on|log|off"))
+    var seccomp: String = "on"
+
     @Option(name: .long, help: ArgumentHelp("error, warn, info or debug (info prints the boot-time marker and an exit summary).", valueName: "level"))
     var logLevel: String = "warn"
 
@@ -87,6 +90,10 @@ struct Swiftlet: ParsableCommand {
         c.kernelCacheDir = try resolveKernelCache(kernelCache, decompress: kernelDecompress)
         if let t = timeout { c.timeoutNanos = try parseDuration(t) }
         c.isaDebugExit = isaDebugExit
+        guard let sc = SeccompMode.parse(seccomp) else {
+            throw SwiftletError(.usage, "--seccomp '\(seccomp)' is not valid: use on, log or off")
+        }
+        c.seccomp = sc
         if let m = metrics {
             guard !m.isEmpty else { throw SwiftletError(.usage, "--metrics needs - (stderr) or a file path") }
             c.metricsPath = m
