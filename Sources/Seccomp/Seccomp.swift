@@ -40,6 +40,9 @@ public enum Seccomp {
     nonisolated(unsafe) public static var mode: SeccompMode = .off
     /// The main thread may open (and rename) a --metrics file after its filter is on.
     nonisolated(unsafe) public static var mainMayWriteFiles = false
+    /// The main thread reads /proc/self/status and asks mincore about guest RAM after its
+    /// filter is on (--log-level debug's memory line).
+    nonisolated(unsafe) public static var mainReadsProcStatus = false
 
     /// Installs the SIGSYS handler that reports a trapped call (call once, before any filter).
     public static func installViolationHandler() -> Int32 {
@@ -90,6 +93,7 @@ public enum Seccomp {
             if mainMayWriteFiles {
                 r += [.allow(SYS_openat), .allow(SYS_rename), .allow(SYS_renameat), .allow(SYS_renameat2)]
             }
+            if mainReadsProcStatus { r += [.allow(SYS_openat), .allow(SYS_mincore)] }
         case .vcpu:
             // vCPU threads start the queue threads and disk I/O pools when a driver sets
             // DRIVER_OK: those inherit this filter, so it allows what they need too.

@@ -139,6 +139,7 @@ public func run(_ config: MachineConfig) throws -> Int32 {
     // itself (the -irq threads while the machine is built, the rest in Machine.run).
     Seccomp.mode = config.seccomp
     Seccomp.mainMayWriteFiles = config.metricsPath.map { $0 != "-" } ?? false
+    Seccomp.mainReadsProcStatus = config.logLevel >= .debug
     if config.seccomp == .on {
         let e = Seccomp.installViolationHandler()
         if e != 0 { throw SwiftletError(.runtimeError, "seccomp: cannot install the SIGSYS handler: \(String(cString: strerror(e)))") }

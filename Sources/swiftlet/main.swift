@@ -17,7 +17,7 @@ struct Swiftlet: ParsableCommand {
         abstract: "Boot a Linux guest in a KVM micro-VM.",
         discussion: """
         Exit status: 0 guest powered off, 3 guest rebooted, 4 guest crashed (triple fault, \
-        KVM internal error), 1 swiftlet failed while running, 124 --timeout ran out, 128+N stopped \
+        KVM internal error), 1 swiftlet failed while running (a host error, or a system call outside its seccomp allowlist), 124 --timeout ran out, 128+N stopped \
         by signal N, 64 usage error, 65 bad kernel/initrd data, 66 input missing or unreadable, \
         69 host cannot run the VM (no usable /dev/kvm). A guest that writes N to the exit register \
         (0xd0000004) ends the VM with status N as it is (a non-zero one is named on stderr as \

@@ -232,7 +232,7 @@ static inline const char *clinux_syscall_name(long nr) {
     CLINUX_SYSNAME(io_uring_setup) CLINUX_SYSNAME(io_uring_enter) CLINUX_SYSNAME(sched_getaffinity)
     CLINUX_SYSNAME(sched_setaffinity) CLINUX_SYSNAME(getrlimit) CLINUX_SYSNAME(prlimit64)
     CLINUX_SYSNAME(sysinfo) CLINUX_SYSNAME(membarrier) CLINUX_SYSNAME(process_vm_readv)
-    CLINUX_SYSNAME(process_vm_writev) CLINUX_SYSNAME(pidfd_open) CLINUX_SYSNAME(getdents64)
+    CLINUX_SYSNAME(process_vm_writev) CLINUX_SYSNAME(pidfd_open) CLINUX_SYSNAME(getdents64) CLINUX_SYSNAME(mincore)
 #undef CLINUX_SYSNAME
     default: return 0;
     }
