@@ -13,6 +13,8 @@ let package = Package(
     targets: [
         // C shim: linux-libc-dev headers and ioctl numbers Swift cannot import as macros. Nothing else in C.
         .target(name: "CLinux"),
+        // seccomp-BPF: one allowlist per thread role, installed by each thread on itself.
+        .target(name: "Seccomp", dependencies: ["CLinux"]),
         // Guest physical memory: regions, bounds-checked access, iovecs.
         .target(name: "GuestMemory", dependencies: ["CLinux"]),
         // /dev/kvm, VM, vCPU, memory slots, irqchip, ioeventfd, irqfd.
@@ -22,9 +24,9 @@ let package = Package(
         // Split virtqueues, the virtio-mmio transport, feature negotiation.
         .target(name: "Virtio", dependencies: ["CLinux", "GuestMemory"]),
         // Legacy devices: 16550 UART, CMOS RTC, i8042, boot-time marker, guest exit register.
-        .target(name: "Devices", dependencies: ["CLinux", "GuestMemory", "Virtio"]),
+        .target(name: "Devices", dependencies: ["CLinux", "GuestMemory", "Virtio", "Seccomp"]),
         // Builds a machine from a configuration and runs its lifecycle.
-        .target(name: "VMM", dependencies: ["CLinux", "KVM", "GuestMemory", "Boot", "Devices", "Virtio"]),
+        .target(name: "VMM", dependencies: ["CLinux", "KVM", "GuestMemory", "Boot", "Devices", "Virtio", "Seccomp"]),
         .executableTarget(name: "swiftlet", dependencies: [
             "VMM",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -36,6 +38,7 @@ let package = Package(
         .testTarget(name: "BootTests", dependencies: ["Boot", "GuestMemory"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "GuestMemory"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "GuestMemory", "Virtio"]),
+        .testTarget(name: "SeccompTests", dependencies: ["Seccomp", "CLinux"]),
         .testTarget(name: "VMMTests", dependencies: ["VMM", "Devices", "Virtio", "GuestMemory", "KVM"]),
     ],
     swiftLanguageModes: [.v5]

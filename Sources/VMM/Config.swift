@@ -1,6 +1,7 @@
 // The machine configuration and the parsers for user-supplied values.
 import Glibc
 import Virtio
+@_exported import enum Seccomp.SeccompMode
 
 /// Exit statuses a CI script can rely on (README "Exit status").
 public enum ExitStatus: Int32 {
@@ -123,6 +124,8 @@ public struct MachineConfig {
     public var timeoutNanos: UInt64? = nil
     /// --isa-debug-exit: QEMU's isa-debug-exit at ports 0xf4-0xf7.
     public var isaDebugExit = false
+    /// --seccomp: each thread's allowlist enforced (on), only logged (log), or none (off).
+    public var seccomp: SeccompMode = .on
 
     public init(kernelPath: String, initrdPath: String? = nil, cmdline: String = MachineConfig.defaultCmdline,
                 cpus: Int = 1, memoryBytes: UInt64 = 512 << 20, serial: SerialMode = .stdio,

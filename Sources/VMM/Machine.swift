@@ -10,6 +10,7 @@ import Boot
 import Devices
 import Virtio
 import Synchronization
+import Seccomp
 
 public func monotonicNow() -> UInt64 { monotonicNanos() }
 
@@ -134,6 +135,15 @@ public func run(_ config: MachineConfig) throws -> Int32 {
     // the start-up benchmark's tiny guest) run on a PVM host.
     let allowPVM = host == .pvmHost && getenv("SWIFTLET_ALLOW_PVM").map { String(cString: $0) == "1" } == true
     guard host.isUsable || allowPVM else { throw SwiftletError(.hostUnavailable, host.message) }
+    // seccomp: the SIGSYS handler first; each thread then installs its role's filter on
+    // itself (the -irq threads while the machine is built, the rest in Machine.run).
+    Seccomp.mode = config.seccomp
+    Seccomp.mainMayWriteFiles = config.metricsPath.map { $0 != "-" } ?? false
+    Seccomp.mainReadsProcStatus = config.logLevel >= .debug
+    if config.seccomp == .on {
+        let e = Seccomp.installViolationHandler()
+        if e != 0 { throw SwiftletError(.runtimeError, "seccomp: cannot install the SIGSYS handler: \(String(cString: strerror(e)))") }
+    }
     let machine = try Machine(config: config, kvm: kvm, memory: memory, boot: boot, disks: disks, nets: nets)
     return machine.run()
 }
@@ -191,6 +201,13 @@ final class Machine: @unchecked Sendable {
     }
     /// monotonicNanos() just before vCPU 0's first KVM_RUN.
     private var firstRunNanos: UInt64 = 0
+    /// Opened by the main thread once its seccomp filter is on; vCPU threads wait for it.
+    private let runGate = Gate()
+    #if DEBUG
+    /// Debug builds only: SWIFTLET_DEBUG_SECCOMP_SELFTEST=vcpu|main makes that thread call
+    /// a forbidden system call (getppid) right after installing its filter (tests).
+    static let seccompSelfTest: String? = getenv("SWIFTLET_DEBUG_SECCOMP_SELFTEST").map { String(cString: $0) }
+    #endif
 
     init(config: MachineConfig, kvm: Hypervisor, memory: GuestMemory, boot: BootCPUState, disks: [OpenDisk], nets: [OpenTap] = []) throws {
         self.config = config
@@ -309,6 +326,10 @@ final class Machine: @unchecked Sendable {
         if config.serial == .stdio { terminal.enter() }
         defer { terminal.restore() }
 
+        // seccomp ordering: the vCPU threads are created before the main thread restricts
+        // itself (so they inherit no filter) and install their own filter, then wait at
+        // `runGate` until the main thread has installed its filter: no KVM_RUN happens
+        // before every running thread is filtered.
         var threads: [OSThread] = []
         for v in vcpus {
             do {
@@ -318,6 +339,12 @@ final class Machine: @unchecked Sendable {
                 break
             }
         }
+        let e = Seccomp.install(.main, name: "main")
+        if e != 0 { finish(.failed("seccomp: cannot install the main thread's filter: \(String(cString: strerror(e))): run with --seccomp off on this kernel")) }
+        #if DEBUG
+        if Machine.seccompSelfTest == "main" { _ = clinux_syscall0(Int(SYS_getppid)) }
+        #endif
+        runGate.open()
 
         waitForEnd(sigfd: sigfd)
 
@@ -407,6 +434,15 @@ final class Machine: @unchecked Sendable {
             return
         }
         defer { v.disableKick() }
+        let e = Seccomp.install(.vcpu, name: "vcpu\(v.id)")
+        if e != 0 {
+            finish(.failed("seccomp: cannot install the vCPU filter: \(String(cString: strerror(e))): run with --seccomp off on this kernel"))
+            return
+        }
+        #if DEBUG
+        if Machine.seccompSelfTest == "vcpu" { _ = clinux_syscall0(Int(SYS_getppid)) }
+        #endif
+        runGate.wait()
         if v.id == 0 { firstRunNanos = monotonicNanos() }
         while !isStopping {
             let exit: VCPUExit
@@ -520,3 +556,35 @@ func logSink(level: LogLevel, print: @escaping @Sendable (String) -> Void = { lo
 
 /// This process's resident set (VmRSS) in bytes.
 func residentSetBytes() -> UInt64 { (procKiB("/proc/self/status", "VmRSS:") ?? 0) * 1024 }
+
+/// A one-shot gate: `wait()` blocks until `open()` has been called.
+final class Gate: @unchecked Sendable {
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let cond = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+    private var isOpen = false
+
+    init() {
+        pthread_mutex_init(mutex, nil)
+        pthread_cond_init(cond, nil)
+    }
+
+    deinit {
+        pthread_cond_destroy(cond)
+        pthread_mutex_destroy(mutex)
+        cond.deallocate()
+        mutex.deallocate()
+    }
+
+    func open() {
+        pthread_mutex_lock(mutex)
+        isOpen = true
+        pthread_cond_broadcast(cond)
+        pthread_mutex_unlock(mutex)
+    }
+
+    func wait() {
+        pthread_mutex_lock(mutex)
+        while !isOpen { pthread_cond_wait(cond, mutex) }
+        pthread_mutex_unlock(mutex)
+    }
+}

@@ -36,6 +36,7 @@ import KVM
 import Boot
 import Devices
 import Virtio
+import Seccomp
 
 /// One running group of queues (one queue, or a virtio-net rx/tx pair): a kick eventfd
 /// per queue, one stop eventfd, one thread.
@@ -174,6 +175,7 @@ final class HostedDeviceAdapter: VirtioDevice, @unchecked Sendable {
         let kicks = w.kicks
         let threadName = "\(name)-q" + indices.map(String.init).joined(separator: "+")
         w.thread = try spawnThread(name: threadName) {
+            Seccomp.installOrExit(.queue, name: threadName)
             QueueWorker.loop(handlers: handlers, kicks: kicks, stop: stop, log: log)
         }
     }
@@ -402,6 +404,7 @@ final class ResampledIrqfd: @unchecked Sendable {
         let (resample, stop) = (self.resample, stopEvent)
         do {
             thread = try spawnThread(name: "\(name)-irq") {
+                Seccomp.installOrExit(.irq, name: "\(name)-irq")
                 // Reads the resample eventfd before it looks at InterruptStatus, so an EOI
                 // after the look brings a new wake-up.
                 pollUntilStopped(stop: stop, watch: [resample.fd], what: "virtio interrupt resample", log: log) { _ in

@@ -17,7 +17,7 @@ struct Swiftlet: ParsableCommand {
         abstract: "Boot a Linux guest in a KVM micro-VM.",
         discussion: """
         Exit status: 0 guest powered off, 3 guest rebooted, 4 guest crashed (triple fault, \
-        KVM internal error), 1 swiftlet failed while running, 124 --timeout ran out, 128+N stopped \
+        KVM internal error), 1 swiftlet failed while running (a host error, or a system call outside its seccomp allowlist), 124 --timeout ran out, 128+N stopped \
         by signal N, 64 usage error, 65 bad kernel/initrd data, 66 input missing or unreadable, \
         69 host cannot run the VM (no usable /dev/kvm). A guest that writes N to the exit register \
         (0xd0000004) ends the VM with status N as it is (a non-zero one is named on stderr as \
@@ -69,6 +69,9 @@ struct Swiftlet: ParsableCommand {
     @Flag(name: .long, help: ArgumentHelp("QEMU's isa-debug-exit at ports 0xf4-0xf7 (as -device isa-debug-exit,iobase=0xf4,iosize=0x04): a write of V ends the VM with status (V << 1) | 1."))
     var isaDebugExit = false
 
+    @Option(name: .long, help: ArgumentHelp("seccomp-BPF allowlist per thread (main, vCPU, virtio queue, disk I/O, irq): on (a forbidden system call ends swiftlet with status 1 and one line naming the thread and the call), log (allowed, logged by the kernel's audit log) or off.", valueName: "on|log|off"))
+    var seccomp: String = "on"
+
     @Option(name: .long, help: ArgumentHelp("error, warn, info or debug (info prints the boot-time marker and an exit summary).", valueName: "level"))
     var logLevel: String = "warn"
 
@@ -88,6 +91,10 @@ struct Swiftlet: ParsableCommand {
         c.kernelCacheDir = try resolveKernelCache(kernelCache, decompress: kernelDecompress)
         if let t = timeout { c.timeoutNanos = try parseDuration(t) }
         c.isaDebugExit = isaDebugExit
+        guard let sc = SeccompMode.parse(seccomp) else {
+            throw SwiftletError(.usage, "--seccomp '\(seccomp)' is not valid: use on, log or off")
+        }
+        c.seccomp = sc
         if let m = metrics {
             guard !m.isEmpty else { throw SwiftletError(.usage, "--metrics needs - (stderr) or a file path") }
             if m != "-" { try checkOutputFile(m, flag: "--metrics", creates: m + ".tmp") }

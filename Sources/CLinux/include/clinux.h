@@ -156,3 +156,131 @@ static inline int clinux_fallocate(int fd, int mode, long offset, long len) {
 #include <sys/prctl.h>
 static inline int clinux_set_thread_name(const char *name) { return prctl(PR_SET_NAME, (unsigned long)name, 0UL, 0UL, 0UL); }
 #endif // SWIFTLET_CLINUX_KVM_H
+
+// ---- seccomp-BPF (Sources/Seccomp; append-only section, own include guard) ----
+#ifndef SWIFTLET_CLINUX_SECCOMP_H
+#define SWIFTLET_CLINUX_SECCOMP_H
+#include <errno.h>
+#include <linux/sched.h>
+#include <linux/seccomp.h>
+#include <linux/filter.h>
+#include <linux/audit.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <signal.h>
+#include <string.h>
+#include <termios.h>
+
+static inline uint32_t clinux_AUDIT_ARCH_X86_64(void) { return AUDIT_ARCH_X86_64; }
+static inline uint32_t clinux_seccomp_data_nr_offset(void) { return (uint32_t)offsetof(struct seccomp_data, nr); }
+static inline uint32_t clinux_seccomp_data_arch_offset(void) { return (uint32_t)offsetof(struct seccomp_data, arch); }
+static inline uint32_t clinux_seccomp_data_arg_offset(int i) { return (uint32_t)(offsetof(struct seccomp_data, args) + 8 * i); }
+
+// Sets no_new_privs and installs `len` instructions as a filter on the calling thread only
+// (no SECCOMP_FILTER_FLAG_TSYNC). Returns 0, or -1 with errno set.
+static inline int clinux_seccomp_install(unsigned short len, struct sock_filter *filter) {
+    struct sock_fprog prog = { len, filter };
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1UL, 0UL, 0UL, 0UL) != 0) return -1;
+    return (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0UL, &prog);
+}
+
+// The calling thread's name as the SIGSYS handler prints it, set when its filter is installed.
+// (A function-local thread-local: Swift emits the static inline functions it uses, not
+// file-scope variables of a header.)
+static inline char *clinux_seccomp_thread_label(void) { static __thread char label[16]; return label; }
+static inline void clinux_seccomp_set_thread_label(const char *name) {
+    char *label = clinux_seccomp_thread_label();
+    strncpy(label, name, 15);
+    label[15] = 0;
+}
+
+// Names of the system calls the filters allow plus common forbidden ones; NULL otherwise.
+static inline const char *clinux_syscall_name(long nr) {
+    switch (nr) {
+#define CLINUX_SYSNAME(n) case SYS_##n: return #n;
+    CLINUX_SYSNAME(read) CLINUX_SYSNAME(write) CLINUX_SYSNAME(open) CLINUX_SYSNAME(openat)
+    CLINUX_SYSNAME(close) CLINUX_SYSNAME(stat) CLINUX_SYSNAME(fstat) CLINUX_SYSNAME(lstat)
+    CLINUX_SYSNAME(newfstatat) CLINUX_SYSNAME(statx) CLINUX_SYSNAME(poll) CLINUX_SYSNAME(ppoll)
+    CLINUX_SYSNAME(lseek) CLINUX_SYSNAME(mmap) CLINUX_SYSNAME(mprotect) CLINUX_SYSNAME(munmap)
+    CLINUX_SYSNAME(mremap) CLINUX_SYSNAME(madvise) CLINUX_SYSNAME(brk) CLINUX_SYSNAME(rt_sigaction)
+    CLINUX_SYSNAME(rt_sigprocmask) CLINUX_SYSNAME(rt_sigreturn) CLINUX_SYSNAME(rt_sigtimedwait)
+    CLINUX_SYSNAME(ioctl) CLINUX_SYSNAME(pread64) CLINUX_SYSNAME(pwrite64) CLINUX_SYSNAME(readv)
+    CLINUX_SYSNAME(writev) CLINUX_SYSNAME(preadv) CLINUX_SYSNAME(pwritev) CLINUX_SYSNAME(preadv2)
+    CLINUX_SYSNAME(pwritev2) CLINUX_SYSNAME(access) CLINUX_SYSNAME(pipe) CLINUX_SYSNAME(pipe2)
+    CLINUX_SYSNAME(select) CLINUX_SYSNAME(pselect6) CLINUX_SYSNAME(sched_yield) CLINUX_SYSNAME(dup)
+    CLINUX_SYSNAME(dup2) CLINUX_SYSNAME(dup3) CLINUX_SYSNAME(nanosleep) CLINUX_SYSNAME(clock_nanosleep)
+    CLINUX_SYSNAME(getpid) CLINUX_SYSNAME(getppid) CLINUX_SYSNAME(gettid) CLINUX_SYSNAME(socket)
+    CLINUX_SYSNAME(connect) CLINUX_SYSNAME(accept) CLINUX_SYSNAME(accept4) CLINUX_SYSNAME(sendto)
+    CLINUX_SYSNAME(recvfrom) CLINUX_SYSNAME(sendmsg) CLINUX_SYSNAME(recvmsg) CLINUX_SYSNAME(bind)
+    CLINUX_SYSNAME(listen) CLINUX_SYSNAME(socketpair) CLINUX_SYSNAME(clone) CLINUX_SYSNAME(clone3)
+    CLINUX_SYSNAME(fork) CLINUX_SYSNAME(vfork) CLINUX_SYSNAME(execve) CLINUX_SYSNAME(execveat)
+    CLINUX_SYSNAME(exit) CLINUX_SYSNAME(exit_group) CLINUX_SYSNAME(wait4) CLINUX_SYSNAME(kill)
+    CLINUX_SYSNAME(tkill) CLINUX_SYSNAME(tgkill) CLINUX_SYSNAME(uname) CLINUX_SYSNAME(fcntl)
+    CLINUX_SYSNAME(flock) CLINUX_SYSNAME(fsync) CLINUX_SYSNAME(fdatasync) CLINUX_SYSNAME(ftruncate)
+    CLINUX_SYSNAME(getcwd) CLINUX_SYSNAME(chdir) CLINUX_SYSNAME(rename) CLINUX_SYSNAME(renameat)
+    CLINUX_SYSNAME(renameat2) CLINUX_SYSNAME(mkdir) CLINUX_SYSNAME(mkdirat) CLINUX_SYSNAME(unlink)
+    CLINUX_SYSNAME(unlinkat) CLINUX_SYSNAME(chmod) CLINUX_SYSNAME(fchmod) CLINUX_SYSNAME(chown)
+    CLINUX_SYSNAME(getuid) CLINUX_SYSNAME(geteuid) CLINUX_SYSNAME(setuid) CLINUX_SYSNAME(ptrace)
+    CLINUX_SYSNAME(sigaltstack) CLINUX_SYSNAME(prctl) CLINUX_SYSNAME(arch_prctl) CLINUX_SYSNAME(mount)
+    CLINUX_SYSNAME(futex) CLINUX_SYSNAME(set_robust_list) CLINUX_SYSNAME(get_robust_list)
+    CLINUX_SYSNAME(set_tid_address) CLINUX_SYSNAME(rseq) CLINUX_SYSNAME(clock_gettime)
+    CLINUX_SYSNAME(gettimeofday) CLINUX_SYSNAME(getrandom) CLINUX_SYSNAME(eventfd2)
+    CLINUX_SYSNAME(signalfd4) CLINUX_SYSNAME(timerfd_create) CLINUX_SYSNAME(epoll_create1)
+    CLINUX_SYSNAME(epoll_ctl) CLINUX_SYSNAME(epoll_wait) CLINUX_SYSNAME(epoll_pwait)
+    CLINUX_SYSNAME(fallocate) CLINUX_SYSNAME(seccomp) CLINUX_SYSNAME(bpf) CLINUX_SYSNAME(memfd_create)
+    CLINUX_SYSNAME(io_uring_setup) CLINUX_SYSNAME(io_uring_enter) CLINUX_SYSNAME(sched_getaffinity)
+    CLINUX_SYSNAME(sched_setaffinity) CLINUX_SYSNAME(getrlimit) CLINUX_SYSNAME(prlimit64)
+    CLINUX_SYSNAME(sysinfo) CLINUX_SYSNAME(membarrier) CLINUX_SYSNAME(process_vm_readv)
+    CLINUX_SYSNAME(process_vm_writev) CLINUX_SYSNAME(pidfd_open) CLINUX_SYSNAME(getdents64) CLINUX_SYSNAME(mincore)
+#undef CLINUX_SYSNAME
+    default: return 0;
+    }
+}
+
+// SIGSYS from a SECCOMP_RET_TRAP: one preformatted line on stderr, then _exit(1).
+// Async-signal-safe: stack buffer, write(2), _exit(2) only.
+static inline void clinux_seccomp_sigsys_handler(int sig, siginfo_t *info, void *ctx) {
+    (void)sig; (void)ctx;
+    char buf[192];
+    size_t n = 0;
+#define CLINUX_PUT(s) do { const char *p_ = (s); while (*p_ && n < sizeof buf - 2) buf[n++] = *p_++; } while (0)
+    CLINUX_PUT("swiftlet: seccomp: thread ");
+    const char *label = clinux_seccomp_thread_label();
+    CLINUX_PUT(label[0] ? label : "?");
+    CLINUX_PUT(" made forbidden syscall ");
+    int nr = info ? info->si_syscall : -1;
+    char digits[12];
+    int d = 0;
+    unsigned int u = nr < 0 ? (unsigned int)(-(long)nr) : (unsigned int)nr;
+    do { digits[d++] = (char)('0' + u % 10); u /= 10; } while (u && d < 11);
+    if (nr < 0 && n < sizeof buf - 2) buf[n++] = '-';
+    while (d > 0 && n < sizeof buf - 2) buf[n++] = digits[--d];
+    const char *name = clinux_syscall_name(nr);
+    CLINUX_PUT(" (");
+    CLINUX_PUT(name ? name : "unknown");
+    CLINUX_PUT(")");
+#undef CLINUX_PUT
+    buf[n++] = '\n';
+    ssize_t w = write(2, buf, n);
+    (void)w;
+    _exit(1);
+}
+static inline int clinux_install_sigsys_handler(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = clinux_seccomp_sigsys_handler;
+    sigfillset(&sa.sa_mask);
+    sa.sa_flags = SA_SIGINFO;
+    return sigaction(SIGSYS, &sa, NULL);
+}
+// Raw system calls for tests and the debug-only self-check (no libc wrapper in between).
+static inline long clinux_syscall0(long nr) { return syscall(nr); }
+static inline long clinux_syscall3(long nr, long a, long b, long c) { return syscall(nr, a, b, c); }
+// Request numbers of the terminal and TUN ioctls the filters allow.
+static inline unsigned long clinux_TCGETS(void) { return TCGETS; }
+static inline unsigned long clinux_TCSETS(void) { return TCSETS; }
+static inline unsigned long clinux_TCSETSW(void) { return TCSETSW; }
+static inline unsigned long clinux_TCSETSF(void) { return TCSETSF; }
+static inline unsigned long clinux_CLONE_THREAD(void) { return CLONE_THREAD; }
+#endif // SWIFTLET_CLINUX_SECCOMP_H

@@ -3,6 +3,7 @@
 // testbed's L1 kernel). Jobs are closures; a job reports its completion itself.
 import Glibc
 import CLinux
+import Seccomp
 
 private final class PoolThreadBody {
     let pool: IOPool
@@ -30,6 +31,7 @@ public final class IOPool: @unchecked Sendable {
             let e = pthread_create(&tid, nil, { arg in
                 let b = Unmanaged<PoolThreadBody>.fromOpaque(arg!).takeRetainedValue()
                 _ = clinux_set_thread_name(String(decoding: Array(b.name.utf8.prefix(15)), as: UTF8.self))
+                Seccomp.installOrExit(.io, name: b.name)
                 b.pool.work()
                 return nil
             }, box)

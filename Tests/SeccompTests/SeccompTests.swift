@@ -1,0 +1,125 @@
+// Each role's filter installed in a forked child (the test process itself stays
+// unfiltered): an allowed call passes, a forbidden one ends the child with status 1 and
+// the one-line report, --seccomp log lets it through.
+import XCTest
+import Glibc
+import CLinux
+@testable import Seccomp
+
+final class SeccompTests: XCTestCase {
+    /// Runs `body` in a child with `role`'s filter (mode `mode`) installed; returns the
+    /// child's exit status (or 128+signal) and its stderr.
+    func inChild(_ role: ThreadRole, mode: SeccompMode = .on, _ body: @escaping () -> Int32) -> (status: Int32, stderr: String) {
+        var fds: [Int32] = [0, 0]
+        XCTAssertEqual(pipe(&fds), 0)
+        let label = "test-\(role.rawValue)"
+        let pid = fork()
+        if pid == 0 {
+            dup2(fds[1], 2)
+            close(fds[0])
+            if mode == .on, Seccomp.installViolationHandler() != 0 { _exit(90) }
+            if Seccomp.install(role, name: label, mode: mode) != 0 { _exit(91) }
+            _exit(body())
+        }
+        close(fds[1])
+        var out: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 512)
+        while true {
+            let n = read(fds[0], &buf, buf.count)
+            if n <= 0 { break }
+            out += buf[0..<n]
+        }
+        close(fds[0])
+        var st: Int32 = 0
+        waitpid(pid, &st, 0)
+        let status = (st & 0x7f) == 0 ? (st >> 8) & 0xff : 128 + (st & 0x7f)
+        return (status, String(decoding: out, as: UTF8.self))
+    }
+
+    func testEveryRoleTrapsAForbiddenCallWithOneLine() {
+        for role in ThreadRole.allCases {
+            let r = inChild(role) { Int32(truncatingIfNeeded: clinux_syscall0(Int(SYS_getppid))) == 0 ? 0 : 0 }
+            XCTAssertEqual(r.status, 1, "\(role): \(r.stderr)")
+            XCTAssertEqual(r.stderr, "swiftlet: seccomp: thread test-\(role.rawValue) made forbidden syscall \(SYS_getppid) (getppid)\n")
+        }
+    }
+
+    func testAllowedCallsPass() {
+        for role in ThreadRole.allCases {
+            let r = inChild(role) {
+                let msg = "ok"
+                _ = msg.withCString { write(2, $0, 2) }
+                let p = UnsafeMutableRawPointer.allocate(byteCount: 1 << 20, alignment: 16)  // mmap, munmap
+                p.deallocate()
+                return clinux_syscall0(Int(SYS_gettid)) > 0 ? 7 : 8
+            }
+            XCTAssertEqual(r.status, 7, "\(role): \(r.stderr)")
+            XCTAssertEqual(r.stderr, "ok")
+        }
+    }
+
+    func testVCPUIoctlsAreCheckedByRequest() {
+        // KVM_RUN on a bad descriptor: allowed by the filter, EBADF from the kernel.
+        let ok = inChild(.vcpu) {
+            clinux_ioctl_none(-1, clinux_KVM_RUN()) == -1 && errno == EBADF ? 0 : 2
+        }
+        XCTAssertEqual(ok.status, 0, ok.stderr)
+        // KVM_CREATE_VM is no vCPU's business.
+        let bad = inChild(.vcpu) { clinux_ioctl_none(-1, clinux_KVM_CREATE_VM()) == -1 ? 3 : 4 }
+        XCTAssertEqual(bad.status, 1)
+        XCTAssertEqual(bad.stderr, "swiftlet: seccomp: thread test-vcpu made forbidden syscall \(SYS_ioctl) (ioctl)\n")
+        // A queue thread may not run a vCPU.
+        let q = inChild(.queue) { clinux_ioctl_none(-1, clinux_KVM_RUN()) == -1 ? 3 : 4 }
+        XCTAssertEqual(q.status, 1, q.stderr)
+    }
+
+    func testNoExecutableMappingsAndThreadsOnly() {
+        let exec = inChild(.vcpu) {
+            let p = mmap(nil, 4096, PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+            return p == MAP_FAILED ? 5 : 6
+        }
+        XCTAssertEqual(exec.status, 1, exec.stderr)
+        XCTAssertTrue(exec.stderr.contains("(mmap)"), exec.stderr)
+        // clone3 fails with ENOSYS (glibc then uses clone, where the flags are checked).
+        let c3 = inChild(.vcpu) { clinux_syscall3(Int(SYS_clone3), 0, 0, 0) == -1 && errno == ENOSYS ? 0 : 9 }
+        XCTAssertEqual(c3.status, 0, c3.stderr)
+        // A thread can be started from a vCPU thread (queue threads are), a process cannot.
+        let thread = inChild(.vcpu) {
+            var t = pthread_t()
+            guard pthread_create(&t, nil, { _ in nil }, nil) == 0 else { return 10 }
+            pthread_join(t, nil)
+            return 0
+        }
+        XCTAssertEqual(thread.status, 0, thread.stderr)
+        let fork = inChild(.vcpu) { Glibc.fork() >= 0 ? 11 : 12 }
+        XCTAssertEqual(fork.status, 1, fork.stderr)
+    }
+
+    func testLogModeAllowsAndOffInstallsNothing() {
+        let log = inChild(.irq, mode: .log) { clinux_syscall0(Int(SYS_getppid)) > 0 ? 0 : 13 }
+        XCTAssertEqual(log.status, 0, log.stderr)
+        XCTAssertEqual(log.stderr, "")
+        let off = inChild(.irq, mode: .off) { socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0) >= 0 ? 0 : 14 }
+        XCTAssertEqual(off.status, 0, off.stderr)
+    }
+
+    func testProgramsCheckTheArchitectureFirstAndFit() {
+        for role in ThreadRole.allCases {
+            let p = Seccomp.program(for: role, mode: .on)
+            XCTAssertEqual(p[0].k, clinux_seccomp_data_arch_offset())
+            XCTAssertEqual(p[1].k, clinux_AUDIT_ARCH_X86_64())
+            XCTAssertEqual(p[2].k, UInt32(SECCOMP_RET_KILL_PROCESS))
+            XCTAssertLessThanOrEqual(p.count, Int(BPF_MAXINSNS))
+        }
+    }
+
+    /// Threads started by a vCPU thread inherit its filter: the vCPU list must hold the
+    /// queue and disk I/O lists.
+    func testVCPUAllowsWhatTheThreadsItStartsNeed() {
+        let vcpu = Set(Seccomp.rules(for: .vcpu).map(\.nr))
+        for role in [ThreadRole.queue, .io] {
+            let missing = Set(Seccomp.rules(for: role).map(\.nr)).subtracting(vcpu)
+            XCTAssertTrue(missing.isEmpty, "\(role): \(missing)")
+        }
+    }
+}
