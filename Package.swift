@@ -23,8 +23,10 @@ let package = Package(
         .target(name: "Virtio", dependencies: ["CLinux", "GuestMemory"]),
         // Legacy devices: 16550 UART, CMOS RTC, i8042, boot-time marker, guest exit register.
         .target(name: "Devices", dependencies: ["CLinux", "GuestMemory", "Virtio"]),
-        // Builds a machine from a configuration and runs its lifecycle.
-        .target(name: "VMM", dependencies: ["CLinux", "KVM", "GuestMemory", "Boot", "Devices", "Virtio"]),
+        // A strict JSON (RFC 8259) parser and writer for --config-file; imports nothing.
+        .target(name: "JSON"),
+        // Builds a machine from a configuration and runs its lifecycle; reads --config-file.
+        .target(name: "VMM", dependencies: ["CLinux", "KVM", "GuestMemory", "Boot", "Devices", "Virtio", "JSON"]),
         .executableTarget(name: "swiftlet", dependencies: [
             "VMM",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -36,7 +38,8 @@ let package = Package(
         .testTarget(name: "BootTests", dependencies: ["Boot", "GuestMemory"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "GuestMemory"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "GuestMemory", "Virtio"]),
-        .testTarget(name: "VMMTests", dependencies: ["VMM", "Devices", "Virtio", "GuestMemory", "KVM"]),
+        .testTarget(name: "VMMTests", dependencies: ["VMM", "Devices", "Virtio", "GuestMemory", "KVM", "JSON"]),
+        .testTarget(name: "JSONTests", dependencies: ["JSON"]),
     ],
     swiftLanguageModes: [.v5]
 )
