@@ -27,7 +27,8 @@ struct Swiftlet: ParsableCommand {
         network-interfaces, machine-config) and swiftlet's own keys (README "Configuration \
         file"). A flag given on the command line replaces the file's value; --disk and --net \
         replace the file's whole drives and network-interfaces lists.
-        """)
+        """,
+        version: "swiftlet \(swiftletVersion) (commit \(swiftletCommit))")
 
     @Option(name: .long, help: ArgumentHelp("Firecracker-style JSON configuration file; flags given on the command line replace its values.", valueName: "path"),
             completion: .file(extensions: ["json"]))
