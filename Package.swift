@@ -25,8 +25,10 @@ let package = Package(
         .target(name: "Virtio", dependencies: ["CLinux", "GuestMemory"]),
         // Legacy devices: 16550 UART, CMOS RTC, i8042, boot-time marker, guest exit register.
         .target(name: "Devices", dependencies: ["CLinux", "GuestMemory", "Virtio", "Seccomp"]),
-        // Builds a machine from a configuration and runs its lifecycle.
-        .target(name: "VMM", dependencies: ["CLinux", "KVM", "GuestMemory", "Boot", "Devices", "Virtio", "Seccomp"]),
+        // A strict JSON (RFC 8259) parser and writer for --config-file; imports nothing.
+        .target(name: "JSON"),
+        // Builds a machine from a configuration and runs its lifecycle; reads --config-file.
+        .target(name: "VMM", dependencies: ["CLinux", "KVM", "GuestMemory", "Boot", "Devices", "Virtio", "Seccomp", "JSON"]),
         .executableTarget(name: "swiftlet", dependencies: [
             "VMM",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -39,7 +41,8 @@ let package = Package(
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "GuestMemory"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "GuestMemory", "Virtio"]),
         .testTarget(name: "SeccompTests", dependencies: ["Seccomp", "CLinux"]),
-        .testTarget(name: "VMMTests", dependencies: ["VMM", "Devices", "Virtio", "GuestMemory", "KVM"]),
+        .testTarget(name: "VMMTests", dependencies: ["VMM", "Devices", "Virtio", "GuestMemory", "KVM", "JSON"]),
+        .testTarget(name: "JSONTests", dependencies: ["JSON"]),
     ],
     swiftLanguageModes: [.v5]
 )

@@ -75,7 +75,10 @@ def test_summary_line_and_status_follow_failures(tmp_path):
 def test_one_package_list_shared_by_setup_and_ci():
     r = run([os.path.join(REPO, "scripts", "deps")])
     pkgs = r.stdout.split()
-    for p in ("qemu-system-x86", "busybox-static", "iperf3", "e2fsprogs", "cpio", "kmod", "fio",
+    # QEMU and its firmware from bookworm-backports (the testbed's L0), named with the suite
+    for p in ("qemu-system-x86", "qemu-system-common", "qemu-system-data", "seabios"):
+        assert p + "/bookworm-backports" in pkgs
+    for p in ("busybox-static", "iperf3", "e2fsprogs", "cpio", "kmod", "fio",
               "ethtool", "iproute2"):
         assert p in pkgs
     for f in ("scripts/setup", ".ci/run"):

@@ -641,3 +641,188 @@ def test_seccomp_forbidden_call_is_one_line_and_status_1(swiftlet, tmp_path, thr
         assert (r.returncode, r.stdout, r.stderr) == (0, "K\n", "")
     finally:
         del os.environ["SWIFTLET_DEBUG_SECCOMP_SELFTEST"]
+
+
+# --config-file: Firecracker's configuration file (README "Configuration file").
+
+# Firecracker's tests/framework/vm_config.json (the example its getting-started guide
+# points to for --config-file), every section it has, the unused ones null.
+FIRECRACKER_VM_CONFIG = {
+    "boot-source": {
+        "kernel_image_path": "vmlinux.bin",
+        "boot_args": "console=ttyS0 reboot=k panic=1 pci=off",
+        "initrd_path": None,
+    },
+    "drives": [{
+        "drive_id": "rootfs",
+        "partuuid": None,
+        "is_root_device": True,
+        "cache_type": "Unsafe",
+        "is_read_only": False,
+        "path_on_host": "bionic.rootfs.ext4",
+        "io_engine": "Sync",
+        "rate_limiter": None,
+        "socket": None,
+    }],
+    "machine-config": {
+        "vcpu_count": 2,
+        "mem_size_mib": 1024,
+        "smt": False,
+        "track_dirty_pages": False,
+        "huge_pages": "None",
+    },
+    "cpu-config": None,
+    "balloon": None,
+    "network-interfaces": [],
+    "vsock": None,
+    "logger": None,
+    "metrics": None,
+    "mmds-config": None,
+    "entropy": None,
+}
+
+# network-setup.md's network-interfaces request body.
+FIRECRACKER_NET = {"iface_id": "net1", "guest_mac": "06:00:AC:10:00:02", "host_dev_name": "tap0"}
+
+
+def write_config(tmp_path, doc, name="vm.json"):
+    """doc as a file: bytes and text as they are, anything else as JSON."""
+    p = tmp_path / name
+    if isinstance(doc, bytes):
+        p.write_bytes(doc)
+    elif isinstance(doc, str):
+        p.write_text(doc)
+    else:
+        p.write_text(json.dumps(doc, indent=2))
+    return str(p)
+
+
+def test_config_file_firecracker_example_print_config(swiftlet, tmp_path):
+    cfg = write_config(tmp_path, dict(FIRECRACKER_VM_CONFIG, **{"network-interfaces": [FIRECRACKER_NET]}))
+    r = sw(swiftlet, "--config-file", cfg, "--print-config")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    out = json.loads(r.stdout)
+    assert out["boot-source"] == {"kernel_image_path": "vmlinux.bin", "initrd_path": None,
+                                  "boot_args": "console=ttyS0 reboot=k panic=1 pci=off"}
+    assert out["machine-config"] == {"vcpu_count": 2, "mem_size_mib": 1024}
+    assert [(d["drive_id"], d["path_on_host"], d["is_root_device"], d["is_read_only"]) for d in out["drives"]] == \
+        [("rootfs", "bionic.rootfs.ext4", True, False)]
+    assert out["network-interfaces"] == [{"iface_id": "net1", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02",
+                                          "mtu": 1500, "queues": 1, "offload": True}]
+    assert out["swiftlet"]["serial"] == "stdio" and out["swiftlet"]["timeout"] is None
+    # The printed configuration is itself a configuration file that prints the same.
+    again = sw(swiftlet, "--config-file", write_config(tmp_path, r.stdout, "again.json"), "--print-config")
+    assert again.returncode == 0 and again.stdout == r.stdout, again.stderr
+
+
+def test_config_file_flags_replace_file_values(swiftlet, tmp_path):
+    """A flag given on the command line replaces the file's value; --disk and --net replace
+    the file's whole drives and network-interfaces lists; the rest stays the file's."""
+    cfg = write_config(tmp_path, dict(FIRECRACKER_VM_CONFIG, **{"network-interfaces": [FIRECRACKER_NET]}))
+    r = sw(swiftlet, "--config-file", cfg, "--cpus", "4", "--memory", "2G", "--cmdline", "console=ttyS0 -- true",
+           "--disk", "path=a.img,readonly=on", "--disk", "path=b.img,num_queues=2", "--timeout", "90s",
+           "--serial", "none", "--kernel", "bzImage", "--print-config")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["boot-source"]["kernel_image_path"] == "bzImage"
+    assert out["boot-source"]["boot_args"] == "console=ttyS0 -- true"
+    assert out["machine-config"] == {"vcpu_count": 4, "mem_size_mib": 2048}
+    assert [(d["drive_id"], d["path_on_host"], d["is_root_device"], d["is_read_only"], d["num_queues"])
+            for d in out["drives"]] == [("disk0", "a.img", False, True, 1), ("disk1", "b.img", False, False, 2)]
+    assert [n["iface_id"] for n in out["network-interfaces"]] == ["net1"], "no --net: the file's list"
+    assert out["swiftlet"]["timeout"] == "90s" and out["swiftlet"]["serial"] == "none"
+    # Without the file, the flags alone (and swiftlet's defaults).
+    r = sw(swiftlet, "--kernel", "k", "--print-config")
+    out = json.loads(r.stdout)
+    assert out["machine-config"] == {"vcpu_count": 1, "mem_size_mib": 512}
+    assert out["boot-source"]["boot_args"] == "console=ttyS0 reboot=k panic=1"
+    assert out["drives"] == [] and out["network-interfaces"] == []
+
+
+@pytest.mark.parametrize("doc,line", [
+    ({"drives": [{"drive_id": "rootfs", "path_on_host": "r.ext4", "is_root_device": True},
+                 {"drive_id": "data", "is_root_device": False}]},
+     "swiftlet: drives[1].path_on_host: missing: give the disk image file"),
+    ({"drives": [{"drive_id": "rootfs", "path_on_host": "r.ext4", "is_root_device": True, "cache": "Unsafe"}]},
+     "swiftlet: drives[0].cache: unknown key: a drive takes drive_id, path_on_host, is_root_device, is_read_only,"),
+    ({"machine-config": {"vcpu_count": "2", "mem_size_mib": 1024}},
+     "swiftlet: machine-config.vcpu_count: expected an integer, got a string"),
+    ({"machine-config": {"vcpu_count": 2, "mem_size_mib": 1024.5}},
+     "swiftlet: machine-config.mem_size_mib: 1024.5 is not an integer"),
+    ({"machine-config": {"vcpu_count": 2, "mem_size_mib": 10 ** 30}},
+     "swiftlet: machine-config.mem_size_mib: 10000000000000000000... is out of range: give 64 to 1048576 MiB"),
+    ({"machine-config": {"vcpu_count": 2}}, "swiftlet: machine-config.mem_size_mib: missing:"),
+    ({"boot-source": {"boot_args": "console=ttyS0"}}, "swiftlet: boot-source.kernel_image_path: missing:"),
+    ({"network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "AA:FC:00:00:00"}]},
+     "swiftlet: network-interfaces[0].guest_mac: 'AA:FC:00:00:00' is not a MAC address"),
+    ({"vsock": {"guest_cid": 3, "uds_path": "./v.sock"}}, "swiftlet: vsock: not supported yet"),
+    ({"swiftlet": {"timeout": "1h30m"}}, "swiftlet: swiftlet.timeout: '1h30m' is not a duration"),
+    ({"boot-sauce": {}}, "swiftlet: boot-sauce: unknown key: the configuration takes boot-source,"),
+    ([FIRECRACKER_VM_CONFIG], "swiftlet: the configuration: expected an object, got an array"),
+])
+def test_config_file_errors_name_the_json_path(swiftlet, tmp_path, doc, line):
+    r = sw(swiftlet, "--config-file", write_config(tmp_path, doc), "--print-config")
+    assert r.returncode == USAGE, (r.returncode, r.stderr)
+    assert one_line(r).startswith(line), r.stderr
+    assert r.stdout == ""
+
+
+@pytest.mark.parametrize("data,where", [
+    (b'{"drives": [}', "byte 12 (line 1, column 13)"),
+    (b'{"a": 1,}', "byte 8"),
+    (b'{"a": 1} x', "byte 9"),
+    (b'{"a": 1, "a": 2}', "byte 9"),
+    (b"", "byte 0"),
+    (b'{"boot-source": {"kernel_image_path": "k\x00"}}', "byte 40"),
+    (b'{"boot-source": {"kernel_image_path": "\xff"}}', "byte 39"),
+    (b'{"k": "\xed\xa0\x80"}', "byte 8"),
+    (b'{"k": "\\ud800"}', "byte 7"),
+    (b"\xef\xbb\xbf{}", "byte 0"),
+    (b"[" * 10000, "byte 64"),
+    (b'{"n": ' + b"9" * 100000 + b"}", None),
+    (b'{"machine-config": {"vcpu_count": 1, "mem_size_mib": 512', "byte 56 (line 1, column 57): unexpected end of input"),
+])
+def test_config_file_invalid_json_is_one_line_with_the_offset(swiftlet, tmp_path, data, where):
+    r = sw(swiftlet, "--config-file", write_config(tmp_path, data), "--print-config")
+    assert r.returncode == USAGE, (r.returncode, r.stderr)
+    line = one_line(r)
+    if where:
+        assert line.startswith("swiftlet: --config-file %s: invalid JSON at %s" % (tmp_path / "vm.json", where)), line
+    else:
+        assert "unknown key" in line, line
+
+
+def test_config_file_missing_or_unreadable_is_66(swiftlet, tmp_path):
+    r = sw(swiftlet, "--config-file", str(tmp_path / "nope.json"))
+    assert r.returncode == MISSING
+    one_line(r, "nope.json", "does not exist")
+    r = sw(swiftlet, "--config-file", str(tmp_path))
+    assert r.returncode == MISSING
+    one_line(r, "is a directory")
+    cfg = write_config(tmp_path, FIRECRACKER_VM_CONFIG)
+    os.chmod(cfg, 0)
+    os.chmod(tmp_path, 0o755)
+    r = sw(swiftlet, "--config-file", cfg, "--print-config", user="65534")
+    assert r.returncode == MISSING, r.stderr
+    one_line(r, "cannot be read", "permission denied")
+
+
+def test_config_file_runs_the_guest(swiftlet, tmp_path):
+    """A configuration file alone runs a VM: the tiny guest writes 7 to the exit register,
+    and swiftlet.timeout and swiftlet.metrics come from the file."""
+    guest = tiny_guest(tmp_path, "--exit", "7")
+    metrics = tmp_path / "m.json"
+    cfg = write_config(tmp_path, {
+        "boot-source": {"kernel_image_path": guest},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+        "swiftlet": {"metrics": str(metrics), "timeout": "30s", "serial": "stdio"},
+    })
+    if not os.path.exists("/dev/kvm"):
+        pytest.skip("no /dev/kvm")
+    env = dict(os.environ, SWIFTLET_ALLOW_PVM="1")
+    r = subprocess.run([swiftlet, "--config-file", cfg], env=env, stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 7, r.stderr
+    assert r.stdout == "K\n"
+    assert json.loads(metrics.read_text())["exit"] == {"status": 7, "by": "guest", "reason": "exit-register"}

@@ -128,7 +128,7 @@ public struct MachineConfig {
     public var seccomp: SeccompMode = .on
 
     public init(kernelPath: String, initrdPath: String? = nil, cmdline: String = MachineConfig.defaultCmdline,
-                cpus: Int = 1, memoryBytes: UInt64 = 512 << 20, serial: SerialMode = .stdio,
+                cpus: Int = 1, memoryBytes: UInt64 = MachineConfig.defaultMemory, serial: SerialMode = .stdio,
                 logLevel: LogLevel = .warn, startNanos: UInt64 = 0) {
         self.kernelPath = kernelPath
         self.initrdPath = initrdPath
@@ -141,6 +141,7 @@ public struct MachineConfig {
     }
 
     public static let defaultCmdline = "console=ttyS0 reboot=k panic=1"
+    public static let defaultMemory: UInt64 = 512 << 20
     /// Below this the stock kernel cannot even decompress itself.
     public static let minimumMemory: UInt64 = 64 << 20
     /// Guest RAM ends below 1 TiB of guest physical address space.

@@ -62,6 +62,17 @@ public struct DiskOptions: Equatable, Sendable {
     public static let maxQueues = VirtioBlockLimits.maxQueues
     public static let maxSerialBytes = VirtioBlockLimits.idBytes
 
+    /// What is wrong with a non-empty `value` as the disk's GET_ID serial, or nil.
+    static func serialProblem(_ value: String) -> String? {
+        guard value.utf8.count <= maxSerialBytes else {
+            return "'\(shown(value))' is \(value.utf8.count) bytes: at most \(maxSerialBytes)"
+        }
+        guard value.utf8.allSatisfy({ $0 >= 0x20 && $0 < 0x7f }) else {
+            return "may only hold printable ASCII characters"
+        }
+        return nil
+    }
+
     /// Parses one --disk value.
     public static func parse(_ text: String) throws -> DiskOptions {
         func usage(_ s: String) -> SwiftletError { SwiftletError(.usage, "--disk: \(s)") }
@@ -116,12 +127,7 @@ public struct DiskOptions: Equatable, Sendable {
                 o.numQueues = n
             case "serial":
                 guard !value.isEmpty else { throw usage("serial= is empty: give up to \(maxSerialBytes) characters or leave it out") }
-                guard value.utf8.count <= maxSerialBytes else {
-                    throw usage("serial '\(shown(value))' is \(value.utf8.count) bytes: at most \(maxSerialBytes)")
-                }
-                guard value.utf8.allSatisfy({ $0 >= 0x20 && $0 < 0x7f }) else {
-                    throw usage("serial may only hold printable ASCII characters")
-                }
+                if let problem = serialProblem(value) { throw usage("serial \(problem)") }
                 o.serial = value
             default:
                 throw usage("unknown option '\(shown(key))': use path, readonly, num_queues, direct or serial")

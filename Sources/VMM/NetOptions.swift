@@ -66,6 +66,26 @@ public struct NetOptions: Equatable, Sendable {
         return out
     }
 
+    /// What is wrong with a non-empty `value` as a TAP interface name, or nil.
+    static func tapNameProblem(_ value: String) -> String? {
+        // IFNAMSIZ is 16 with the terminating NUL; '/' and whitespace are not allowed in names.
+        guard value.utf8.count <= 15, value != ".", value != "..",
+              value.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7f && $0 != UInt8(ascii: "/") && $0 != UInt8(ascii: ":") }) else {
+            return "'\(shown(value))' is not a valid interface name: use at most 15 characters, no '/', ':' or spaces"
+        }
+        return nil
+    }
+
+    /// `value` as a unicast MAC address, or what is wrong with it.
+    static func unicastMAC(_ value: String) -> (mac: [UInt8]?, problem: String?) {
+        guard let m = parseMAC(value) else {
+            return (nil, "'\(shown(value))' is not a MAC address: use six hex pairs, e.g. 52:54:00:12:34:56")
+        }
+        guard m[0] & 1 == 0 else { return (nil, "\(shown(value)) is a multicast address: the first byte must be even, e.g. 52:54:00:...") }
+        guard m != [0, 0, 0, 0, 0, 0] else { return (nil, "\(shown(value)) is all zeroes: give a unicast address, e.g. 52:54:00:12:34:56") }
+        return (m, nil)
+    }
+
     /// Parses one --net value.
     public static func parse(_ text: String) throws -> NetOptions {
         func usage(_ s: String) -> SwiftletError { SwiftletError(.usage, "--net: \(s)") }
@@ -87,18 +107,11 @@ public struct NetOptions: Equatable, Sendable {
             switch key {
             case "tap":
                 guard !value.isEmpty else { throw usage("tap= is empty: give a TAP interface name, e.g. tap=tap0") }
-                // IFNAMSIZ is 16 with the terminating NUL; '/' and whitespace are not allowed in names.
-                guard value.utf8.count <= 15, value != ".", value != "..",
-                      value.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7f && $0 != UInt8(ascii: "/") && $0 != UInt8(ascii: ":") }) else {
-                    throw usage("tap name '\(shown(value))' is not a valid interface name: use at most 15 characters, no '/', ':' or spaces")
-                }
+                if let problem = tapNameProblem(value) { throw usage("tap name \(problem)") }
                 tap = value
             case "mac":
-                guard let m = parseMAC(value) else {
-                    throw usage("mac='\(shown(value))' is not a MAC address: use six hex pairs, e.g. mac=52:54:00:12:34:56")
-                }
-                guard m[0] & 1 == 0 else { throw usage("mac=\(shown(value)) is a multicast address: the first byte must be even, e.g. 52:54:00:...") }
-                guard m != [0, 0, 0, 0, 0, 0] else { throw usage("mac=\(shown(value)) is all zeroes: give a unicast address, e.g. 52:54:00:12:34:56") }
+                let (m, problem) = unicastMAC(value)
+                guard let m else { throw usage("mac=\(problem ?? "")") }
                 o.mac = m
             case "queues":
                 guard let n = number(max: maxQueues), n >= 1 else {

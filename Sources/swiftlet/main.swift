@@ -22,25 +22,40 @@ struct Swiftlet: ParsableCommand {
         69 host cannot run the VM (no usable /dev/kvm). A guest that writes N to the exit register \
         (0xd0000004) ends the VM with status N as it is (a non-zero one is named on stderr as \
         "swiftlet: guest exit status N"; --metrics says "by": "guest").
-        """)
 
-    @Option(name: .long, help: ArgumentHelp("Linux kernel: bzImage or ELF vmlinux.", valueName: "path"))
-    var kernel: String
+        --config-file takes Firecracker's JSON configuration (boot-source, drives, \
+        network-interfaces, machine-config) and swiftlet's own keys (README "Configuration \
+        file"). A flag given on the command line replaces the file's value; --disk and --net \
+        replace the file's whole drives and network-interfaces lists.
+        """,
+        version: "swiftlet \(swiftletVersion) (commit \(swiftletCommit))")
 
-    @Option(name: .long, help: ArgumentHelp("Initial ramdisk.", valueName: "path"))
+    @Option(name: .long, help: ArgumentHelp("Firecracker-style JSON configuration file; flags given on the command line replace its values.", valueName: "path"),
+            completion: .file(extensions: ["json"]))
+    var configFile: String?
+
+    @Flag(name: .long, help: ArgumentHelp("Print the effective configuration (file and flags merged) as JSON and exit without starting a VM."))
+    var printConfig = false
+
+    @Option(name: .long, help: ArgumentHelp("Linux kernel: bzImage or ELF vmlinux (required, here or in --config-file).", valueName: "path"),
+            completion: .file())
+    var kernel: String?
+
+    @Option(name: .long, help: ArgumentHelp("Initial ramdisk.", valueName: "path"), completion: .file())
     var initrd: String?
 
-    @Option(name: .long, help: ArgumentHelp("Kernel command line.", valueName: "string"))
-    var cmdline: String = MachineConfig.defaultCmdline
+    @Option(name: .long, help: ArgumentHelp("Kernel command line. (default: \(MachineConfig.defaultCmdline))", valueName: "string"))
+    var cmdline: String?
 
-    @Option(name: .long, help: ArgumentHelp("Number of vCPUs.", valueName: "n"))
-    var cpus: String = "1"
+    @Option(name: .long, help: ArgumentHelp("Number of vCPUs. (default: 1)", valueName: "n"))
+    var cpus: String?
 
-    @Option(name: .long, help: ArgumentHelp("Guest memory: 512M, 2G, ... (a bare number is MiB).", valueName: "size"))
-    var memory: String = "512M"
+    @Option(name: .long, help: ArgumentHelp("Guest memory: 512M, 2G, ... (a bare number is MiB). (default: 512M)", valueName: "size"))
+    var memory: String?
 
-    @Option(name: .long, help: ArgumentHelp("Serial console: none, stdio or file=PATH.", valueName: "mode"))
-    var serial: String = "stdio"
+    @Option(name: .long, help: ArgumentHelp("Serial console: none, stdio or file=PATH. (default: stdio)", valueName: "mode"),
+            completion: .list(["none", "stdio", "file="]))
+    var serial: String?
 
     @Option(name: .long, help: ArgumentHelp("virtio-blk disk: path=FILE[,readonly=on][,num_queues=N][,direct=on][,serial=ID] (repeatable).", valueName: "options"))
     var disk: [String] = []
@@ -48,19 +63,23 @@ struct Swiftlet: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("virtio-net over a TAP: tap=NAME[,mac=MAC][,queues=N][,offload=on|off][,mtu=M] (repeatable).", valueName: "options"))
     var net: [String] = []
 
-    @Option(name: .long, help: ArgumentHelp("How the guest finds virtio devices: acpi (DSDT, stock kernels) or cmdline (virtio_mmio.device=).", valueName: "mode"))
-    var virtioDiscovery: String = "acpi"
+    @Option(name: .long, help: ArgumentHelp("How the guest finds virtio devices: acpi (DSDT, stock kernels) or cmdline (virtio_mmio.device=). (default: acpi)", valueName: "mode"),
+            completion: .list(["acpi", "cmdline"]))
+    var virtioDiscovery: String?
 
-    @Flag(name: .long, inversion: .prefixedNo, help: ArgumentHelp("Unpack the bzImage's payload (LZ4 or uncompressed; other compressions are left to the guest) in swiftlet, and enter the vmlinux directly, without KASLR; --no-kernel-decompress lets the guest decompress itself."))
-    var kernelDecompress = true
+    @Flag(name: .long, inversion: .prefixedNo, help: ArgumentHelp("Unpack the bzImage's payload (LZ4 or uncompressed; other compressions are left to the guest) in swiftlet, and enter the vmlinux directly, without KASLR; --no-kernel-decompress lets the guest decompress itself. (default: --kernel-decompress)"))
+    var kernelDecompress: Bool?
 
-    @Option(name: .long, help: ArgumentHelp("Where swiftlet keeps the vmlinux it unpacks from a bzImage, keyed by the kernel file's inode, size and times, so later boots of the same file read it instead of unpacking again: auto ($XDG_CACHE_HOME/swiftlet or ~/.cache/swiftlet, skipped if unusable), none, or a directory (made if missing).", valueName: "auto|none|dir"))
-    var kernelCache: String = "auto"
+    @Option(name: .long, help: ArgumentHelp("Where swiftlet keeps the vmlinux it unpacks from a bzImage, keyed by the kernel file's inode, size and times, so later boots of the same file read it instead of unpacking again: auto ($XDG_CACHE_HOME/swiftlet or ~/.cache/swiftlet, skipped if unusable), none, or a directory (made if missing). (default: auto)", valueName: "auto|none|dir"),
+            completion: .directory)
+    var kernelCache: String?
 
-    @Option(name: .long, help: ArgumentHelp("How virtio interrupt lines are driven: line (KVM_IRQ_LINE, as QEMU does; the default) or irqfd (KVM_IRQFD with resampling).", valueName: "mode"))
-    var virtioIrq: String = "line"
+    @Option(name: .long, help: ArgumentHelp("How virtio interrupt lines are driven: line (KVM_IRQ_LINE, as QEMU does; the default) or irqfd (KVM_IRQFD with resampling).", valueName: "mode"),
+            completion: .list(["line", "irqfd"]))
+    var virtioIrq: String?
 
-    @Option(name: .long, help: ArgumentHelp("Write counters (KVM exits, per-device register exits, per-queue packets/requests) as JSON at exit and on SIGUSR1: - for stderr, or a file.", valueName: "path"))
+    @Option(name: .long, help: ArgumentHelp("Write counters (KVM exits, per-device register exits, per-queue packets/requests) as JSON at exit and on SIGUSR1: - for stderr, or a file.", valueName: "path"),
+            completion: .file())
     var metrics: String?
 
     @Option(name: .long, help: ArgumentHelp("Stop a guest still running this long after swiftlet started, with a clean teardown and status 124: seconds, or a number with s, m, h or d (30, 90s, 2m, 1h).", valueName: "duration"))
@@ -69,38 +88,46 @@ struct Swiftlet: ParsableCommand {
     @Flag(name: .long, help: ArgumentHelp("QEMU's isa-debug-exit at ports 0xf4-0xf7 (as -device isa-debug-exit,iobase=0xf4,iosize=0x04): a write of V ends the VM with status (V << 1) | 1."))
     var isaDebugExit = false
 
-    @Option(name: .long, help: ArgumentHelp("seccomp-BPF allowlist per thread (main, vCPU, virtio queue, disk I/O, irq): on (a forbidden system call ends swiftlet with status 1 and one line naming the thread and the call), log (allowed, logged by the kernel's audit log) or off.", valueName: "on|log|off"))
+    @Option(name: .long, help: ArgumentHelp("seccomp-BPF allowlist per thread (main, vCPU, virtio queue, disk I/O, irq): on (a forbidden system call ends swiftlet with status 1 and one line naming the thread and the call), log (allowed, logged by the kernel's audit log) or off. (default: on)", valueName: "on|log|off"),
+            completion: .list(["on", "log", "off"]))
     var seccomp: String = "on"
 
-    @Option(name: .long, help: ArgumentHelp("error, warn, info or debug (info prints the boot-time marker and an exit summary).", valueName: "level"))
-    var logLevel: String = "warn"
+    @Option(name: .long, help: ArgumentHelp("error, warn, info or debug (info prints the boot-time marker and an exit summary). (default: warn)", valueName: "level"),
+            completion: .list(["error", "warn", "info", "debug"]))
+    var logLevel: String?
 
-    func config() throws -> MachineConfig {
-        guard let n = Int(cpus) else {
-            throw SwiftletError(.usage, "--cpus '\(cpus)' is not a number: give a whole number of vCPUs, e.g. --cpus 2")
+    /// What the command line sets (nil where a flag was not given).
+    func settings() throws -> Settings {
+        var s = Settings()
+        s.kernel = kernel
+        s.initrd = initrd
+        s.cmdline = cmdline
+        if let cpus {
+            guard let n = Int(cpus) else {
+                throw SwiftletError(.usage, "--cpus '\(cpus)' is not a number: give a whole number of vCPUs, e.g. --cpus 2")
+            }
+            s.cpus = n
         }
-        var c = MachineConfig(kernelPath: kernel, initrdPath: initrd, cmdline: cmdline, cpus: n,
-                              memoryBytes: try parseSize(memory), serial: try SerialMode.parse(serial),
-                              logLevel: try LogLevel.parse(logLevel), startNanos: startNanos)
-        if case .file(let path) = c.serial { try checkOutputFile(path, flag: "--serial file=") }
-        c.disks = try disk.map(DiskOptions.parse)
-        c.nets = try net.map(NetOptions.parse)
-        c.virtioDiscovery = try VirtioDiscovery.parse(virtioDiscovery)
-        c.decompressKernel = kernelDecompress
-        c.virtioInterrupts = try VirtioInterruptMode.parse(virtioIrq)
-        c.kernelCacheDir = try resolveKernelCache(kernelCache, decompress: kernelDecompress)
-        if let t = timeout { c.timeoutNanos = try parseDuration(t) }
-        c.isaDebugExit = isaDebugExit
-        guard let sc = SeccompMode.parse(seccomp) else {
-            throw SwiftletError(.usage, "--seccomp '\(seccomp)' is not valid: use on, log or off")
+        if let memory { s.memoryBytes = try parseSize(memory) }
+        if let serial { s.serial = try SerialMode.parse(serial) }
+        if let logLevel { s.logLevel = try LogLevel.parse(logLevel) }
+        if !disk.isEmpty {
+            s.drives = try disk.enumerated().map { DriveSpec(id: "disk\($0.offset)", options: try DiskOptions.parse($0.element)) }
         }
-        c.seccomp = sc
-        if let m = metrics {
-            guard !m.isEmpty else { throw SwiftletError(.usage, "--metrics needs - (stderr) or a file path") }
-            if m != "-" { try checkOutputFile(m, flag: "--metrics", creates: m + ".tmp") }
-            c.metricsPath = m
+        if !net.isEmpty {
+            s.nets = try net.enumerated().map { NetSpec(id: "net\($0.offset)", options: try NetOptions.parse($0.element)) }
         }
-        return c
+        if let virtioDiscovery { s.virtioDiscovery = try VirtioDiscovery.parse(virtioDiscovery) }
+        s.kernelDecompress = kernelDecompress
+        if let virtioIrq { s.virtioIrq = try VirtioInterruptMode.parse(virtioIrq) }
+        s.kernelCache = kernelCache
+        if let timeout { s.timeoutNanos = try parseDuration(timeout) }
+        if isaDebugExit { s.isaDebugExit = true }
+        if let metrics {
+            guard !metrics.isEmpty else { throw SwiftletError(.usage, "--metrics needs - (stderr) or a file path") }
+            s.metrics = metrics
+        }
+        return s
     }
 }
 
@@ -124,7 +151,20 @@ do {
 }
 
 do {
-    let config = try command.config()
+    let flags = try command.settings()
+    let file = try command.configFile.map(loadConfigFile) ?? Settings()
+    let settings = flags.over(file)
+    if command.printConfig {
+        print(try effectiveConfigText(settings))
+        exit(0)
+    }
+    var config = try machineConfig(settings, startNanos: startNanos)
+    if case .file(let path) = config.serial { try checkOutputFile(path, flag: "--serial file=") }
+    if let m = config.metricsPath, m != "-" { try checkOutputFile(m, flag: "--metrics", creates: m + ".tmp") }
+    guard let sc = SeccompMode.parse(command.seccomp) else {
+        throw SwiftletError(.usage, "--seccomp '\(command.seccomp)' is not valid: use on, log or off")
+    }
+    config.seccomp = sc
     let outcome = try VMM.run(config)
     exit(outcome)
 } catch let e as SwiftletError {
