@@ -19,22 +19,41 @@ public final class CMOSRTC: PortDevice, @unchecked Sendable {
 
     @inline(__always) static func bcd(_ v: Int32) -> UInt8 { UInt8((v / 10) << 4 | (v % 10)) }
 
+    /// The UTC calendar date and time of `t` seconds since the epoch, by arithmetic alone
+    /// (libc's gmtime_r reads the time zone file on first use, which a vCPU thread's
+    /// seccomp filter does not allow). Month 1-12, day 1-31, weekday 0 = Sunday.
+    static func utc(_ t: Int64) -> (year: Int32, month: Int32, day: Int32, hour: Int32, minute: Int32, second: Int32, weekday: Int32) {
+        let secs = ((t % 86_400) + 86_400) % 86_400
+        let days = (t - secs) / 86_400
+        let weekday = ((days % 7) + 11) % 7  // 1970-01-01 was a Thursday
+        // civil_from_days: eras of 400 years (146097 days) starting on March 1st
+        let z = days + 719_468
+        let era = (z >= 0 ? z : z - 146_096) / 146_097
+        let doe = z - era * 146_097
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100)
+        let mp = (5 * doy + 2) / 153
+        let day = doy - (153 * mp + 2) / 5 + 1
+        let month = mp < 10 ? mp + 3 : mp - 9
+        let year = yoe + era * 400 + (month <= 2 ? 1 : 0)
+        return (Int32(clamping: year), Int32(month), Int32(day), Int32(secs / 3600), Int32(secs / 60 % 60),
+                Int32(secs % 60), Int32(weekday))
+    }
+
     public func read(offset: UInt16, size: Int) -> UInt32 {
         lock.withLock {
             guard offset == 1 else { return UInt32(index) }
-            var t = now()
-            var tm = Glibc.tm()
-            gmtime_r(&t, &tm)
+            let d = Self.utc(Int64(now()))
             let v: UInt8
             switch index {
-            case 0x00: v = Self.bcd(tm.tm_sec)
-            case 0x02: v = Self.bcd(tm.tm_min)
-            case 0x04: v = Self.bcd(tm.tm_hour)
-            case 0x06: v = Self.bcd(tm.tm_wday + 1)
-            case 0x07: v = Self.bcd(tm.tm_mday)
-            case 0x08: v = Self.bcd(tm.tm_mon + 1)
-            case 0x09: v = Self.bcd(tm.tm_year % 100)
-            case 0x32: v = Self.bcd((tm.tm_year + 1900) / 100)
+            case 0x00: v = Self.bcd(d.second)
+            case 0x02: v = Self.bcd(d.minute)
+            case 0x04: v = Self.bcd(d.hour)
+            case 0x06: v = Self.bcd(d.weekday + 1)
+            case 0x07: v = Self.bcd(d.day)
+            case 0x08: v = Self.bcd(d.month)
+            case 0x09: v = Self.bcd(d.year % 100)
+            case 0x32: v = Self.bcd(d.year / 100)
             case 0x0c: v = 0  // no interrupt flags pending
             default: v = nvram[Int(index & 0x7f)]
             }

@@ -131,13 +131,19 @@ public enum Seccomp {
         .allow(SYS_getpid), .allow(SYS_gettid),
         .allow(SYS_tgkill, arg: 2, in: [UInt32(SIGABRT)]),
         .allow(SYS_fstat), .allow(SYS_newfstatat), .allow(SYS_lseek),
+        // libc opens files for reading on its own on some paths (time zone, message
+        // catalogues behind strerror, CPU counts): opening for reading only, never to
+        // write, create or truncate.
+        .allowIfClear(SYS_openat, arg: 2, mask: UInt32(O_WRONLY | O_RDWR | O_CREAT | O_TRUNC | O_APPEND)),
         .allow(SYS_prctl, arg: 0, in: [UInt32(PR_SET_NAME), UInt32(PR_GET_NAME), UInt32(PR_SET_NO_NEW_PRIVS)]),
         .allow(SYS_seccomp, arg: 0, in: [UInt32(SECCOMP_SET_MODE_FILTER)]),
         .allow(SYS_exit), .allow(SYS_exit_group),
     ]
-    /// A queue thread's own calls (a disk served inline, a TAP, eventfds).
+    /// A queue thread's own calls (a disk served inline, a TAP watched through an epoll
+    /// instance that the rx queue makes when the driver starts it, eventfds).
     static let queueOwn: [SyscallRule] = [
         .allow(SYS_poll), .allow(SYS_ppoll), .allow(SYS_readv), .allow(SYS_writev),
+        .allow(SYS_epoll_create1), .allow(SYS_epoll_ctl), .allow(SYS_epoll_wait), .allow(SYS_epoll_pwait),
         .allow(SYS_preadv), .allow(SYS_pwritev), .allow(SYS_pread64), .allow(SYS_pwrite64),
         .allow(SYS_fdatasync), .allow(SYS_fallocate),
     ]
@@ -211,12 +217,15 @@ enum BPFBuilder {
             jump(BPF_JMP | BPF_JGE | BPF_K, 0x4000_0000, 0, 1),
             stmt(BPF_RET | BPF_K, deny),
         ]
-        // The same number may come twice (a role's list is a union): the first rule wins,
-        // so merge argument lists of the same kind and drop later duplicates.
+        // The same number may come twice (a role's list is a union): an unconditional allow
+        // replaces a conditional one, argument lists of the same kind merge, and any other
+        // later duplicate is dropped (the first rule wins).
         var merged: [SyscallRule] = []
         for r in rules {
             if let i = merged.firstIndex(where: { $0.nr == r.nr }) {
-                if case .oneOf(let a, let v1) = merged[i].check, case .oneOf(let b, let v2) = r.check, a == b {
+                if case .any = r.check {
+                    merged[i] = r
+                } else if case .oneOf(let a, let v1) = merged[i].check, case .oneOf(let b, let v2) = r.check, a == b {
                     var vs = v1
                     for v in v2 where !vs.contains(v) { vs.append(v) }
                     merged[i] = SyscallRule(nr: r.nr, check: .oneOf(arg: a, values: vs))

@@ -90,6 +90,27 @@ final class LegacyTests: XCTestCase {
         XCTAssertEqual(rtc.read(offset: 1, size: 1), 0x12)
     }
 
+    /// The RTC's own UTC arithmetic agrees with libc's gmtime_r, leap days, century
+    /// years and dates before 1970 included.
+    func testRTCCalendarMatchesGmtime() {
+        var stamps: [Int64] = [0, -1, 86_399, 86_400, 951_782_400, 951_868_800, 4_107_542_400, -2_208_988_800,
+                               1_795_256_433, 253_402_300_799, -62_135_596_800]
+        var x: UInt64 = 0x9e37_79b9_7f4a_7c15
+        for _ in 0..<20_000 {
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17
+            stamps.append(Int64(x % 20_000_000_000) - 5_000_000_000)
+        }
+        for t in stamps {
+            var tt = time_t(t)
+            var tm = Glibc.tm()
+            XCTAssertNotNil(gmtime_r(&tt, &tm))
+            let d = CMOSRTC.utc(t)
+            XCTAssertEqual([d.year, d.month, d.day, d.hour, d.minute, d.second, d.weekday],
+                           [tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, tm.tm_wday],
+                           "t = \(t)")
+        }
+    }
+
     func testResetAndSleepRegisters() {
         var events: [MachineEvent] = []
         let kbd = I8042(onEvent: { events.append($0) })

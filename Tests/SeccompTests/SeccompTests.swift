@@ -58,6 +58,42 @@ final class SeccompTests: XCTestCase {
         }
     }
 
+    /// Every role may open a file for reading (libc does on its own, e.g. for strerror's
+    /// message catalogues) but not for writing or creating one.
+    func testOpenForReadingOnly() {
+        for role in ThreadRole.allCases {
+            let r = inChild(role) {
+                let fd = open("/proc/self/status", O_RDONLY | O_CLOEXEC)
+                guard fd >= 0 else { return 5 }
+                close(fd)
+                return 7
+            }
+            XCTAssertEqual(r.status, 7, "\(role): \(r.stderr)")
+            let w = inChild(role) { open("/dev/null", O_WRONLY | O_CLOEXEC) >= 0 ? 0 : 5 }
+            XCTAssertEqual(w.status, 1, "\(role) opened a file for writing: \(w.stderr)")
+            XCTAssertTrue(w.stderr.hasSuffix("made forbidden syscall \(SYS_openat) (openat)\n"), w.stderr)
+        }
+    }
+
+    /// The main thread that writes --metrics keeps its unconditional openat: a rule for
+    /// all calls replaces the common read-only one instead of being dropped as a duplicate.
+    func testUnconditionalRuleReplacesConditionalDuplicate() {
+        let rules: [SyscallRule] = [.allowIfClear(SYS_openat, arg: 2, mask: UInt32(O_WRONLY)), .allow(SYS_openat),
+                                    .allow(SYS_exit_group), .allow(SYS_write)]
+        var prog = BPFBuilder.build(rules: rules, deny: UInt32(SECCOMP_RET_TRAP))
+        var fds: [Int32] = [0, 0]
+        XCTAssertEqual(pipe(&fds), 0)
+        let pid = fork()
+        if pid == 0 {
+            let ok = prog.withUnsafeMutableBufferPointer { clinux_seccomp_install(UInt16($0.count), $0.baseAddress) } == 0
+            _exit(ok ? (open("/dev/null", O_WRONLY | O_CLOEXEC) >= 0 ? 7 : 5) : 91)
+        }
+        var st: Int32 = 0
+        waitpid(pid, &st, 0)
+        XCTAssertEqual((st & 0x7f) == 0 ? (st >> 8) & 0xff : 128 + (st & 0x7f), 7)
+        close(fds[0]); close(fds[1])
+    }
+
     func testVCPUIoctlsAreCheckedByRequest() {
         // KVM_RUN on a bad descriptor: allowed by the filter, EBADF from the kernel.
         let ok = inChild(.vcpu) {
