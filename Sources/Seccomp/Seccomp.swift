@@ -85,6 +85,8 @@ public enum Seccomp {
                 .allow(SYS_poll), .allow(SYS_ppoll), .allow(SYS_readv), .allow(SYS_writev),
                 .allow(SYS_tgkill, arg: 2, in: [UInt32(SIGABRT), UInt32(clinux_sigrtmin())]),
                 .allow(SYS_flock), .allow(SYS_fsync), .allow(SYS_fdatasync),
+                // teardown stops the devices: an rx queue takes its TAP out of its epoll set
+                .allow(SYS_epoll_ctl),
                 .allow(SYS_ioctl, arg: 1, in: terminalIoctls + [
                     clinux_KVM_IOEVENTFD(), clinux_KVM_IRQFD(), clinux_KVM_IRQ_LINE(),
                     clinux_TUNSETQUEUE(), clinux_TUNSETPERSIST(),
