@@ -231,12 +231,16 @@ public let maximumDurationNanos: UInt64 = 100 * 365 * 86400 * 1_000_000_000
 /// trailing zeros).
 public func formatDuration(_ nanos: UInt64) -> String {
     let ms = (nanos + 500_000) / 1_000_000
-    let whole = ms / 1000, frac = ms % 1000
-    guard frac != 0 else { return "\(whole) s" }
-    var f = String(frac)
-    f = String(repeating: "0", count: 3 - f.count) + f
+    return decimalSeconds(whole: ms / 1000, fraction: ms % 1000, digits: 3) + " s"
+}
+
+/// "W" or "W.F": `fraction` as `digits` decimals, trailing zeros dropped.
+func decimalSeconds(whole: UInt64, fraction: UInt64, digits: Int) -> String {
+    guard fraction != 0 else { return "\(whole)" }
+    var f = String(fraction)
+    f = String(repeating: "0", count: max(0, digits - f.count)) + f
     while f.hasSuffix("0") { f.removeLast() }
-    return "\(whole).\(f) s"
+    return "\(whole).\(f)"
 }
 
 extension String {

@@ -512,12 +512,7 @@ extension LogLevel {
 /// A duration as --timeout and swiftlet.timeout take it, exactly: seconds with up to 9
 /// decimals ("90s", "1.5s").
 public func durationText(_ nanos: UInt64) -> String {
-    let whole = nanos / 1_000_000_000, frac = nanos % 1_000_000_000
-    guard frac != 0 else { return "\(whole)s" }
-    var f = String(frac)
-    f = String(repeating: "0", count: 9 - f.count) + f
-    while f.hasSuffix("0") { f.removeLast() }
-    return "\(whole).\(f)s"
+    decimalSeconds(whole: nanos / 1_000_000_000, fraction: nanos % 1_000_000_000, digits: 9) + "s"
 }
 
 /// The merged settings as a configuration file (what --print-config prints): every
