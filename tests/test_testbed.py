@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 
 from conftest import REPO, run
 
@@ -142,3 +144,11 @@ def test_auto_mode_detection(tmp_path):
     assert usable(**args) is False           # no /dev/kvm
     if os.path.exists("/sys/module/kvm_pvm"):
         assert usable() is False             # this machine: auto means L1
+
+
+@pytest.mark.parametrize("bad", ["../6.12", "6.12;true", "-rf", "6 12"])
+def test_testbed_image_rejects_a_bad_l1_kernel_name(bad):
+    r = run([os.path.join(REPO, "scripts", "testbed-image")], env={"TESTBED_L1_KERNEL": bad})
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.startswith("testbed-image:")]
+    assert lines == ["testbed-image: ERROR: TESTBED_L1_KERNEL=%s is not a kernel series or version (e.g. 6.12)" % bad], r.stderr
