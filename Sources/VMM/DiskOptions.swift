@@ -18,6 +18,7 @@
 //     st_ino) given twice is refused unless every use is readonly=on.
 //   - Commas inside a value are written ",," (as with QEMU).
 import Glibc
+import OS
 import Devices
 import Virtio
 import GuestMemory
@@ -161,8 +162,6 @@ public final class OpenDisk: @unchecked Sendable {
         VirtioBlock(disk: image, numQueues: options.numQueues, engine: engine, name: name, log: log)
     }
 }
-
-private func errnoText(_ e: Int32) -> String { String(cString: strerror(e)) }
 
 /// Opens every --disk in order (see openDisk).
 public func openDisks(_ list: [DiskOptions]) throws -> [OpenDisk] {

@@ -32,11 +32,13 @@
 // transport's onQueueNotify.
 import Glibc
 import GuestMemory
+import OS
 import KVM
 import Boot
 import Devices
 import Virtio
 import Seccomp
+import Synchronization
 
 /// One running group of queues (one queue, or a virtio-net rx/tx pair): a kick eventfd
 /// per queue, one stop eventfd, one thread.
@@ -67,7 +69,9 @@ final class QueueWorker {
             watch.append(kicks[k].fd); slots.append((k, true))
         }
         let what = "virtio queue " + handlers.map { String($0.queueIndex) }.joined(separator: "+")
-        pollUntilStopped(stop: stop, watch: watch, what: what, log: log) { ready in
+        pollUntilStopped(stop: stop, watch: watch, onFailure: { e in
+            log?.warn("queue thread poll failed", "\(what): poll failed: \(errnoText(e))")
+        }) { ready in
             for j in slots.indices where ready[j] {
                 let s = slots[j]
                 if s.kick {
@@ -82,36 +86,6 @@ final class QueueWorker {
     }
 }
 
-/// Which of the watched descriptors a poll found readable (index into `watch`). A view
-/// of the poll array: nothing is allocated per wake-up.
-struct PollReadiness {
-    let fds: [pollfd]
-    var count: Int { fds.count - 1 }
-    subscript(i: Int) -> Bool { fds[i + 1].revents != 0 }
-}
-
-/// A device thread's loop: poll `stop` and `watch` until `stop` is readable, calling
-/// `onReady` with which of `watch` are readable. A failing poll is logged once and the
-/// thread then only waits for `stop` (no spinning).
-func pollUntilStopped(stop: EventFD, watch: [Int32], what: String, log: RateLimitedLog?,
-                      _ onReady: (PollReadiness) -> Void) {
-    var fds = [pollfd(fd: stop.fd, events: Int16(POLLIN), revents: 0)]
-        + watch.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
-    while true {
-        for i in fds.indices { fds[i].revents = 0 }
-        let r = poll(&fds, nfds_t(fds.count), -1)
-        if r < 0 {
-            if errno == EINTR { continue }
-            log?.warn("queue thread poll failed", "\(what): poll failed: \(String(cString: strerror(errno)))")
-            var p = pollfd(fd: stop.fd, events: Int16(POLLIN), revents: 0)
-            while poll(&p, 1, -1) < 0 && errno == EINTR {}
-            return
-        }
-        if fds[0].revents != 0 { return }
-        onReady(PollReadiness(fds: fds))
-    }
-}
-
 /// Wraps the device the transport sees: activation starts the queue threads, reset stops them.
 final class HostedDeviceAdapter: VirtioDevice, @unchecked Sendable {
     let inner: any HostedVirtioDevice
@@ -119,9 +93,14 @@ final class HostedDeviceAdapter: VirtioDevice, @unchecked Sendable {
     let notifyAddress: UInt64
     let name: String
     let log: RateLimitedLog?
-    let lock = Mutex()
-    var workers: [QueueWorker] = []
-    var shutDown = false
+    struct State {
+        var workers: [QueueWorker] = []
+        /// The machine stopped: no activation any more.
+        var shutDown = false
+    }
+    let state = Mutex(State())
+    /// The running groups of queues (tests look at their eventfds).
+    var workers: [QueueWorker] { state.withLock { $0.workers } }
 
     init(inner: any HostedVirtioDevice, vm: VirtualMachine, base: UInt64, name: String, log: RateLimitedLog?) {
         self.inner = inner
@@ -139,26 +118,26 @@ final class HostedDeviceAdapter: VirtioDevice, @unchecked Sendable {
     func writeConfig(offset: Int, bytes: UnsafeRawBufferPointer) { inner.writeConfig(offset: offset, bytes: bytes) }
 
     func activate(queues: [SplitQueue?], memory: GuestMemory, features: UInt64, interrupt: any VirtioInterruptSink) throws {
-        try lock.withLock {
-            guard !shutDown else { throw SwiftletError(.runtimeError, "\(name): activated after the machine stopped") }
-            stopWorkersLocked()
+        try state.withLock { s in
+            guard !s.shutDown else { throw SwiftletError(.runtimeError, "\(name): activated after the machine stopped") }
+            stopWorkers(&s)
             try inner.activate(queues: queues, memory: memory, features: features, interrupt: interrupt)
             do {
-                for g in inner.queueHandlerGroups where !g.isEmpty { try startWorkerLocked(g) }
+                for g in inner.queueHandlerGroups where !g.isEmpty { try startWorker(g, &s) }
             } catch {
                 log?.warn("cannot start queue threads", "\(name): cannot start queue threads: \(error)")
-                stopWorkersLocked()
+                stopWorkers(&s)
                 inner.reset()
                 throw error
             }
         }
     }
 
-    private func startWorkerLocked(_ handlers: [VirtioQueueHandler]) throws {
+    private func startWorker(_ handlers: [VirtioQueueHandler], _ s: inout State) throws {
         let indices = handlers.map(\.queueIndex)
         let stop = try EventFD()
         let w = QueueWorker(stop: stop)
-        workers.append(w)  // before anything is registered: a failure below still deregisters it
+        s.workers.append(w)  // before anything is registered: a failure below still deregisters it
         for i in indices {
             let kick = try EventFD()
             var registered = true
@@ -181,8 +160,8 @@ final class HostedDeviceAdapter: VirtioDevice, @unchecked Sendable {
     }
 
     /// Deregisters the ioeventfds, then stops and joins every queue thread.
-    private func stopWorkersLocked() {
-        for w in workers {
+    private func stopWorkers(_ s: inout State) {
+        for w in s.workers {
             for (k, i) in w.indices.enumerated() where w.ioeventfd[k] {
                 do {
                     try vm.deassignIoeventfd(w.kicks[k], address: notifyAddress, length: 4, datamatch: UInt64(i))
@@ -192,24 +171,24 @@ final class HostedDeviceAdapter: VirtioDevice, @unchecked Sendable {
                 w.ioeventfd[k] = false
             }
         }
-        for w in workers where w.thread != nil {
+        for w in s.workers where w.thread != nil {
             do { try w.stop.write(1) } catch { log?.warn("cannot stop a queue thread", "\(name) queues \(w.indices): cannot signal stop: \(error)") }
         }
-        for w in workers { w.thread?.join() }
-        workers = []
+        for w in s.workers { w.thread?.join() }
+        s.workers = []
     }
 
     func reset() {
-        lock.withLock {
-            stopWorkersLocked()
+        state.withLock { s in
+            stopWorkers(&s)
             inner.reset()
         }
     }
 
     /// A QueueNotify write that exited to swiftlet: pass it to the queue's thread.
     func notify(queue: Int) {
-        lock.withLock {
-            for w in workers {
+        state.withLock { s in
+            for w in s.workers {
                 if let k = w.indices.firstIndex(of: queue) { try? w.kicks[k].write(1) }
             }
         }
@@ -217,14 +196,14 @@ final class HostedDeviceAdapter: VirtioDevice, @unchecked Sendable {
 
     /// Machine stop: no activation afterwards.
     func shutdown() {
-        lock.withLock {
-            shutDown = true
-            stopWorkersLocked()
+        state.withLock { s in
+            s.shutDown = true
+            stopWorkers(&s)
             inner.reset()
         }
     }
 
-    var threadCount: Int { lock.withLock { workers.filter { $0.thread != nil }.count } }
+    var threadCount: Int { state.withLock { $0.workers.filter { $0.thread != nil }.count } }
 }
 
 /// A virtio-mmio device in the machine: register window, transport, interrupt line, queue
@@ -246,8 +225,7 @@ public final class VirtioMMIOSlot: MMIODevice, @unchecked Sendable {
     let irqfd: ResampledIrqfd?
     /// The device's log, shared by the transport, the device model and its threads.
     let log: RateLimitedLog?
-    private let stopLock = Mutex()
-    private var stopped = false
+    private let stopped = Atomic<Bool>(false)
 
     /// Builds the transport around `device` and wires its level-triggered interrupt to
     /// `gsi` (`interrupts`). `vm` must have the in-kernel irqchip and `memory` registered.
@@ -317,12 +295,7 @@ public final class VirtioMMIOSlot: MMIODevice, @unchecked Sendable {
     /// deregisters the ioeventfds and the irqfd. The device stays inert afterwards.
     /// Idempotent; call after the vCPU threads have been joined.
     public func stop() {
-        let first: Bool = stopLock.withLock {
-            if stopped { return false }
-            stopped = true
-            return true
-        }
-        guard first else { return }
+        guard !stopped.exchange(true, ordering: .acquiringAndReleasing) else { return }
         adapter.shutdown()
         irqfd?.stop()
         log?.flush()
@@ -353,9 +326,12 @@ final class InterruptLine: @unchecked Sendable {
     let gsi: UInt32
     let log: RateLimitedLog?
     weak var transport: VirtioMMIOTransport?
-    private let lock = Mutex()
-    private var high = false
-    private var loggedError = false
+    /// What KVM was last told, and whether a failure was logged.
+    private struct Level {
+        var high = false
+        var loggedError = false
+    }
+    private let level = Mutex(Level())
 
     init(vm: VirtualMachine, gsi: UInt32, log: RateLimitedLog?) {
         self.vm = vm
@@ -364,15 +340,15 @@ final class InterruptLine: @unchecked Sendable {
     }
 
     func update() {
-        lock.withLock {
+        level.withLock { l in
             let want = (transport?.interruptStatus ?? 0) != 0
-            guard want != high else { return }
+            guard want != l.high else { return }
             do {
                 try vm.irqLine(gsi: gsi, level: want)
-                high = want
+                l.high = want
             } catch {
-                if !loggedError { log?.warn("interrupt line failed", "virtio interrupt line \(gsi): \(error)") }
-                loggedError = true
+                if !l.loggedError { log?.warn("interrupt line failed", "virtio interrupt line \(gsi): \(error)") }
+                l.loggedError = true
             }
         }
     }
@@ -407,7 +383,9 @@ final class ResampledIrqfd: @unchecked Sendable {
                 Seccomp.installOrExit(.irq, name: "\(name)-irq")
                 // Reads the resample eventfd before it looks at InterruptStatus, so an EOI
                 // after the look brings a new wake-up.
-                pollUntilStopped(stop: stop, watch: [resample.fd], what: "virtio interrupt resample", log: log) { _ in
+                pollUntilStopped(stop: stop, watch: [resample.fd], onFailure: { e in
+                    log?.warn("queue thread poll failed", "virtio interrupt resample: poll failed: \(errnoText(e))")
+                }) { _ in
                     _ = try? resample.read()
                     transport.reassertIfPending()
                 }

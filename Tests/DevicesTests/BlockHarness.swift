@@ -1,5 +1,6 @@
 import XCTest
 import Glibc
+import OS
 import Synchronization
 import GuestMemory
 import Virtio

@@ -4,6 +4,8 @@
 // guest's QueueNotify write. (No vCPU runs: the PVM host cannot run an unmodified guest.)
 import XCTest
 import Glibc
+import Synchronization
+import OS
 import GuestMemory
 import KVM
 import Virtio
@@ -487,19 +489,17 @@ final class VirtioHostTests: XCTestCase {
     }
 }
 
-final class Counter: @unchecked Sendable {
-    private let m = Mutex()
-    private var v = 0
-    var value: Int { m.withLock { v } }
-    func add() { m.withLock { v += 1 } }
+final class Counter: Sendable {
+    private let v = Atomic<Int>(0)
+    var value: Int { v.load(ordering: .acquiring) }
+    func add() { v.wrappingAdd(1, ordering: .acquiringAndReleasing) }
 }
 
 /// A flag shared with a watchdog thread.
-final class EventFDFlag: @unchecked Sendable {
-    private let m = Mutex()
-    private var v = false
-    var isSet: Bool { m.withLock { v } }
-    func set() { m.withLock { v = true } }
+final class EventFDFlag: Sendable {
+    private let v = Atomic<Bool>(false)
+    var isSet: Bool { v.load(ordering: .acquiring) }
+    func set() { v.store(true, ordering: .releasing) }
 }
 
 private extension String {

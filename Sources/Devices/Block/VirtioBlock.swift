@@ -17,6 +17,7 @@
 import Glibc
 import CLinux
 import GuestMemory
+import OS
 import Virtio
 import Synchronization
 
@@ -47,8 +48,7 @@ public final class VirtioBlock: HostedVirtioDevice, VirtioStaticConfig, @uncheck
     public let name: String
     let log: RateLimitedLog?
     public let config: [UInt8]
-    let lock = Mutex()
-    var handlers: [BlockQueue] = []
+    let handlers = Mutex<[BlockQueue]>([])
     /// Per-queue counters for `--metrics`; they live as long as the device, so a driver
     /// reset (or a guest reboot) does not lose them.
     public let stats: [BlockQueueStats]
@@ -115,13 +115,12 @@ public final class VirtioBlock: HostedVirtioDevice, VirtioStaticConfig, @uncheck
             for h in made { h.quiesce() }
             throw error
         }
-        lock.withLock { handlers = made }
+        handlers.withLock { $0 = made }
     }
 
     public func reset() {
-        let hs: [BlockQueue] = lock.withLock {
-            let h = handlers
-            handlers = []
+        let hs = handlers.withLock { h -> [BlockQueue] in
+            defer { h = [] }
             return h
         }
         for h in hs { h.quiesce() }
@@ -129,7 +128,7 @@ public final class VirtioBlock: HostedVirtioDevice, VirtioStaticConfig, @uncheck
 
     // MARK: HostedVirtioDevice
 
-    public var queueHandlers: [VirtioQueueHandler] { lock.withLock { handlers } }
+    public var queueHandlers: [VirtioQueueHandler] { handlers.withLock { $0 } }
 }
 
 /// One request after validation.
@@ -164,15 +163,15 @@ public final class BlockQueue: VirtioQueueHandler, @unchecked Sendable {
     let log: RateLimitedLog?
     let pool: IOPool?
     let maxInFlight: Int
-    let eventFD: Int32
+    /// Written by the I/O threads for each finished request; nil for the synchronous engine.
+    let completions: EventFD?
     // Queue-thread state.
     var inFlight = 0
     var broken = false
     var quiesced = false
     var staged = 0
-    // Filled by I/O threads.
-    let doneLock = Mutex()
-    var done: [(head: UInt16, used: UInt32)] = []
+    /// Finished requests, filled by the I/O threads.
+    let done = Mutex<[(head: UInt16, used: UInt32)]>([])
 
     /// Requests served and interrupts raised (the device's counters, kept across resets).
     let stats: BlockQueueStats
@@ -191,27 +190,17 @@ public final class BlockQueue: VirtioQueueHandler, @unchecked Sendable {
         case .synchronous:
             pool = nil
             maxInFlight = 1
-            eventFD = -1
+            completions = nil
         case let .threadPool(threads, limit):
-            let fd = eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK))
-            guard fd >= 0 else { throw BlockError.system(call: "eventfd", errno: errno) }
-            do {
-                pool = try IOPool(threads: max(1, threads), name: name)
-            } catch {
-                close(fd)
-                throw error
-            }
-            eventFD = fd
+            completions = try EventFD()
+            pool = try IOPool(threads: max(1, threads), name: name)
             maxInFlight = max(1, limit)
         }
     }
 
-    deinit {
-        pool?.shutdown()
-        if eventFD >= 0 { close(eventFD) }
-    }
+    deinit { pool?.shutdown() }
 
-    public var completionFD: Int32 { eventFD }
+    public var completionFD: Int32 { completions?.fd ?? -1 }
 
     // MARK: VirtioQueueHandler
 
@@ -226,8 +215,8 @@ public final class BlockQueue: VirtioQueueHandler, @unchecked Sendable {
         guard !quiesced else { return }
         quiesced = true
         // Requests already started finish; nothing new starts (pump checks quiesced).
-        while inFlight > 0 {
-            var p = pollfd(fd: eventFD, events: Int16(POLLIN), revents: 0)
+        while inFlight > 0, let completions {
+            var p = pollfd(fd: completions.fd, events: Int16(POLLIN), revents: 0)
             _ = poll(&p, 1, 1000)
             retire()
         }
@@ -282,15 +271,13 @@ public final class BlockQueue: VirtioQueueHandler, @unchecked Sendable {
         case let .done(status, used):
             complete(chain, status: status, used: used)
         default:
-            if let pool {
+            if let pool, let completions {
                 inFlight += 1
-                let disk = self.disk
                 let submitted = pool.submit { [self] in
                     let (status, used) = BlockQueue.execute(op, disk: disk)
                     BlockQueue.writeStatus(chain, status)
-                    doneLock.withLock { done.append((chain.head, used)) }
-                    var one: UInt64 = 1
-                    _ = Glibc.write(eventFD, &one, 8)
+                    done.withLock { $0.append((chain.head, used)) }
+                    try? completions.write(1)
                 }
                 if !submitted {
                     inFlight -= 1
@@ -319,12 +306,10 @@ public final class BlockQueue: VirtioQueueHandler, @unchecked Sendable {
 
     /// Takes the requests the I/O threads finished and stages them (not published).
     func retire() {
-        guard eventFD >= 0 else { return }
-        var v: UInt64 = 0
-        _ = Glibc.read(eventFD, &v, 8)
-        let finished: [(head: UInt16, used: UInt32)] = doneLock.withLock {
-            let d = done
-            done.removeAll(keepingCapacity: true)
+        guard let completions else { return }
+        _ = try? completions.read()
+        let finished = done.withLock { d -> [(head: UInt16, used: UInt32)] in
+            defer { d.removeAll(keepingCapacity: true) }
             return d
         }
         inFlight -= finished.count

@@ -32,6 +32,7 @@
 import Glibc
 import CLinux
 import GuestMemory
+import OS
 import Virtio
 import Synchronization
 
@@ -81,10 +82,12 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig, @unchecked
     public let config: [UInt8]
     /// Counters per virtqueue index (rx0, tx0, ..., ctrl), kept across resets.
     public let stats: [NetQueueStats]
-    let lock = Mutex()
-    var handlers: [VirtioQueueHandler] = []
-    var pairsActive = 1
-    var negotiated: UInt64 = 0
+    struct State {
+        var handlers: [VirtioQueueHandler] = []
+        var pairsActive = 1
+        var negotiated: UInt64 = 0
+    }
+    let state = Mutex(State())
 
     /// `queueFDs.count` is the number of queue pairs (1...VirtioNetLimits.maxQueuePairs).
     public init(queueFDs: [Int32], mac: [UInt8], mtu: UInt16 = 1500, offload: Bool = true,
@@ -142,40 +145,44 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig, @unchecked
         // frames steered to a pair without rx buffers would wait there.
         setPairs(1)
         var made: [VirtioQueueHandler] = []
-        for p in 0..<pairs {
-            if let q = queues.count > 2 * p ? queues[2 * p] : nil {
-                made.append(NetRxQueue(index: 2 * p, queue: q, fd: queueFDs[p], mergeable: hasMRG,
-                                       minFrame: guestGSO ? VirtioNetLimits.maxGSOFrame : Int(mtu) + 18,
-                                       interrupt: interrupt, stats: stats[2 * p], name: name, log: log))
+        do {
+            for p in 0..<pairs {
+                if let q = queues.count > 2 * p ? queues[2 * p] : nil {
+                    made.append(try NetRxQueue(index: 2 * p, queue: q, fd: queueFDs[p], mergeable: hasMRG,
+                                               minFrame: guestGSO ? VirtioNetLimits.maxGSOFrame : Int(mtu) + 18,
+                                               interrupt: interrupt, stats: stats[2 * p], name: name, log: log))
+                }
+                if let q = queues.count > 2 * p + 1 ? queues[2 * p + 1] : nil {
+                    made.append(try NetTxQueue(index: 2 * p + 1, queue: q, fd: queueFDs[p], interrupt: interrupt,
+                                               stats: stats[2 * p + 1], name: name, log: log))
+                }
             }
-            if let q = queues.count > 2 * p + 1 ? queues[2 * p + 1] : nil {
-                made.append(NetTxQueue(index: 2 * p + 1, queue: q, fd: queueFDs[p], interrupt: interrupt,
-                                       stats: stats[2 * p + 1], name: name, log: log))
-            }
+        } catch {
+            for h in made { h.quiesce() }
+            throw error
         }
         let ctrl = 2 * pairs
         if features & VirtioNetFeature.ctrlVQ != 0, queues.count > ctrl, let q = queues[ctrl] {
             made.append(NetCtrlQueue(index: ctrl, queue: q, device: self, features: features,
                                      interrupt: interrupt, stats: stats[stats.count - 1], log: log))
         }
-        lock.withLock {
-            handlers = made
-            negotiated = features
+        state.withLock {
+            $0.handlers = made
+            $0.negotiated = features
         }
     }
 
     public func reset() {
-        let hs: [VirtioQueueHandler] = lock.withLock {
-            let h = handlers
-            handlers = []
-            return h
+        let hs = state.withLock { s -> [VirtioQueueHandler] in
+            defer { s.handlers = [] }
+            return s.handlers
         }
         for h in hs { h.quiesce() }
     }
 
     // MARK: HostedVirtioDevice
 
-    public var queueHandlers: [VirtioQueueHandler] { lock.withLock { handlers } }
+    public var queueHandlers: [VirtioQueueHandler] { state.withLock { $0.handlers } }
     /// One thread per queue pair (rx i and tx i, which share TAP queue i), and one for the
     /// control queue: frames both ways and their completions batch on one thread, with
     /// one wake-up where two threads would hand over to each other.
@@ -185,7 +192,7 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig, @unchecked
     }
 
     /// Queue pairs in use (the driver's last VQ_PAIRS_SET, 1 after activation).
-    public var activePairs: Int { lock.withLock { pairsActive } }
+    public var activePairs: Int { state.withLock { $0.pairsActive } }
 
     /// Attaches TAP queues 0..<n and detaches the rest; rx threads of newly attached
     /// pairs poll their TAP again.
@@ -195,9 +202,9 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig, @unchecked
                 log?.warn("cannot attach or detach a TAP queue", "\(name): cannot \(p < n ? "attach" : "detach") TAP queue \(p): \(error)")
             }
         }
-        let rx: [NetRxQueue] = lock.withLock {
-            pairsActive = n
-            return handlers.compactMap { $0 as? NetRxQueue }.filter { $0.queueIndex / 2 < n }
+        let rx = state.withLock { s -> [NetRxQueue] in
+            s.pairsActive = n
+            return s.handlers.compactMap { $0 as? NetRxQueue }.filter { $0.queueIndex / 2 < n }
         }
         for r in rx { r.watchTap(true) }
     }
@@ -215,11 +222,6 @@ func netPublish(_ queue: SplitQueue, _ interrupt: any VirtioInterruptSink, _ sta
     }
 }
 
-@_silgen_name("epoll_create1") func swiftlet_epoll_create1(_ flags: Int32) -> Int32
-@_silgen_name("epoll_ctl") func swiftlet_epoll_ctl(_ epfd: Int32, _ op: Int32, _ fd: Int32, _ event: UnsafeMutableRawPointer) -> Int32
-
-private func errnoText(_ e: Int32) -> String { String(cString: strerror(e)) }
-
 // MARK: rx
 
 /// One receive queue: TAP -> guest.
@@ -234,8 +236,8 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
     let stats: NetQueueStats
     let name: String
     let log: RateLimitedLog?
-    /// epoll instance holding the TAP fd (for EPOLLIN) while the guest has buffers: our completion fd.
-    let epfd: Int32
+    /// Holds the TAP fd (for reading) while the guest has buffers: our completion fd.
+    let tapWatch: Epoll
     /// Chains popped but not filled yet (kept for the next frame).
     var pending: [DescriptorChain] = []
     /// The iovecs of the frame being read (kept: no allocation per frame).
@@ -244,22 +246,8 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
     var quiesced = false
     var loggedError = false
 
-    // epoll(7): Glibc's Swift module does not carry <sys/epoll.h>; plain C ABI, packed
-    // struct epoll_event { u32 events; u64 data } (12 bytes on x86-64) built by hand.
-    static let epollCloexec: Int32 = 0o2000000
-    static let epollCtlAdd: Int32 = 1
-    static let epollCtlDel: Int32 = 2
-    static let epollIn: UInt32 = 1
-
-    static func epollCtl(_ ep: Int32, _ op: Int32, _ fd: Int32, events: UInt32) -> Int32 {
-        var ev = [UInt8](repeating: 0, count: 12)
-        withUnsafeBytes(of: events.littleEndian) { ev.replaceSubrange(0..<4, with: $0) }
-        withUnsafeBytes(of: UInt64(UInt32(bitPattern: fd)).littleEndian) { ev.replaceSubrange(4..<12, with: $0) }
-        return ev.withUnsafeMutableBytes { swiftlet_epoll_ctl(ep, op, fd, $0.baseAddress!) }
-    }
-
     init(index: Int, queue: SplitQueue, fd: Int32, mergeable: Bool, minFrame: Int, interrupt: any VirtioInterruptSink,
-         stats: NetQueueStats, name: String, log: RateLimitedLog?) {
+         stats: NetQueueStats, name: String, log: RateLimitedLog?) throws {
         queueIndex = index
         self.queue = queue
         self.fd = fd
@@ -269,20 +257,17 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
         self.stats = stats
         self.name = name
         self.log = log
-        epfd = swiftlet_epoll_create1(NetRxQueue.epollCloexec)
+        tapWatch = try Epoll()
     }
 
-    deinit { if epfd >= 0 { close(epfd) } }
-
-    public var completionFD: Int32 { epfd }
+    public var completionFD: Int32 { tapWatch.fd }
 
     /// Start (true) or stop polling the TAP for frames. Safe from any thread. Stopping
     /// takes the TAP out of the epoll set: with no events asked for, epoll still reports
     /// a TAP in error or hung up, and the thread would wake for it again and again.
     /// (Adding what is there or removing what is not fails harmlessly.)
     func watchTap(_ on: Bool) {
-        guard epfd >= 0 else { return }
-        _ = NetRxQueue.epollCtl(epfd, on ? NetRxQueue.epollCtlAdd : NetRxQueue.epollCtlDel, fd, events: NetRxQueue.epollIn)
+        if on { tapWatch.add(fd) } else { tapWatch.remove(fd) }
     }
 
     public func kicked() {
@@ -455,13 +440,13 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
     let name: String
     let log: RateLimitedLog?
     /// Written when a wake-up ran out of budget with work left: brings the thread back.
-    let again: Int32
+    let again: EventFD
     var broken = false
     var quiesced = false
     var loggedError = false
 
     init(index: Int, queue: SplitQueue, fd: Int32, interrupt: any VirtioInterruptSink, stats: NetQueueStats,
-         name: String, log: RateLimitedLog?) {
+         name: String, log: RateLimitedLog?) throws {
         queueIndex = index
         self.queue = queue
         self.fd = fd
@@ -469,12 +454,10 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
         self.stats = stats
         self.name = name
         self.log = log
-        again = eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK))
+        again = try EventFD()
     }
 
-    deinit { if again >= 0 { close(again) } }
-
-    public var completionFD: Int32 { again }
+    public var completionFD: Int32 { again.fd }
 
     public func kicked() {
         stats.notified()
@@ -482,8 +465,7 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
     }
 
     public func completionsReady() {
-        var v: UInt64 = 0
-        _ = read(again, &v, 8)
+        _ = try? again.read()
         transmit()
     }
 
@@ -523,8 +505,7 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
             }
             if served >= VirtioNetLimits.budget {
                 // More may wait: come back after the used ring is published.
-                var one: UInt64 = 1
-                if again >= 0 { _ = write(again, &one, 8) }
+                try? again.write(1)
                 return
             }
             if !queue.enableNotifications() { return }
@@ -686,5 +667,5 @@ public final class TapQueueControl: NetTapControl, @unchecked Sendable {
 public struct NetTapError: Error, CustomStringConvertible {
     public let call: String
     public let errno: Int32
-    public var description: String { "\(call): \(String(cString: strerror(errno)))" }
+    public var description: String { "\(call): \(errnoText(errno))" }
 }
