@@ -11,16 +11,17 @@
 //     the handlers.
 // Interrupts are level-triggered, as on real virtio-mmio hardware and in QEMU: the line
 // is high while InterruptStatus is nonzero. The device calls the transport's
-// VirtioInterruptSink, which sets the InterruptStatus bit first and then raises the line
-// (VirtioInterruptMode):
-//   - line (default, `InterruptLine`): KVM_IRQ_LINE high when a bit is set, low when the
+// VirtioInterruptSink, which sets the InterruptStatus bit and decides when the slot's
+// `InterruptLine` goes up or down (VirtioInterruptMode picks the line):
+//   - line (default, `IRQLine`): KVM_IRQ_LINE high when a bit is set, low when the
 //     driver's InterruptACK (or a reset) clears the last one, as QEMU does;
 //   - irqfd (`ResampledIrqfd`): an irqfd with KVM_IRQFD_FLAG_RESAMPLE asserts the GSI
 //     until the guest's EOI; KVM then deasserts it and signals the resample eventfd, and
-//     the "<name>-irq" thread re-asserts it if InterruptStatus is still nonzero.
-// Edge-triggered irqfd pulses (as Firecracker uses) made nested-KVM L2 guests die under
-// iperf3 load (issue 5), and so, less often, did the resampling irqfd; KVM_IRQ_LINE did
-// not.
+//     the "<name>-irq" thread asks the transport to re-assert it if InterruptStatus is
+//     still nonzero.
+//
+// The slot needs three things of the VM, behind `VirtioVM`: the irqchip line, irqfds and
+// ioeventfds. KVM's VirtualMachine provides them; unit tests use a fake.
 //
 // Driver reset (status 0) and machine stop deregister the ioeventfds, stop and join the
 // queue threads (each waits for its requests in flight), then the device forgets its
@@ -28,8 +29,8 @@
 //
 // The vCPU threads see only the register accesses that are not kicks: the machine routes
 // MMIO exits in the window to `read(offset:size:)` / `write(offset:size:value:)`. A kick
-// that does exit (an ioeventfd KVM refused) still reaches the queue thread through the
-// transport's onQueueNotify.
+// that does exit (an ioeventfd KVM refused) still reaches the queue thread: the transport
+// passes it to the device it runs (`queueNotified`).
 import Glibc
 import GuestMemory
 import OS
@@ -39,6 +40,22 @@ import Devices
 import Virtio
 import Seccomp
 import Synchronization
+
+/// What a virtio-mmio slot needs from the VM.
+public protocol VirtioVM: AnyObject, Sendable {
+    /// Drives GSI `gsi` high or low (KVM_IRQ_LINE).
+    func irqLine(gsi: UInt32, level: Bool) throws
+    /// A level-triggered irqfd: a write to `eventfd` asserts `gsi` until the guest's EOI,
+    /// then the irqchip deasserts it and signals `resample`.
+    func registerIrqfd(_ eventfd: EventFD, gsi: UInt32, resample: EventFD) throws
+    func deassignIrqfd(_ eventfd: EventFD, gsi: UInt32) throws
+    /// A guest write of `length` bytes of `datamatch` to `address` signals `eventfd`
+    /// without an exit.
+    func registerIoeventfd(_ eventfd: EventFD, address: UInt64, length: UInt32, datamatch: UInt64?, pio: Bool) throws
+    func deassignIoeventfd(_ eventfd: EventFD, address: UInt64, length: UInt32, datamatch: UInt64?, pio: Bool) throws
+}
+
+extension VirtualMachine: VirtioVM {}
 
 /// One running group of queues (one queue, or a virtio-net rx/tx pair): a kick eventfd
 /// per queue, one stop eventfd, one thread.
@@ -89,7 +106,7 @@ final class QueueWorker {
 /// Wraps the device the transport sees: activation starts the queue threads, reset stops them.
 final class HostedDeviceAdapter: VirtioDevice, @unchecked Sendable {
     let inner: any HostedVirtioDevice
-    let vm: VirtualMachine
+    let vm: any VirtioVM
     let notifyAddress: UInt64
     let name: String
     let log: RateLimitedLog?
@@ -102,7 +119,7 @@ final class HostedDeviceAdapter: VirtioDevice, @unchecked Sendable {
     /// The running groups of queues (tests look at their eventfds).
     var workers: [QueueWorker] { state.withLock { $0.workers } }
 
-    init(inner: any HostedVirtioDevice, vm: VirtualMachine, base: UInt64, name: String, log: RateLimitedLog?) {
+    init(inner: any HostedVirtioDevice, vm: any VirtioVM, base: UInt64, name: String, log: RateLimitedLog?) {
         self.inner = inner
         self.vm = vm
         self.notifyAddress = base + VirtioMMIOReg.queueNotify
@@ -142,9 +159,9 @@ final class HostedDeviceAdapter: VirtioDevice, @unchecked Sendable {
             let kick = try EventFD()
             var registered = true
             do {
-                try vm.registerIoeventfd(kick, address: notifyAddress, length: 4, datamatch: UInt64(i))
+                try vm.registerIoeventfd(kick, address: notifyAddress, length: 4, datamatch: UInt64(i), pio: false)
             } catch {
-                // Kicks then exit to the vCPU and come back through onQueueNotify.
+                // Kicks then exit to the vCPU and come back through queueNotified.
                 registered = false
                 log?.warn("no ioeventfd", "\(name) queue \(i): no ioeventfd (\(error)): kicks go through MMIO exits")
             }
@@ -164,7 +181,7 @@ final class HostedDeviceAdapter: VirtioDevice, @unchecked Sendable {
         for w in s.workers {
             for (k, i) in w.indices.enumerated() where w.ioeventfd[k] {
                 do {
-                    try vm.deassignIoeventfd(w.kicks[k], address: notifyAddress, length: 4, datamatch: UInt64(i))
+                    try vm.deassignIoeventfd(w.kicks[k], address: notifyAddress, length: 4, datamatch: UInt64(i), pio: false)
                 } catch {
                     log?.warn("cannot deregister an ioeventfd", "\(name) queue \(i): cannot deregister ioeventfd: \(error)")
                 }
@@ -186,7 +203,7 @@ final class HostedDeviceAdapter: VirtioDevice, @unchecked Sendable {
     }
 
     /// A QueueNotify write that exited to swiftlet: pass it to the queue's thread.
-    func notify(queue: Int) {
+    func queueNotified(_ queue: Int) {
         state.withLock { s in
             for w in s.workers {
                 if let k = w.indices.firstIndex(of: queue) { try? w.kicks[k].write(1) }
@@ -220,8 +237,7 @@ public final class VirtioMMIOSlot: MMIODevice, @unchecked Sendable {
     /// The device model.
     public let device: any HostedVirtioDevice
     let adapter: HostedDeviceAdapter
-    /// What drives the line: exactly one of these.
-    let line: InterruptLine?
+    /// The resampling irqfd and its thread (VirtioInterruptMode.irqfd), else nil.
     let irqfd: ResampledIrqfd?
     /// The device's log, shared by the transport, the device model and its threads.
     let log: RateLimitedLog?
@@ -231,39 +247,30 @@ public final class VirtioMMIOSlot: MMIODevice, @unchecked Sendable {
     /// `gsi` (`interrupts`). `vm` must have the in-kernel irqchip and `memory` registered.
     /// Nothing runs until the driver sets DRIVER_OK. `log`: the device's (the one its
     /// device model was made with).
-    public init(vm: VirtualMachine, memory: GuestMemory, device: any HostedVirtioDevice, base: UInt64, gsi: UInt32,
+    public init(vm: any VirtioVM, memory: GuestMemory, device: any HostedVirtioDevice, base: UInt64, gsi: UInt32,
                 name: String, interrupts: VirtioInterruptMode = .line, log: RateLimitedLog? = nil) throws {
         self.base = base
         self.gsi = gsi
         self.name = name
         self.device = device
         self.log = log
-        let adapter = HostedDeviceAdapter(inner: device, vm: vm, base: base, name: name, log: log)
-        self.adapter = adapter
-        let raise: @Sendable () -> Void
-        var cleared: (@Sendable () -> Void)? = nil
+        adapter = HostedDeviceAdapter(inner: device, vm: vm, base: base, name: name, log: log)
+        let line: any InterruptLine
         switch interrupts {
         case .line:
-            let l = InterruptLine(vm: vm, gsi: gsi, log: log)
-            (line, irqfd) = (l, nil)
-            raise = { l.update() }
-            cleared = { l.update() }
+            line = IRQLine(vm: vm, gsi: gsi, log: log)
+            irqfd = nil
         case .irqfd:
             let r = try ResampledIrqfd(vm: vm, gsi: gsi)
-            (line, irqfd) = (nil, r)
-            raise = { r.raise() }
+            line = r
+            irqfd = r
         }
-        let transport = VirtioMMIOTransport(device: adapter, memory: memory,
-                                            signalInterrupt: raise, interruptCleared: cleared,
-                                            onQueueNotify: { [weak adapter] q in adapter?.notify(queue: q) },
-                                            log: log)
-        self.transport = transport
-        line?.transport = transport
+        transport = VirtioMMIOTransport(device: adapter, memory: memory, line: line, log: log)
         try irqfd?.start(transport: transport, name: name, log: log)
     }
 
     /// Device `index` at X86Layout.virtioMMIOAddress(index:) with GSI X86Layout.virtioGSI(index:).
-    public convenience init(vm: VirtualMachine, memory: GuestMemory, device: any HostedVirtioDevice, index: Int,
+    public convenience init(vm: any VirtioVM, memory: GuestMemory, device: any HostedVirtioDevice, index: Int,
                             name: String, interrupts: VirtioInterruptMode = .line,
                             log: RateLimitedLog? = nil) throws {
         guard index >= 0, index < X86Layout.maxVirtioDevices, let gsi = X86Layout.virtioGSI(index: index) else {
@@ -317,15 +324,13 @@ public final class VirtioMMIOSlot: MMIODevice, @unchecked Sendable {
     }
 }
 
-/// A level-triggered line driven with KVM_IRQ_LINE (VirtioInterruptMode.line): high
-/// exactly while the transport's InterruptStatus is nonzero. Updates are serialized, so a
-/// raise racing an acknowledgement always ends with the line matching InterruptStatus
-/// (a line left high with nothing pending would storm the guest).
-final class InterruptLine: @unchecked Sendable {
-    let vm: VirtualMachine
+/// A level-triggered line driven with KVM_IRQ_LINE (VirtioInterruptMode.line). The
+/// transport says when it goes up or down; this only keeps KVM from being told what it
+/// already knows.
+final class IRQLine: InterruptLine {
+    let vm: any VirtioVM
     let gsi: UInt32
     let log: RateLimitedLog?
-    weak var transport: VirtioMMIOTransport?
     /// What KVM was last told, and whether a failure was logged.
     private struct Level {
         var high = false
@@ -333,15 +338,17 @@ final class InterruptLine: @unchecked Sendable {
     }
     private let level = Mutex(Level())
 
-    init(vm: VirtualMachine, gsi: UInt32, log: RateLimitedLog?) {
+    init(vm: any VirtioVM, gsi: UInt32, log: RateLimitedLog?) {
         self.vm = vm
         self.gsi = gsi
         self.log = log
     }
 
-    func update() {
+    func raise() { set(true) }
+    func lower() { set(false) }
+
+    private func set(_ want: Bool) {
         level.withLock { l in
-            let want = (transport?.interruptStatus ?? 0) != 0
             guard want != l.high else { return }
             do {
                 try vm.irqLine(gsi: gsi, level: want)
@@ -356,16 +363,16 @@ final class InterruptLine: @unchecked Sendable {
 
 /// A level-triggered line through KVM_IRQFD with resampling (VirtioInterruptMode.irqfd):
 /// an eventfd write asserts it, KVM deasserts it at the guest's EOI, and the "-irq"
-/// thread re-asserts it while InterruptStatus is nonzero.
-final class ResampledIrqfd: @unchecked Sendable {
-    let vm: VirtualMachine
+/// thread asks the transport to re-assert it while InterruptStatus is nonzero.
+final class ResampledIrqfd: InterruptLine {
+    let vm: any VirtioVM
     let gsi: UInt32
     let eventfd: EventFD
     let resample: EventFD
     let stopEvent: EventFD
-    private var thread: OSThread?
+    private let thread = Mutex<OSThread?>(nil)
 
-    init(vm: VirtualMachine, gsi: UInt32) throws {
+    init(vm: any VirtioVM, gsi: UInt32) throws {
         self.vm = vm
         self.gsi = gsi
         eventfd = try EventFD()
@@ -374,12 +381,14 @@ final class ResampledIrqfd: @unchecked Sendable {
     }
 
     func raise() { try? eventfd.write(1) }
+    /// KVM lowers the line itself at the guest's EOI.
+    func lower() {}
 
     func start(transport: VirtioMMIOTransport, name: String, log: RateLimitedLog?) throws {
         try vm.registerIrqfd(eventfd, gsi: gsi, resample: resample)
         let (resample, stop) = (self.resample, stopEvent)
         do {
-            thread = try spawnThread(name: "\(name)-irq") {
+            let t = try spawnThread(name: "\(name)-irq") {
                 Seccomp.installOrExit(.irq, name: "\(name)-irq")
                 // Reads the resample eventfd before it looks at InterruptStatus, so an EOI
                 // after the look brings a new wake-up.
@@ -390,17 +399,18 @@ final class ResampledIrqfd: @unchecked Sendable {
                     transport.reassertIfPending()
                 }
             }
+            thread.withLock { $0 = t }
         } catch {
             try? vm.deassignIrqfd(eventfd, gsi: gsi)
             throw error
         }
     }
 
+    /// Stops and joins the -irq thread, then deassigns the irqfd. Idempotent.
     func stop() {
-        guard let t = thread else { return }
+        guard let t = thread.withLock({ t -> OSThread? in defer { t = nil }; return t }) else { return }
         try? stopEvent.write(1)
         t.join()
-        thread = nil
         try? vm.deassignIrqfd(eventfd, gsi: gsi)
     }
 }

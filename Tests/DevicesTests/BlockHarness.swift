@@ -17,6 +17,12 @@ final class RecordingSink: VirtioInterruptSink, @unchecked Sendable {
     var needsReset: Bool { resets.load(ordering: .acquiring) > 0 }
 }
 
+/// An interrupt line nobody looks at.
+final class NoLine: InterruptLine {
+    func raise() {}
+    func lower() {}
+}
+
 /// A temporary image file on the real filesystem; removed on deinit.
 final class TempImage {
     let path: String
