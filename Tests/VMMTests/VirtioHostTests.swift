@@ -237,6 +237,10 @@ final class VirtioHostTests: XCTestCase {
                 _ = try postWrite(env.mem, queue: 0, n: n, sector: UInt64(n), data: [UInt8](repeating: 0x11, count: 512))
                 try slot.adapter.workers[0].kicks[0].write(1)
                 waitUsed(env.mem, 0, UInt16(n + 1))
+                // The used ring is published before the interrupt is raised, and KVM may
+                // inject an irqfd's interrupt from a work queue: give both a moment.
+                let deadline = monotonicNanos() + 2_000_000_000
+                while (try env.vm.ioapicIRR()) & bit == 0 && monotonicNanos() < deadline { usleep(1000) }
                 XCTAssertEqual(slot.read(offset: VirtioMMIOReg.interruptStatus, size: 4), 1)
                 XCTAssertEqual(try env.vm.ioapicIRR() & bit, bit, "\(mode): raised for request \(n)")
                 slot.write(offset: VirtioMMIOReg.interruptACK, size: 4, value: 1)
@@ -518,6 +522,7 @@ final class VirtioHostTests: XCTestCase {
         waitUsed(env.mem, 0, 1)
         XCTAssertEqual(try env.mem.load(UInt8.self, at: s0), VirtioBlockStatus.ok)
         XCTAssertEqual(fileBytes(env.image, 4 * 512, 512), [UInt8](repeating: 0x5A, count: 512))
+        waitFor { !env.vm.levels(slot.gsi).isEmpty }  // raised just after the used ring is published
         XCTAssertEqual(env.vm.levels(slot.gsi), [true], "raised once for the used buffer")
         slot.write(offset: VirtioMMIOReg.interruptACK, size: 4, value: 1)
         XCTAssertEqual(env.vm.levels(slot.gsi), [true, false], "lowered by the acknowledgement")
@@ -545,6 +550,7 @@ final class VirtioHostTests: XCTestCase {
         slot.write(offset: VirtioMMIOReg.queueNotify, size: 4, value: 0)
         waitUsed(env.mem, 0, 1)
         XCTAssertEqual(try env.mem.load(UInt8.self, at: s0), VirtioBlockStatus.ok)
+        waitFor { !env.vm.levels(slot.gsi).isEmpty }
         XCTAssertEqual(env.vm.levels(slot.gsi), [true])
     }
 
@@ -563,6 +569,7 @@ final class VirtioHostTests: XCTestCase {
         _ = try postWrite(env.mem, queue: 0, n: 0, sector: 1, data: [UInt8](repeating: 1, count: 512))
         try env.vm.kick(base: slot.base, queue: 0)
         waitUsed(env.mem, 0, 1)
+        XCTAssertTrue(waitReadable(irqfd.eventfd))
         XCTAssertEqual(try irqfd.eventfd.read(), 1, "asserted once")
         // EOI before the driver acknowledged: asserted again.
         try irqfd.resample.write(1)
@@ -576,6 +583,11 @@ final class VirtioHostTests: XCTestCase {
         slot.stop()
         XCTAssertNil(env.vm.irqfd(slot.gsi), "deassigned")
         XCTAssertEqual(waitThreads("tfakei", []), [])
+    }
+
+    func waitFor(_ condition: () -> Bool) {
+        let deadline = monotonicNanos() + 2_000_000_000
+        while !condition() && monotonicNanos() < deadline { usleep(1000) }
     }
 
     func waitReadable(_ e: EventFD, milliseconds: Int32 = 2000) -> Bool {

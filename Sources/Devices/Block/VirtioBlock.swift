@@ -144,48 +144,40 @@ enum BlockOp {
     case writeZeroes([(offset: UInt64, length: UInt64, unmap: Bool)])
 }
 
-/// One queue's counters, owned by the device (they outlive the queue's handler).
-public final class BlockQueueStats: Sendable {
-    let requestCount = Atomic<UInt64>(0)
-    let interruptCount = Atomic<UInt64>(0)
-    public init() {}
-    public var requests: UInt64 { requestCount.load(ordering: .relaxed) }
-    public var interrupts: UInt64 { interruptCount.load(ordering: .relaxed) }
+/// One queue's counters, owned by the device (they outlive the queue's handler): a
+/// request is one chain taken from the ring.
+public typealias BlockQueueStats = QueueCounters
+
+extension QueueCounters {
+    /// virtio-blk: requests taken from the ring.
+    public var requests: UInt64 { served }
 }
 
 /// One virtqueue of a virtio-blk device: validates and runs requests, retires them in batches.
 public final class BlockQueue: VirtioQueueHandler, @unchecked Sendable {
     public let queueIndex: Int
-    let queue: SplitQueue
+    /// The ring, its interrupt sink, broken/stopped state and counters (queue thread only).
+    let server: QueueServer
     let disk: DiskImage
     let features: UInt64
-    let interrupt: any VirtioInterruptSink
-    let log: RateLimitedLog?
     let pool: IOPool?
     let maxInFlight: Int
     /// Written by the I/O threads for each finished request; nil for the synchronous engine.
     let completions: EventFD?
-    // Queue-thread state.
+    /// Requests started and not yet retired (queue thread only).
     var inFlight = 0
-    var broken = false
-    var quiesced = false
-    var staged = 0
     /// Finished requests, filled by the I/O threads.
     let done = Mutex<[(head: UInt16, used: UInt32)]>([])
-
-    /// Requests served and interrupts raised (the device's counters, kept across resets).
-    let stats: BlockQueueStats
 
     init(index: Int, queue: SplitQueue, disk: DiskImage, features: UInt64, interrupt: any VirtioInterruptSink,
          engine: BlockEngine, name: String, stats: BlockQueueStats = BlockQueueStats(),
          log: RateLimitedLog?) throws {
         self.queueIndex = index
-        self.stats = stats
-        self.queue = queue
+        server = QueueServer(index: index, queue: queue, interrupt: interrupt, counters: stats,
+                             label: "virtio-blk: queue \(index)", stopKind: "queue stopped", log: log,
+                             interruptsOnlyForNewEntries: true)
         self.disk = disk
         self.features = features
-        self.interrupt = interrupt
-        self.log = log
         switch engine {
         case .synchronous:
             pool = nil
@@ -204,7 +196,10 @@ public final class BlockQueue: VirtioQueueHandler, @unchecked Sendable {
 
     // MARK: VirtioQueueHandler
 
-    public func kicked() { pump() }
+    public func kicked() {
+        server.counters.notified()
+        pump()
+    }
 
     public func completionsReady() {
         retire()
@@ -212,62 +207,33 @@ public final class BlockQueue: VirtioQueueHandler, @unchecked Sendable {
     }
 
     public func quiesce() {
-        guard !quiesced else { return }
-        quiesced = true
+        guard !server.quiesced else { return }
+        server.quiesced = true
         // Requests already started finish; nothing new starts (pump checks quiesced).
         while inFlight > 0, let completions {
             var p = pollfd(fd: completions.fd, events: Int16(POLLIN), revents: 0)
             _ = poll(&p, 1, 1000)
             retire()
         }
-        publish()
+        server.publish()
         pool?.shutdown()
     }
 
     // MARK: engine
 
     /// Pops and starts requests until the ring is empty or the in-flight limit is reached,
-    /// publishing the used ring once per batch.
+    /// publishing the used ring once per batch (at most the queue size: a driver that
+    /// keeps the ring full still sees its used entries every batch).
     func pump() {
-        while !broken && !quiesced {
-            queue.disableNotifications()
-            var popped = 0
-            while !broken && (pool == nil || inFlight < maxInFlight) && popped < batchLimit {
-                let chain: DescriptorChain?
-                do {
-                    chain = try queue.popAvailable()
-                } catch {
-                    fail("queue \(queueIndex): \(error)")
-                    break
-                }
-                guard let chain else { break }
-                popped += 1
-                start(chain)
-            }
-            publish()
-            if broken || (pool != nil && inFlight >= maxInFlight) { return }  // resumed by completions
-            // A driver that keeps the ring full still sees its used entries every batch.
-            if popped >= batchLimit { continue }
-            if !queue.enableNotifications() { return }
-        }
-    }
-
-    /// Most requests started between two used-ring publications.
-    var batchLimit: Int { Int(queue.size) }
-
-    /// The guest broke the queue: DEVICE_NEEDS_RESET, and this queue stops.
-    func fail(_ why: String) {
-        broken = true
-        log?.warn("queue stopped", "virtio-blk: \(why): device needs reset")
-        interrupt.markNeedsReset()
+        server.drain(batch: Int(server.queue.size), while: { pool == nil || inFlight < maxInFlight }) { start($0) }
     }
 
     func start(_ chain: DescriptorChain) {
-        stats.requestCount.wrappingAdd(1, ordering: .relaxed)
+        server.counters.count()
         let op = BlockQueue.prepare(chain, disk: disk, features: features)
         switch op {
         case let .fatal(why):
-            fail("queue \(queueIndex) head \(chain.head): \(why)")
+            server.fail("head \(chain.head): \(why)")
         case let .done(status, used):
             complete(chain, status: status, used: used)
         default:
@@ -292,16 +258,7 @@ public final class BlockQueue: VirtioQueueHandler, @unchecked Sendable {
 
     func complete(_ chain: DescriptorChain, status: UInt8, used: UInt32) {
         BlockQueue.writeStatus(chain, status)
-        stage(chain.head, used)
-    }
-
-    func stage(_ head: UInt16, _ used: UInt32) {
-        do {
-            try queue.stageUsed(head: head, length: used)
-            staged += 1
-        } catch {
-            fail("queue \(queueIndex): \(error)")
-        }
+        server.stage(chain.head, length: used)
     }
 
     /// Takes the requests the I/O threads finished and stages them (not published).
@@ -313,19 +270,8 @@ public final class BlockQueue: VirtioQueueHandler, @unchecked Sendable {
             return d
         }
         inFlight -= finished.count
-        for f in finished { stage(f.head, f.used) }
-        if !finished.isEmpty && (broken || quiesced) { publish() }
-    }
-
-    /// Publishes what was staged and interrupts the driver if it asked to be.
-    func publish() {
-        guard staged > 0 else { return }
-        staged = 0
-        queue.publishUsed()
-        if queue.needsNotification() {
-            stats.interruptCount.wrappingAdd(1, ordering: .relaxed)
-            interrupt.signalUsedBuffer()
-        }
+        for f in finished { server.stage(f.head, length: f.used) }
+        if !finished.isEmpty && !server.isServing { server.publish() }
     }
 
     static func writeStatus(_ chain: DescriptorChain, _ status: UInt8) {

@@ -44,29 +44,12 @@ public protocol NetTapControl: AnyObject, Sendable {
     func setQueueEnabled(pair: Int, _ enabled: Bool) throws
 }
 
-/// Counters of one queue (rx: frames to the guest; tx: frames from it).
-public final class NetQueueStats: Sendable {
-    let packetCount = Atomic<UInt64>(0)
-    let byteCount = Atomic<UInt64>(0)
-    let dropCount = Atomic<UInt64>(0)
-    let notifyCount = Atomic<UInt64>(0)
-    let interruptCount = Atomic<UInt64>(0)
-    public init() {}
-    /// Queue notifications (kicks) from the driver that woke the queue's thread.
-    public var notifications: UInt64 { notifyCount.load(ordering: .relaxed) }
-    /// Interrupts this queue asked for (used buffers the driver wanted to hear of).
-    public var interrupts: UInt64 { interruptCount.load(ordering: .relaxed) }
-    func notified() { notifyCount.wrappingAdd(1, ordering: .relaxed) }
-    func interrupted() { interruptCount.wrappingAdd(1, ordering: .relaxed) }
-    public var packets: UInt64 { packetCount.load(ordering: .relaxed) }
-    public var bytes: UInt64 { byteCount.load(ordering: .relaxed) }
-    /// Chains or frames dropped: hostile chains, frames the TAP refused, bad commands.
-    public var drops: UInt64 { dropCount.load(ordering: .relaxed) }
-    func count(bytes n: Int) {
-        packetCount.wrappingAdd(1, ordering: .relaxed)
-        byteCount.wrappingAdd(UInt64(n), ordering: .relaxed)
-    }
-    func drop() { dropCount.wrappingAdd(1, ordering: .relaxed) }
+/// Counters of one queue (rx: frames to the guest; tx: frames from it; ctrl: commands).
+public typealias NetQueueStats = QueueCounters
+
+extension QueueCounters {
+    /// virtio-net: frames (or control commands) that went through.
+    public var packets: UInt64 { served }
 }
 
 public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig, @unchecked Sendable {
@@ -210,30 +193,17 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig, @unchecked
     }
 }
 
-// MARK: shared
-
-/// Publishes staged used entries and interrupts the driver if it asked to be.
-@inline(__always)
-func netPublish(_ queue: SplitQueue, _ interrupt: any VirtioInterruptSink, _ stats: NetQueueStats) {
-    queue.publishUsed()
-    if queue.needsNotification() {
-        stats.interrupted()
-        interrupt.signalUsedBuffer()
-    }
-}
-
 // MARK: rx
 
 /// One receive queue: TAP -> guest.
 public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
     public let queueIndex: Int
-    let queue: SplitQueue
+    /// The ring, its interrupt sink, broken/stopped state and counters (queue thread only).
+    let server: QueueServer
     let fd: Int32
     let mergeable: Bool
     /// With MRG_RXBUF, bytes of buffers gathered before a read (header + largest frame).
     let wanted: Int
-    let interrupt: any VirtioInterruptSink
-    let stats: NetQueueStats
     let name: String
     let log: RateLimitedLog?
     /// Holds the TAP fd (for reading) while the guest has buffers: our completion fd.
@@ -242,22 +212,27 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
     var pending: [DescriptorChain] = []
     /// The iovecs of the frame being read (kept: no allocation per frame).
     var iovs: [iovec] = []
-    var broken = false
-    var quiesced = false
     var loggedError = false
 
     init(index: Int, queue: SplitQueue, fd: Int32, mergeable: Bool, minFrame: Int, interrupt: any VirtioInterruptSink,
          stats: NetQueueStats, name: String, log: RateLimitedLog?) throws {
         queueIndex = index
-        self.queue = queue
+        server = QueueServer(index: index, queue: queue, interrupt: interrupt, counters: stats,
+                             label: "virtio-net \(name) rx\(index / 2)", stopKind: "rx queue stopped", log: log)
         self.fd = fd
         self.mergeable = mergeable
         wanted = VirtioNetHeader.size + minFrame
-        self.interrupt = interrupt
-        self.stats = stats
         self.name = name
         self.log = log
         tapWatch = try Epoll()
+    }
+
+    var queue: SplitQueue { server.queue }
+    var stats: NetQueueStats { server.counters }
+    /// The guest broke the queue (tests set it to stop a loop).
+    var broken: Bool {
+        get { server.broken }
+        set { server.broken = newValue }
     }
 
     public var completionFD: Int32 { tapWatch.fd }
@@ -272,7 +247,7 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
 
     public func kicked() {
         stats.notified()
-        guard !broken && !quiesced else { return }
+        guard server.isServing else { return }
         queue.disableNotifications()
         watchTap(true)
         receive()
@@ -281,16 +256,9 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
     public func completionsReady() { receive() }
 
     public func quiesce() {
-        quiesced = true
+        server.quiesced = true
         watchTap(false)
         pending = []
-    }
-
-    func fail(_ why: String) {
-        broken = true
-        watchTap(false)
-        log?.warn("rx queue stopped", "virtio-net \(name) rx\(queueIndex / 2): \(why): device needs reset")
-        interrupt.markNeedsReset()
     }
 
     /// Pops one usable chain into `pending`; false when the ring is empty (or broken).
@@ -298,20 +266,14 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
     /// chain of more buffers than one readv takes breaks the device (a frame is one read,
     /// so it cannot be split over several).
     func popOne() -> Bool {
-        while !broken {
-            let chain: DescriptorChain?
-            do { chain = try queue.popAvailable() } catch {
-                fail("\(error)")
-                return false
-            }
-            guard let chain else { return false }
+        while let chain = server.pop() {
             if chain.writableLength < UInt32(VirtioNetHeader.size) || chain.readableCount > 0 {
                 stats.drop()
-                do { try queue.stageUsed(head: chain.head, length: 0) } catch { fail("\(error)"); return false }
+                guard server.stage(chain.head, length: 0) else { return false }
                 continue
             }
             guard chain.writableCount <= GuestMemory.maxIovecsPerCall else {
-                fail("chain at head \(chain.head) has \(chain.writableCount) buffers, more than one read takes (\(GuestMemory.maxIovecsPerCall))")
+                server.fail("chain at head \(chain.head) has \(chain.writableCount) buffers, more than one read takes (\(GuestMemory.maxIovecsPerCall))")
                 return false
             }
             pending.append(chain)
@@ -353,20 +315,23 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
 
     /// Reads up to `budget` frames from the TAP into guest buffers.
     func receive() {
-        guard !broken && !quiesced else {
+        guard server.isServing else {
             // Watched again from another thread (the control queue's pairs command).
             watchTap(false)
             return
         }
         var served = 0
-        defer { netPublish(queue, interrupt, stats) }
+        defer {
+            server.publish()
+            if broken { watchTap(false) }
+        }
         while served < VirtioNetLimits.budget && !broken {
             let useCount = gather()
             if broken { return }
             if useCount == 0 {
                 // Out of buffers: sleep on the rx kick, not on the TAP. Buffers that came
                 // in meanwhile are taken at once (the ring was empty, so they are new).
-                if queue.enableNotifications() { queue.disableNotifications(); continue }
+                if !server.notificationsOn() { continue }
                 watchTap(false)
                 return
             }
@@ -383,10 +348,7 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
                     // fails again and again still uses up the guest's buffers, never loops.
                     stats.drop()
                     served += 1
-                    do { try queue.stageUsed(head: pending[0].head, length: 0) } catch {
-                        fail("\(error)")
-                        return
-                    }
+                    guard server.stage(pending[0].head, length: 0) else { return }
                     pending.removeFirst()
                     continue
                 }
@@ -404,17 +366,12 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
             served += 1
             var left = n
             var k = 0
-            do {
-                repeat {
-                    let len = min(left, Int(pending[k].writableLength))
-                    try queue.stageUsed(head: pending[k].head, length: UInt32(len))
-                    left -= len
-                    k += 1
-                } while left > 0 && k < useCount
-            } catch {
-                fail("\(error)")
-                return
-            }
+            repeat {
+                let len = min(left, Int(pending[k].writableLength))
+                guard server.stage(pending[k].head, length: UInt32(len)) else { return }
+                left -= len
+                k += 1
+            } while left > 0 && k < useCount
             // tun skips num_buffers (it writes 10 header bytes of our 12): fill it in.
             var nb = UInt16(k).littleEndian
             _ = withUnsafeBytes(of: &nb) { pending[0].writeWritable($0, offset: UInt64(VirtioNetHeader.numBuffersOffset)) }
@@ -423,7 +380,7 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
             // Each frame is the guest's as soon as it is written (QEMU and vhost publish
             // per packet too): its NAPI can take it while the next one is read, and
             // EVENT_IDX still keeps interrupts to the ones it asked for.
-            netPublish(queue, interrupt, stats)
+            server.publish()
         }
     }
 }
@@ -433,29 +390,27 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
 /// One transmit queue: guest -> TAP.
 public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
     public let queueIndex: Int
-    let queue: SplitQueue
+    /// The ring, its interrupt sink, broken/stopped state and counters (queue thread only).
+    let server: QueueServer
     let fd: Int32
-    let interrupt: any VirtioInterruptSink
-    let stats: NetQueueStats
     let name: String
     let log: RateLimitedLog?
     /// Written when a wake-up ran out of budget with work left: brings the thread back.
     let again: EventFD
-    var broken = false
-    var quiesced = false
     var loggedError = false
 
     init(index: Int, queue: SplitQueue, fd: Int32, interrupt: any VirtioInterruptSink, stats: NetQueueStats,
          name: String, log: RateLimitedLog?) throws {
         queueIndex = index
-        self.queue = queue
+        server = QueueServer(index: index, queue: queue, interrupt: interrupt, counters: stats,
+                             label: "virtio-net \(name) tx\(index / 2)", stopKind: "tx queue stopped", log: log)
         self.fd = fd
-        self.interrupt = interrupt
-        self.stats = stats
         self.name = name
         self.log = log
         again = try EventFD()
     }
+
+    var stats: NetQueueStats { server.counters }
 
     public var completionFD: Int32 { again.fd }
 
@@ -469,54 +424,27 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
         transmit()
     }
 
-    public func quiesce() { quiesced = true }
-
-    func fail(_ why: String) {
-        broken = true
-        log?.warn("tx queue stopped", "virtio-net \(name) tx\(queueIndex / 2): \(why): device needs reset")
-        interrupt.markNeedsReset()
-    }
+    public func quiesce() { server.quiesced = true }
 
     func transmit() {
-        guard !broken && !quiesced else { return }
-        var served = 0
-        defer { netPublish(queue, interrupt, stats) }
-        while !broken {
-            queue.disableNotifications()
-            while served < VirtioNetLimits.budget {
-                let chain: DescriptorChain?
-                do { chain = try queue.popAvailable() } catch {
-                    fail("\(error)")
-                    return
-                }
-                guard let chain else { break }
-                served += 1
-                send(chain)
-                if broken { return }
-                do { try queue.stageUsed(head: chain.head, length: 0) } catch {
-                    fail("\(error)")
-                    return
-                }
-                // Hand the buffer back at once: the guest frees its skb on completion, and
-                // TCP small queues hold its sender until then (a 64 KiB frame's write takes
-                // the host's whole TCP receive path), so a batch published only at its end
-                // stalls the sender for the batch.
-                netPublish(queue, interrupt, stats)
-            }
-            if served >= VirtioNetLimits.budget {
-                // More may wait: come back after the used ring is published.
-                try? again.write(1)
-                return
-            }
-            if !queue.enableNotifications() { return }
+        let end = server.drain(budget: VirtioNetLimits.budget) { chain in
+            send(chain)
+            guard server.isServing, server.stage(chain.head, length: 0) else { return }
+            // Hand the buffer back at once: the guest frees its skb on completion, and
+            // TCP small queues hold its sender until then (a 64 KiB frame's write takes
+            // the host's whole TCP receive path), so a batch published only at its end
+            // stalls the sender for the batch.
+            server.publish()
         }
+        // More may wait: come back after the used ring is published.
+        if end == .budget { try? again.write(1) }
     }
 
     /// Writes one frame to the TAP, or drops it (counted); a chain of more buffers than
     /// one writev takes breaks the device (one write is one frame).
     func send(_ chain: DescriptorChain) {
         guard chain.readableCount <= GuestMemory.maxIovecsPerCall else {
-            fail("chain at head \(chain.head) has \(chain.readableCount) buffers, more than one write takes (\(GuestMemory.maxIovecsPerCall))")
+            server.fail("chain at head \(chain.head) has \(chain.readableCount) buffers, more than one write takes (\(GuestMemory.maxIovecsPerCall))")
             return
         }
         let len = Int(chain.readableLength)
@@ -549,61 +477,39 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
 /// everything else VIRTIO_NET_ERR.
 public final class NetCtrlQueue: VirtioQueueHandler, @unchecked Sendable {
     public let queueIndex: Int
-    let queue: SplitQueue
+    /// The ring, its interrupt sink, broken/stopped state and counters (queue thread only).
+    let server: QueueServer
     weak var device: VirtioNet?
     let features: UInt64
-    let interrupt: any VirtioInterruptSink
-    let stats: NetQueueStats
-    let log: RateLimitedLog?
-    var broken = false
-    var quiesced = false
 
     init(index: Int, queue: SplitQueue, device: VirtioNet, features: UInt64, interrupt: any VirtioInterruptSink,
          stats: NetQueueStats, log: RateLimitedLog?) {
         queueIndex = index
-        self.queue = queue
+        server = QueueServer(index: index, queue: queue, interrupt: interrupt, counters: stats,
+                             label: "virtio-net ctrl", stopKind: "control queue stopped", log: log)
         self.device = device
         self.features = features
-        self.interrupt = interrupt
-        self.stats = stats
-        self.log = log
     }
+
+    var stats: NetQueueStats { server.counters }
 
     public var completionFD: Int32 { -1 }
     public func completionsReady() {}
-    public func quiesce() { quiesced = true }
+    public func quiesce() { server.quiesced = true }
 
     public func kicked() {
         stats.notified()
-        guard !broken && !quiesced else { return }
-        defer { netPublish(queue, interrupt, stats) }
-        while !broken {
-            queue.disableNotifications()
-            while true {
-                let chain: DescriptorChain?
-                do { chain = try queue.popAvailable() } catch {
-                    broken = true
-                    log?.warn("control queue stopped", "virtio-net ctrl: \(error): device needs reset")
-                    interrupt.markNeedsReset()
-                    return
-                }
-                guard let chain else { break }
-                var used: UInt32 = 0
-                if chain.writableLength == 0 {
-                    stats.drop()  // nowhere to put the answer
-                } else {
-                    let ack = command(chain)
-                    _ = chain.writeWritable([ack], offset: UInt64(chain.writableLength - 1))
-                    used = 1
-                    if ack == VirtioNetCtrl.ok { stats.count(bytes: Int(chain.readableLength)) } else { stats.drop() }
-                }
-                do { try queue.stageUsed(head: chain.head, length: used) } catch {
-                    broken = true
-                    interrupt.markNeedsReset()
-                    return
-                }
+        server.drain { chain in
+            var used: UInt32 = 0
+            if chain.writableLength == 0 {
+                stats.drop()  // nowhere to put the answer
+            } else {
+                let ack = command(chain)
+                _ = chain.writeWritable([ack], offset: UInt64(chain.writableLength - 1))
+                used = 1
+                if ack == VirtioNetCtrl.ok { stats.count(bytes: Int(chain.readableLength)) } else { stats.drop() }
             }
-            if !queue.enableNotifications() { return }
+            server.stage(chain.head, length: used)
         }
     }
 
