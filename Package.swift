@@ -13,35 +13,38 @@ let package = Package(
     targets: [
         // C shim: linux-libc-dev headers and ioctl numbers Swift cannot import as macros. Nothing else in C.
         .target(name: "CLinux"),
+        // OS primitives every thread needs: eventfd, epoll, threads, the poll loop, errno text, the clock.
+        .target(name: "OS", dependencies: ["CLinux"]),
         // seccomp-BPF: one allowlist per thread role, installed by each thread on itself.
-        .target(name: "Seccomp", dependencies: ["CLinux"]),
+        .target(name: "Seccomp", dependencies: ["CLinux", "OS"]),
         // Guest physical memory: regions, bounds-checked access, iovecs.
-        .target(name: "GuestMemory", dependencies: ["CLinux"]),
+        .target(name: "GuestMemory", dependencies: ["CLinux", "OS"]),
         // /dev/kvm, VM, vCPU, memory slots, irqchip, ioeventfd, irqfd.
-        .target(name: "KVM", dependencies: ["CLinux", "GuestMemory"]),
+        .target(name: "KVM", dependencies: ["CLinux", "OS", "GuestMemory"]),
         // Linux boot protocol, zero page, e820, page tables, GDT, ACPI and MP tables.
-        .target(name: "Boot", dependencies: ["GuestMemory"]),
+        .target(name: "Boot", dependencies: ["OS", "GuestMemory"]),
         // Split virtqueues, the virtio-mmio transport, feature negotiation.
-        .target(name: "Virtio", dependencies: ["CLinux", "GuestMemory"]),
+        .target(name: "Virtio", dependencies: ["CLinux", "OS", "GuestMemory"]),
         // Legacy devices: 16550 UART, CMOS RTC, i8042, boot-time marker, guest exit register.
-        .target(name: "Devices", dependencies: ["CLinux", "GuestMemory", "Virtio", "Seccomp"]),
+        .target(name: "Devices", dependencies: ["CLinux", "OS", "GuestMemory", "Virtio", "Seccomp"]),
         // A strict JSON (RFC 8259) parser and writer for --config-file; imports nothing.
         .target(name: "JSON"),
         // Builds a machine from a configuration and runs its lifecycle; reads --config-file.
-        .target(name: "VMM", dependencies: ["CLinux", "KVM", "GuestMemory", "Boot", "Devices", "Virtio", "Seccomp", "JSON"]),
+        .target(name: "VMM", dependencies: ["CLinux", "OS", "KVM", "GuestMemory", "Boot", "Devices", "Virtio", "Seccomp", "JSON"]),
         .executableTarget(name: "swiftlet", dependencies: [
-            "VMM",
+            "OS", "VMM",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // libFuzzer target over Virtio (Fuzz/README.md); without -DFUZZING a plain replay/smoke executable.
         .executableTarget(name: "VirtqueueFuzz", dependencies: ["Virtio", "GuestMemory"], path: "Fuzz/VirtqueueFuzz"),
+        .testTarget(name: "OSTests", dependencies: ["OS"]),
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"]),
-        .testTarget(name: "KVMTests", dependencies: ["KVM", "GuestMemory", "CLinux"]),
+        .testTarget(name: "KVMTests", dependencies: ["KVM", "OS", "GuestMemory", "CLinux"]),
         .testTarget(name: "BootTests", dependencies: ["Boot", "GuestMemory"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "GuestMemory"]),
-        .testTarget(name: "DevicesTests", dependencies: ["Devices", "GuestMemory", "Virtio"]),
-        .testTarget(name: "SeccompTests", dependencies: ["Seccomp", "CLinux"]),
-        .testTarget(name: "VMMTests", dependencies: ["VMM", "Devices", "Virtio", "GuestMemory", "KVM", "JSON"]),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "OS", "GuestMemory", "Virtio"]),
+        .testTarget(name: "SeccompTests", dependencies: ["Seccomp", "OS", "CLinux"]),
+        .testTarget(name: "VMMTests", dependencies: ["VMM", "OS", "Devices", "Virtio", "GuestMemory", "KVM", "JSON"]),
         .testTarget(name: "JSONTests", dependencies: ["JSON"]),
     ],
     swiftLanguageModes: [.v5]

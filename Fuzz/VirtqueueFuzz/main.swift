@@ -225,9 +225,18 @@ final class FuzzDevice: VirtioDevice {
     func reset() { active = false }
 }
 
+/// The transport's interrupt line: records its level.
+final class FuzzLine: InterruptLine, @unchecked Sendable {
+    // @unchecked: one fuzz iteration runs on one thread.
+    var high = false
+    func raise() { high = true }
+    func lower() { high = false }
+}
+
 func fuzzTransport(_ p: Params, _ body: UnsafeRawBufferPointer) {
     let dev = FuzzDevice()
-    let t = VirtioMMIOTransport(device: dev, memory: memory, signalInterrupt: {})
+    let line = FuzzLine()
+    let t = VirtioMMIOTransport(device: dev, memory: memory, line: line)
     // 8 bytes per operation: offset u16 (masked to the 0x1000 window unless bit 15), size
     // selector, write flag, value u32.
     var i = 0
@@ -245,6 +254,7 @@ func fuzzTransport(_ p: Params, _ body: UnsafeRawBufferPointer) {
         }
         let s = t.status
         check(dev.active == t.isActivated, "activation state mismatch")
+        check(line.high == (t.interruptStatus != 0), "interrupt line does not follow InterruptStatus")
         if s & VirtioStatus.featuresOK != 0 {
             check(t.driverFeatures & VirtioFeature.version1 != 0, "FEATURES_OK without VERSION_1")
         }
@@ -252,7 +262,7 @@ func fuzzTransport(_ p: Params, _ body: UnsafeRawBufferPointer) {
     }
     if p.u8(1) & 1 != 0 { t.markNeedsReset() }
     t.write(offset: VirtioMMIOReg.status, size: 4, value: 0)
-    check(!dev.active && t.status == 0 && t.interruptStatus == 0, "reset incomplete")
+    check(!dev.active && t.status == 0 && t.interruptStatus == 0 && !line.high, "reset incomplete")
 }
 
 @inline(never)

@@ -27,6 +27,7 @@
 //  - CR0 = PE|ET|NE|PG (0x80000031), CR4 = PAE, EFER = LME|LMA, RSP 0x8ff0, RSI 0x7000.
 import GuestMemory
 import Glibc
+import OS
 
 /// What kind of problem a `BootError` is, so the CLI can map it to an exit status.
 public enum BootErrorCategory: Sendable, Equatable {
@@ -125,7 +126,7 @@ public enum BootError: Error, Equatable, CustomStringConvertible, Sendable {
         case let .kernelUnreadable(p, e) where e == EINVAL:
             return "kernel \(p) is not a regular file: pass a bzImage (vmlinuz) or an ELF vmlinux"
         case let .kernelUnreadable(p, e):
-            return "cannot read kernel \(p): \(String(cString: strerror(e))); check its permissions and that it is a regular file"
+            return "cannot read kernel \(p): \(errnoText(e)); check its permissions and that it is a regular file"
         case let .emptyKernel(p):
             return "kernel \(p) is empty: pass a bzImage (vmlinuz) or an ELF vmlinux"
         case let .kernelFileTooLarge(p, size, m):
@@ -173,7 +174,7 @@ public enum BootError: Error, Equatable, CustomStringConvertible, Sendable {
         case let .initrdUnreadable(p, e) where e == EINVAL:
             return "initrd \(p) is not a regular file: pass an initramfs file"
         case let .initrdUnreadable(p, e):
-            return "cannot read initrd \(p): \(String(cString: strerror(e))); check its permissions and that it is a regular file"
+            return "cannot read initrd \(p): \(errnoText(e)); check its permissions and that it is a regular file"
         case let .initrdTooLarge(s, a):
             return "initrd is \(s) bytes but only \(a) bytes of low guest RAM are free above the kernel: add at least \(mib(s > a ? s - a : 0)) of guest memory"
         case let .cmdlineTooLong(l, m):

@@ -1,20 +1,26 @@
 // Small legacy devices: CMOS RTC, i8042 (reset only), the ACPI sleep/reset register,
 // the boot-time marker, the guest exit register and QEMU's isa-debug-exit port.
 import Glibc
+import OS
+import Synchronization
 
 /// CMOS RTC at ports 0x70 (index) and 0x71 (data), reporting the host's UTC time in BCD,
 /// 24-hour mode. Without it the stock kernel spends seconds probing absent ports.
 public final class CMOSRTC: PortDevice, @unchecked Sendable {
-    private let lock = Mutex()
-    private var index: UInt8 = 0
-    private var nvram = [UInt8](repeating: 0, count: 128)
+    struct State {
+        var index: UInt8 = 0
+        var nvram = [UInt8](repeating: 0, count: 128)
+    }
+    private let state: Mutex<State>
     private let now: () -> time_t
 
     public init(now: @escaping () -> time_t = { time(nil) }) {
         self.now = now
-        nvram[0x0a] = 0x26  // 32.768 kHz divider, 1024 Hz rate, UIP clear
-        nvram[0x0b] = 0x02  // 24-hour, BCD
-        nvram[0x0d] = 0x80  // RTC valid (battery good)
+        var s = State()
+        s.nvram[0x0a] = 0x26  // 32.768 kHz divider, 1024 Hz rate, UIP clear
+        s.nvram[0x0b] = 0x02  // 24-hour, BCD
+        s.nvram[0x0d] = 0x80  // RTC valid (battery good)
+        state = Mutex(s)
     }
 
     @inline(__always) static func bcd(_ v: Int32) -> UInt8 { UInt8((v / 10) << 4 | (v % 10)) }
@@ -41,11 +47,11 @@ public final class CMOSRTC: PortDevice, @unchecked Sendable {
     }
 
     public func read(offset: UInt16, size: Int) -> UInt32 {
-        lock.withLock {
-            guard offset == 1 else { return UInt32(index) }
+        state.withLock { s in
+            guard offset == 1 else { return UInt32(s.index) }
             let d = Self.utc(Int64(now()))
             let v: UInt8
-            switch index {
+            switch s.index {
             case 0x00: v = Self.bcd(d.second)
             case 0x02: v = Self.bcd(d.minute)
             case 0x04: v = Self.bcd(d.hour)
@@ -55,23 +61,23 @@ public final class CMOSRTC: PortDevice, @unchecked Sendable {
             case 0x09: v = Self.bcd(d.year % 100)
             case 0x32: v = Self.bcd(d.year / 100)
             case 0x0c: v = 0  // no interrupt flags pending
-            default: v = nvram[Int(index & 0x7f)]
+            default: v = s.nvram[Int(s.index & 0x7f)]
             }
             return UInt32(v)
         }
     }
 
     public func write(offset: UInt16, size: Int, value: UInt32) {
-        lock.withLock {
+        state.withLock { s in
             if offset == 0 {
-                index = UInt8(truncatingIfNeeded: value) & 0x7f  // bit 7 is the NMI mask
+                s.index = UInt8(truncatingIfNeeded: value) & 0x7f  // bit 7 is the NMI mask
             } else if offset == 1 {
                 // Time registers are read from the host clock; keep the control bits the
                 // guest sets (it may ask for binary or 12-hour mode: honoured only as storage).
-                switch index {
-                case 0x0a: nvram[0x0a] = (UInt8(truncatingIfNeeded: value) & 0x7f)
+                switch s.index {
+                case 0x0a: s.nvram[0x0a] = (UInt8(truncatingIfNeeded: value) & 0x7f)
                 case 0x0c, 0x0d: break  // read-only
-                default: nvram[Int(index)] = UInt8(truncatingIfNeeded: value)
+                default: s.nvram[Int(s.index)] = UInt8(truncatingIfNeeded: value)
                 }
             }
         }
@@ -122,8 +128,7 @@ public final class BootMarker: MMIODevice, @unchecked Sendable {
     public static let size: UInt64 = 4
     public static let magic: UInt64 = 123
     private let start: UInt64
-    private let lock = Mutex()
-    private var stamp: UInt64? = nil
+    private let stamp = Mutex<UInt64?>(nil)
     private let onMark: (UInt64) -> Void
 
     /// `start` is swiftlet's start in monotonicNanos(); `onMark` gets the elapsed nanoseconds.
@@ -132,14 +137,14 @@ public final class BootMarker: MMIODevice, @unchecked Sendable {
         self.onMark = onMark
     }
 
-    public var elapsedNanos: UInt64? { lock.withLock { stamp } }
+    public var elapsedNanos: UInt64? { stamp.withLock { $0 } }
 
     public func read(offset: UInt64, size: Int) -> UInt64 { 0 }
 
     public func write(offset: UInt64, size: Int, value: UInt64) {
         guard offset == 0, value & 0xff == Self.magic else { return }
         let elapsed = monotonicNanos() &- start
-        let first: Bool = lock.withLock {
+        let first = stamp.withLock { stamp -> Bool in
             if stamp != nil { return false }
             stamp = elapsed
             return true

@@ -4,6 +4,7 @@
 // type 2 mechanism nor reports that it found none. The DSDT declares no PCI root
 // bridge, so an ACPI kernel never scans the bus.
 import Glibc
+import Synchronization
 
 public final class PCIHostBridge: PortDevice, @unchecked Sendable {
     public static let port: UInt16 = 0xcf8
@@ -14,8 +15,7 @@ public final class PCIHostBridge: PortDevice, @unchecked Sendable {
     /// Class code 06 00 00: bridge, host bridge.
     public static let classCode: UInt32 = 0x06_00_00
 
-    private let lock = Mutex()
-    private var address: UInt32 = 0
+    private let address = Mutex<UInt32>(0)
 
     public init() {}
 
@@ -44,16 +44,16 @@ public final class PCIHostBridge: PortDevice, @unchecked Sendable {
         if offset < 4 {
             // The address register answers only whole, aligned dword reads.
             guard offset == 0 && size == 4 else { return mask }
-            return lock.withLock { address }
+            return address.withLock { $0 }
         }
         let byte = UInt32(offset - 4)
         guard Int(byte) + size <= 4 else { return mask }
-        let dword = lock.withLock { Self.configDword(address: address) }
+        let dword = Self.configDword(address: address.withLock { $0 })
         return (dword >> (8 * byte)) & mask
     }
 
     public func write(offset: UInt16, size: Int, value: UInt32) {
         guard offset == 0 && size == 4 else { return }  // data writes: the bridge is read-only
-        lock.withLock { address = value & 0x80ff_fffc }
+        address.withLock { $0 = value & 0x80ff_fffc }
     }
 }

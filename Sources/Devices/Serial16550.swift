@@ -3,6 +3,7 @@
 // input, and interrupts follow IER/IIR. Accessed from vCPU threads and the input
 // thread, so all state is behind one lock.
 import Glibc
+import Synchronization
 
 public final class Serial16550: PortDevice, @unchecked Sendable {
     // Register offsets.
@@ -19,17 +20,26 @@ public final class Serial16550: PortDevice, @unchecked Sendable {
     static let MCR_LOOP: UInt8 = 0x10
     static let fifoSize = 64
 
-    private let lock = Mutex()
-    private var ier: UInt8 = 0
-    private var lcr: UInt8 = 0x03
-    private var mcr: UInt8 = 0x08
-    private var scr: UInt8 = 0
-    private var dll: UInt8 = 0x0c
-    private var dlm: UInt8 = 0
-    private var fcr: UInt8 = 0
-    private var thrInterruptPending = false
-    private var rx: [UInt8] = []
-    private var rxHead = 0
+    /// The registers and the receive FIFO.
+    struct State {
+        var ier: UInt8 = 0
+        var lcr: UInt8 = 0x03
+        var mcr: UInt8 = 0x08
+        var scr: UInt8 = 0
+        var dll: UInt8 = 0x0c
+        var dlm: UInt8 = 0
+        var fcr: UInt8 = 0
+        var thrInterruptPending = false
+        var rx: [UInt8] = []
+        var rxHead = 0
+
+        func iir() -> UInt8 {
+            if ier & IER_RDI != 0 && rxHead < rx.count { return IIR_RDI | IIR_FIFO }
+            if ier & IER_THRI != 0 && thrInterruptPending { return IIR_THRI | IIR_FIFO }
+            return IIR_NONE | IIR_FIFO
+        }
+    }
+    private let state = Mutex(State())
 
     private let output: (UInt8) -> Void
     private let interrupt: () -> Void
@@ -42,58 +52,52 @@ public final class Serial16550: PortDevice, @unchecked Sendable {
     }
 
     /// Bytes the receive FIFO can take now.
-    public var receiveSpace: Int { lock.withLock { Self.fifoSize - (rx.count - rxHead) } }
+    public var receiveSpace: Int { state.withLock { s in Self.fifoSize - (s.rx.count - s.rxHead) } }
 
     /// Queues host input for the guest; returns how many bytes were taken (the FIFO
     /// holds 64, the rest must be offered again once the guest has read).
     @discardableResult
     public func enqueueInput(_ bytes: UnsafeRawBufferPointer) -> Int {
         var raise = false
-        let taken: Int = lock.withLock {
-            if rxHead > 0 && rxHead == rx.count { rx.removeAll(keepingCapacity: true); rxHead = 0 }
-            let n = min(bytes.count, Self.fifoSize - (rx.count - rxHead))
+        let taken: Int = state.withLock { s in
+            if s.rxHead > 0 && s.rxHead == s.rx.count { s.rx.removeAll(keepingCapacity: true); s.rxHead = 0 }
+            let n = min(bytes.count, Self.fifoSize - (s.rx.count - s.rxHead))
             guard n > 0 else { return 0 }
-            rx.append(contentsOf: bytes[0..<n])
-            raise = ier & Self.IER_RDI != 0
+            s.rx.append(contentsOf: bytes[0..<n])
+            raise = s.ier & Self.IER_RDI != 0
             return n
         }
         if raise { interrupt() }
         return taken
     }
 
-    private func iir() -> UInt8 {
-        if ier & Self.IER_RDI != 0 && rxHead < rx.count { return Self.IIR_RDI | Self.IIR_FIFO }
-        if ier & Self.IER_THRI != 0 && thrInterruptPending { return Self.IIR_THRI | Self.IIR_FIFO }
-        return Self.IIR_NONE | Self.IIR_FIFO
-    }
-
     public func read(offset: UInt16, size: Int) -> UInt32 {
         var v: UInt8 = 0
-        lock.withLock {
+        state.withLock { s in
             switch offset {
             case Self.DATA:
-                if lcr & Self.LCR_DLAB != 0 { v = dll; return }
-                if rxHead < rx.count { v = rx[rxHead]; rxHead += 1 }
+                if s.lcr & Self.LCR_DLAB != 0 { v = s.dll; return }
+                if s.rxHead < s.rx.count { v = s.rx[s.rxHead]; s.rxHead += 1 }
             case Self.IER:
-                v = lcr & Self.LCR_DLAB != 0 ? dlm : ier
+                v = s.lcr & Self.LCR_DLAB != 0 ? s.dlm : s.ier
             case Self.IIR:
-                v = iir()
+                v = s.iir()
                 // Reading IIR while it reports THR empty clears that condition.
-                if v & 0x0f == Self.IIR_THRI { thrInterruptPending = false }
-            case Self.LCR: v = lcr
-            case Self.MCR: v = mcr
+                if v & 0x0f == Self.IIR_THRI { s.thrInterruptPending = false }
+            case Self.LCR: v = s.lcr
+            case Self.MCR: v = s.mcr
             case Self.LSR:
                 v = Self.LSR_THRE | Self.LSR_TEMT
-                if rxHead < rx.count { v |= Self.LSR_DR }
+                if s.rxHead < s.rx.count { v |= Self.LSR_DR }
             case Self.MSR:
                 // Loopback maps MCR outputs onto the modem status inputs (the 8250
                 // driver's probe checks this); otherwise report DCD, DSR and CTS.
-                if mcr & Self.MCR_LOOP != 0 {
-                    v = ((mcr & 0x01) << 5) | ((mcr & 0x02) << 3) | ((mcr & 0x04) << 4) | ((mcr & 0x08) << 4)
+                if s.mcr & Self.MCR_LOOP != 0 {
+                    v = ((s.mcr & 0x01) << 5) | ((s.mcr & 0x02) << 3) | ((s.mcr & 0x04) << 4) | ((s.mcr & 0x08) << 4)
                 } else {
                     v = 0xb0
                 }
-            case Self.SCR: v = scr
+            case Self.SCR: v = s.scr
             default: v = 0
             }
         }
@@ -104,31 +108,31 @@ public final class Serial16550: PortDevice, @unchecked Sendable {
         let b = UInt8(truncatingIfNeeded: value)
         var raise = false
         var out: UInt8? = nil
-        lock.withLock {
+        state.withLock { s in
             switch offset {
             case Self.DATA:
-                if lcr & Self.LCR_DLAB != 0 { dll = b; return }
-                if mcr & Self.MCR_LOOP != 0 {
-                    if rx.count - rxHead < Self.fifoSize { rx.append(b) }
-                    raise = ier & Self.IER_RDI != 0
+                if s.lcr & Self.LCR_DLAB != 0 { s.dll = b; return }
+                if s.mcr & Self.MCR_LOOP != 0 {
+                    if s.rx.count - s.rxHead < Self.fifoSize { s.rx.append(b) }
+                    raise = s.ier & Self.IER_RDI != 0
                 } else {
                     out = b
                 }
-                thrInterruptPending = true
-                raise = raise || ier & Self.IER_THRI != 0
+                s.thrInterruptPending = true
+                raise = raise || s.ier & Self.IER_THRI != 0
             case Self.IER:
-                if lcr & Self.LCR_DLAB != 0 { dlm = b; return }
-                let enablingTHRI = (b & Self.IER_THRI != 0) && (ier & Self.IER_THRI == 0)
-                ier = b & 0x0f
+                if s.lcr & Self.LCR_DLAB != 0 { s.dlm = b; return }
+                let enablingTHRI = (b & Self.IER_THRI != 0) && (s.ier & Self.IER_THRI == 0)
+                s.ier = b & 0x0f
                 // The transmitter is always empty: enabling its interrupt fires it.
-                if enablingTHRI { thrInterruptPending = true; raise = true }
-                if ier & Self.IER_RDI != 0 && rxHead < rx.count { raise = true }
+                if enablingTHRI { s.thrInterruptPending = true; raise = true }
+                if s.ier & Self.IER_RDI != 0 && s.rxHead < s.rx.count { raise = true }
             case Self.IIR:
-                fcr = b
-                if b & 0x02 != 0 { rx.removeAll(keepingCapacity: true); rxHead = 0 }
-            case Self.LCR: lcr = b
-            case Self.MCR: mcr = b & 0x1f
-            case Self.SCR: scr = b
+                s.fcr = b
+                if b & 0x02 != 0 { s.rx.removeAll(keepingCapacity: true); s.rxHead = 0 }
+            case Self.LCR: s.lcr = b
+            case Self.MCR: s.mcr = b & 0x1f
+            case Self.SCR: s.scr = b
             default: break
             }
         }

@@ -3,6 +3,7 @@
 // can never make swiftlet read or write outside guest RAM: every accessor either returns
 // a pointer to a range that lies wholly inside one region, or throws.
 import Glibc
+import OS
 
 public enum GuestMemoryError: Error, Equatable, CustomStringConvertible {
     /// [address, address+length) is not wholly inside one RAM region (or overflows).
@@ -17,7 +18,7 @@ public enum GuestMemoryError: Error, Equatable, CustomStringConvertible {
         case let .outOfBounds(a, l):
             return "guest range 0x\(String(a, radix: 16))+0x\(String(l, radix: 16)) is outside guest RAM"
         case let .mapFailed(size, e):
-            return "cannot map \(size >> 20) MiB of guest memory: \(String(cString: strerror(e)))"
+            return "cannot map \(size >> 20) MiB of guest memory: \(errnoText(e))"
         case let .badLayout(s):
             return "bad guest memory layout: \(s)"
         }

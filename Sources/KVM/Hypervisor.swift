@@ -1,6 +1,7 @@
 // /dev/kvm: the system-wide KVM handle, capability checks and host classification.
 import Glibc
 import CLinux
+import OS
 
 /// A KVM capability: its KVM_CAP_* number and name (for error messages).
 public struct Capability: Hashable, Sendable, CustomStringConvertible {
@@ -186,7 +187,7 @@ public enum HostStatus: Equatable, Sendable {
         case .pvmHost:
             return "this host's KVM is PVM (kvm_pvm is loaded): it cannot run an unmodified Linux kernel; use scripts/testbed"
         case let .openFailed(p, e):
-            return "cannot open \(p): \(errnoString(e)); check that KVM works on this host, or use scripts/testbed"
+            return "cannot open \(p): \(errnoText(e)); check that KVM works on this host, or use scripts/testbed"
         }
     }
 }

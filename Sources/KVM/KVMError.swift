@@ -1,9 +1,6 @@
 // Errors from the KVM layer. Every case prints as one line naming what failed and why.
 import Glibc
-
-/// `strerror` as a Swift string.
-@inline(__always)
-func errnoString(_ e: Int32) -> String { String(cString: strerror(e)) }
+import OS
 
 public enum KVMError: Error, Equatable, CustomStringConvertible {
     /// open(2) of a device failed.
@@ -23,7 +20,7 @@ public enum KVMError: Error, Equatable, CustomStringConvertible {
     case badRunData(String)
     /// KVM_SET_MSRS / KVM_GET_MSRS handled only `done` of `total` MSRs; `failedIndex` is the first refused.
     case msrRefused(index: UInt32, done: Int, total: Int)
-    /// Some other system call failed (eventfd, pthread_create, sigaction...).
+    /// Some other system call failed (sigaction, pthread_sigmask...).
     case system(call: String, errno: Int32)
     /// A caller passed an impossible argument.
     case invalidArgument(String)
@@ -31,15 +28,15 @@ public enum KVMError: Error, Equatable, CustomStringConvertible {
     public var description: String {
         switch self {
         case let .open(path, e):
-            return "cannot open \(path): \(errnoString(e))"
+            return "cannot open \(path): \(errnoText(e))"
         case let .ioctl(name, e):
-            return "\(name) failed: \(errnoString(e))"
+            return "\(name) failed: \(errnoText(e))"
         case let .apiVersion(v):
             return "KVM_GET_API_VERSION returned \(v), expected 12: unsupported KVM"
         case let .missingCapabilities(names):
             return "KVM lacks required capabilit\(names.count == 1 ? "y" : "ies"): \(names.joined(separator: ", "))"
         case let .mmap(what, e):
-            return "cannot mmap \(what): \(errnoString(e))"
+            return "cannot mmap \(what): \(errnoText(e))"
         case let .vcpuIDOutOfRange(id, limit):
             return "vCPU id \(id) is out of range: KVM accepts ids below \(limit)"
         case let .badRunData(s):
@@ -47,7 +44,7 @@ public enum KVMError: Error, Equatable, CustomStringConvertible {
         case let .msrRefused(index, done, total):
             return "KVM refused MSR 0x\(String(index, radix: 16)) (\(done) of \(total) MSRs handled)"
         case let .system(call, e):
-            return "\(call) failed: \(errnoString(e))"
+            return "\(call) failed: \(errnoText(e))"
         case let .invalidArgument(s):
             return "invalid argument: \(s)"
         }

@@ -4,14 +4,12 @@
 //   Hypervisor      /dev/kvm: API version, capabilities, supported CPUID, MSR list, limits.
 //   HostCheck       classifies the host (missing / no permission / PVM / usable) without a VM.
 //   VirtualMachine  KVM_CREATE_VM: TSS and identity-map addresses, irqchip, PIT2, memory
-//                   slots, KVM_IRQ_LINE, irqfd, ioeventfd, vCPUs.
-//   EventFD         eventfd(2) for irqfd / ioeventfd.
+//                   slots, KVM_IRQ_LINE, irqfd and ioeventfd (on OS.EventFD), vCPUs.
 //   VCPU            KVM_CREATE_VCPU + kvm_run mapping; registers, MSRs, CPUID, LAPIC, FPU,
 //                   XSAVE/MXCSR, MP state; run() -> VCPUExit; kick().
-//   OSThread        spawnThread(name:body:) / join(): vCPUs run on real pthreads.
 //   CPUIDSetup, MSRSetup, FPUSetup, LAPICState, LongModeBoot, RealModeBoot: boot values.
 //
-// Running a vCPU (one pthread per vCPU):
+// Running a vCPU (one pthread per vCPU, started with OS.spawnThread):
 //   let t = try spawnThread(name: "vcpu0") {
 //       try? vcpu.withKickEnabled {
 //           while !stopping { switch try vcpu.run() { case .io(...): ...; case .interrupted: continue; ... } }

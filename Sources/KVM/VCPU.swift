@@ -1,6 +1,7 @@
 // A vCPU: its kvm_run mapping, register state, KVM_RUN and exit decoding, and the kick.
 import Glibc
 import CLinux
+import Synchronization
 
 /// Why KVM_RUN returned. Pointers point into the vCPU's kvm_run mapping and are valid
 /// only until the next `run()` on that vCPU.
@@ -151,17 +152,6 @@ public struct LAPICState {
     }
 }
 
-/// A small pthread mutex (Glibc only; no Foundation).
-final class PThreadMutex: @unchecked Sendable {
-    private let m: UnsafeMutablePointer<pthread_mutex_t>
-    init() { m = .allocate(capacity: 1); m.initialize(to: pthread_mutex_t()); pthread_mutex_init(m, nil) }
-    deinit { pthread_mutex_destroy(m); m.deinitialize(count: 1); m.deallocate() }
-    func locked<T>(_ body: () throws -> T) rethrows -> T {
-        pthread_mutex_lock(m); defer { pthread_mutex_unlock(m) }
-        return try body()
-    }
-}
-
 /// A virtual CPU. Owns its file descriptor and the kvm_run mapping.
 ///
 /// Kick mechanism (stopping a vCPU that is inside KVM_RUN from another thread):
@@ -182,9 +172,12 @@ public final class VCPU: @unchecked Sendable {
     public let runArea: UnsafeMutableRawPointer
     public let runAreaSize: Int
     let vm: VirtualMachine  // the VM must outlive its vCPUs
-    private let kickLock = PThreadMutex()
-    private var kickThread: pthread_t?
-    private var maskBeforeKick: sigset_t?
+    /// The thread `kick()` signals (set by `enableKick()`) and its signal mask before.
+    private struct KickTarget {
+        var thread: pthread_t?
+        var maskBefore: sigset_t?
+    }
+    private let kickTarget = Mutex(KickTarget())
 
     init(vm: VirtualMachine, id: UInt32, mmapSize: Int) throws {
         var fd: Int32
@@ -252,9 +245,9 @@ public final class VCPU: @unchecked Sendable {
             pthread_sigmask(SIG_SETMASK, &previous, nil)
             throw error
         }
-        kickLock.locked {
-            kickThread = pthread_self()
-            maskBeforeKick = previous
+        kickTarget.withLock {
+            $0.thread = pthread_self()
+            $0.maskBefore = previous
         }
     }
 
@@ -262,10 +255,10 @@ public final class VCPU: @unchecked Sendable {
     /// it exits): `kick()` stops signalling it, a kick signal still pending is consumed, and
     /// the thread's signal mask is restored. immediate_exit is left as it is.
     public func disableKick() {
-        var restore = kickLock.locked { () -> sigset_t? in
-            defer { kickThread = nil; maskBeforeKick = nil }
-            guard let t = kickThread, pthread_equal(t, pthread_self()) != 0 else { return nil }
-            return maskBeforeKick
+        var restore = kickTarget.withLock { k -> sigset_t? in
+            defer { k = KickTarget() }
+            guard let t = k.thread, pthread_equal(t, pthread_self()) != 0 else { return nil }
+            return k.maskBefore
         }
         // No kick can signal this thread any more (kick() signals under the lock).
         while clinux_consume_pending_signal(Self.kickSignal) > 0 {}
@@ -283,14 +276,14 @@ public final class VCPU: @unchecked Sendable {
     /// Leaves immediate_exit set: clear it with `clearImmediateExit()` to run again.
     public func kick() {
         immediateExit = true
-        kickLock.locked {
-            if let t = kickThread { _ = pthread_kill(t, Self.kickSignal) }
+        kickTarget.withLock {
+            if let t = $0.thread { _ = pthread_kill(t, Self.kickSignal) }
         }
     }
 
     private func consumeKickSignal() {
         // Only relevant on a kick-enabled thread (where the signal is blocked outside KVM_RUN).
-        guard kickLock.locked({ kickThread.map { pthread_equal($0, pthread_self()) != 0 } ?? false }) else { return }
+        guard kickTarget.withLock({ $0.thread.map { pthread_equal($0, pthread_self()) != 0 } ?? false }) else { return }
         while clinux_consume_pending_signal(Self.kickSignal) > 0 {}
     }
 

@@ -2,6 +2,7 @@
 import Glibc
 import CLinux
 import GuestMemory
+import OS
 
 /// A KVM VM (KVM_CREATE_VM). Owns its file descriptor; keeps the Hypervisor and any
 /// registered GuestMemory alive as long as it lives (KVM must never see freed memory).
@@ -184,48 +185,5 @@ public final class VirtualMachine: @unchecked Sendable {
     /// KVM_CREATE_VCPU without the id check (for tests of KVM's own validation).
     public func createVCPUUnchecked(id: UInt32) throws -> VCPU {
         try VCPU(vm: self, id: id, mmapSize: try hypervisor.vcpuMmapSize())
-    }
-}
-
-/// An eventfd(2) counter. Owns its file descriptor.
-public final class EventFD: @unchecked Sendable {
-    public let fd: Int32
-
-    /// eventfd(initial, EFD_CLOEXEC [| EFD_NONBLOCK]).
-    public init(initial: UInt32 = 0, nonBlocking: Bool = true) throws {
-        let fd = eventfd(initial, Int32(EFD_CLOEXEC) | (nonBlocking ? Int32(EFD_NONBLOCK) : 0))
-        guard fd >= 0 else { throw KVMError.system(call: "eventfd", errno: errno) }
-        self.fd = fd
-    }
-
-    deinit { close(fd) }
-
-    /// Adds `value` to the counter.
-    public func write(_ value: UInt64 = 1) throws {
-        var v = value
-        while true {
-            let n = Glibc.write(fd, &v, 8)
-            if n == 8 { return }
-            if n < 0 && errno == EINTR { continue }
-            throw KVMError.system(call: "eventfd write", errno: n < 0 ? errno : EIO)
-        }
-    }
-
-    /// Reads and resets the counter. Returns nil when it is zero (non-blocking mode).
-    public func read() throws -> UInt64? {
-        var v: UInt64 = 0
-        while true {
-            let n = Glibc.read(fd, &v, 8)
-            if n == 8 { return v }
-            if n < 0 && errno == EINTR { continue }
-            if n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) { return nil }
-            throw KVMError.system(call: "eventfd read", errno: n < 0 ? errno : EIO)
-        }
-    }
-
-    /// Whether a read would return a value now (poll with zero timeout).
-    public var isReadable: Bool {
-        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-        return poll(&p, 1, 0) == 1 && (p.revents & Int16(POLLIN)) != 0
     }
 }

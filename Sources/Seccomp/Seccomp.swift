@@ -10,6 +10,7 @@
 // SECCOMP_RET_TRAP (--seccomp on: the SIGSYS handler prints one line and ends swiftlet
 // with status 1) or SECCOMP_RET_LOG (--seccomp log: allowed, logged by the kernel).
 import Glibc
+import OS
 import CLinux
 
 /// --seccomp: on (a forbidden call ends swiftlet), log (allowed and logged by the
@@ -66,7 +67,7 @@ public enum Seccomp {
     public static func installOrExit(_ role: ThreadRole, name: String) {
         let e = install(role, name: name)
         guard e != 0 else { return }
-        fputs("swiftlet: seccomp: cannot install the \(role.rawValue) filter on thread \(name): \(String(cString: strerror(e))): run with --seccomp off on this kernel\n", stderr)
+        fputs("swiftlet: seccomp: cannot install the \(role.rawValue) filter on thread \(name): \(errnoText(e)): run with --seccomp off on this kernel\n", stderr)
         _exit(1)
     }
 

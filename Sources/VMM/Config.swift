@@ -1,5 +1,6 @@
 // The machine configuration and the parsers for user-supplied values.
 import Glibc
+import OS
 import Virtio
 @_exported import enum Seccomp.SeccompMode
 
@@ -320,7 +321,7 @@ public func checkKernelCacheDir(_ dir: String, decompress: Bool) throws -> Strin
     }
     guard !dir.isEmpty else { throw SwiftletError(.usage, "--kernel-cache needs a directory, e.g. --kernel-cache ~/.cache/swiftlet") }
     if mkdir(dir, 0o700) != 0 && errno != EEXIST {
-        let why = String(cString: strerror(errno))
+        let why = errnoText(errno)
         throw SwiftletError(.usage, "--kernel-cache '\(dir)': cannot create it (\(why)): give a directory you can write")
     }
     var st = stat()
@@ -345,7 +346,7 @@ public func checkOutputFile(_ path: String, flag: String, creates: String? = nil
             throw SwiftletError(.usage, "\(p) is a directory: give a file path inside it")
         }
         guard access(path, W_OK) == 0 else {
-            throw SwiftletError(.usage, "\(p): cannot write it (\(String(cString: strerror(errno)))): give a file you can write")
+            throw SwiftletError(.usage, "\(p): cannot write it (\(errnoText(errno))): give a file you can write")
         }
         if creates == nil { return }
     }
@@ -353,7 +354,7 @@ public func checkOutputFile(_ path: String, flag: String, creates: String? = nil
     if access(target, F_OK) == 0 { return }
     let fd = open(target, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
     guard fd >= 0 else {
-        throw SwiftletError(.usage, "\(p): cannot create it (\(String(cString: strerror(errno)))): give a file in a directory you can write")
+        throw SwiftletError(.usage, "\(p): cannot create it (\(errnoText(errno))): give a file in a directory you can write")
     }
     close(fd)
     unlink(target)

@@ -29,6 +29,7 @@
 //     512 MiB, console=ttyS0 reboot=k panic=1), not Firecracker's (128 MiB, its own
 //     boot_args).
 import Glibc
+import OS
 import JSON
 
 /// One virtio-blk disk with its configuration-file identity.
@@ -121,7 +122,7 @@ public func readConfigFile(_ path: String) throws -> [UInt8] {
     if fd < 0 {
         let e = errno
         if e == ENOENT || e == ENOTDIR { throw SwiftletError(.missingInput, "--config-file \(p) does not exist") }
-        throw SwiftletError(.missingInput, "--config-file \(p) cannot be read: \(String(cString: strerror(e)))")
+        throw SwiftletError(.missingInput, "--config-file \(p) cannot be read: \(errnoText(e))")
     }
     defer { close(fd) }
     var st = stat()
@@ -134,7 +135,7 @@ public func readConfigFile(_ path: String) throws -> [UInt8] {
         let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
         if n < 0 {
             if errno == EINTR { continue }
-            throw SwiftletError(.missingInput, "--config-file \(p) cannot be read: \(String(cString: strerror(errno)))")
+            throw SwiftletError(.missingInput, "--config-file \(p) cannot be read: \(errnoText(errno))")
         }
         if n == 0 { break }
         out.append(contentsOf: chunk[0..<n])

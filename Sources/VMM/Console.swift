@@ -1,6 +1,7 @@
 // The serial console's host side: where guest output goes, raw mode for a terminal on
 // stdin (restored on every exit path, crashes included), and the input pump.
 import Glibc
+import OS
 import Devices
 
 /// The termios to restore, kept where a signal handler can reach it.
@@ -60,7 +61,7 @@ final class ConsoleOutput: @unchecked Sendable {
         case .file(let path):
             let f = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
             guard f >= 0 else {
-                throw SwiftletError(.usage, "cannot open serial output file \(path): \(String(cString: strerror(errno))): give a writable path to --serial file=PATH")
+                throw SwiftletError(.usage, "cannot open serial output file \(path): \(errnoText(errno)): give a writable path to --serial file=PATH")
             }
             fd = f; owned = true
         }

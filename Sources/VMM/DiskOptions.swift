@@ -18,6 +18,7 @@
 //     st_ino) given twice is refused unless every use is readonly=on.
 //   - Commas inside a value are written ",," (as with QEMU).
 import Glibc
+import OS
 import Devices
 import Virtio
 import GuestMemory
@@ -162,8 +163,6 @@ public final class OpenDisk: @unchecked Sendable {
     }
 }
 
-private func errnoText(_ e: Int32) -> String { String(cString: strerror(e)) }
-
 /// Opens every --disk in order (see openDisk).
 public func openDisks(_ list: [DiskOptions]) throws -> [OpenDisk] {
     var out: [OpenDisk] = []
@@ -252,7 +251,7 @@ public func openDisk(_ o: DiskOptions, alreadyOpen: [OpenDisk] = []) throws -> O
 extension VirtioMMIOSlot {
     /// A virtio-blk device for `disk` as virtio-mmio device `index` (address and GSI from
     /// X86Layout), with queue threads named "\(name)-qN".
-    public static func block(_ disk: OpenDisk, index: Int, name: String, vm: VirtualMachine, memory: GuestMemory,
+    public static func block(_ disk: OpenDisk, index: Int, name: String, vm: any VirtioVM, memory: GuestMemory,
                              engine: BlockEngine? = nil, interrupts: VirtioInterruptMode = .line,
                              log: LogSink? = nil) throws -> VirtioMMIOSlot {
         let deviceLog = log.map { RateLimitedLog(name: name, sink: $0) }
@@ -277,7 +276,7 @@ public func virtioDescriptions(count: Int, firstIndex: Int = 0) throws -> [Virti
 /// One virtio-blk slot per disk (virtio-mmio index firstIndex + i, threads "blk\(i)-qN"),
 /// inserted into `mmio`. Call after the irqchip is created and guest memory registered;
 /// call `stop()` on every returned slot after the vCPU threads have been joined.
-public func attachDisks(_ disks: [OpenDisk], firstIndex: Int = 0, vm: VirtualMachine, memory: GuestMemory,
+public func attachDisks(_ disks: [OpenDisk], firstIndex: Int = 0, vm: any VirtioVM, memory: GuestMemory,
                         mmio: inout RangeMap<MMIODevice>, interrupts: VirtioInterruptMode = .line,
                         log: LogSink? = nil) throws -> [VirtioMMIOSlot] {
     try attachSlots(count: disks.count, mmio: &mmio) { i in

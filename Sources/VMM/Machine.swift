@@ -5,14 +5,13 @@
 import Glibc
 import CLinux
 import GuestMemory
+import OS
 import KVM
 import Boot
 import Devices
 import Virtio
 import Synchronization
 import Seccomp
-
-public func monotonicNow() -> UInt64 { monotonicNanos() }
 
 /// Start-up phases (name, monotonic ns), printed at --log-level debug.
 nonisolated(unsafe) var startupPhases: [(String, UInt64)] = []
@@ -142,7 +141,7 @@ public func run(_ config: MachineConfig) throws -> Int32 {
     Seccomp.mainReadsProcStatus = config.logLevel >= .debug
     if config.seccomp == .on {
         let e = Seccomp.installViolationHandler()
-        if e != 0 { throw SwiftletError(.runtimeError, "seccomp: cannot install the SIGSYS handler: \(String(cString: strerror(e)))") }
+        if e != 0 { throw SwiftletError(.runtimeError, "seccomp: cannot install the SIGSYS handler: \(errnoText(e))") }
     }
     let machine = try Machine(config: config, kvm: kvm, memory: memory, boot: boot, disks: disks, nets: nets)
     return machine.run()
@@ -168,41 +167,46 @@ final class Machine: @unchecked Sendable {
     let deadline: UInt64?
     /// Written once by whoever ends the run; the main thread waits on it.
     let stopEvent: EventFD
-    private let outcomeLock = Mutex()
-    private var outcome: Outcome? = nil
-    private var stopping = false
+    /// How the run ends, and what --log-level debug notes about exits on the way.
+    struct RunState {
+        var outcome: Outcome? = nil
+        var stopping = false
+        var unhandledSeen = Set<String>()
+        /// At --log-level debug, the first exit to each port and MMIO page, with its time
+        /// since swiftlet started: a rough map of where a boot spends its time ("first
+        /// exit" lines).
+        var firstExitSeen = Set<UInt64>()
+        var firstExits: [String] = []
+        /// Exits per port or MMIO page and direction (debug): the "exits by place" line.
+        var exitCounts: [UInt64: (what: String, count: Int)] = [:]
+    }
+    private let runState = Mutex(RunState())
     /// --log-level debug: accesses to nothing are logged (each kind once, 256 at most), and
     /// the first exit to each port and MMIO page is noted.
     private let debugExits: Bool
-    private var unhandledSeen = Set<String>()
     private func noteUnhandled(_ what: String) {
-        let first: Bool = outcomeLock.withLock {
-            unhandledSeen.count < 256 && unhandledSeen.insert(what).inserted
+        let first = runState.withLock { s in
+            s.unhandledSeen.count < 256 && s.unhandledSeen.insert(what).inserted
         }
         if first { log("unhandled \(what)") }
     }
-    /// At --log-level debug, the first exit to each port and MMIO page, with its time since
-    /// swiftlet started: a rough map of where a boot spends its time ("first exit" lines).
-    private var firstExitSeen = Set<UInt64>()
-    private var firstExits: [String] = []
-    /// Exits per port or MMIO page and direction (debug): the "exits by place" line.
-    private var exitCounts: [UInt64: (what: String, count: Int)] = [:]
     private func noteExit(_ key: UInt64, _ what: @autoclosure () -> String) {
         let t = monotonicNanos()
-        outcomeLock.withLock {
-            if exitCounts[key] != nil {
-                exitCounts[key]!.count += 1
-            } else if exitCounts.count < 256 {
-                exitCounts[key] = (what(), 1)
+        let start = config.startNanos
+        runState.withLock { s in
+            if s.exitCounts[key] != nil {
+                s.exitCounts[key]!.count += 1
+            } else if s.exitCounts.count < 256 {
+                s.exitCounts[key] = (what(), 1)
             }
-            guard firstExits.count < 64, firstExitSeen.insert(key).inserted else { return }
-            firstExits.append("first exit +\((t &- config.startNanos) / 1000) us: \(what())")
+            guard s.firstExits.count < 64, s.firstExitSeen.insert(key).inserted else { return }
+            s.firstExits.append("first exit +\((t &- start) / 1000) us: \(what())")
         }
     }
     /// monotonicNanos() just before vCPU 0's first KVM_RUN.
     private var firstRunNanos: UInt64 = 0
     /// Opened by the main thread once its seccomp filter is on; vCPU threads wait for it.
-    private let runGate = Gate()
+    private let runGate: Gate
     #if DEBUG
     /// Debug builds only: SWIFTLET_DEBUG_SECCOMP_SELFTEST=vcpu|main makes that thread call
     /// a forbidden system call (getppid) right after installing its filter (tests).
@@ -225,6 +229,7 @@ final class Machine: @unchecked Sendable {
         }
         stopEvent = try EventFD()
         serialIRQ = try EventFD()
+        runGate = try Gate()
         console = try ConsoleOutput(mode: config.serial)
 
         phase("KVM opened")
@@ -302,16 +307,16 @@ final class Machine: @unchecked Sendable {
 
     /// Records how the run ended (first caller wins) and wakes the main thread.
     func finish(_ o: Outcome) {
-        let first: Bool = outcomeLock.withLock {
-            if outcome != nil { return false }
-            outcome = o
-            stopping = true
+        let first = runState.withLock { s -> Bool in
+            if s.outcome != nil { return false }
+            s.outcome = o
+            s.stopping = true
             return true
         }
         if first { try? stopEvent.write(1) }
     }
 
-    var isStopping: Bool { outcomeLock.withLock { stopping } }
+    var isStopping: Bool { runState.withLock { $0.stopping } }
 
     func run() -> Int32 {
         // Termination signals are taken by the main thread's signalfd; block them before any
@@ -340,7 +345,7 @@ final class Machine: @unchecked Sendable {
             }
         }
         let e = Seccomp.install(.main, name: "main")
-        if e != 0 { finish(.failed("seccomp: cannot install the main thread's filter: \(String(cString: strerror(e))): run with --seccomp off on this kernel")) }
+        if e != 0 { finish(.failed("seccomp: cannot install the main thread's filter: \(errnoText(e)): run with --seccomp off on this kernel")) }
         #if DEBUG
         if Machine.seccompSelfTest == "main" { _ = clinux_syscall0(Int(SYS_getppid)) }
         #endif
@@ -350,7 +355,7 @@ final class Machine: @unchecked Sendable {
 
         for v in vcpus { v.kick() }
         for t in threads { t.join() }
-        let o = outcomeLock.withLock { outcome } ?? .failed("no outcome")
+        let o = runState.withLock { $0.outcome } ?? .failed("no outcome")
         if let path = config.metricsPath { MetricsSink(path: path).write(metricsJSON(exit: o)) }
         for s in slots { s.stop() }
         if sigfd >= 0 { close(sigfd) }
@@ -368,8 +373,8 @@ final class Machine: @unchecked Sendable {
                 last = t
             }
             log("startup: first KVM_RUN \((firstRunNanos &- config.startNanos) / 1000) us after main, at monotonic \(firstRunNanos) ns")
-            for line in outcomeLock.withLock({ firstExits }) { log(line) }
-            let top = outcomeLock.withLock { exitCounts.values.sorted { $0.count > $1.count }.prefix(12) }
+            for line in runState.withLock({ $0.firstExits }) { log(line) }
+            let top = runState.withLock { $0.exitCounts.values.sorted { $0.count > $1.count }.prefix(12) }
             log("exits by place: " + top.map { "\($0.what) \($0.count)" }.joined(separator: ", "))
             let rss = residentSetBytes()
             let anon = (procKiB("/proc/self/status", "RssAnon:") ?? 0) * 1024
@@ -402,7 +407,7 @@ final class Machine: @unchecked Sendable {
                 wait = wait < 0 ? Int32(ms) : min(wait, Int32(ms))
             }
             let r = poll(&fds, nfds_t(fds.count), wait)
-            if r < 0 && errno != EINTR { finish(.failed("poll: \(String(cString: strerror(errno)))")); break }
+            if r < 0 && errno != EINTR { finish(.failed("poll: \(errnoText(errno))")); break }
             if fds[1].revents & Int16(POLLIN) != 0 {
                 var info = signalfd_siginfo()
                 if read(sigfd, &info, MemoryLayout<signalfd_siginfo>.size) > 0 {
@@ -436,7 +441,7 @@ final class Machine: @unchecked Sendable {
         defer { v.disableKick() }
         let e = Seccomp.install(.vcpu, name: "vcpu\(v.id)")
         if e != 0 {
-            finish(.failed("seccomp: cannot install the vCPU filter: \(String(cString: strerror(e))): run with --seccomp off on this kernel"))
+            finish(.failed("seccomp: cannot install the vCPU filter: \(errnoText(e)): run with --seccomp off on this kernel"))
             return
         }
         #if DEBUG
@@ -556,35 +561,3 @@ func logSink(level: LogLevel, print: @escaping @Sendable (String) -> Void = { lo
 
 /// This process's resident set (VmRSS) in bytes.
 func residentSetBytes() -> UInt64 { (procKiB("/proc/self/status", "VmRSS:") ?? 0) * 1024 }
-
-/// A one-shot gate: `wait()` blocks until `open()` has been called.
-final class Gate: @unchecked Sendable {
-    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-    private let cond = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
-    private var isOpen = false
-
-    init() {
-        pthread_mutex_init(mutex, nil)
-        pthread_cond_init(cond, nil)
-    }
-
-    deinit {
-        pthread_cond_destroy(cond)
-        pthread_mutex_destroy(mutex)
-        cond.deallocate()
-        mutex.deallocate()
-    }
-
-    func open() {
-        pthread_mutex_lock(mutex)
-        isOpen = true
-        pthread_cond_broadcast(cond)
-        pthread_mutex_unlock(mutex)
-    }
-
-    func wait() {
-        pthread_mutex_lock(mutex)
-        while !isOpen { pthread_cond_wait(cond, mutex) }
-        pthread_mutex_unlock(mutex)
-    }
-}

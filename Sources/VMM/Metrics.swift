@@ -3,6 +3,7 @@
 // that reached a vCPU instead of an ioeventfd) plus the device's own queue counters.
 // Written as one JSON object at exit, and on SIGUSR1 while running.
 import Glibc
+import OS
 import Synchronization
 import Devices
 import Virtio
@@ -68,7 +69,7 @@ struct MetricsSink {
         let tmp = path + ".tmp"
         let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         guard fd >= 0 else {
-            fputs("swiftlet: cannot write metrics to \(path): \(String(cString: strerror(errno)))\r\n", stderr)
+            fputs("swiftlet: cannot write metrics to \(path): \(errnoText(errno))\r\n", stderr)
             return
         }
         let bytes = Array((json + "\n").utf8)

@@ -21,6 +21,7 @@
 //     `ip tuntap add dev NAME mode tap multi_queue`) is attached and left as it was; a
 //     single-queue one (`ip tuntap add dev NAME mode tap`) only with queues=1.
 import Glibc
+import OS
 import CLinux
 import Devices
 import Virtio
@@ -166,8 +167,6 @@ public final class OpenTap: @unchecked Sendable {
                   offload: options.offload, control: TapQueueControl(fds: fds, owner: self), name: name, log: log)
     }
 }
-
-private func errnoText(_ e: Int32) -> String { String(cString: strerror(e)) }
 
 /// Opens every --net in order; on an error the TAPs opened so far are closed.
 public func openNets(_ list: [NetOptions]) throws -> [OpenTap] {

@@ -11,16 +11,17 @@
 //     the handlers.
 // Interrupts are level-triggered, as on real virtio-mmio hardware and in QEMU: the line
 // is high while InterruptStatus is nonzero. The device calls the transport's
-// VirtioInterruptSink, which sets the InterruptStatus bit first and then raises the line
-// (VirtioInterruptMode):
-//   - line (default, `InterruptLine`): KVM_IRQ_LINE high when a bit is set, low when the
+// VirtioInterruptSink, which sets the InterruptStatus bit and decides when the slot's
+// `InterruptLine` goes up or down (VirtioInterruptMode picks the line):
+//   - line (default, `IRQLine`): KVM_IRQ_LINE high when a bit is set, low when the
 //     driver's InterruptACK (or a reset) clears the last one, as QEMU does;
 //   - irqfd (`ResampledIrqfd`): an irqfd with KVM_IRQFD_FLAG_RESAMPLE asserts the GSI
 //     until the guest's EOI; KVM then deasserts it and signals the resample eventfd, and
-//     the "<name>-irq" thread re-asserts it if InterruptStatus is still nonzero.
-// Edge-triggered irqfd pulses (as Firecracker uses) made nested-KVM L2 guests die under
-// iperf3 load (issue 5), and so, less often, did the resampling irqfd; KVM_IRQ_LINE did
-// not.
+//     the "<name>-irq" thread asks the transport to re-assert it if InterruptStatus is
+//     still nonzero.
+//
+// The slot needs three things of the VM, behind `VirtioVM`: the irqchip line, irqfds and
+// ioeventfds. KVM's VirtualMachine provides them; unit tests use a fake.
 //
 // Driver reset (status 0) and machine stop deregister the ioeventfds, stop and join the
 // queue threads (each waits for its requests in flight), then the device forgets its
@@ -28,15 +29,33 @@
 //
 // The vCPU threads see only the register accesses that are not kicks: the machine routes
 // MMIO exits in the window to `read(offset:size:)` / `write(offset:size:value:)`. A kick
-// that does exit (an ioeventfd KVM refused) still reaches the queue thread through the
-// transport's onQueueNotify.
+// that does exit (an ioeventfd KVM refused) still reaches the queue thread: the transport
+// passes it to the device it runs (`queueNotified`).
 import Glibc
 import GuestMemory
+import OS
 import KVM
 import Boot
 import Devices
 import Virtio
 import Seccomp
+import Synchronization
+
+/// What a virtio-mmio slot needs from the VM.
+public protocol VirtioVM: AnyObject, Sendable {
+    /// Drives GSI `gsi` high or low (KVM_IRQ_LINE).
+    func irqLine(gsi: UInt32, level: Bool) throws
+    /// A level-triggered irqfd: a write to `eventfd` asserts `gsi` until the guest's EOI,
+    /// then the irqchip deasserts it and signals `resample`.
+    func registerIrqfd(_ eventfd: EventFD, gsi: UInt32, resample: EventFD) throws
+    func deassignIrqfd(_ eventfd: EventFD, gsi: UInt32) throws
+    /// A guest write of `length` bytes of `datamatch` to `address` signals `eventfd`
+    /// without an exit.
+    func registerIoeventfd(_ eventfd: EventFD, address: UInt64, length: UInt32, datamatch: UInt64?, pio: Bool) throws
+    func deassignIoeventfd(_ eventfd: EventFD, address: UInt64, length: UInt32, datamatch: UInt64?, pio: Bool) throws
+}
+
+extension VirtualMachine: VirtioVM {}
 
 /// One running group of queues (one queue, or a virtio-net rx/tx pair): a kick eventfd
 /// per queue, one stop eventfd, one thread.
@@ -67,7 +86,9 @@ final class QueueWorker {
             watch.append(kicks[k].fd); slots.append((k, true))
         }
         let what = "virtio queue " + handlers.map { String($0.queueIndex) }.joined(separator: "+")
-        pollUntilStopped(stop: stop, watch: watch, what: what, log: log) { ready in
+        pollUntilStopped(stop: stop, watch: watch, onFailure: { e in
+            log?.warn("queue thread poll failed", "\(what): poll failed: \(errnoText(e))")
+        }) { ready in
             for j in slots.indices where ready[j] {
                 let s = slots[j]
                 if s.kick {
@@ -82,48 +103,23 @@ final class QueueWorker {
     }
 }
 
-/// Which of the watched descriptors a poll found readable (index into `watch`). A view
-/// of the poll array: nothing is allocated per wake-up.
-struct PollReadiness {
-    let fds: [pollfd]
-    var count: Int { fds.count - 1 }
-    subscript(i: Int) -> Bool { fds[i + 1].revents != 0 }
-}
-
-/// A device thread's loop: poll `stop` and `watch` until `stop` is readable, calling
-/// `onReady` with which of `watch` are readable. A failing poll is logged once and the
-/// thread then only waits for `stop` (no spinning).
-func pollUntilStopped(stop: EventFD, watch: [Int32], what: String, log: RateLimitedLog?,
-                      _ onReady: (PollReadiness) -> Void) {
-    var fds = [pollfd(fd: stop.fd, events: Int16(POLLIN), revents: 0)]
-        + watch.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
-    while true {
-        for i in fds.indices { fds[i].revents = 0 }
-        let r = poll(&fds, nfds_t(fds.count), -1)
-        if r < 0 {
-            if errno == EINTR { continue }
-            log?.warn("queue thread poll failed", "\(what): poll failed: \(String(cString: strerror(errno)))")
-            var p = pollfd(fd: stop.fd, events: Int16(POLLIN), revents: 0)
-            while poll(&p, 1, -1) < 0 && errno == EINTR {}
-            return
-        }
-        if fds[0].revents != 0 { return }
-        onReady(PollReadiness(fds: fds))
-    }
-}
-
 /// Wraps the device the transport sees: activation starts the queue threads, reset stops them.
 final class HostedDeviceAdapter: VirtioDevice, @unchecked Sendable {
     let inner: any HostedVirtioDevice
-    let vm: VirtualMachine
+    let vm: any VirtioVM
     let notifyAddress: UInt64
     let name: String
     let log: RateLimitedLog?
-    let lock = Mutex()
-    var workers: [QueueWorker] = []
-    var shutDown = false
+    struct State {
+        var workers: [QueueWorker] = []
+        /// The machine stopped: no activation any more.
+        var shutDown = false
+    }
+    let state = Mutex(State())
+    /// The running groups of queues (tests look at their eventfds).
+    var workers: [QueueWorker] { state.withLock { $0.workers } }
 
-    init(inner: any HostedVirtioDevice, vm: VirtualMachine, base: UInt64, name: String, log: RateLimitedLog?) {
+    init(inner: any HostedVirtioDevice, vm: any VirtioVM, base: UInt64, name: String, log: RateLimitedLog?) {
         self.inner = inner
         self.vm = vm
         self.notifyAddress = base + VirtioMMIOReg.queueNotify
@@ -139,33 +135,33 @@ final class HostedDeviceAdapter: VirtioDevice, @unchecked Sendable {
     func writeConfig(offset: Int, bytes: UnsafeRawBufferPointer) { inner.writeConfig(offset: offset, bytes: bytes) }
 
     func activate(queues: [SplitQueue?], memory: GuestMemory, features: UInt64, interrupt: any VirtioInterruptSink) throws {
-        try lock.withLock {
-            guard !shutDown else { throw SwiftletError(.runtimeError, "\(name): activated after the machine stopped") }
-            stopWorkersLocked()
+        try state.withLock { s in
+            guard !s.shutDown else { throw SwiftletError(.runtimeError, "\(name): activated after the machine stopped") }
+            stopWorkers(&s)
             try inner.activate(queues: queues, memory: memory, features: features, interrupt: interrupt)
             do {
-                for g in inner.queueHandlerGroups where !g.isEmpty { try startWorkerLocked(g) }
+                for g in inner.queueHandlerGroups where !g.isEmpty { try startWorker(g, &s) }
             } catch {
                 log?.warn("cannot start queue threads", "\(name): cannot start queue threads: \(error)")
-                stopWorkersLocked()
+                stopWorkers(&s)
                 inner.reset()
                 throw error
             }
         }
     }
 
-    private func startWorkerLocked(_ handlers: [VirtioQueueHandler]) throws {
+    private func startWorker(_ handlers: [VirtioQueueHandler], _ s: inout State) throws {
         let indices = handlers.map(\.queueIndex)
         let stop = try EventFD()
         let w = QueueWorker(stop: stop)
-        workers.append(w)  // before anything is registered: a failure below still deregisters it
+        s.workers.append(w)  // before anything is registered: a failure below still deregisters it
         for i in indices {
             let kick = try EventFD()
             var registered = true
             do {
-                try vm.registerIoeventfd(kick, address: notifyAddress, length: 4, datamatch: UInt64(i))
+                try vm.registerIoeventfd(kick, address: notifyAddress, length: 4, datamatch: UInt64(i), pio: false)
             } catch {
-                // Kicks then exit to the vCPU and come back through onQueueNotify.
+                // Kicks then exit to the vCPU and come back through queueNotified.
                 registered = false
                 log?.warn("no ioeventfd", "\(name) queue \(i): no ioeventfd (\(error)): kicks go through MMIO exits")
             }
@@ -181,35 +177,35 @@ final class HostedDeviceAdapter: VirtioDevice, @unchecked Sendable {
     }
 
     /// Deregisters the ioeventfds, then stops and joins every queue thread.
-    private func stopWorkersLocked() {
-        for w in workers {
+    private func stopWorkers(_ s: inout State) {
+        for w in s.workers {
             for (k, i) in w.indices.enumerated() where w.ioeventfd[k] {
                 do {
-                    try vm.deassignIoeventfd(w.kicks[k], address: notifyAddress, length: 4, datamatch: UInt64(i))
+                    try vm.deassignIoeventfd(w.kicks[k], address: notifyAddress, length: 4, datamatch: UInt64(i), pio: false)
                 } catch {
                     log?.warn("cannot deregister an ioeventfd", "\(name) queue \(i): cannot deregister ioeventfd: \(error)")
                 }
                 w.ioeventfd[k] = false
             }
         }
-        for w in workers where w.thread != nil {
+        for w in s.workers where w.thread != nil {
             do { try w.stop.write(1) } catch { log?.warn("cannot stop a queue thread", "\(name) queues \(w.indices): cannot signal stop: \(error)") }
         }
-        for w in workers { w.thread?.join() }
-        workers = []
+        for w in s.workers { w.thread?.join() }
+        s.workers = []
     }
 
     func reset() {
-        lock.withLock {
-            stopWorkersLocked()
+        state.withLock { s in
+            stopWorkers(&s)
             inner.reset()
         }
     }
 
     /// A QueueNotify write that exited to swiftlet: pass it to the queue's thread.
-    func notify(queue: Int) {
-        lock.withLock {
-            for w in workers {
+    func queueNotified(_ queue: Int) {
+        state.withLock { s in
+            for w in s.workers {
                 if let k = w.indices.firstIndex(of: queue) { try? w.kicks[k].write(1) }
             }
         }
@@ -217,14 +213,14 @@ final class HostedDeviceAdapter: VirtioDevice, @unchecked Sendable {
 
     /// Machine stop: no activation afterwards.
     func shutdown() {
-        lock.withLock {
-            shutDown = true
-            stopWorkersLocked()
+        state.withLock { s in
+            s.shutDown = true
+            stopWorkers(&s)
             inner.reset()
         }
     }
 
-    var threadCount: Int { lock.withLock { workers.filter { $0.thread != nil }.count } }
+    var threadCount: Int { state.withLock { $0.workers.filter { $0.thread != nil }.count } }
 }
 
 /// A virtio-mmio device in the machine: register window, transport, interrupt line, queue
@@ -241,51 +237,40 @@ public final class VirtioMMIOSlot: MMIODevice, @unchecked Sendable {
     /// The device model.
     public let device: any HostedVirtioDevice
     let adapter: HostedDeviceAdapter
-    /// What drives the line: exactly one of these.
-    let line: InterruptLine?
+    /// The resampling irqfd and its thread (VirtioInterruptMode.irqfd), else nil.
     let irqfd: ResampledIrqfd?
     /// The device's log, shared by the transport, the device model and its threads.
     let log: RateLimitedLog?
-    private let stopLock = Mutex()
-    private var stopped = false
+    private let stopped = Atomic<Bool>(false)
 
     /// Builds the transport around `device` and wires its level-triggered interrupt to
     /// `gsi` (`interrupts`). `vm` must have the in-kernel irqchip and `memory` registered.
     /// Nothing runs until the driver sets DRIVER_OK. `log`: the device's (the one its
     /// device model was made with).
-    public init(vm: VirtualMachine, memory: GuestMemory, device: any HostedVirtioDevice, base: UInt64, gsi: UInt32,
+    public init(vm: any VirtioVM, memory: GuestMemory, device: any HostedVirtioDevice, base: UInt64, gsi: UInt32,
                 name: String, interrupts: VirtioInterruptMode = .line, log: RateLimitedLog? = nil) throws {
         self.base = base
         self.gsi = gsi
         self.name = name
         self.device = device
         self.log = log
-        let adapter = HostedDeviceAdapter(inner: device, vm: vm, base: base, name: name, log: log)
-        self.adapter = adapter
-        let raise: @Sendable () -> Void
-        var cleared: (@Sendable () -> Void)? = nil
+        adapter = HostedDeviceAdapter(inner: device, vm: vm, base: base, name: name, log: log)
+        let line: any InterruptLine
         switch interrupts {
         case .line:
-            let l = InterruptLine(vm: vm, gsi: gsi, log: log)
-            (line, irqfd) = (l, nil)
-            raise = { l.update() }
-            cleared = { l.update() }
+            line = IRQLine(vm: vm, gsi: gsi, log: log)
+            irqfd = nil
         case .irqfd:
             let r = try ResampledIrqfd(vm: vm, gsi: gsi)
-            (line, irqfd) = (nil, r)
-            raise = { r.raise() }
+            line = r
+            irqfd = r
         }
-        let transport = VirtioMMIOTransport(device: adapter, memory: memory,
-                                            signalInterrupt: raise, interruptCleared: cleared,
-                                            onQueueNotify: { [weak adapter] q in adapter?.notify(queue: q) },
-                                            log: log)
-        self.transport = transport
-        line?.transport = transport
+        transport = VirtioMMIOTransport(device: adapter, memory: memory, line: line, log: log)
         try irqfd?.start(transport: transport, name: name, log: log)
     }
 
     /// Device `index` at X86Layout.virtioMMIOAddress(index:) with GSI X86Layout.virtioGSI(index:).
-    public convenience init(vm: VirtualMachine, memory: GuestMemory, device: any HostedVirtioDevice, index: Int,
+    public convenience init(vm: any VirtioVM, memory: GuestMemory, device: any HostedVirtioDevice, index: Int,
                             name: String, interrupts: VirtioInterruptMode = .line,
                             log: RateLimitedLog? = nil) throws {
         guard index >= 0, index < X86Layout.maxVirtioDevices, let gsi = X86Layout.virtioGSI(index: index) else {
@@ -317,12 +302,7 @@ public final class VirtioMMIOSlot: MMIODevice, @unchecked Sendable {
     /// deregisters the ioeventfds and the irqfd. The device stays inert afterwards.
     /// Idempotent; call after the vCPU threads have been joined.
     public func stop() {
-        let first: Bool = stopLock.withLock {
-            if stopped { return false }
-            stopped = true
-            return true
-        }
-        guard first else { return }
+        guard !stopped.exchange(true, ordering: .acquiringAndReleasing) else { return }
         adapter.shutdown()
         irqfd?.stop()
         log?.flush()
@@ -344,35 +324,38 @@ public final class VirtioMMIOSlot: MMIODevice, @unchecked Sendable {
     }
 }
 
-/// A level-triggered line driven with KVM_IRQ_LINE (VirtioInterruptMode.line): high
-/// exactly while the transport's InterruptStatus is nonzero. Updates are serialized, so a
-/// raise racing an acknowledgement always ends with the line matching InterruptStatus
-/// (a line left high with nothing pending would storm the guest).
-final class InterruptLine: @unchecked Sendable {
-    let vm: VirtualMachine
+/// A level-triggered line driven with KVM_IRQ_LINE (VirtioInterruptMode.line). The
+/// transport says when it goes up or down; this only keeps KVM from being told what it
+/// already knows.
+final class IRQLine: InterruptLine {
+    let vm: any VirtioVM
     let gsi: UInt32
     let log: RateLimitedLog?
-    weak var transport: VirtioMMIOTransport?
-    private let lock = Mutex()
-    private var high = false
-    private var loggedError = false
+    /// What KVM was last told, and whether a failure was logged.
+    private struct Level {
+        var high = false
+        var loggedError = false
+    }
+    private let level = Mutex(Level())
 
-    init(vm: VirtualMachine, gsi: UInt32, log: RateLimitedLog?) {
+    init(vm: any VirtioVM, gsi: UInt32, log: RateLimitedLog?) {
         self.vm = vm
         self.gsi = gsi
         self.log = log
     }
 
-    func update() {
-        lock.withLock {
-            let want = (transport?.interruptStatus ?? 0) != 0
-            guard want != high else { return }
+    func raise() { set(true) }
+    func lower() { set(false) }
+
+    private func set(_ want: Bool) {
+        level.withLock { l in
+            guard want != l.high else { return }
             do {
                 try vm.irqLine(gsi: gsi, level: want)
-                high = want
+                l.high = want
             } catch {
-                if !loggedError { log?.warn("interrupt line failed", "virtio interrupt line \(gsi): \(error)") }
-                loggedError = true
+                if !l.loggedError { log?.warn("interrupt line failed", "virtio interrupt line \(gsi): \(error)") }
+                l.loggedError = true
             }
         }
     }
@@ -380,16 +363,16 @@ final class InterruptLine: @unchecked Sendable {
 
 /// A level-triggered line through KVM_IRQFD with resampling (VirtioInterruptMode.irqfd):
 /// an eventfd write asserts it, KVM deasserts it at the guest's EOI, and the "-irq"
-/// thread re-asserts it while InterruptStatus is nonzero.
-final class ResampledIrqfd: @unchecked Sendable {
-    let vm: VirtualMachine
+/// thread asks the transport to re-assert it while InterruptStatus is nonzero.
+final class ResampledIrqfd: InterruptLine {
+    let vm: any VirtioVM
     let gsi: UInt32
     let eventfd: EventFD
     let resample: EventFD
     let stopEvent: EventFD
-    private var thread: OSThread?
+    private let thread = Mutex<OSThread?>(nil)
 
-    init(vm: VirtualMachine, gsi: UInt32) throws {
+    init(vm: any VirtioVM, gsi: UInt32) throws {
         self.vm = vm
         self.gsi = gsi
         eventfd = try EventFD()
@@ -398,31 +381,36 @@ final class ResampledIrqfd: @unchecked Sendable {
     }
 
     func raise() { try? eventfd.write(1) }
+    /// KVM lowers the line itself at the guest's EOI.
+    func lower() {}
 
     func start(transport: VirtioMMIOTransport, name: String, log: RateLimitedLog?) throws {
         try vm.registerIrqfd(eventfd, gsi: gsi, resample: resample)
         let (resample, stop) = (self.resample, stopEvent)
         do {
-            thread = try spawnThread(name: "\(name)-irq") {
+            let t = try spawnThread(name: "\(name)-irq") {
                 Seccomp.installOrExit(.irq, name: "\(name)-irq")
                 // Reads the resample eventfd before it looks at InterruptStatus, so an EOI
                 // after the look brings a new wake-up.
-                pollUntilStopped(stop: stop, watch: [resample.fd], what: "virtio interrupt resample", log: log) { _ in
+                pollUntilStopped(stop: stop, watch: [resample.fd], onFailure: { e in
+                    log?.warn("queue thread poll failed", "virtio interrupt resample: poll failed: \(errnoText(e))")
+                }) { _ in
                     _ = try? resample.read()
                     transport.reassertIfPending()
                 }
             }
+            thread.withLock { $0 = t }
         } catch {
             try? vm.deassignIrqfd(eventfd, gsi: gsi)
             throw error
         }
     }
 
+    /// Stops and joins the -irq thread, then deassigns the irqfd. Idempotent.
     func stop() {
-        guard let t = thread else { return }
+        guard let t = thread.withLock({ t -> OSThread? in defer { t = nil }; return t }) else { return }
         try? stopEvent.write(1)
         t.join()
-        thread = nil
         try? vm.deassignIrqfd(eventfd, gsi: gsi)
     }
 }

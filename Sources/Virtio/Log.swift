@@ -7,7 +7,7 @@
 // errors, and each kind of line is rate limited: the first `burst` lines of a kind go
 // out, after that they are counted and at most one summary line per `interval` says how
 // many were left out.
-import Glibc
+import OS
 import Synchronization
 
 /// How much a log line matters (error < warn < info < debug); the VMM prints the lines
@@ -45,19 +45,13 @@ public final class RateLimitedLog: Sendable {
     /// `clock`: nanoseconds from any fixed point (CLOCK_MONOTONIC unless a test gives one).
     public init(name: String, burst: Int = RateLimitedLog.defaultBurst,
                 intervalNanos: UInt64 = RateLimitedLog.defaultIntervalNanos,
-                clock: @escaping @Sendable () -> UInt64 = RateLimitedLog.monotonicNanos,
+                clock: @escaping @Sendable () -> UInt64 = { monotonicNanos() },
                 sink: @escaping LogSink) {
         self.name = name
         self.sink = sink
         self.burst = max(0, burst)
         self.interval = intervalNanos
         self.clock = clock
-    }
-
-    public static let monotonicNanos: @Sendable () -> UInt64 = {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
     }
 
     /// A warning of `kind` (a fixed description, so that nothing the guest chooses makes

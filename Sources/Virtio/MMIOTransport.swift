@@ -4,6 +4,12 @@
 // Device worker threads never take that mutex: they signal through atomics
 // (interrupt status, NEEDS_RESET, config generation), so a reset that stops and joins
 // the workers from inside a register write cannot deadlock.
+//
+// The interrupt is level-triggered, as on virtio-mmio hardware: the transport owns
+// InterruptStatus and alone decides when its `InterruptLine` goes up (a bit was set) and
+// down (the driver's InterruptACK or a reset cleared the last bit). Line changes are
+// serialized by a second small mutex and always re-read InterruptStatus, so a raise racing
+// an acknowledgement ends with the line matching InterruptStatus.
 import GuestMemory
 import Synchronization
 
@@ -16,6 +22,18 @@ public protocol VirtioInterruptSink: AnyObject, Sendable {
     /// The driver broke the rules: sets DEVICE_NEEDS_RESET and (once DRIVER_OK) raises a
     /// configuration-change interrupt. The device must stop using its queues.
     func markNeedsReset()
+}
+
+/// A device's interrupt line (its GSI on the irqchip), driven by the transport.
+public protocol InterruptLine: AnyObject, Sendable {
+    /// Assert the line: InterruptStatus is nonzero. Called again for a new interrupt the
+    /// driver must see (a config change, the guest's EOI with bits still set) even while
+    /// the line is up; a line the irqchip lowers at the guest's EOI (a resampling irqfd)
+    /// must assert it again then.
+    func raise()
+    /// InterruptStatus is zero: deassert the line (a line the irqchip lowers itself at the
+    /// guest's EOI ignores this).
+    func lower()
 }
 
 /// A virtio device model behind a transport.
@@ -40,10 +58,14 @@ public protocol VirtioDevice: AnyObject {
     /// Stop: stop and join worker threads, drop the queues. Called on every driver reset
     /// (status 0), whether or not the device was activated. Must be idempotent.
     func reset()
+    /// A QueueNotify write of a valid queue index reached the transport while the device
+    /// is active (a kick that was not caught by an ioeventfd), on a vCPU thread.
+    func queueNotified(_ queue: Int)
 }
 
 extension VirtioDevice {
     public func writeConfig(offset: Int, bytes: UnsafeRawBufferPointer) {}
+    public func queueNotified(_ queue: Int) {}
 }
 
 /// A device whose config space is a fixed byte image, read-only for the driver.
@@ -95,13 +117,12 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
     /// Features offered to the driver.
     public let offeredFeatures: UInt64
     let maxSizes: [UInt16]
-    let signalInterrupt: @Sendable () -> Void
-    let interruptCleared: (@Sendable () -> Void)?
-    let onQueueNotify: (@Sendable (Int) -> Void)?
-    let onReset: (@Sendable () -> Void)?
+    let line: any InterruptLine
     let log: RateLimitedLog?
 
     let state: Mutex<State>
+    /// Serializes the changes of `line` (taken after `state` where both are).
+    let lineLock = Mutex<Void>(())
     let interruptBits = Atomic<UInt32>(0)
     let needsResetFlag = Atomic<Bool>(false)
     let driverOKFlag = Atomic<Bool>(false)
@@ -111,29 +132,16 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
     public let interruptsRaised = Atomic<UInt64>(0)
     public let interruptsCoalesced = Atomic<UInt64>(0)
 
-    /// - signalInterrupt: raise the device's interrupt (irqfd); called after the
-    ///   InterruptStatus bit is set.
-    /// - onQueueNotify: a QueueNotify write that reached the transport (not caught by an
-    ///   ioeventfd), with the queue index; only forwarded while the device is active.
-    /// - onReset: called on driver reset, after device.reset().
-    /// - interruptCleared: called after InterruptStatus bits were cleared (InterruptACK,
-    ///   reset), for a line owner that drives the level itself (KVM_IRQ_LINE).
+    /// - line: the device's interrupt line; the transport raises it when an
+    ///   InterruptStatus bit is set and lowers it when InterruptStatus becomes zero.
     /// - log: the device's log (every line the transport writes can be caused by the guest).
-    public init(device: any VirtioDevice, memory: GuestMemory,
-                signalInterrupt: @escaping @Sendable () -> Void,
-                interruptCleared: (@Sendable () -> Void)? = nil,
-                onQueueNotify: (@Sendable (Int) -> Void)? = nil,
-                onReset: (@Sendable () -> Void)? = nil,
-                log: RateLimitedLog? = nil) {
+    public init(device: any VirtioDevice, memory: GuestMemory, line: any InterruptLine, log: RateLimitedLog? = nil) {
         self.device = device
         self.memory = memory
         self.offeredFeatures = (device.deviceFeatures & (VirtioFeature.deviceSpecificMask | VirtioFeature.transportSupported))
             | VirtioFeature.version1
         self.maxSizes = device.queueMaxSizes.map { min($0, SplitQueue.maxQueueSize) }
-        self.signalInterrupt = signalInterrupt
-        self.interruptCleared = interruptCleared
-        self.onQueueNotify = onQueueNotify
-        self.onReset = onReset
+        self.line = line
         self.log = log
         self.state = Mutex(State(queues: maxSizes.map { QueueRegs(size: UInt32($0)) }))
     }
@@ -160,6 +168,22 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
         }
     }
 
+    // MARK: the interrupt line
+
+    /// Raises the line if InterruptStatus is (still) nonzero.
+    func raiseLine() {
+        lineLock.withLock { _ in
+            if interruptBits.load(ordering: .acquiring) != 0 { line.raise() }
+        }
+    }
+
+    /// Lowers the line if InterruptStatus is (still) zero.
+    func lowerLineIfClear() {
+        lineLock.withLock { _ in
+            if interruptBits.load(ordering: .acquiring) == 0 { line.lower() }
+        }
+    }
+
     // MARK: VirtioInterruptSink
 
     /// Sets the used-buffer bit and raises the interrupt, unless a raised interrupt is
@@ -167,8 +191,8 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
     /// Linux's handler (like any conforming one) acknowledges before it looks at the
     /// queues, so it finds these buffers too. This is the level-triggered behaviour of a
     /// virtio-mmio interrupt line: one interrupt per handler run instead of one per batch,
-    /// which matters most on nested KVM, where every injected interrupt is expensive. The
-    /// line's owner re-asserts it after the guest's EOI while bits remain
+    /// which matters most on nested KVM, where every injected interrupt is expensive. A
+    /// line the irqchip lowers at the guest's EOI is raised again while bits remain
     /// (`reassertIfPending`).
     public func signalUsedBuffer() {
         let (old, _) = interruptBits.bitwiseOr(VirtioInterrupt.usedBuffer, ordering: .acquiringAndReleasing)
@@ -177,7 +201,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
             return
         }
         interruptsRaised.wrappingAdd(1, ordering: .relaxed)
-        signalInterrupt()
+        raiseLine()
     }
 
     /// The interrupt line was deasserted at the guest's EOI (irqfd resample): raise it
@@ -185,14 +209,14 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
     public func reassertIfPending() {
         guard interruptBits.load(ordering: .acquiring) != 0 else { return }
         interruptsRaised.wrappingAdd(1, ordering: .relaxed)
-        signalInterrupt()
+        raiseLine()
     }
 
     public func signalConfigChange() {
         generation.wrappingAdd(1, ordering: .acquiringAndReleasing)
         interruptBits.bitwiseOr(VirtioInterrupt.configChange, ordering: .acquiringAndReleasing)
         interruptsRaised.wrappingAdd(1, ordering: .relaxed)
-        signalInterrupt()
+        raiseLine()
     }
 
     public func markNeedsReset() {
@@ -201,7 +225,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
         log?.warn("device needs reset", "virtio-mmio device type \(device.deviceType): DEVICE_NEEDS_RESET")
         if driverOKFlag.load(ordering: .acquiring) {
             interruptBits.bitwiseOr(VirtioInterrupt.configChange, ordering: .acquiringAndReleasing)
-            signalInterrupt()
+            raiseLine()
         }
     }
 
@@ -312,14 +336,14 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
         switch offset {
         case VirtioMMIOReg.interruptACK:
             interruptBits.bitwiseAnd(~value, ordering: .acquiringAndReleasing)
-            interruptCleared?()
+            lowerLineIfClear()
             return
         case VirtioMMIOReg.queueNotify:
             let notify = state.withLock { s -> Int? in
                 guard s.activated, value < UInt32(s.queues.count) else { return nil }
                 return Int(value)
             }
-            if let q = notify { onQueueNotify?(q) } else { ignored("ignored queue notify", "queue notify \(value)", offset, 4) }
+            if let q = notify { device.queueNotified(q) } else { ignored("ignored queue notify", "queue notify \(value)", offset, 4) }
             return
         default: break
         }
@@ -447,7 +471,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
         if needsResetFlag.load(ordering: .acquiring) {
             // Marked before DRIVER_OK (e.g. a bad queue layout): now tell the driver.
             interruptBits.bitwiseOr(VirtioInterrupt.configChange, ordering: .acquiringAndReleasing)
-            signalInterrupt()
+            raiseLine()
             return false
         }
         let f = s.driverFeatures
@@ -479,11 +503,10 @@ public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable
         // Stop the device first (joins its workers, which only touch our atomics), then
         // forget everything the driver set up.
         device.reset()
-        onReset?()
         driverOKFlag.store(false, ordering: .releasing)
         needsResetFlag.store(false, ordering: .releasing)
         interruptBits.store(0, ordering: .releasing)
-        interruptCleared?()
+        lowerLineIfClear()
         s = State(queues: maxSizes.map { QueueRegs(size: UInt32($0)) })
     }
 }

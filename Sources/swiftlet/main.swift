@@ -1,9 +1,10 @@
 // The swiftlet command line.
 import ArgumentParser
 import Glibc
+import OS
 import VMM
 
-let startNanos = VMM.monotonicNow()
+let startNanos = monotonicNanos()
 // SIGUSR1 asks for a --metrics dump; before the machine runs (and takes it through its
 // signalfd) it must not kill swiftlet either: block it from the start.
 var earlySignals = sigset_t()

@@ -1,5 +1,6 @@
 import XCTest
 import Glibc
+import OS
 import Synchronization
 import GuestMemory
 import Virtio
@@ -14,6 +15,12 @@ final class RecordingSink: VirtioInterruptSink, @unchecked Sendable {
     func markNeedsReset() { resets.wrappingAdd(1, ordering: .acquiringAndReleasing) }
     var used: Int { usedSignals.load(ordering: .acquiring) }
     var needsReset: Bool { resets.load(ordering: .acquiring) > 0 }
+}
+
+/// An interrupt line nobody looks at.
+final class NoLine: InterruptLine {
+    func raise() {}
+    func lower() {}
 }
 
 /// A temporary image file on the real filesystem; removed on deinit.

@@ -1,5 +1,6 @@
 import XCTest
 import Glibc
+import OS
 import CLinux
 import GuestMemory
 import Virtio
@@ -73,7 +74,7 @@ final class BlockTests: XCTestCase {
         // Through the real transport: VERSION_1 added, reads past the config space are zero,
         // config writes are ignored.
         let mem = try GuestMemory(layout: [(base: 0, size: 0x10000)])
-        let t = VirtioMMIOTransport(device: d, memory: mem, signalInterrupt: {})
+        let t = VirtioMMIOTransport(device: d, memory: mem, line: NoLine())
         XCTAssertEqual(t.read(offset: VirtioMMIOReg.deviceID, size: 4), 2)
         XCTAssertEqual(t.read(offset: VirtioMMIOReg.config + 20, size: 4), 512)
         t.write(offset: VirtioMMIOReg.config, size: 4, value: 0xdead)

@@ -1,5 +1,6 @@
 import XCTest
 import Glibc
+import OS
 @testable import Devices
 
 final class SerialTests: XCTestCase {

@@ -1,5 +1,6 @@
 import XCTest
 import Glibc
+import Synchronization
 import GuestMemory
 import Virtio
 @testable import Devices
@@ -397,13 +398,13 @@ final class NetDeviceTests: XCTestCase {
     /// lines and no more (the log lives as long as the device), and the device works after
     /// every reset.
     func testNeedsResetLinesAcrossDriverResetsAreRateLimited() throws {
-        final class Lines: @unchecked Sendable {
-            let lock = Mutex()
-            var all: [(level: LogLevel, text: String)] = []
+        final class Lines: Sendable {
+            let lines = Mutex<[(level: LogLevel, text: String)]>([])
+            var all: [(level: LogLevel, text: String)] { lines.withLock { $0 } }
         }
         let lines = Lines()
         let log = RateLimitedLog(name: "tnet", clock: { 0 }, sink: { level, text in
-            lines.lock.withLock { lines.all.append((level, text)) }
+            lines.lines.withLock { $0.append((level, text)) }
         })
         let h = try NetHarness(log: log)
         for _ in 0..<50 {

@@ -1,17 +1,18 @@
 import XCTest
 import Glibc
+import Synchronization
+import OS
 import GuestMemory
 import Virtio
 @testable import Devices
 
 /// Records TUNSETOFFLOAD / TUNSETQUEUE calls.
-final class RecordingTapControl: NetTapControl, @unchecked Sendable {
-    let lock = Mutex()
-    var offloads: [UInt32] = []
-    var enabled: [Int: Bool] = [:]
-    func setOffload(_ flags: UInt32) throws { lock.withLock { offloads.append(flags) } }
-    func setQueueEnabled(pair: Int, _ on: Bool) throws { lock.withLock { enabled[pair] = on } }
-    var attached: [Int] { lock.withLock { enabled.filter { $0.value }.keys.sorted() } }
+final class RecordingTapControl: NetTapControl {
+    let calls = Mutex<(offloads: [UInt32], enabled: [Int: Bool])>(([], [:]))
+    func setOffload(_ flags: UInt32) throws { calls.withLock { $0.offloads.append(flags) } }
+    func setQueueEnabled(pair: Int, _ on: Bool) throws { calls.withLock { $0.enabled[pair] = on } }
+    var offloads: [UInt32] { calls.withLock { $0.offloads } }
+    var attached: [Int] { calls.withLock { $0.enabled.filter { $0.value }.keys.sorted() } }
 }
 
 /// One driver-side split queue in the harness's guest memory.
@@ -263,10 +264,9 @@ final class NetHarness {
 func returnsInTime(_ seconds: Double, _ body: @escaping () -> Void, stop: () -> Void) -> Bool {
     final class Job: @unchecked Sendable {
         let body: () -> Void
-        let lock = Mutex()
-        var finished = false
+        let finished = Atomic<Bool>(false)
         init(_ b: @escaping () -> Void) { body = b }
-        var done: Bool { lock.withLock { finished } }
+        var done: Bool { finished.load(ordering: .acquiring) }
     }
     let job = Job(body)
     var t = pthread_t()
@@ -274,7 +274,7 @@ func returnsInTime(_ seconds: Double, _ body: @escaping () -> Void, stop: () -> 
     precondition(pthread_create(&t, nil, { p in
         let j = Unmanaged<Job>.fromOpaque(p!).takeRetainedValue()
         j.body()
-        j.lock.withLock { j.finished = true }
+        j.finished.store(true, ordering: .releasing)
         return nil
     }, ctx) == 0)
     let deadline = monotonicNanos() + UInt64(seconds * 1e9)

@@ -1,5 +1,6 @@
 import XCTest
 import Glibc
+import OS
 import CLinux
 import GuestMemory
 import Virtio

@@ -3,6 +3,7 @@ import XCTest
 import Glibc
 import CLinux
 import GuestMemory
+import OS
 @testable import KVM
 
 final class GuestTests: XCTestCase {
@@ -306,26 +307,25 @@ final class GuestTests: XCTestCase {
         let t = try TestVM()
         try t.startRealMode([0xEB, 0xFE])  // jmp $
         let vcpu = t.vcpu
-        let lock = PThreadMutex()
-        var result: String?
-        var entered = false
+        let seen = Shared<(entered: Bool, result: String?)>((false, nil))
         let th = try spawnThread(name: "vcpu0-test") {
             do {
                 try vcpu.withKickEnabled {
-                    lock.locked { entered = true }
+                    seen.withLock { $0.entered = true }
                     let e = try vcpu.run()
-                    lock.locked { result = describe(e) }
+                    let d = describe(e)
+                    seen.withLock { $0.result = d }
                 }
             } catch {
-                lock.locked { result = "error: \(error)" }
+                seen.withLock { $0.result = "error: \(error)" }
             }
         }
-        while !lock.locked({ entered }) { usleep(1000) }
+        while !seen.withLock({ $0.entered }) { usleep(1000) }
         usleep(200_000)  // let it spin inside KVM_RUN
-        XCTAssertNil(lock.locked { result }, "the spinning guest exited on its own")
+        XCTAssertNil(seen.withLock { $0.result }, "the spinning guest exited on its own")
         let t0 = monotonicSeconds()
         vcpu.kick()
-        while lock.locked({ result }) == nil {
+        while seen.withLock({ $0.result }) == nil {
             if monotonicSeconds() - t0 > 5 {
                 XCTFail("kick did not stop the vCPU within 5 s")
                 fatalError("vCPU thread stuck in KVM_RUN after kick; aborting instead of hanging")
@@ -333,7 +333,7 @@ final class GuestTests: XCTestCase {
             usleep(1000)
         }
         th.join()
-        XCTAssertEqual(lock.locked { result }, ".interrupted")
+        XCTAssertEqual(seen.withLock { $0.result }, ".interrupted")
         XCTAssertLessThan(monotonicSeconds() - t0, 1.0, "kick latency")
         XCTAssertTrue(vcpu.immediateExit, "kick leaves immediate_exit set")
     }
@@ -342,41 +342,40 @@ final class GuestTests: XCTestCase {
     func testKickStopsSeveralVCPUThreads() throws {
         let t = try TestVM(vcpuCount: 3)
         for v in t.vcpus { try t.startRealMode([0xEB, 0xFE], vcpu: v) }  // jmp $
-        let lock = PThreadMutex()
-        var results: [UInt32: String] = [:]
-        var running = 0
+        let seen = Shared<(running: Int, results: [UInt32: String])>((0, [:]))
         var threads: [OSThread] = []
         for v in t.vcpus {
             threads.append(try spawnThread(name: "vcpu\(v.id)") {
                 do {
                     try v.withKickEnabled {
-                        lock.locked { running += 1 }
+                        seen.withLock { $0.running += 1 }
                         while true {
                             let e = try v.run()
-                            if case .interrupted = e, v.immediateExit { lock.locked { results[v.id] = "\(e)" }; return }
+                            let d = "\(e)"
+                            if case .interrupted = e, v.immediateExit { seen.withLock { $0.results[v.id] = d }; return }
                             if case .interrupted = e { continue }
-                            lock.locked { results[v.id] = "unexpected \(e)" }
+                            seen.withLock { $0.results[v.id] = "unexpected \(d)" }
                             return
                         }
                     }
                 } catch {
-                    lock.locked { results[v.id] = "error: \(error)" }
+                    seen.withLock { $0.results[v.id] = "error: \(error)" }
                 }
             })
         }
-        while lock.locked({ running }) < t.vcpus.count { usleep(1000) }
+        while seen.withLock({ $0.running }) < t.vcpus.count { usleep(1000) }
         usleep(100_000)
         let t0 = monotonicSeconds()
         for v in t.vcpus { v.kick() }
-        while lock.locked({ results.count }) < t.vcpus.count {
+        while seen.withLock({ $0.results.count }) < t.vcpus.count {
             if monotonicSeconds() - t0 > 5 {
-                XCTFail("kick did not stop all vCPUs within 5 s: \(lock.locked { results })")
+                XCTFail("kick did not stop all vCPUs within 5 s: \(seen.withLock { $0.results })")
                 fatalError("vCPU threads stuck in KVM_RUN after kick; aborting instead of hanging")
             }
             usleep(1000)
         }
         for th in threads { th.join() }
-        XCTAssertEqual(lock.locked { results }, [0: "interrupted", 1: "interrupted", 2: "interrupted"])
+        XCTAssertEqual(seen.withLock { $0.results }, [0: "interrupted", 1: "interrupted", 2: "interrupted"])
     }
 
     func testImmediateExitBeforeRunAndPendingKickSignal() throws {

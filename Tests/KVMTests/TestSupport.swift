@@ -4,6 +4,8 @@ import XCTest
 import Glibc
 import CLinux
 import GuestMemory
+import OS
+import Synchronization
 @testable import KVM
 
 /// Where the test guests live (inside a 4 MiB RAM region at 0).
@@ -78,28 +80,37 @@ final class TestVM {
 
 /// Kicks a vCPU if not cancelled within `seconds`.
 final class Watchdog {
-    private let lock = PThreadMutex()
-    private var cancelled = false
-    private(set) var fired = false
+    private let state = Shared<(cancelled: Bool, fired: Bool)>((false, false))
     private var thread: OSThread?
 
     init(vcpu: VCPU, seconds: Double) throws {
-        thread = try spawnThread(name: "kvm-watchdog") { [self] in
+        let state = self.state
+        thread = try spawnThread(name: "kvm-watchdog") {
             let deadline = monotonicSeconds() + seconds
             while monotonicSeconds() < deadline {
-                if lock.locked({ cancelled }) { return }
+                if state.withLock({ $0.cancelled }) { return }
                 usleep(2000)
             }
-            lock.locked { fired = true }
+            state.withLock { $0.fired = true }
             vcpu.kick()
         }
     }
 
-    var didFire: Bool { lock.locked { fired } }
+    var didFire: Bool { state.withLock { $0.fired } }
 
     func cancel() {
-        lock.locked { cancelled = true }
+        state.withLock { $0.cancelled = true }
         thread?.join()
+    }
+}
+
+/// A value shared with threads a test starts, behind a mutex.
+final class Shared<Value>: @unchecked Sendable {
+    // @unchecked: the value is only reached through the mutex.
+    private let mutex: Mutex<Value>
+    init(_ value: sending Value) { mutex = Mutex(value) }
+    func withLock<R>(_ body: (inout Value) throws -> R) rethrows -> R {
+        try mutex.withLock { v in try body(&v) }
     }
 }
 

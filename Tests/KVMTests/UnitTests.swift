@@ -2,6 +2,7 @@
 // helpers get synthetic tables; host classification uses paths made for the test.
 import XCTest
 import Glibc
+import OS
 import CLinux
 @testable import KVM
 
@@ -345,34 +346,5 @@ final class HostCheckTests: XCTestCase {
             XCTAssertEqual("\(e)", "KVM lacks required capability: KVM_CAP_FAKE_FOR_TEST")
         }
         XCTAssertEqual("\(KVMError.ioctl(name: "KVM_RUN", errno: EFAULT))", "KVM_RUN failed: Bad address")
-    }
-}
-
-final class ThreadTests: XCTestCase {
-    func testSpawnNameAndJoin() throws {
-        let lock = PThreadMutex()
-        var name = ""
-        let t = try spawnThread(name: "swiftlet-vcpu-123456") {
-            var buf = [CChar](repeating: 0, count: 32)
-            if let f = fopen("/proc/thread-self/comm", "r") {
-                _ = fgets(&buf, 32, f)
-                fclose(f)
-            }
-            let n = String(cString: buf)
-            lock.locked { name = n.hasSuffix("\n") ? String(n.dropLast()) : n }
-        }
-        t.join()
-        t.join()
-        XCTAssertEqual(lock.locked { name }, "swiftlet-vcpu-1", "15-byte kernel limit")
-    }
-
-    func testEventFD() throws {
-        let e = try EventFD()
-        XCTAssertNil(try e.read())
-        XCTAssertFalse(e.isReadable)
-        try e.write(2); try e.write(3)
-        XCTAssertTrue(e.isReadable)
-        XCTAssertEqual(try e.read(), 5)
-        XCTAssertNil(try e.read())
     }
 }

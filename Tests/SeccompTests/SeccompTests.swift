@@ -4,6 +4,7 @@
 import XCTest
 import Glibc
 import CLinux
+import OS
 @testable import Seccomp
 
 final class SeccompTests: XCTestCase {
@@ -129,6 +130,32 @@ final class SeccompTests: XCTestCase {
         XCTAssertEqual(thread.status, 0, thread.stderr)
         let fork = inChild(.vcpu) { Glibc.fork() >= 0 ? 11 : 12 }
         XCTAssertEqual(fork.status, 1, fork.stderr)
+    }
+
+    /// What the OS layer does on filtered threads: a vCPU thread starts a thread (as it
+    /// starts queue threads and disk I/O pools), which installs the I/O filter and then
+    /// blocks on a semaphore eventfd (a pool thread waiting for a job); a vCPU thread waits
+    /// at a gate. A forbidden call would end the child with status 1.
+    func testOSThreadsAndWaitsUnderTheFilters() {
+        let pool = inChild(.vcpu) {
+            guard let jobs = try? EventFD(nonBlocking: false, semaphore: true), let done = try? EventFD() else { return 20 }
+            guard let t = try? spawnThread(name: "test-io", body: {
+                guard Seccomp.install(.io, name: "test-io") == 0 else { return }
+                if (try? jobs.read()) != nil { try? done.write(1) }
+            }) else { return 21 }
+            try? jobs.write(1)
+            t.join()
+            return (try? done.read()) == 1 ? 0 : 22
+        }
+        XCTAssertEqual(pool.status, 0, pool.stderr)
+        let gate = inChild(.vcpu) {
+            guard let g = try? Gate() else { return 23 }
+            guard let t = try? spawnThread(name: "test-open", body: { g.open() }) else { return 24 }
+            g.wait()
+            t.join()
+            return 0
+        }
+        XCTAssertEqual(gate.status, 0, gate.stderr)
     }
 
     func testLogModeAllowsAndOffInstallsNothing() {

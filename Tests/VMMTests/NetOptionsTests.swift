@@ -1,5 +1,6 @@
 import XCTest
 import Glibc
+import OS
 import KVM
 import CLinux
 import Devices

@@ -4,6 +4,8 @@
 // guest's QueueNotify write. (No vCPU runs: the PVM host cannot run an unmodified guest.)
 import XCTest
 import Glibc
+import Synchronization
+import OS
 import GuestMemory
 import KVM
 import Virtio
@@ -235,6 +237,10 @@ final class VirtioHostTests: XCTestCase {
                 _ = try postWrite(env.mem, queue: 0, n: n, sector: UInt64(n), data: [UInt8](repeating: 0x11, count: 512))
                 try slot.adapter.workers[0].kicks[0].write(1)
                 waitUsed(env.mem, 0, UInt16(n + 1))
+                // The used ring is published before the interrupt is raised, and KVM may
+                // inject an irqfd's interrupt from a work queue: give both a moment.
+                let deadline = monotonicNanos() + 2_000_000_000
+                while (try env.vm.ioapicIRR()) & bit == 0 && monotonicNanos() < deadline { usleep(1000) }
                 XCTAssertEqual(slot.read(offset: VirtioMMIOReg.interruptStatus, size: 4), 1)
                 XCTAssertEqual(try env.vm.ioapicIRR() & bit, bit, "\(mode): raised for request \(n)")
                 slot.write(offset: VirtioMMIOReg.interruptACK, size: 4, value: 1)
@@ -479,6 +485,116 @@ final class VirtioHostTests: XCTestCase {
         }
     }
 
+    // MARK: on a fake VM (no /dev/kvm needed)
+
+    struct FakeEnv {
+        let vm: FakeVM
+        let mem: GuestMemory
+        let image: String
+    }
+
+    func makeFakeEnv() throws -> FakeEnv {
+        let mem = try GuestMemory(layout: [(base: 0, size: VirtioHostTests.ram)])
+        var t = Array("/tmp/swiftlet-host-XXXXXX".utf8CString)
+        let fd = mkstemp(&t)
+        ftruncate(fd, 1 << 20)
+        close(fd)
+        let path = String(cString: t)
+        addTeardownBlock { unlink(path) }
+        return FakeEnv(vm: FakeVM(), mem: mem, image: path)
+    }
+
+    /// Activation registers one ioeventfd per queue on QueueNotify; a kick through it is
+    /// served; the line goes up with the used-buffer interrupt and down with the driver's
+    /// InterruptACK; a reset deassigns every ioeventfd.
+    func testSlotOnAFakeVMKicksThroughIoeventfdsAndDrivesTheLine() throws {
+        let env = try makeFakeEnv()
+        let disk = try openDisk(DiskOptions(path: env.image, numQueues: 2))
+        let slot = try VirtioMMIOSlot.block(disk, index: 0, name: "tfake0", vm: env.vm, memory: env.mem)
+        defer { slot.stop() }
+        XCTAssertTrue(env.vm.ioeventfds.isEmpty, "nothing registered before DRIVER_OK")
+        driverInit(slot, queues: 2, features: VirtioFeature.version1 | VirtioBlockFeature.mq)
+        XCTAssertEqual(env.vm.ioeventfds.map { $0.address }, [slot.base + 0x50, slot.base + 0x50])
+        XCTAssertEqual(env.vm.ioeventfds.map { $0.datamatch }, [0, 1])
+        XCTAssertEqual(env.vm.ioeventfds.map { $0.length }, [4, 4])
+        let s0 = try postWrite(env.mem, queue: 0, n: 0, sector: 4, data: [UInt8](repeating: 0x5A, count: 512))
+        try env.vm.kick(base: slot.base, queue: 0)
+        waitUsed(env.mem, 0, 1)
+        XCTAssertEqual(try env.mem.load(UInt8.self, at: s0), VirtioBlockStatus.ok)
+        XCTAssertEqual(fileBytes(env.image, 4 * 512, 512), [UInt8](repeating: 0x5A, count: 512))
+        waitFor { !env.vm.levels(slot.gsi).isEmpty }  // raised just after the used ring is published
+        XCTAssertEqual(env.vm.levels(slot.gsi), [true], "raised once for the used buffer")
+        slot.write(offset: VirtioMMIOReg.interruptACK, size: 4, value: 1)
+        XCTAssertEqual(env.vm.levels(slot.gsi), [true, false], "lowered by the acknowledgement")
+        slot.write(offset: VirtioMMIOReg.status, size: 4, value: 0)
+        XCTAssertTrue(env.vm.ioeventfds.isEmpty, "a reset deassigns the ioeventfds")
+        XCTAssertEqual(slot.queueThreadCount, 0)
+        XCTAssertEqual(env.vm.levels(slot.gsi), [true, false], "the line was already down")
+    }
+
+    /// A VM that refuses ioeventfds: the slot still runs, and the guest's kicks reach the
+    /// queue thread through the MMIO exit.
+    func testRefusedIoeventfdFallsBackToMMIOKicks() throws {
+        let env = try makeFakeEnv()
+        env.vm.state.withLock { $0.refuseIoeventfds = true }
+        final class Lines: Sendable { let all = Mutex<[String]>([]) }
+        let lines = Lines()
+        let disk = try openDisk(DiskOptions(path: env.image))
+        let slot = try VirtioMMIOSlot.block(disk, index: 1, name: "tfake1", vm: env.vm, memory: env.mem,
+                                            log: { _, line in lines.all.withLock { $0.append(line) } })
+        defer { slot.stop() }
+        driverInit(slot, queues: 1, features: VirtioFeature.version1)
+        XCTAssertEqual(slot.queueThreadCount, 1)
+        XCTAssertTrue(lines.all.withLock { $0.contains { $0.contains("no ioeventfd") } })
+        let s0 = try postWrite(env.mem, queue: 0, n: 0, sector: 9, data: [UInt8](repeating: 0x42, count: 512))
+        slot.write(offset: VirtioMMIOReg.queueNotify, size: 4, value: 0)
+        waitUsed(env.mem, 0, 1)
+        XCTAssertEqual(try env.mem.load(UInt8.self, at: s0), VirtioBlockStatus.ok)
+        waitFor { !env.vm.levels(slot.gsi).isEmpty }
+        XCTAssertEqual(env.vm.levels(slot.gsi), [true])
+    }
+
+    /// The resampling irqfd: registered at construction with its resample eventfd, written
+    /// for the used-buffer interrupt; at the guest's EOI (the resample eventfd) the -irq
+    /// thread asserts it again only while InterruptStatus is nonzero; machine stop joins
+    /// the thread and deassigns it.
+    func testResampledIrqfdOnAFakeVM() throws {
+        let env = try makeFakeEnv()
+        let disk = try openDisk(DiskOptions(path: env.image))
+        let slot = try VirtioMMIOSlot.block(disk, index: 2, name: "tfakei", vm: env.vm, memory: env.mem, interrupts: .irqfd)
+        defer { slot.stop() }
+        let irqfd = try XCTUnwrap(env.vm.irqfd(slot.gsi))
+        XCTAssertEqual(waitThreads("tfakei", ["tfakei-irq"]), ["tfakei-irq"])
+        driverInit(slot, queues: 1, features: VirtioFeature.version1)
+        _ = try postWrite(env.mem, queue: 0, n: 0, sector: 1, data: [UInt8](repeating: 1, count: 512))
+        try env.vm.kick(base: slot.base, queue: 0)
+        waitUsed(env.mem, 0, 1)
+        XCTAssertTrue(waitReadable(irqfd.eventfd))
+        XCTAssertEqual(try irqfd.eventfd.read(), 1, "asserted once")
+        // EOI before the driver acknowledged: asserted again.
+        try irqfd.resample.write(1)
+        XCTAssertTrue(waitReadable(irqfd.eventfd), "re-asserted after EOI while InterruptStatus is nonzero")
+        XCTAssertEqual(try irqfd.eventfd.read(), 1)
+        // Acknowledged, then EOI: stays down.
+        slot.write(offset: VirtioMMIOReg.interruptACK, size: 4, value: 1)
+        try irqfd.resample.write(1)
+        XCTAssertFalse(waitReadable(irqfd.eventfd, milliseconds: 200), "nothing pending: not re-asserted")
+        XCTAssertTrue(env.vm.levels(slot.gsi).isEmpty, "no KVM_IRQ_LINE with an irqfd")
+        slot.stop()
+        XCTAssertNil(env.vm.irqfd(slot.gsi), "deassigned")
+        XCTAssertEqual(waitThreads("tfakei", []), [])
+    }
+
+    func waitFor(_ condition: () -> Bool) {
+        let deadline = monotonicNanos() + 2_000_000_000
+        while !condition() && monotonicNanos() < deadline { usleep(1000) }
+    }
+
+    func waitReadable(_ e: EventFD, milliseconds: Int32 = 2000) -> Bool {
+        var p = pollfd(fd: e.fd, events: Int16(POLLIN), revents: 0)
+        return poll(&p, 1, milliseconds) == 1
+    }
+
     func testTooManyDevicesIsAUsageError() throws {
         let env = try makeEnv()
         let disk = try openDisk(DiskOptions(path: env.image))
@@ -487,19 +603,17 @@ final class VirtioHostTests: XCTestCase {
     }
 }
 
-final class Counter: @unchecked Sendable {
-    private let m = Mutex()
-    private var v = 0
-    var value: Int { m.withLock { v } }
-    func add() { m.withLock { v += 1 } }
+final class Counter: Sendable {
+    private let v = Atomic<Int>(0)
+    var value: Int { v.load(ordering: .acquiring) }
+    func add() { v.wrappingAdd(1, ordering: .acquiringAndReleasing) }
 }
 
 /// A flag shared with a watchdog thread.
-final class EventFDFlag: @unchecked Sendable {
-    private let m = Mutex()
-    private var v = false
-    var isSet: Bool { m.withLock { v } }
-    func set() { m.withLock { v = true } }
+final class EventFDFlag: Sendable {
+    private let v = Atomic<Bool>(false)
+    var isSet: Bool { v.load(ordering: .acquiring) }
+    func set() { v.store(true, ordering: .releasing) }
 }
 
 private extension String {

@@ -16,6 +16,9 @@ final class MockDevice: VirtioDevice, @unchecked Sendable {
     var resets = 0
     var failActivate = false
     var sink: (any VirtioInterruptSink)?
+    /// Called on queueNotified and on reset.
+    var onNotify: (Int) -> Void = { _ in }
+    var onReset: () -> Void = {}
 
     func readConfig(offset: Int, into buffer: UnsafeMutableRawBufferPointer) {
         for i in 0..<buffer.count { buffer[i] = config[offset + i] }
@@ -30,7 +33,21 @@ final class MockDevice: VirtioDevice, @unchecked Sendable {
         activations.append((queues, features))
         sink = interrupt
     }
-    func reset() { resets += 1; sink = nil }
+    func reset() { resets += 1; sink = nil; onReset() }
+    func queueNotified(_ queue: Int) { onNotify(queue) }
+}
+
+/// An interrupt line that calls `raised` on each raise and `lowered` on each lower.
+final class CallbackLine: InterruptLine, @unchecked Sendable {
+    // @unchecked: the callbacks are set before the transport exists and never change.
+    var raised: () -> Void = {}
+    var lowered: () -> Void = {}
+    init(raised: @escaping () -> Void = {}, lowered: @escaping () -> Void = {}) {
+        self.raised = raised
+        self.lowered = lowered
+    }
+    func raise() { raised() }
+    func lower() { lowered() }
 }
 
 final class Recorder: @unchecked Sendable {
@@ -57,10 +74,10 @@ final class MMIOTransportTests: XCTestCase {
         dev = MockDevice()
         rec = Recorder()
         let rec = rec!
-        t = VirtioMMIOTransport(device: dev, memory: mem,
-                                signalInterrupt: { rec.interrupts += 1; rec.statusAtInterrupt.append(rec.transport?.interruptStatus ?? 0) },
-                                onQueueNotify: { rec.notifies.append($0) },
-                                onReset: { rec.resets += 1 },
+        dev.onNotify = { rec.notifies.append($0) }
+        dev.onReset = { rec.resets += 1 }
+        let line = CallbackLine(raised: { rec.interrupts += 1; rec.statusAtInterrupt.append(rec.transport?.interruptStatus ?? 0) })
+        t = VirtioMMIOTransport(device: dev, memory: mem, line: line,
                                 log: RateLimitedLog(name: "tdev", clock: { rec.now }, sink: { level, line in
                                     rec.logs.append(line)
                                     rec.logLevels.append(level)
@@ -540,7 +557,7 @@ final class TransportConcurrencyTests: XCTestCase {
         let mem = try GuestMemory(layout: [(0, 0x10_0000)])
         let dev = MockDevice()
         let count = Atomic<Int>(0)
-        let t = VirtioMMIOTransport(device: dev, memory: mem, signalInterrupt: { count.wrappingAdd(1, ordering: .relaxed) })
+        let t = VirtioMMIOTransport(device: dev, memory: mem, line: CallbackLine(raised: { count.wrappingAdd(1, ordering: .relaxed) }))
         var th = pthread_t()
         let box = Unmanaged.passRetained(t)
         pthread_create(&th, nil, { p in
@@ -573,6 +590,71 @@ final class TransportConcurrencyTests: XCTestCase {
     }
 }
 
+/// The line as the transport drives it: raised when a bit is set, lowered only when
+/// InterruptStatus is zero, and, with signals racing acknowledgements, never left low with
+/// a bit set or high with none.
+final class TransportLineTests: XCTestCase {
+    final class LevelLine: InterruptLine {
+        let state = Mutex<(high: Bool, calls: [Bool])>((false, []))
+        func raise() { state.withLock { $0.high = true; $0.calls.append(true) } }
+        func lower() { state.withLock { $0.high = false; $0.calls.append(false) } }
+        var high: Bool { state.withLock { $0.high } }
+        var calls: [Bool] { state.withLock { $0.calls } }
+    }
+
+    func testLineIsLoweredOnlyWhenInterruptStatusIsZero() throws {
+        let mem = try GuestMemory(layout: [(0, 0x1000)])
+        let line = LevelLine()
+        let t = VirtioMMIOTransport(device: MockDevice(), memory: mem, line: line)
+        t.signalUsedBuffer()
+        XCTAssertEqual(line.calls, [true])
+        t.signalConfigChange()
+        XCTAssertEqual(line.calls, [true, true], "a config change is raised even while the line is up")
+        t.write(offset: VirtioMMIOReg.interruptACK, size: 4, value: 1)
+        XCTAssertEqual(t.interruptStatus, 2)
+        XCTAssertEqual(line.calls, [true, true], "a bit is left: the line stays up")
+        t.write(offset: VirtioMMIOReg.interruptACK, size: 4, value: 2)
+        XCTAssertEqual(line.calls, [true, true, false])
+        t.reassertIfPending()
+        XCTAssertEqual(line.calls, [true, true, false], "nothing pending at EOI: stays down")
+        t.signalUsedBuffer()
+        XCTAssertTrue(line.high)
+        t.write(offset: VirtioMMIOReg.status, size: 4, value: 0)
+        XCTAssertEqual(t.interruptStatus, 0)
+        XCTAssertFalse(line.high, "a reset lowers the line")
+    }
+
+    func testRacingSignalsAndAcknowledgementsLeaveTheLineMatchingInterruptStatus() throws {
+        let mem = try GuestMemory(layout: [(0, 0x1000)])
+        for round in 0..<20 {
+            let line = LevelLine()
+            let t = VirtioMMIOTransport(device: MockDevice(), memory: mem, line: line)
+            var th = pthread_t()
+            final class Job {
+                let t: VirtioMMIOTransport
+                let done = Atomic<Bool>(false)
+                init(_ t: VirtioMMIOTransport) { self.t = t }
+            }
+            let job = Job(t)
+            pthread_create(&th, nil, { p in
+                let j = Unmanaged<Job>.fromOpaque(p!).takeRetainedValue()
+                for _ in 0..<20_000 { j.t.signalUsedBuffer() }
+                j.done.store(true, ordering: .releasing)
+                return nil
+            }, Unmanaged.passRetained(job).toOpaque())
+            // The driver: while the line is up, reads InterruptStatus and acknowledges it,
+            // as a guest's handler does; a line left down with a bit set would stop it.
+            while !job.done.load(ordering: .acquiring) {
+                guard line.high else { continue }
+                let s = t.read(offset: VirtioMMIOReg.interruptStatus, size: 4)
+                t.write(offset: VirtioMMIOReg.interruptACK, size: 4, value: s)
+            }
+            pthread_join(th, nil)
+            XCTAssertEqual(line.high, t.interruptStatus != 0, "round \(round): line \(line.high), InterruptStatus \(t.interruptStatus)")
+        }
+    }
+}
+
 /// Driver side through the registers, device side through the SplitQueue it was given.
 final class TransportQueueIntegrationTests: XCTestCase {
     func testChainRoundTripThroughTransport() throws {
@@ -580,7 +662,7 @@ final class TransportQueueIntegrationTests: XCTestCase {
         let mem = try GuestMemory(layout: [(0, 0x10_0000)])
         let dev = MockDevice()
         let irqs = Atomic<Int>(0)
-        let t = VirtioMMIOTransport(device: dev, memory: mem, signalInterrupt: { irqs.wrappingAdd(1, ordering: .relaxed) })
+        let t = VirtioMMIOTransport(device: dev, memory: mem, line: CallbackLine(raised: { irqs.wrappingAdd(1, ordering: .relaxed) }))
         func w(_ o: UInt64, _ v: UInt32) { t.write(offset: o, size: 4, value: v) }
         w(R.status, 0)
         w(R.status, 1); w(R.status, 3)
@@ -625,7 +707,7 @@ final class TransportQueueIntegrationTests: XCTestCase {
         typealias R = VirtioMMIOReg
         let mem = try! GuestMemory(layout: [(0, 0x10_0000)])
         let dev = MockDevice()
-        let t = VirtioMMIOTransport(device: dev, memory: mem, signalInterrupt: {})
+        let t = VirtioMMIOTransport(device: dev, memory: mem, line: CallbackLine())
         func w(_ o: UInt64, _ v: UInt32) { t.write(offset: o, size: 4, value: v) }
         w(R.status, 1); w(R.status, 3)
         w(R.driverFeaturesSel, 1); w(R.driverFeatures, 1)
@@ -646,7 +728,7 @@ final class TransportQueueIntegrationTests: XCTestCase {
         let mem = try! GuestMemory(layout: [(0, 0x1000)])
         let dev = MockDevice()
         dev.writableConfig = 16..<24
-        let t = VirtioMMIOTransport(device: dev, memory: mem, signalInterrupt: {})
+        let t = VirtioMMIOTransport(device: dev, memory: mem, line: CallbackLine())
         let v: [UInt8] = [9, 8, 7, 6, 5, 4, 3, 2]
         v.withUnsafeBytes { t.write(offset: VirtioMMIOReg.config + 16, from: $0) }
         XCTAssertEqual(Array(dev.config[16..<24]), v)

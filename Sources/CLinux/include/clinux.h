@@ -6,6 +6,8 @@
 #include <stdint.h>
 #include <sys/ioctl.h>
 #include <sys/signalfd.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <linux/kvm.h>
 #include <linux/if_tun.h>
 #include <linux/if.h>

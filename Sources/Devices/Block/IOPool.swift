@@ -1,102 +1,89 @@
-// A small fixed pool of pthreads that run blocking file I/O for one virtqueue, so that
+// A small fixed pool of threads that run blocking file I/O for one virtqueue, so that
 // several requests of a queue can be in flight at once (no io_uring: it crashed the
 // testbed's L1 kernel). Jobs are closures; a job reports its completion itself.
 import Glibc
-import CLinux
+import OS
 import Seccomp
+import Synchronization
 
-private final class PoolThreadBody {
-    let pool: IOPool
-    let name: String
-    init(pool: IOPool, name: String) { self.pool = pool; self.name = name }
-}
+public final class IOPool: Sendable {
+    struct State {
+        var jobs: [@Sendable () -> Void] = []
+        var head = 0
+        var shuttingDown = false
+        var threads: [OSThread] = []
+    }
 
-public final class IOPool: @unchecked Sendable {
-    private var mutex = pthread_mutex_t()
-    private var cond = pthread_cond_t()
-    private var jobs: [() -> Void] = []
-    private var head = 0
-    private var shuttingDown = false
-    private var threads: [pthread_t] = []
+    private let state = Mutex(State())
+    /// One count per queued job, plus one per thread at shutdown (a blocking semaphore
+    /// eventfd: each wake-up of a thread takes one).
+    private let wakeups: EventFD
     public let name: String
 
-    /// Starts `count` (>= 1) threads named "\(name)-io\(i)".
+    /// Starts `count` (>= 1) threads named "\(name)-io\(i)", each with the disk I/O
+    /// seccomp filter.
     public init(threads count: Int, name: String) throws {
         self.name = name
-        pthread_mutex_init(&mutex, nil)
-        pthread_cond_init(&cond, nil)
+        wakeups = try EventFD(nonBlocking: false, semaphore: true)
         for i in 0..<max(1, count) {
-            let box = Unmanaged.passRetained(PoolThreadBody(pool: self, name: "\(name)-io\(i)")).toOpaque()
-            var tid = pthread_t()
-            let e = pthread_create(&tid, nil, { arg in
-                let b = Unmanaged<PoolThreadBody>.fromOpaque(arg!).takeRetainedValue()
-                _ = clinux_set_thread_name(String(decoding: Array(b.name.utf8.prefix(15)), as: UTF8.self))
-                Seccomp.installOrExit(.io, name: b.name)
-                b.pool.work()
-                return nil
-            }, box)
-            if e != 0 {
-                Unmanaged<PoolThreadBody>.fromOpaque(box).release()
+            let threadName = "\(name)-io\(i)"
+            do {
+                let t = try spawnThread(name: threadName) { [self] in
+                    Seccomp.installOrExit(.io, name: threadName)
+                    work()
+                }
+                state.withLock { $0.threads.append(t) }
+            } catch {
                 shutdown()
-                throw BlockError.system(call: "pthread_create", errno: e)
+                throw error
             }
-            threads.append(tid)
         }
     }
 
-    deinit {
-        shutdown()
-        pthread_cond_destroy(&cond)
-        pthread_mutex_destroy(&mutex)
-    }
+    deinit { shutdown() }
 
-    public var threadCount: Int { threads.count }
+    public var threadCount: Int { state.withLock { $0.threads.count } }
 
     /// Queues a job. Returns false after shutdown (the job is not run).
     @discardableResult
-    public func submit(_ job: @escaping () -> Void) -> Bool {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
-        guard !shuttingDown else { return false }
-        jobs.append(job)
-        pthread_cond_signal(&cond)
-        return true
+    public func submit(_ job: @escaping @Sendable () -> Void) -> Bool {
+        let queued = state.withLock { s -> Bool in
+            guard !s.shuttingDown else { return false }
+            s.jobs.append(job)
+            return true
+        }
+        if queued { try? wakeups.write(1) }
+        return queued
     }
 
     private func work() {
         while true {
-            pthread_mutex_lock(&mutex)
-            while head == jobs.count && !shuttingDown { pthread_cond_wait(&cond, &mutex) }
-            if head == jobs.count {  // shutting down and nothing left
-                pthread_mutex_unlock(&mutex)
-                return
+            _ = try? wakeups.read()
+            let job = state.withLock { s -> (@Sendable () -> Void)?? in
+                if s.head == s.jobs.count { return s.shuttingDown ? .some(nil) : nil }
+                let job = s.jobs[s.head]
+                s.head += 1
+                if s.head == s.jobs.count { s.jobs.removeAll(keepingCapacity: true); s.head = 0 }
+                return .some(job)
             }
-            let job = jobs[head]
-            head += 1
-            if head == jobs.count { jobs.removeAll(keepingCapacity: true); head = 0 }
-            pthread_mutex_unlock(&mutex)
-            job()
+            switch job {
+            case .none: continue            // a wake-up whose job another thread took
+            case .some(.none): return       // shutting down and nothing left
+            case .some(.some(let j)): j()
+            }
         }
     }
 
     /// Runs the jobs already queued, then stops and joins every thread. Idempotent.
     public func shutdown() {
-        pthread_mutex_lock(&mutex)
-        shuttingDown = true
-        let ts = threads
-        threads = []
-        pthread_cond_broadcast(&cond)
-        pthread_mutex_unlock(&mutex)
-        for t in ts { pthread_join(t, nil) }
-    }
-}
-
-/// Host-side failures of the block device (setup, not guest requests).
-public enum BlockError: Error, CustomStringConvertible {
-    case system(call: String, errno: Int32)
-    public var description: String {
-        switch self {
-        case let .system(call, e): return "\(call) failed: \(String(cString: strerror(e)))"
+        let ts = state.withLock { s -> [OSThread] in
+            s.shuttingDown = true
+            let t = s.threads
+            s.threads = []
+            return t
         }
+        guard !ts.isEmpty else { return }
+        try? wakeups.write(UInt64(ts.count))
+        for t in ts { t.join() }
     }
 }

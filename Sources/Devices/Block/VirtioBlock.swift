@@ -17,6 +17,7 @@
 import Glibc
 import CLinux
 import GuestMemory
+import OS
 import Virtio
 import Synchronization
 
@@ -47,8 +48,7 @@ public final class VirtioBlock: HostedVirtioDevice, VirtioStaticConfig, @uncheck
     public let name: String
     let log: RateLimitedLog?
     public let config: [UInt8]
-    let lock = Mutex()
-    var handlers: [BlockQueue] = []
+    let handlers = Mutex<[BlockQueue]>([])
     /// Per-queue counters for `--metrics`; they live as long as the device, so a driver
     /// reset (or a guest reboot) does not lose them.
     public let stats: [BlockQueueStats]
@@ -115,13 +115,12 @@ public final class VirtioBlock: HostedVirtioDevice, VirtioStaticConfig, @uncheck
             for h in made { h.quiesce() }
             throw error
         }
-        lock.withLock { handlers = made }
+        handlers.withLock { $0 = made }
     }
 
     public func reset() {
-        let hs: [BlockQueue] = lock.withLock {
-            let h = handlers
-            handlers = []
+        let hs = handlers.withLock { h -> [BlockQueue] in
+            defer { h = [] }
             return h
         }
         for h in hs { h.quiesce() }
@@ -129,7 +128,7 @@ public final class VirtioBlock: HostedVirtioDevice, VirtioStaticConfig, @uncheck
 
     // MARK: HostedVirtioDevice
 
-    public var queueHandlers: [VirtioQueueHandler] { lock.withLock { handlers } }
+    public var queueHandlers: [VirtioQueueHandler] { handlers.withLock { $0 } }
 }
 
 /// One request after validation.
@@ -145,77 +144,62 @@ enum BlockOp {
     case writeZeroes([(offset: UInt64, length: UInt64, unmap: Bool)])
 }
 
-/// One queue's counters, owned by the device (they outlive the queue's handler).
-public final class BlockQueueStats: Sendable {
-    let requestCount = Atomic<UInt64>(0)
-    let interruptCount = Atomic<UInt64>(0)
-    public init() {}
-    public var requests: UInt64 { requestCount.load(ordering: .relaxed) }
-    public var interrupts: UInt64 { interruptCount.load(ordering: .relaxed) }
+/// One queue's counters, owned by the device (they outlive the queue's handler): a
+/// request is one chain taken from the ring.
+public typealias BlockQueueStats = QueueCounters
+
+extension QueueCounters {
+    /// virtio-blk: requests taken from the ring.
+    public var requests: UInt64 { served }
 }
 
 /// One virtqueue of a virtio-blk device: validates and runs requests, retires them in batches.
 public final class BlockQueue: VirtioQueueHandler, @unchecked Sendable {
     public let queueIndex: Int
-    let queue: SplitQueue
+    /// The ring, its interrupt sink, broken/stopped state and counters (queue thread only).
+    let server: QueueServer
     let disk: DiskImage
     let features: UInt64
-    let interrupt: any VirtioInterruptSink
-    let log: RateLimitedLog?
     let pool: IOPool?
     let maxInFlight: Int
-    let eventFD: Int32
-    // Queue-thread state.
+    /// Written by the I/O threads for each finished request; nil for the synchronous engine.
+    let completions: EventFD?
+    /// Requests started and not yet retired (queue thread only).
     var inFlight = 0
-    var broken = false
-    var quiesced = false
-    var staged = 0
-    // Filled by I/O threads.
-    let doneLock = Mutex()
-    var done: [(head: UInt16, used: UInt32)] = []
-
-    /// Requests served and interrupts raised (the device's counters, kept across resets).
-    let stats: BlockQueueStats
+    /// Finished requests, filled by the I/O threads.
+    let done = Mutex<[(head: UInt16, used: UInt32)]>([])
 
     init(index: Int, queue: SplitQueue, disk: DiskImage, features: UInt64, interrupt: any VirtioInterruptSink,
          engine: BlockEngine, name: String, stats: BlockQueueStats = BlockQueueStats(),
          log: RateLimitedLog?) throws {
         self.queueIndex = index
-        self.stats = stats
-        self.queue = queue
+        server = QueueServer(index: index, queue: queue, interrupt: interrupt, counters: stats,
+                             label: "virtio-blk: queue \(index)", stopKind: "queue stopped", log: log,
+                             interruptsOnlyForNewEntries: true)
         self.disk = disk
         self.features = features
-        self.interrupt = interrupt
-        self.log = log
         switch engine {
         case .synchronous:
             pool = nil
             maxInFlight = 1
-            eventFD = -1
+            completions = nil
         case let .threadPool(threads, limit):
-            let fd = eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK))
-            guard fd >= 0 else { throw BlockError.system(call: "eventfd", errno: errno) }
-            do {
-                pool = try IOPool(threads: max(1, threads), name: name)
-            } catch {
-                close(fd)
-                throw error
-            }
-            eventFD = fd
+            completions = try EventFD()
+            pool = try IOPool(threads: max(1, threads), name: name)
             maxInFlight = max(1, limit)
         }
     }
 
-    deinit {
-        pool?.shutdown()
-        if eventFD >= 0 { close(eventFD) }
-    }
+    deinit { pool?.shutdown() }
 
-    public var completionFD: Int32 { eventFD }
+    public var completionFD: Int32 { completions?.fd ?? -1 }
 
     // MARK: VirtioQueueHandler
 
-    public func kicked() { pump() }
+    public func kicked() {
+        server.counters.notified()
+        pump()
+    }
 
     public func completionsReady() {
         retire()
@@ -223,74 +207,43 @@ public final class BlockQueue: VirtioQueueHandler, @unchecked Sendable {
     }
 
     public func quiesce() {
-        guard !quiesced else { return }
-        quiesced = true
+        guard !server.quiesced else { return }
+        server.quiesced = true
         // Requests already started finish; nothing new starts (pump checks quiesced).
-        while inFlight > 0 {
-            var p = pollfd(fd: eventFD, events: Int16(POLLIN), revents: 0)
+        while inFlight > 0, let completions {
+            var p = pollfd(fd: completions.fd, events: Int16(POLLIN), revents: 0)
             _ = poll(&p, 1, 1000)
             retire()
         }
-        publish()
+        server.publish()
         pool?.shutdown()
     }
 
     // MARK: engine
 
     /// Pops and starts requests until the ring is empty or the in-flight limit is reached,
-    /// publishing the used ring once per batch.
+    /// publishing the used ring once per batch (at most the queue size: a driver that
+    /// keeps the ring full still sees its used entries every batch).
     func pump() {
-        while !broken && !quiesced {
-            queue.disableNotifications()
-            var popped = 0
-            while !broken && (pool == nil || inFlight < maxInFlight) && popped < batchLimit {
-                let chain: DescriptorChain?
-                do {
-                    chain = try queue.popAvailable()
-                } catch {
-                    fail("queue \(queueIndex): \(error)")
-                    break
-                }
-                guard let chain else { break }
-                popped += 1
-                start(chain)
-            }
-            publish()
-            if broken || (pool != nil && inFlight >= maxInFlight) { return }  // resumed by completions
-            // A driver that keeps the ring full still sees its used entries every batch.
-            if popped >= batchLimit { continue }
-            if !queue.enableNotifications() { return }
-        }
-    }
-
-    /// Most requests started between two used-ring publications.
-    var batchLimit: Int { Int(queue.size) }
-
-    /// The guest broke the queue: DEVICE_NEEDS_RESET, and this queue stops.
-    func fail(_ why: String) {
-        broken = true
-        log?.warn("queue stopped", "virtio-blk: \(why): device needs reset")
-        interrupt.markNeedsReset()
+        server.drain(batch: Int(server.queue.size), while: { pool == nil || inFlight < maxInFlight }) { start($0) }
     }
 
     func start(_ chain: DescriptorChain) {
-        stats.requestCount.wrappingAdd(1, ordering: .relaxed)
+        server.counters.count()
         let op = BlockQueue.prepare(chain, disk: disk, features: features)
         switch op {
         case let .fatal(why):
-            fail("queue \(queueIndex) head \(chain.head): \(why)")
+            server.fail("head \(chain.head): \(why)")
         case let .done(status, used):
             complete(chain, status: status, used: used)
         default:
-            if let pool {
+            if let pool, let completions {
                 inFlight += 1
-                let disk = self.disk
                 let submitted = pool.submit { [self] in
                     let (status, used) = BlockQueue.execute(op, disk: disk)
                     BlockQueue.writeStatus(chain, status)
-                    doneLock.withLock { done.append((chain.head, used)) }
-                    var one: UInt64 = 1
-                    _ = Glibc.write(eventFD, &one, 8)
+                    done.withLock { $0.append((chain.head, used)) }
+                    try? completions.write(1)
                 }
                 if !submitted {
                     inFlight -= 1
@@ -305,42 +258,20 @@ public final class BlockQueue: VirtioQueueHandler, @unchecked Sendable {
 
     func complete(_ chain: DescriptorChain, status: UInt8, used: UInt32) {
         BlockQueue.writeStatus(chain, status)
-        stage(chain.head, used)
-    }
-
-    func stage(_ head: UInt16, _ used: UInt32) {
-        do {
-            try queue.stageUsed(head: head, length: used)
-            staged += 1
-        } catch {
-            fail("queue \(queueIndex): \(error)")
-        }
+        server.stage(chain.head, length: used)
     }
 
     /// Takes the requests the I/O threads finished and stages them (not published).
     func retire() {
-        guard eventFD >= 0 else { return }
-        var v: UInt64 = 0
-        _ = Glibc.read(eventFD, &v, 8)
-        let finished: [(head: UInt16, used: UInt32)] = doneLock.withLock {
-            let d = done
-            done.removeAll(keepingCapacity: true)
+        guard let completions else { return }
+        _ = try? completions.read()
+        let finished = done.withLock { d -> [(head: UInt16, used: UInt32)] in
+            defer { d.removeAll(keepingCapacity: true) }
             return d
         }
         inFlight -= finished.count
-        for f in finished { stage(f.head, f.used) }
-        if !finished.isEmpty && (broken || quiesced) { publish() }
-    }
-
-    /// Publishes what was staged and interrupts the driver if it asked to be.
-    func publish() {
-        guard staged > 0 else { return }
-        staged = 0
-        queue.publishUsed()
-        if queue.needsNotification() {
-            stats.interruptCount.wrappingAdd(1, ordering: .relaxed)
-            interrupt.signalUsedBuffer()
-        }
+        for f in finished { server.stage(f.head, length: f.used) }
+        if !finished.isEmpty && !server.isServing { server.publish() }
     }
 
     static func writeStatus(_ chain: DescriptorChain, _ status: UInt8) {

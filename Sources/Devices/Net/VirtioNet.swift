@@ -32,6 +32,7 @@
 import Glibc
 import CLinux
 import GuestMemory
+import OS
 import Virtio
 import Synchronization
 
@@ -43,29 +44,12 @@ public protocol NetTapControl: AnyObject, Sendable {
     func setQueueEnabled(pair: Int, _ enabled: Bool) throws
 }
 
-/// Counters of one queue (rx: frames to the guest; tx: frames from it).
-public final class NetQueueStats: Sendable {
-    let packetCount = Atomic<UInt64>(0)
-    let byteCount = Atomic<UInt64>(0)
-    let dropCount = Atomic<UInt64>(0)
-    let notifyCount = Atomic<UInt64>(0)
-    let interruptCount = Atomic<UInt64>(0)
-    public init() {}
-    /// Queue notifications (kicks) from the driver that woke the queue's thread.
-    public var notifications: UInt64 { notifyCount.load(ordering: .relaxed) }
-    /// Interrupts this queue asked for (used buffers the driver wanted to hear of).
-    public var interrupts: UInt64 { interruptCount.load(ordering: .relaxed) }
-    func notified() { notifyCount.wrappingAdd(1, ordering: .relaxed) }
-    func interrupted() { interruptCount.wrappingAdd(1, ordering: .relaxed) }
-    public var packets: UInt64 { packetCount.load(ordering: .relaxed) }
-    public var bytes: UInt64 { byteCount.load(ordering: .relaxed) }
-    /// Chains or frames dropped: hostile chains, frames the TAP refused, bad commands.
-    public var drops: UInt64 { dropCount.load(ordering: .relaxed) }
-    func count(bytes n: Int) {
-        packetCount.wrappingAdd(1, ordering: .relaxed)
-        byteCount.wrappingAdd(UInt64(n), ordering: .relaxed)
-    }
-    func drop() { dropCount.wrappingAdd(1, ordering: .relaxed) }
+/// Counters of one queue (rx: frames to the guest; tx: frames from it; ctrl: commands).
+public typealias NetQueueStats = QueueCounters
+
+extension QueueCounters {
+    /// virtio-net: frames (or control commands) that went through.
+    public var packets: UInt64 { served }
 }
 
 public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig, @unchecked Sendable {
@@ -81,10 +65,12 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig, @unchecked
     public let config: [UInt8]
     /// Counters per virtqueue index (rx0, tx0, ..., ctrl), kept across resets.
     public let stats: [NetQueueStats]
-    let lock = Mutex()
-    var handlers: [VirtioQueueHandler] = []
-    var pairsActive = 1
-    var negotiated: UInt64 = 0
+    struct State {
+        var handlers: [VirtioQueueHandler] = []
+        var pairsActive = 1
+        var negotiated: UInt64 = 0
+    }
+    let state = Mutex(State())
 
     /// `queueFDs.count` is the number of queue pairs (1...VirtioNetLimits.maxQueuePairs).
     public init(queueFDs: [Int32], mac: [UInt8], mtu: UInt16 = 1500, offload: Bool = true,
@@ -142,40 +128,44 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig, @unchecked
         // frames steered to a pair without rx buffers would wait there.
         setPairs(1)
         var made: [VirtioQueueHandler] = []
-        for p in 0..<pairs {
-            if let q = queues.count > 2 * p ? queues[2 * p] : nil {
-                made.append(NetRxQueue(index: 2 * p, queue: q, fd: queueFDs[p], mergeable: hasMRG,
-                                       minFrame: guestGSO ? VirtioNetLimits.maxGSOFrame : Int(mtu) + 18,
-                                       interrupt: interrupt, stats: stats[2 * p], name: name, log: log))
+        do {
+            for p in 0..<pairs {
+                if let q = queues.count > 2 * p ? queues[2 * p] : nil {
+                    made.append(try NetRxQueue(index: 2 * p, queue: q, fd: queueFDs[p], mergeable: hasMRG,
+                                               minFrame: guestGSO ? VirtioNetLimits.maxGSOFrame : Int(mtu) + 18,
+                                               interrupt: interrupt, stats: stats[2 * p], name: name, log: log))
+                }
+                if let q = queues.count > 2 * p + 1 ? queues[2 * p + 1] : nil {
+                    made.append(try NetTxQueue(index: 2 * p + 1, queue: q, fd: queueFDs[p], interrupt: interrupt,
+                                               stats: stats[2 * p + 1], name: name, log: log))
+                }
             }
-            if let q = queues.count > 2 * p + 1 ? queues[2 * p + 1] : nil {
-                made.append(NetTxQueue(index: 2 * p + 1, queue: q, fd: queueFDs[p], interrupt: interrupt,
-                                       stats: stats[2 * p + 1], name: name, log: log))
-            }
+        } catch {
+            for h in made { h.quiesce() }
+            throw error
         }
         let ctrl = 2 * pairs
         if features & VirtioNetFeature.ctrlVQ != 0, queues.count > ctrl, let q = queues[ctrl] {
             made.append(NetCtrlQueue(index: ctrl, queue: q, device: self, features: features,
                                      interrupt: interrupt, stats: stats[stats.count - 1], log: log))
         }
-        lock.withLock {
-            handlers = made
-            negotiated = features
+        state.withLock {
+            $0.handlers = made
+            $0.negotiated = features
         }
     }
 
     public func reset() {
-        let hs: [VirtioQueueHandler] = lock.withLock {
-            let h = handlers
-            handlers = []
-            return h
+        let hs = state.withLock { s -> [VirtioQueueHandler] in
+            defer { s.handlers = [] }
+            return s.handlers
         }
         for h in hs { h.quiesce() }
     }
 
     // MARK: HostedVirtioDevice
 
-    public var queueHandlers: [VirtioQueueHandler] { lock.withLock { handlers } }
+    public var queueHandlers: [VirtioQueueHandler] { state.withLock { $0.handlers } }
     /// One thread per queue pair (rx i and tx i, which share TAP queue i), and one for the
     /// control queue: frames both ways and their completions batch on one thread, with
     /// one wake-up where two threads would hand over to each other.
@@ -185,7 +175,7 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig, @unchecked
     }
 
     /// Queue pairs in use (the driver's last VQ_PAIRS_SET, 1 after activation).
-    public var activePairs: Int { lock.withLock { pairsActive } }
+    public var activePairs: Int { state.withLock { $0.pairsActive } }
 
     /// Attaches TAP queues 0..<n and detaches the rest; rx threads of newly attached
     /// pairs poll their TAP again.
@@ -195,99 +185,69 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig, @unchecked
                 log?.warn("cannot attach or detach a TAP queue", "\(name): cannot \(p < n ? "attach" : "detach") TAP queue \(p): \(error)")
             }
         }
-        let rx: [NetRxQueue] = lock.withLock {
-            pairsActive = n
-            return handlers.compactMap { $0 as? NetRxQueue }.filter { $0.queueIndex / 2 < n }
+        let rx = state.withLock { s -> [NetRxQueue] in
+            s.pairsActive = n
+            return s.handlers.compactMap { $0 as? NetRxQueue }.filter { $0.queueIndex / 2 < n }
         }
         for r in rx { r.watchTap(true) }
     }
 }
-
-// MARK: shared
-
-/// Publishes staged used entries and interrupts the driver if it asked to be.
-@inline(__always)
-func netPublish(_ queue: SplitQueue, _ interrupt: any VirtioInterruptSink, _ stats: NetQueueStats) {
-    queue.publishUsed()
-    if queue.needsNotification() {
-        stats.interrupted()
-        interrupt.signalUsedBuffer()
-    }
-}
-
-@_silgen_name("epoll_create1") func swiftlet_epoll_create1(_ flags: Int32) -> Int32
-@_silgen_name("epoll_ctl") func swiftlet_epoll_ctl(_ epfd: Int32, _ op: Int32, _ fd: Int32, _ event: UnsafeMutableRawPointer) -> Int32
-
-private func errnoText(_ e: Int32) -> String { String(cString: strerror(e)) }
 
 // MARK: rx
 
 /// One receive queue: TAP -> guest.
 public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
     public let queueIndex: Int
-    let queue: SplitQueue
+    /// The ring, its interrupt sink, broken/stopped state and counters (queue thread only).
+    let server: QueueServer
     let fd: Int32
     let mergeable: Bool
     /// With MRG_RXBUF, bytes of buffers gathered before a read (header + largest frame).
     let wanted: Int
-    let interrupt: any VirtioInterruptSink
-    let stats: NetQueueStats
     let name: String
     let log: RateLimitedLog?
-    /// epoll instance holding the TAP fd (for EPOLLIN) while the guest has buffers: our completion fd.
-    let epfd: Int32
+    /// Holds the TAP fd (for reading) while the guest has buffers: our completion fd.
+    let tapWatch: Epoll
     /// Chains popped but not filled yet (kept for the next frame).
     var pending: [DescriptorChain] = []
     /// The iovecs of the frame being read (kept: no allocation per frame).
     var iovs: [iovec] = []
-    var broken = false
-    var quiesced = false
     var loggedError = false
 
-    // epoll(7): Glibc's Swift module does not carry <sys/epoll.h>; plain C ABI, packed
-    // struct epoll_event { u32 events; u64 data } (12 bytes on x86-64) built by hand.
-    static let epollCloexec: Int32 = 0o2000000
-    static let epollCtlAdd: Int32 = 1
-    static let epollCtlDel: Int32 = 2
-    static let epollIn: UInt32 = 1
-
-    static func epollCtl(_ ep: Int32, _ op: Int32, _ fd: Int32, events: UInt32) -> Int32 {
-        var ev = [UInt8](repeating: 0, count: 12)
-        withUnsafeBytes(of: events.littleEndian) { ev.replaceSubrange(0..<4, with: $0) }
-        withUnsafeBytes(of: UInt64(UInt32(bitPattern: fd)).littleEndian) { ev.replaceSubrange(4..<12, with: $0) }
-        return ev.withUnsafeMutableBytes { swiftlet_epoll_ctl(ep, op, fd, $0.baseAddress!) }
-    }
-
     init(index: Int, queue: SplitQueue, fd: Int32, mergeable: Bool, minFrame: Int, interrupt: any VirtioInterruptSink,
-         stats: NetQueueStats, name: String, log: RateLimitedLog?) {
+         stats: NetQueueStats, name: String, log: RateLimitedLog?) throws {
         queueIndex = index
-        self.queue = queue
+        server = QueueServer(index: index, queue: queue, interrupt: interrupt, counters: stats,
+                             label: "virtio-net \(name) rx\(index / 2)", stopKind: "rx queue stopped", log: log)
         self.fd = fd
         self.mergeable = mergeable
         wanted = VirtioNetHeader.size + minFrame
-        self.interrupt = interrupt
-        self.stats = stats
         self.name = name
         self.log = log
-        epfd = swiftlet_epoll_create1(NetRxQueue.epollCloexec)
+        tapWatch = try Epoll()
     }
 
-    deinit { if epfd >= 0 { close(epfd) } }
+    var queue: SplitQueue { server.queue }
+    var stats: NetQueueStats { server.counters }
+    /// The guest broke the queue (tests set it to stop a loop).
+    var broken: Bool {
+        get { server.broken }
+        set { server.broken = newValue }
+    }
 
-    public var completionFD: Int32 { epfd }
+    public var completionFD: Int32 { tapWatch.fd }
 
     /// Start (true) or stop polling the TAP for frames. Safe from any thread. Stopping
     /// takes the TAP out of the epoll set: with no events asked for, epoll still reports
     /// a TAP in error or hung up, and the thread would wake for it again and again.
     /// (Adding what is there or removing what is not fails harmlessly.)
     func watchTap(_ on: Bool) {
-        guard epfd >= 0 else { return }
-        _ = NetRxQueue.epollCtl(epfd, on ? NetRxQueue.epollCtlAdd : NetRxQueue.epollCtlDel, fd, events: NetRxQueue.epollIn)
+        if on { tapWatch.add(fd) } else { tapWatch.remove(fd) }
     }
 
     public func kicked() {
         stats.notified()
-        guard !broken && !quiesced else { return }
+        guard server.isServing else { return }
         queue.disableNotifications()
         watchTap(true)
         receive()
@@ -296,16 +256,9 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
     public func completionsReady() { receive() }
 
     public func quiesce() {
-        quiesced = true
+        server.quiesced = true
         watchTap(false)
         pending = []
-    }
-
-    func fail(_ why: String) {
-        broken = true
-        watchTap(false)
-        log?.warn("rx queue stopped", "virtio-net \(name) rx\(queueIndex / 2): \(why): device needs reset")
-        interrupt.markNeedsReset()
     }
 
     /// Pops one usable chain into `pending`; false when the ring is empty (or broken).
@@ -313,20 +266,14 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
     /// chain of more buffers than one readv takes breaks the device (a frame is one read,
     /// so it cannot be split over several).
     func popOne() -> Bool {
-        while !broken {
-            let chain: DescriptorChain?
-            do { chain = try queue.popAvailable() } catch {
-                fail("\(error)")
-                return false
-            }
-            guard let chain else { return false }
+        while let chain = server.pop() {
             if chain.writableLength < UInt32(VirtioNetHeader.size) || chain.readableCount > 0 {
                 stats.drop()
-                do { try queue.stageUsed(head: chain.head, length: 0) } catch { fail("\(error)"); return false }
+                guard server.stage(chain.head, length: 0) else { return false }
                 continue
             }
             guard chain.writableCount <= GuestMemory.maxIovecsPerCall else {
-                fail("chain at head \(chain.head) has \(chain.writableCount) buffers, more than one read takes (\(GuestMemory.maxIovecsPerCall))")
+                server.fail("chain at head \(chain.head) has \(chain.writableCount) buffers, more than one read takes (\(GuestMemory.maxIovecsPerCall))")
                 return false
             }
             pending.append(chain)
@@ -368,20 +315,23 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
 
     /// Reads up to `budget` frames from the TAP into guest buffers.
     func receive() {
-        guard !broken && !quiesced else {
+        guard server.isServing else {
             // Watched again from another thread (the control queue's pairs command).
             watchTap(false)
             return
         }
         var served = 0
-        defer { netPublish(queue, interrupt, stats) }
+        defer {
+            server.publish()
+            if broken { watchTap(false) }
+        }
         while served < VirtioNetLimits.budget && !broken {
             let useCount = gather()
             if broken { return }
             if useCount == 0 {
                 // Out of buffers: sleep on the rx kick, not on the TAP. Buffers that came
                 // in meanwhile are taken at once (the ring was empty, so they are new).
-                if queue.enableNotifications() { queue.disableNotifications(); continue }
+                if !server.notificationsOn() { continue }
                 watchTap(false)
                 return
             }
@@ -398,10 +348,7 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
                     // fails again and again still uses up the guest's buffers, never loops.
                     stats.drop()
                     served += 1
-                    do { try queue.stageUsed(head: pending[0].head, length: 0) } catch {
-                        fail("\(error)")
-                        return
-                    }
+                    guard server.stage(pending[0].head, length: 0) else { return }
                     pending.removeFirst()
                     continue
                 }
@@ -419,17 +366,12 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
             served += 1
             var left = n
             var k = 0
-            do {
-                repeat {
-                    let len = min(left, Int(pending[k].writableLength))
-                    try queue.stageUsed(head: pending[k].head, length: UInt32(len))
-                    left -= len
-                    k += 1
-                } while left > 0 && k < useCount
-            } catch {
-                fail("\(error)")
-                return
-            }
+            repeat {
+                let len = min(left, Int(pending[k].writableLength))
+                guard server.stage(pending[k].head, length: UInt32(len)) else { return }
+                left -= len
+                k += 1
+            } while left > 0 && k < useCount
             // tun skips num_buffers (it writes 10 header bytes of our 12): fill it in.
             var nb = UInt16(k).littleEndian
             _ = withUnsafeBytes(of: &nb) { pending[0].writeWritable($0, offset: UInt64(VirtioNetHeader.numBuffersOffset)) }
@@ -438,7 +380,7 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
             // Each frame is the guest's as soon as it is written (QEMU and vhost publish
             // per packet too): its NAPI can take it while the next one is read, and
             // EVENT_IDX still keeps interrupts to the ones it asked for.
-            netPublish(queue, interrupt, stats)
+            server.publish()
         }
     }
 }
@@ -448,33 +390,29 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
 /// One transmit queue: guest -> TAP.
 public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
     public let queueIndex: Int
-    let queue: SplitQueue
+    /// The ring, its interrupt sink, broken/stopped state and counters (queue thread only).
+    let server: QueueServer
     let fd: Int32
-    let interrupt: any VirtioInterruptSink
-    let stats: NetQueueStats
     let name: String
     let log: RateLimitedLog?
     /// Written when a wake-up ran out of budget with work left: brings the thread back.
-    let again: Int32
-    var broken = false
-    var quiesced = false
+    let again: EventFD
     var loggedError = false
 
     init(index: Int, queue: SplitQueue, fd: Int32, interrupt: any VirtioInterruptSink, stats: NetQueueStats,
-         name: String, log: RateLimitedLog?) {
+         name: String, log: RateLimitedLog?) throws {
         queueIndex = index
-        self.queue = queue
+        server = QueueServer(index: index, queue: queue, interrupt: interrupt, counters: stats,
+                             label: "virtio-net \(name) tx\(index / 2)", stopKind: "tx queue stopped", log: log)
         self.fd = fd
-        self.interrupt = interrupt
-        self.stats = stats
         self.name = name
         self.log = log
-        again = eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK))
+        again = try EventFD()
     }
 
-    deinit { if again >= 0 { close(again) } }
+    var stats: NetQueueStats { server.counters }
 
-    public var completionFD: Int32 { again }
+    public var completionFD: Int32 { again.fd }
 
     public func kicked() {
         stats.notified()
@@ -482,60 +420,31 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
     }
 
     public func completionsReady() {
-        var v: UInt64 = 0
-        _ = read(again, &v, 8)
+        _ = try? again.read()
         transmit()
     }
 
-    public func quiesce() { quiesced = true }
-
-    func fail(_ why: String) {
-        broken = true
-        log?.warn("tx queue stopped", "virtio-net \(name) tx\(queueIndex / 2): \(why): device needs reset")
-        interrupt.markNeedsReset()
-    }
+    public func quiesce() { server.quiesced = true }
 
     func transmit() {
-        guard !broken && !quiesced else { return }
-        var served = 0
-        defer { netPublish(queue, interrupt, stats) }
-        while !broken {
-            queue.disableNotifications()
-            while served < VirtioNetLimits.budget {
-                let chain: DescriptorChain?
-                do { chain = try queue.popAvailable() } catch {
-                    fail("\(error)")
-                    return
-                }
-                guard let chain else { break }
-                served += 1
-                send(chain)
-                if broken { return }
-                do { try queue.stageUsed(head: chain.head, length: 0) } catch {
-                    fail("\(error)")
-                    return
-                }
-                // Hand the buffer back at once: the guest frees its skb on completion, and
-                // TCP small queues hold its sender until then (a 64 KiB frame's write takes
-                // the host's whole TCP receive path), so a batch published only at its end
-                // stalls the sender for the batch.
-                netPublish(queue, interrupt, stats)
-            }
-            if served >= VirtioNetLimits.budget {
-                // More may wait: come back after the used ring is published.
-                var one: UInt64 = 1
-                if again >= 0 { _ = write(again, &one, 8) }
-                return
-            }
-            if !queue.enableNotifications() { return }
+        let end = server.drain(budget: VirtioNetLimits.budget) { chain in
+            send(chain)
+            guard server.isServing, server.stage(chain.head, length: 0) else { return }
+            // Hand the buffer back at once: the guest frees its skb on completion, and
+            // TCP small queues hold its sender until then (a 64 KiB frame's write takes
+            // the host's whole TCP receive path), so a batch published only at its end
+            // stalls the sender for the batch.
+            server.publish()
         }
+        // More may wait: come back after the used ring is published.
+        if end == .budget { try? again.write(1) }
     }
 
     /// Writes one frame to the TAP, or drops it (counted); a chain of more buffers than
     /// one writev takes breaks the device (one write is one frame).
     func send(_ chain: DescriptorChain) {
         guard chain.readableCount <= GuestMemory.maxIovecsPerCall else {
-            fail("chain at head \(chain.head) has \(chain.readableCount) buffers, more than one write takes (\(GuestMemory.maxIovecsPerCall))")
+            server.fail("chain at head \(chain.head) has \(chain.readableCount) buffers, more than one write takes (\(GuestMemory.maxIovecsPerCall))")
             return
         }
         let len = Int(chain.readableLength)
@@ -568,61 +477,39 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
 /// everything else VIRTIO_NET_ERR.
 public final class NetCtrlQueue: VirtioQueueHandler, @unchecked Sendable {
     public let queueIndex: Int
-    let queue: SplitQueue
+    /// The ring, its interrupt sink, broken/stopped state and counters (queue thread only).
+    let server: QueueServer
     weak var device: VirtioNet?
     let features: UInt64
-    let interrupt: any VirtioInterruptSink
-    let stats: NetQueueStats
-    let log: RateLimitedLog?
-    var broken = false
-    var quiesced = false
 
     init(index: Int, queue: SplitQueue, device: VirtioNet, features: UInt64, interrupt: any VirtioInterruptSink,
          stats: NetQueueStats, log: RateLimitedLog?) {
         queueIndex = index
-        self.queue = queue
+        server = QueueServer(index: index, queue: queue, interrupt: interrupt, counters: stats,
+                             label: "virtio-net ctrl", stopKind: "control queue stopped", log: log)
         self.device = device
         self.features = features
-        self.interrupt = interrupt
-        self.stats = stats
-        self.log = log
     }
+
+    var stats: NetQueueStats { server.counters }
 
     public var completionFD: Int32 { -1 }
     public func completionsReady() {}
-    public func quiesce() { quiesced = true }
+    public func quiesce() { server.quiesced = true }
 
     public func kicked() {
         stats.notified()
-        guard !broken && !quiesced else { return }
-        defer { netPublish(queue, interrupt, stats) }
-        while !broken {
-            queue.disableNotifications()
-            while true {
-                let chain: DescriptorChain?
-                do { chain = try queue.popAvailable() } catch {
-                    broken = true
-                    log?.warn("control queue stopped", "virtio-net ctrl: \(error): device needs reset")
-                    interrupt.markNeedsReset()
-                    return
-                }
-                guard let chain else { break }
-                var used: UInt32 = 0
-                if chain.writableLength == 0 {
-                    stats.drop()  // nowhere to put the answer
-                } else {
-                    let ack = command(chain)
-                    _ = chain.writeWritable([ack], offset: UInt64(chain.writableLength - 1))
-                    used = 1
-                    if ack == VirtioNetCtrl.ok { stats.count(bytes: Int(chain.readableLength)) } else { stats.drop() }
-                }
-                do { try queue.stageUsed(head: chain.head, length: used) } catch {
-                    broken = true
-                    interrupt.markNeedsReset()
-                    return
-                }
+        server.drain { chain in
+            var used: UInt32 = 0
+            if chain.writableLength == 0 {
+                stats.drop()  // nowhere to put the answer
+            } else {
+                let ack = command(chain)
+                _ = chain.writeWritable([ack], offset: UInt64(chain.writableLength - 1))
+                used = 1
+                if ack == VirtioNetCtrl.ok { stats.count(bytes: Int(chain.readableLength)) } else { stats.drop() }
             }
-            if !queue.enableNotifications() { return }
+            server.stage(chain.head, length: used)
         }
     }
 
@@ -686,5 +573,5 @@ public final class TapQueueControl: NetTapControl, @unchecked Sendable {
 public struct NetTapError: Error, CustomStringConvertible {
     public let call: String
     public let errno: Int32
-    public var description: String { "\(call): \(String(cString: strerror(errno)))" }
+    public var description: String { "\(call): \(errnoText(errno))" }
 }

@@ -1,18 +1,21 @@
-// The contract between a virtio device model (here) and the VMM glue that runs it
-// (Sources/VMM/VirtioHost.swift): the device does the work on its queues, the host owns
-// the threads and eventfds. Per group of active queues (`queueHandlerGroups`: each queue
-// alone by default; virtio-net groups each rx queue with its tx queue) the host runs one
-// thread that polls each queue's kick eventfd (an ioeventfd on QueueNotify), a stop
-// eventfd and each handler's completion fd, and calls the handlers:
+// The contract between a virtio device model (Sources/Devices) and the host that runs it
+// (Sources/VMM/VirtioHost.swift). A device declares, through `VirtioDevice`, its type,
+// features, config space and queues (`queueMaxSizes`), and through `HostedVirtioDevice`
+// the handlers of the queues the driver activated and how they group onto threads. The
+// host owns the threads and eventfds: per group of active queues (`queueHandlerGroups`:
+// each queue alone by default; virtio-net groups each rx queue with its tx queue) it
+// runs one thread that polls each queue's kick eventfd (an ioeventfd on QueueNotify), a
+// stop eventfd and each handler's completion fd, and calls the handlers:
 //
 //     handler.kicked()               once at start, then on every kick
 //     handler.completionsReady()     when completionFD is readable
 //     handler.quiesce()              on stop, before the thread ends
 //
-// All three are called on that one thread only.
-import Glibc
-import Virtio
+// All three are called on that one thread only. A handler serves its queue through a
+// `QueueServer` (QueueServer.swift).
 
+/// One active queue of a device (or, for a device that serves several queues as one, one
+/// of them).
 public protocol VirtioQueueHandler: AnyObject {
     /// The queue index this handler serves.
     var queueIndex: Int { get }
