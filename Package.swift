@@ -40,12 +40,12 @@ let package = Package(
         .testTarget(name: "OSTests", dependencies: ["OS"]),
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"]),
         .testTarget(name: "KVMTests", dependencies: ["KVM", "OS", "GuestMemory", "CLinux"]),
-        .testTarget(name: "BootTests", dependencies: ["Boot", "GuestMemory"]),
+        .testTarget(name: "BootTests", dependencies: ["Boot", "OS", "GuestMemory"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "GuestMemory"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "OS", "GuestMemory", "Virtio"]),
         .testTarget(name: "SeccompTests", dependencies: ["Seccomp", "OS", "CLinux"]),
         .testTarget(name: "VMMTests", dependencies: ["VMM", "OS", "Devices", "Virtio", "GuestMemory", "KVM", "JSON"]),
         .testTarget(name: "JSONTests", dependencies: ["JSON"]),
     ],
-    swiftLanguageModes: [.v5]
+    swiftLanguageModes: [.v6]
 )

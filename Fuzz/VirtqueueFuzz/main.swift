@@ -196,7 +196,8 @@ func fuzzQueue(_ p: Params, _ body: UnsafeRawBufferPointer) {
 
 // MARK: transport mode
 
-final class FuzzDevice: VirtioDevice {
+// @unchecked Sendable: one fuzz iteration drives it from one thread.
+final class FuzzDevice: VirtioDevice, @unchecked Sendable {
     let deviceType: UInt32 = VirtioDeviceType.net
     let queueMaxSizes: [UInt16] = [256, 256, 64]
     let deviceFeatures: UInt64 = 0x00FF_FFFF | VirtioFeature.eventIdx | VirtioFeature.indirectDesc
@@ -226,8 +227,8 @@ final class FuzzDevice: VirtioDevice {
 }
 
 /// The transport's interrupt line: records its level.
+// @unchecked Sendable: one fuzz iteration drives it from one thread.
 final class FuzzLine: InterruptLine, @unchecked Sendable {
-    // @unchecked: one fuzz iteration runs on one thread.
     var high = false
     func raise() { high = true }
     func lower() { high = false }

@@ -16,6 +16,7 @@
 // write outside guest memory.
 import GuestMemory
 import Glibc
+import OS
 
 enum KernelCache {
     static let magic: [UInt8] = Array("SWKCACH2".utf8)
@@ -96,7 +97,7 @@ enum KernelCache {
         let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
         guard fd >= 0 else { return }
         _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
-        let tmp = String(cString: template)
+        let tmp = String(nulTerminated: template)
         var ok = fchmod(fd, 0o600) == 0
         ok = ok && header.map(\.littleEndian).withUnsafeBytes { writeFully(fd, $0.baseAddress!, $0.count) }
         for s in image.segments where ok {

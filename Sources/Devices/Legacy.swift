@@ -6,15 +6,15 @@ import Synchronization
 
 /// CMOS RTC at ports 0x70 (index) and 0x71 (data), reporting the host's UTC time in BCD,
 /// 24-hour mode. Without it the stock kernel spends seconds probing absent ports.
-public final class CMOSRTC: PortDevice, @unchecked Sendable {
+public final class CMOSRTC: PortDevice, Sendable {
     struct State {
         var index: UInt8 = 0
         var nvram = [UInt8](repeating: 0, count: 128)
     }
     private let state: Mutex<State>
-    private let now: () -> time_t
+    private let now: @Sendable () -> time_t
 
-    public init(now: @escaping () -> time_t = { time(nil) }) {
+    public init(now: @escaping @Sendable () -> time_t = { time(nil) }) {
         self.now = now
         var s = State()
         s.nvram[0x0a] = 0x26  // 32.768 kHz divider, 1024 Hz rate, UIP clear
@@ -86,9 +86,9 @@ public final class CMOSRTC: PortDevice, @unchecked Sendable {
 
 /// i8042 keyboard controller, just enough for Linux's `reboot=k`: the reset command
 /// (0xFE written to the command port) ends the VM as a reboot.
-public final class I8042: PortDevice, @unchecked Sendable {
-    private let onEvent: (MachineEvent) -> Void
-    public init(onEvent: @escaping (MachineEvent) -> Void) { self.onEvent = onEvent }
+public final class I8042: PortDevice, Sendable {
+    private let onEvent: @Sendable (MachineEvent) -> Void
+    public init(onEvent: @escaping @Sendable (MachineEvent) -> Void) { self.onEvent = onEvent }
 
     // Base port 0x60: offset 0 is data (0x60), offset 4 is status/command (0x64).
     public func read(offset: UInt16, size: Int) -> UInt32 { 0 }  // no data, buffers empty
@@ -101,12 +101,12 @@ public final class I8042: PortDevice, @unchecked Sendable {
 /// The hardware-reduced ACPI sleep control and reset register (one byte at port 0x3c0,
 /// described in the FADT). Writing SLP_TYP=5 with SLP_EN powers off; the reset value
 /// reboots.
-public final class ACPISleepRegister: PortDevice, @unchecked Sendable {
+public final class ACPISleepRegister: PortDevice, Sendable {
     public static let port: UInt16 = 0x3c0
     public static let resetValue: UInt8 = 0x01
     public static let s5Type: UInt8 = 5
-    private let onEvent: (MachineEvent) -> Void
-    public init(onEvent: @escaping (MachineEvent) -> Void) { self.onEvent = onEvent }
+    private let onEvent: @Sendable (MachineEvent) -> Void
+    public init(onEvent: @escaping @Sendable (MachineEvent) -> Void) { self.onEvent = onEvent }
 
     public func read(offset: UInt16, size: Int) -> UInt32 { 0 }
 
@@ -122,17 +122,17 @@ public final class ACPISleepRegister: PortDevice, @unchecked Sendable {
 
 /// The boot-time marker: when the guest writes byte 123 at its address, the time since
 /// swiftlet started is recorded (first write wins) and reported.
-public final class BootMarker: MMIODevice, @unchecked Sendable {
+public final class BootMarker: MMIODevice, Sendable {
     public static let address: UInt64 = 0xd000_0000
     /// One 32-bit register; the exit register follows it in the same page.
     public static let size: UInt64 = 4
     public static let magic: UInt64 = 123
     private let start: UInt64
     private let stamp = Mutex<UInt64?>(nil)
-    private let onMark: (UInt64) -> Void
+    private let onMark: @Sendable (UInt64) -> Void
 
     /// `start` is swiftlet's start in monotonicNanos(); `onMark` gets the elapsed nanoseconds.
-    public init(start: UInt64, onMark: @escaping (UInt64) -> Void = { _ in }) {
+    public init(start: UInt64, onMark: @escaping @Sendable (UInt64) -> Void = { _ in }) {
         self.start = start
         self.onMark = onMark
     }
@@ -159,12 +159,12 @@ public final class BootMarker: MMIODevice, @unchecked Sendable {
 /// success. The host side of the console needs no draining: the UART writes each byte
 /// out before its vCPU goes back into the guest, so all the UART output before this write
 /// is out (a guest drains its own tty first).
-public final class GuestExitRegister: MMIODevice, @unchecked Sendable {
+public final class GuestExitRegister: MMIODevice, Sendable {
     public static let address: UInt64 = 0xd000_0004
     public static let size: UInt64 = 4
-    private let onExit: (Int32) -> Void
+    private let onExit: @Sendable (Int32) -> Void
 
-    public init(onExit: @escaping (Int32) -> Void) { self.onExit = onExit }
+    public init(onExit: @escaping @Sendable (Int32) -> Void) { self.onExit = onExit }
 
     /// The exit status a write asks for, nil for a write that is not one (another
     /// offset, or a width other than 1, 2 or 4 bytes).
@@ -184,12 +184,12 @@ public final class GuestExitRegister: MMIODevice, @unchecked Sendable {
 /// QEMU's isa-debug-exit as test guests use it (`-device isa-debug-exit,iobase=0xf4,iosize=0x04`):
 /// a write of V to ports 0xf4-0xf7 ends the VM with exit status (V << 1) | 1, cut to 8
 /// bits as QEMU's exit() cuts it. Only with --isa-debug-exit.
-public final class ISADebugExit: PortDevice, @unchecked Sendable {
+public final class ISADebugExit: PortDevice, Sendable {
     public static let port: UInt16 = 0xf4
     public static let size: UInt16 = 4
-    private let onExit: (Int32) -> Void
+    private let onExit: @Sendable (Int32) -> Void
 
-    public init(onExit: @escaping (Int32) -> Void) { self.onExit = onExit }
+    public init(onExit: @escaping @Sendable (Int32) -> Void) { self.onExit = onExit }
 
     /// The exit status for a write of `value` of `size` bytes.
     public static func status(size: Int, value: UInt32) -> Int32 {

@@ -6,7 +6,7 @@
 import Glibc
 import Synchronization
 
-public final class PCIHostBridge: PortDevice, @unchecked Sendable {
+public final class PCIHostBridge: PortDevice, Sendable {
     public static let port: UInt16 = 0xcf8
     public static let size: UInt64 = 8
     /// The generic PCI Express host bridge ID (Red Hat's 1b36:0008); no Linux driver binds to it.

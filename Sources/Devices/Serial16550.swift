@@ -5,7 +5,7 @@
 import Glibc
 import Synchronization
 
-public final class Serial16550: PortDevice, @unchecked Sendable {
+public final class Serial16550: PortDevice, Sendable {
     // Register offsets.
     static let DATA: UInt16 = 0, IER: UInt16 = 1, IIR: UInt16 = 2, LCR: UInt16 = 3
     static let MCR: UInt16 = 4, LSR: UInt16 = 5, MSR: UInt16 = 6, SCR: UInt16 = 7
@@ -41,12 +41,12 @@ public final class Serial16550: PortDevice, @unchecked Sendable {
     }
     private let state = Mutex(State())
 
-    private let output: (UInt8) -> Void
-    private let interrupt: () -> Void
+    private let output: @Sendable (UInt8) -> Void
+    private let interrupt: @Sendable () -> Void
 
     /// `output` receives every byte the guest transmits; `interrupt` raises the UART's
     /// interrupt line (an edge on its GSI).
-    public init(output: @escaping (UInt8) -> Void, interrupt: @escaping () -> Void) {
+    public init(output: @escaping @Sendable (UInt8) -> Void, interrupt: @escaping @Sendable () -> Void) {
         self.output = output
         self.interrupt = interrupt
     }

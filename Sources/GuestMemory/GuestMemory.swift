@@ -26,6 +26,10 @@ public enum GuestMemoryError: Error, Equatable, CustomStringConvertible {
 }
 
 /// One contiguous range of guest physical RAM backed by one host mapping.
+// @unchecked Sendable: every property is immutable and the mapping lives until deinit.
+// The bytes behind `host` are guest RAM, which the guest itself writes from any vCPU:
+// swiftlet's threads share it as devices share a machine's memory, each within the
+// buffers a ring gave it.
 public final class GuestRegion: @unchecked Sendable {
     public let guestBase: UInt64
     public let size: UInt64
@@ -74,7 +78,7 @@ public final class GuestRegion: @unchecked Sendable {
 }
 
 /// Guest physical memory: a sorted set of non-overlapping regions.
-public final class GuestMemory: @unchecked Sendable {
+public final class GuestMemory: Sendable {
     public let regions: [GuestRegion]
 
     /// Creates and maps the regions. `layout` is (guest base, size) pairs.

@@ -79,7 +79,7 @@ public struct CPUIDEntry: Equatable, Hashable, Sendable, CustomStringConvertible
 }
 
 /// The KVM system handle (/dev/kvm). Owns its file descriptor.
-public final class Hypervisor: @unchecked Sendable {
+public final class Hypervisor: Sendable {
     public let fd: Int32
     public let path: String
 

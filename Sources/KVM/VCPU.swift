@@ -165,6 +165,9 @@ public struct LAPICState {
 /// - `kick()` (any thread) sets kvm_run.immediate_exit = 1 and then pthread_kill()s the thread.
 ///   immediate_exit keeps every later KVM_RUN returning at once until `clearImmediateExit()`.
 /// - `run()` turns EINTR/EAGAIN into `.interrupted` and consumes the pending kick signal.
+// @unchecked Sendable: `runArea` (the kvm_run mapping) is read and written by the thread
+// that calls run(); other threads only set immediate_exit (an atomic byte store) and
+// kick, whose target thread is behind a mutex.
 public final class VCPU: @unchecked Sendable {
     public let fd: Int32
     public let id: UInt32

@@ -3,13 +3,15 @@ import Glibc
 import CLinux
 import GuestMemory
 import OS
+import Synchronization
 
 /// A KVM VM (KVM_CREATE_VM). Owns its file descriptor; keeps the Hypervisor and any
 /// registered GuestMemory alive as long as it lives (KVM must never see freed memory).
-public final class VirtualMachine: @unchecked Sendable {
+public final class VirtualMachine: Sendable {
     public let fd: Int32
     public let hypervisor: Hypervisor
-    private var keepAlive: [AnyObject] = []
+    /// Guest memory registered with KVM, kept mapped as long as the VM lives.
+    private let keepAlive = Mutex<[GuestMemory]>([])
 
     /// Default addresses from docs/DESIGN.md.
     public static let defaultTSSAddress: UInt64 = 0xfffb_d000
@@ -82,7 +84,7 @@ public final class VirtualMachine: @unchecked Sendable {
             try setUserMemoryRegion(slot: slot, guestBase: region.guestBase, size: region.size, host: region.host)
             slots.append(slot)
         }
-        keepAlive.append(memory)
+        keepAlive.withLock { $0.append(memory) }
         return slots
     }
 

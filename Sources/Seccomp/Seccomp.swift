@@ -37,6 +37,8 @@ public enum ThreadRole: String, Sendable, CaseIterable {
 
 /// Process-wide seccomp settings, set once by the machine before any thread starts.
 public enum Seccomp {
+    // nonisolated(unsafe), these three: set by the machine on the main thread before it
+    // starts any thread, only read afterwards.
     /// The mode threads install their filters with; libraries and tests leave it off.
     nonisolated(unsafe) public static var mode: SeccompMode = .off
     /// The main thread may open (and rename) a --metrics file after its filter is on.
@@ -67,7 +69,7 @@ public enum Seccomp {
     public static func installOrExit(_ role: ThreadRole, name: String) {
         let e = install(role, name: name)
         guard e != 0 else { return }
-        fputs("swiftlet: seccomp: cannot install the \(role.rawValue) filter on thread \(name): \(errnoText(e)): run with --seccomp off on this kernel\n", stderr)
+        writeStderr("swiftlet: seccomp: cannot install the \(role.rawValue) filter on thread \(name): \(errnoText(e)): run with --seccomp off on this kernel\n")
         _exit(1)
     }
 

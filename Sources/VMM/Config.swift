@@ -5,7 +5,7 @@ import Virtio
 @_exported import enum Seccomp.SeccompMode
 
 /// Exit statuses a CI script can rely on (README "Exit status").
-public enum ExitStatus: Int32 {
+public enum ExitStatus: Int32, Sendable {
     case poweredOff = 0
     case runtimeError = 1
     case rebooted = 3
@@ -262,7 +262,7 @@ func procKiB(_ path: String, _ key: String) -> UInt64? {
     defer { fclose(f) }
     var line = [CChar](repeating: 0, count: 256)
     while fgets(&line, Int32(line.count), f) != nil {
-        let s = String(cString: line)
+        let s = String(nulTerminated: line)
         if s.hasPrefix(key) {
             return s.dropFirst(key.count).split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\n" }).first.flatMap { UInt64($0) }
         }

@@ -5,6 +5,9 @@ import OS
 import Devices
 
 /// The termios to restore, kept where a signal handler can reach it.
+// nonisolated(unsafe), these two: written by the main thread only (entering and leaving
+// raw mode); read by the crash-signal handler, which runs on the thread that crashed and
+// ends the process.
 nonisolated(unsafe) private var savedTermios = termios()
 nonisolated(unsafe) private var termiosSaved: Int32 = 0
 
@@ -48,7 +51,7 @@ final class RawTerminal {
 
 /// Where guest serial output goes. Writes are unbuffered: the console must show the
 /// guest's last words even if swiftlet is killed.
-final class ConsoleOutput: @unchecked Sendable {
+final class ConsoleOutput: Sendable {
     private let fd: Int32
     private let owned: Bool
 

@@ -143,7 +143,7 @@ public struct DiskOptions: Equatable, Sendable {
 }
 
 /// An opened, locked disk image ready to back a virtio-blk device.
-public final class OpenDisk: @unchecked Sendable {
+public final class OpenDisk: Sendable {
     public let options: DiskOptions
     public let image: DiskImage
     public let device: UInt64

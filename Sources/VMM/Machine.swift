@@ -14,6 +14,7 @@ import Synchronization
 import Seccomp
 
 /// Start-up phases (name, monotonic ns), printed at --log-level debug.
+// nonisolated(unsafe): appended to and read by the main thread only.
 nonisolated(unsafe) var startupPhases: [(String, UInt64)] = []
 @inline(__always) func phase(_ name: String) { startupPhases.append((name, monotonicNanos())) }
 
@@ -147,6 +148,10 @@ public func run(_ config: MachineConfig) throws -> Int32 {
     return machine.run()
 }
 
+// @unchecked Sendable: the `var`s (vCPUs, bus maps, slots, windows) are set while the main
+// thread builds the machine, before any thread that reads them starts, and never change
+// afterwards; firstRunNanos is written by vCPU 0 before its first KVM_RUN and read by the
+// main thread after joining it. What changes while threads run is behind `runState`.
 final class Machine: @unchecked Sendable {
     let config: MachineConfig
     let memory: GuestMemory
@@ -251,7 +256,7 @@ final class Machine: @unchecked Sendable {
         bootMarker = BootMarker(start: config.startNanos, onMark: { ns in
             if logLevel >= .info { log("boot marker: guest reached userspace \(ns / 1_000_000) ms after swiftlet started") }
         })
-        let onEvent: (MachineEvent) -> Void = { [unowned self] e in
+        let onEvent: @Sendable (MachineEvent) -> Void = { [unowned self] e in
             self.finish(e == .powerOff ? .poweredOff : .rebooted)
         }
         pio.insert(base: UInt64(X86Layout.com1Port), size: 8, serial)
@@ -550,7 +555,7 @@ final class Machine: @unchecked Sendable {
 
 /// A log line on stderr (CR LF so it reads right while the terminal is raw).
 func log(_ s: String) {
-    fputs("swiftlet: \(s)\r\n", stderr)
+    writeStderr("swiftlet: \(s)\r\n")
 }
 
 /// Where the devices' log lines go: `print` (stderr) for those at `level` (--log-level)

@@ -16,7 +16,7 @@ final class ExitCounters: Sendable {
 }
 
 /// An MMIO device wrapper that counts the exits reaching a virtio-mmio window.
-final class CountedVirtioWindow: MMIODevice, @unchecked Sendable {
+final class CountedVirtioWindow: MMIODevice, Sendable {
     let slot: VirtioMMIOSlot
     let exits = Atomic<UInt64>(0)
     let interruptStatusReads = Atomic<UInt64>(0)
@@ -63,13 +63,13 @@ struct MetricsSink {
 
     func write(_ json: String) {
         if path == "-" {
-            fputs(json + "\n", stderr)
+            writeStderr(json + "\n")
             return
         }
         let tmp = path + ".tmp"
         let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         guard fd >= 0 else {
-            fputs("swiftlet: cannot write metrics to \(path): \(errnoText(errno))\r\n", stderr)
+            writeStderr("swiftlet: cannot write metrics to \(path): \(errnoText(errno))\r\n")
             return
         }
         let bytes = Array((json + "\n").utf8)

@@ -141,6 +141,8 @@ public struct NetOptions: Equatable, Sendable {
 }
 
 /// A TAP opened for one --net: one non-blocking queue file descriptor per queue pair.
+// @unchecked Sendable: `fds` changes only in close(), which its owner calls after every
+// user of the descriptors (the device's threads) has stopped.
 public final class OpenTap: @unchecked Sendable {
     public let options: NetOptions
     public private(set) var fds: [Int32]

@@ -104,7 +104,7 @@ final class QueueWorker {
 }
 
 /// Wraps the device the transport sees: activation starts the queue threads, reset stops them.
-final class HostedDeviceAdapter: VirtioDevice, @unchecked Sendable {
+final class HostedDeviceAdapter: VirtioDevice {
     let inner: any HostedVirtioDevice
     let vm: any VirtioVM
     let notifyAddress: UInt64
@@ -225,7 +225,7 @@ final class HostedDeviceAdapter: VirtioDevice, @unchecked Sendable {
 
 /// A virtio-mmio device in the machine: register window, transport, interrupt line, queue
 /// threads.
-public final class VirtioMMIOSlot: MMIODevice, @unchecked Sendable {
+public final class VirtioMMIOSlot: MMIODevice, Sendable {
     /// Size of a device's register window.
     public static let windowSize: UInt64 = 0x1000
 

@@ -15,8 +15,10 @@
 // `QueueServer` (QueueServer.swift).
 
 /// One active queue of a device (or, for a device that serves several queues as one, one
-/// of them).
-public protocol VirtioQueueHandler: AnyObject {
+/// of them). Made on the thread that activates the device, then handed to its queue
+/// thread, which alone calls the three methods below while it runs (a reset may call
+/// quiesce again once that thread has been joined).
+public protocol VirtioQueueHandler: AnyObject, Sendable {
     /// The queue index this handler serves.
     var queueIndex: Int { get }
     /// A file descriptor that becomes readable when backend I/O completes, or -1.

@@ -36,8 +36,9 @@ public protocol InterruptLine: AnyObject, Sendable {
     func lower()
 }
 
-/// A virtio device model behind a transport.
-public protocol VirtioDevice: AnyObject {
+/// A virtio device model behind a transport. Register accesses come from vCPU threads,
+/// so a device is shared between threads.
+public protocol VirtioDevice: AnyObject, Sendable {
     /// Virtio device ID (1 net, 2 block, ...).
     var deviceType: UInt32 { get }
     /// Maximum size of each queue (a power of two, 1...32768); the count is the number of queues.
@@ -86,7 +87,7 @@ extension VirtioStaticConfig {
     }
 }
 
-public final class VirtioMMIOTransport: VirtioInterruptSink, @unchecked Sendable {
+public final class VirtioMMIOTransport: VirtioInterruptSink {
     public static let magic: UInt32 = 0x7472_6976  // "virt"
     public static let version: UInt32 = 2
     /// "SWLT" in memory order (little-endian bytes 53 57 4c 54).

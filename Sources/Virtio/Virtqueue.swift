@@ -108,6 +108,8 @@ public struct QueueLayout: Equatable, Sendable {
 }
 
 /// One validated buffer of a descriptor chain.
+// @unchecked Sendable: `host` points into guest RAM (see GuestRegion), inside the buffer
+// the driver handed over with the chain; the chain goes to one thread at a time.
 public struct ChainSegment: @unchecked Sendable {
     /// Guest physical address.
     public let address: UInt64
@@ -122,6 +124,7 @@ public struct ChainSegment: @unchecked Sendable {
 /// Zero-length descriptors are validated (address inside or at the end of a RAM
 /// region) and count towards the chain length, but do not appear in `segments`.
 /// Host pointers stay valid while `memory` is alive (the chain keeps it alive).
+// @unchecked Sendable: its segments' host pointers (see ChainSegment).
 public struct DescriptorChain: @unchecked Sendable {
     public let head: UInt16
     /// The first segment is kept inline and the others in `more`, so a chain of one buffer
@@ -238,6 +241,9 @@ func storeIndex(_ p: UnsafeMutableRawPointer, _ v: UInt16, release: Bool) {
 }
 
 /// A split virtqueue, device side.
+// @unchecked Sendable: made on the activating thread and then used by its queue's thread
+// alone (the indices below are that thread's); the rings themselves are shared with the
+// driver, which is what the atomic index accesses and fences are for.
 public final class SplitQueue: @unchecked Sendable {
     /// Largest queue size the spec allows.
     public static let maxQueueSize: UInt16 = 32768

@@ -133,7 +133,7 @@ struct Swiftlet: ParsableCommand {
 }
 
 func fail(_ status: Int32, _ line: String) -> Never {
-    fputs("swiftlet: \(line)\n", stderr)
+    writeStderr("swiftlet: \(line)\n")
     exit(status)
 }
 

@@ -1,5 +1,6 @@
 import XCTest
 import Glibc
+import OS
 @testable import Boot
 import GuestMemory
 
@@ -8,7 +9,7 @@ final class KernelCacheTests: XCTestCase {
         var t = Array("/tmp/swiftlet-kcache-XXXXXX".utf8CString)
         let p = t.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
         precondition(p != nil)
-        return String(cString: t)
+        return String(nulTerminated: t)
     }
 
     func removeDir(_ d: String) {

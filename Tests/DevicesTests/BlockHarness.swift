@@ -7,7 +7,7 @@ import Virtio
 @testable import Devices
 
 /// Records what the device told its transport.
-final class RecordingSink: VirtioInterruptSink, @unchecked Sendable {
+final class RecordingSink: VirtioInterruptSink {
     let usedSignals = Atomic<Int>(0)
     let resets = Atomic<Int>(0)
     func signalUsedBuffer() { usedSignals.wrappingAdd(1, ordering: .acquiringAndReleasing) }
@@ -15,6 +15,15 @@ final class RecordingSink: VirtioInterruptSink, @unchecked Sendable {
     func markNeedsReset() { resets.wrappingAdd(1, ordering: .acquiringAndReleasing) }
     var used: Int { usedSignals.load(ordering: .acquiring) }
     var needsReset: Bool { resets.load(ordering: .acquiring) > 0 }
+}
+
+/// What callbacks on other threads (or that must be @Sendable) saw, in order.
+final class Recorded<T: Sendable>: Sendable {
+    private let items = Mutex<[T]>([])
+    func append(_ x: T) { items.withLock { $0.append(x) } }
+    func removeAll() { items.withLock { $0.removeAll() } }
+    var all: [T] { items.withLock { $0 } }
+    var count: Int { items.withLock { $0.count } }
 }
 
 /// An interrupt line nobody looks at.
@@ -30,7 +39,7 @@ final class TempImage {
         var tmpl = Array("/tmp/swiftlet-blk-XXXXXX".utf8CString)
         let fd = mkstemp(&tmpl)
         precondition(fd >= 0)
-        path = String(cString: tmpl)
+        path = String(nulTerminated: tmpl)
         if let fill {
             let b = [UInt8](repeating: fill, count: size)
             precondition(pwrite(fd, b, size, 0) == size)

@@ -1,14 +1,20 @@
 import XCTest
 import Glibc
+import Synchronization
 import OS
 @testable import Devices
 
 final class SerialTests: XCTestCase {
-    final class Sink { var bytes: [UInt8] = []; var irqs = 0 }
+    final class Sink: Sendable {
+        let output = Recorded<UInt8>()
+        let interrupts = Recorded<Void>()
+        var bytes: [UInt8] { output.all }
+        var irqs: Int { interrupts.count }
+    }
 
     func makeSerial() -> (Serial16550, Sink) {
         let s = Sink()
-        let u = Serial16550(output: { s.bytes.append($0) }, interrupt: { s.irqs += 1 })
+        let u = Serial16550(output: { s.output.append($0) }, interrupt: { s.interrupts.append(()) })
         return (u, s)
     }
 
@@ -113,8 +119,9 @@ final class LegacyTests: XCTestCase {
     }
 
     func testResetAndSleepRegisters() {
-        var events: [MachineEvent] = []
-        let kbd = I8042(onEvent: { events.append($0) })
+        let recorded = Recorded<MachineEvent>()
+        var events: [MachineEvent] { recorded.all }
+        let kbd = I8042(onEvent: { recorded.append($0) })
         kbd.write(offset: 4, size: 1, value: 0xd1)
         kbd.write(offset: 0, size: 1, value: 0xfe)
         XCTAssertEqual(events, [])
@@ -122,8 +129,8 @@ final class LegacyTests: XCTestCase {
         XCTAssertEqual(events, [.reboot])
         XCTAssertEqual(kbd.read(offset: 4, size: 1) & 0x02, 0, "input buffer empty so reboot=k proceeds")
 
-        events = []
-        let pm = ACPISleepRegister(onEvent: { events.append($0) })
+        recorded.removeAll()
+        let pm = ACPISleepRegister(onEvent: { recorded.append($0) })
         pm.write(offset: 0, size: 1, value: (3 << 2) | 0x20)  // S3: ignored
         pm.write(offset: 0, size: 1, value: 5 << 2)           // no SLP_EN: ignored
         XCTAssertEqual(events, [])
@@ -133,7 +140,7 @@ final class LegacyTests: XCTestCase {
     }
 
     func testBootMarkerRecordsFirstMagicWriteOnly() {
-        var marks: [UInt64] = []
+        let marks = Recorded<UInt64>()
         let m = BootMarker(start: monotonicNanos(), onMark: { marks.append($0) })
         m.write(offset: 0, size: 1, value: 122)
         m.write(offset: 4, size: 1, value: 123)
@@ -167,8 +174,9 @@ final class LegacyTests: XCTestCase {
         }
         for size in [0, 3, 8, 16, -1, Int.max] { XCTAssertNil(R.status(offset: 0, size: size, value: 1), "size \(size)") }
 
-        var got: [Int32] = []
-        let r = R(onExit: { got.append($0) })
+        let exits = Recorded<Int32>()
+        var got: [Int32] { exits.all }
+        let r = R(onExit: { exits.append($0) })
         r.write(offset: 2, size: 1, value: 9)
         r.write(offset: 0, size: 8, value: 9)
         XCTAssertEqual(got, [])
@@ -197,8 +205,9 @@ final class LegacyTests: XCTestCase {
             let st = D.status(size: 4, value: v)
             XCTAssertTrue((0...255).contains(st) && st & 1 == 1, "always odd: \(v) -> \(st)")
         }
-        var got: [Int32] = []
-        let d = D(onExit: { got.append($0) })
+        let exits = Recorded<Int32>()
+        var got: [Int32] { exits.all }
+        let d = D(onExit: { exits.append($0) })
         d.write(offset: 3, size: 1, value: 2)
         XCTAssertEqual(got, [5], "every port of the 4 (iosize=0x04)")
     }

@@ -1,5 +1,6 @@
 import XCTest
 import Glibc
+import OS
 import Synchronization
 import GuestMemory
 import Virtio
@@ -263,7 +264,7 @@ final class NetDeviceTests: XCTestCase {
         defer { close(ino) }
         var tmpl = Array("/tmp/swiftlet-net-XXXXXX".utf8CString)
         XCTAssertNotNil(mkdtemp(&tmpl))
-        let dir = String(cString: tmpl)
+        let dir = String(nulTerminated: tmpl)
         XCTAssertGreaterThanOrEqual(netTestInotifyAddWatch(ino, dir, 0x100 /* IN_CREATE */), 0)
         let file = dir + "/event"
         close(open(file, O_CREAT | O_WRONLY, 0o600))

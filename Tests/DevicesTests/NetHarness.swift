@@ -262,6 +262,7 @@ final class NetHarness {
 /// has not, calls `stop` (which must make it return) and waits for it. Returns whether it
 /// returned in time.
 func returnsInTime(_ seconds: Double, _ body: @escaping () -> Void, stop: () -> Void) -> Bool {
+    // @unchecked Sendable: `body` runs on the one thread started for it.
     final class Job: @unchecked Sendable {
         let body: () -> Void
         let finished = Atomic<Bool>(false)

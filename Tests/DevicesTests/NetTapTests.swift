@@ -18,6 +18,7 @@ final class NetTapTests: XCTestCase {
     func inPrivateNetns(_ body: @escaping @Sendable () throws -> Void) throws {
         guard getuid() == 0 else { throw XCTSkip("needs root for a private network namespace") }
         guard access("/dev/net/tun", R_OK | W_OK) == 0 else { throw XCTSkip("no /dev/net/tun") }
+        // @unchecked Sendable: written by the one thread below, read after joining it.
         final class Box: @unchecked Sendable { var error: Error?; var skipped = false }
         let box = Box()
         var tid = pthread_t()

@@ -105,11 +105,10 @@ final class Watchdog {
 }
 
 /// A value shared with threads a test starts, behind a mutex.
-final class Shared<Value>: @unchecked Sendable {
-    // @unchecked: the value is only reached through the mutex.
+final class Shared<Value: Sendable>: Sendable {
     private let mutex: Mutex<Value>
-    init(_ value: sending Value) { mutex = Mutex(value) }
-    func withLock<R>(_ body: (inout Value) throws -> R) rethrows -> R {
+    init(_ value: Value) { mutex = Mutex(value) }
+    func withLock<R: Sendable>(_ body: (inout Value) throws -> R) rethrows -> R {
         try mutex.withLock { v in try body(&v) }
     }
 }

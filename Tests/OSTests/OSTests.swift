@@ -13,7 +13,7 @@ final class ThreadTests: XCTestCase {
                 _ = fgets(&buf, 32, f)
                 fclose(f)
             }
-            let n = String(cString: buf)
+            let n = String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
             name.withLock { $0 = n.hasSuffix("\n") ? String(n.dropLast()) : n }
         }
         t.join()
@@ -160,6 +160,34 @@ final class OSPrimitiveTests: XCTestCase {
     func testErrnoTextAndSystemError() {
         XCTAssertEqual(errnoText(ENOENT), "No such file or directory")
         XCTAssertEqual("\(SystemError(call: "eventfd", errno: EMFILE))", "eventfd failed: Too many open files")
+    }
+
+    func testNulTerminatedBuffers() {
+        XCTAssertEqual(String(nulTerminated: [104, 105, 0, 120]), "hi")
+        XCTAssertEqual(String(nulTerminated: [104, 105]), "hi", "no NUL: all of it")
+        XCTAssertEqual(String(nulTerminated: [0, 104]), "")
+        XCTAssertEqual(String(nulTerminated: [-1, 65]), "\u{FFFD}A", "invalid UTF-8 replaced")
+    }
+
+    func testWriteStderrWritesTheWholeTextToDescriptor2() {
+        var p: [Int32] = [0, 0]
+        XCTAssertEqual(pipe(&p), 0)
+        let saved = dup(2)
+        dup2(p[1], 2)
+        let text = String(repeating: "swiftlet: line\n", count: 1000)
+        writeStderr(text)
+        dup2(saved, 2)
+        close(saved)
+        close(p[1])
+        var got: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = read(p[0], &buf, buf.count)
+            if n <= 0 { break }
+            got += buf[0..<n]
+        }
+        close(p[0])
+        XCTAssertEqual(String(decoding: got, as: UTF8.self), text)
     }
 
     func testMonotonicClockMovesForward() {

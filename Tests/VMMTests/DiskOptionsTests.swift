@@ -1,5 +1,6 @@
 import XCTest
 import Glibc
+import OS
 @testable import VMM
 import Devices
 
@@ -77,7 +78,7 @@ final class DiskOptionsTests: XCTestCase {
             precondition(fd >= 0)
             ftruncate(fd, off_t(size))
             close(fd)
-            path = String(cString: t)
+            path = String(nulTerminated: t)
         }
         deinit { unlink(path) }
     }

@@ -13,7 +13,10 @@ import Boot
 @testable import Devices
 @testable import VMM
 
-final class VirtioHostTests: XCTestCase {
+// @unchecked Sendable: the driver threads of testResetDuringTrafficFromConcurrentDrivers
+// call postWrite and usedIdx, which read only constants of the test (queue bases and size)
+// and write guest memory.
+final class VirtioHostTests: XCTestCase, @unchecked Sendable {
     static let ram: UInt64 = 4 << 20
 
     struct Env {
@@ -33,7 +36,7 @@ final class VirtioHostTests: XCTestCase {
         let fd = mkstemp(&t)
         ftruncate(fd, 1 << 20)
         close(fd)
-        let path = String(cString: t)
+        let path = String(nulTerminated: t)
         addTeardownBlock { unlink(path) }
         return Env(vm: vm, mem: mem, image: path)
     }
@@ -49,7 +52,7 @@ final class VirtioHostTests: XCTestCase {
             guard let f = fopen("/proc/self/task/\(name)/comm", "r") else { continue }
             var buf = [CChar](repeating: 0, count: 64)
             if fgets(&buf, 64, f) != nil {
-                let comm = String(cString: buf).trimmingCharacters(in: "\n")
+                let comm = String(nulTerminated: buf).trimmingCharacters(in: "\n")
                 if comm.hasPrefix(prefix) { names.append(comm) }
             }
             fclose(f)
@@ -325,7 +328,7 @@ final class VirtioHostTests: XCTestCase {
         let fd = mkstemp(&t2)
         ftruncate(fd, 1 << 20)
         close(fd)
-        let second = String(cString: t2)
+        let second = String(nulTerminated: t2)
         defer { unlink(second) }
         let disks = try openDisks([DiskOptions(path: env.image), DiskOptions(path: second, readOnly: true)])
         var mmio = RangeMap<MMIODevice>()
@@ -476,6 +479,7 @@ final class VirtioHostTests: XCTestCase {
     /// Device lines are warnings: none at --log-level error, all (within the rate limit)
     /// at warn and above.
     func testDeviceLinesFollowTheLogLevel() {
+        // @unchecked Sendable: the log's sink runs on the test's thread (warn is called there).
         final class Got: @unchecked Sendable { var lines: [String] = [] }
         for (level, shown) in [(LogLevel.error, 0), (.warn, 1), (.info, 1), (.debug, 1)] {
             let got = Got()
@@ -499,7 +503,7 @@ final class VirtioHostTests: XCTestCase {
         let fd = mkstemp(&t)
         ftruncate(fd, 1 << 20)
         close(fd)
-        let path = String(cString: t)
+        let path = String(nulTerminated: t)
         addTeardownBlock { unlink(path) }
         return FakeEnv(vm: FakeVM(), mem: mem, image: path)
     }

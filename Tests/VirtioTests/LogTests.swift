@@ -4,7 +4,7 @@ import Synchronization
 @testable import Virtio
 
 final class RateLimitedLogTests: XCTestCase {
-    final class Lines: @unchecked Sendable {
+    final class Lines: Sendable {
         let lock = Mutex<[(LogLevel, String)]>([])
         let clock = Atomic<UInt64>(0)
         var all: [(LogLevel, String)] { lock.withLock { $0 } }
@@ -85,7 +85,7 @@ final class RateLimitedLogTests: XCTestCase {
     func testManyThreadsPassOnExactlyTheBurst() {
         let lines = Lines()
         let log = makeLog(lines)
-        final class Box: @unchecked Sendable { let log: RateLimitedLog; init(_ l: RateLimitedLog) { log = l } }
+        final class Box: Sendable { let log: RateLimitedLog; init(_ l: RateLimitedLog) { log = l } }
         var threads: [pthread_t] = []
         for _ in 0..<4 {
             var t = pthread_t()

@@ -4,6 +4,7 @@ import GuestMemory
 import Synchronization
 @testable import Virtio
 
+// @unchecked Sendable: each test drives it from its own thread only.
 final class MockDevice: VirtioDevice, @unchecked Sendable {
     var deviceType: UInt32 = VirtioDeviceType.block
     var queueMaxSizes: [UInt16] = [256, 64]
@@ -38,11 +39,10 @@ final class MockDevice: VirtioDevice, @unchecked Sendable {
 }
 
 /// An interrupt line that calls `raised` on each raise and `lowered` on each lower.
-final class CallbackLine: InterruptLine, @unchecked Sendable {
-    // @unchecked: the callbacks are set before the transport exists and never change.
-    var raised: () -> Void = {}
-    var lowered: () -> Void = {}
-    init(raised: @escaping () -> Void = {}, lowered: @escaping () -> Void = {}) {
+final class CallbackLine: InterruptLine {
+    let raised: @Sendable () -> Void
+    let lowered: @Sendable () -> Void
+    init(raised: @escaping @Sendable () -> Void = {}, lowered: @escaping @Sendable () -> Void = {}) {
         self.raised = raised
         self.lowered = lowered
     }
@@ -50,6 +50,7 @@ final class CallbackLine: InterruptLine, @unchecked Sendable {
     func lower() { lowered() }
 }
 
+// @unchecked Sendable: each test records from its own thread only.
 final class Recorder: @unchecked Sendable {
     var interrupts = 0
     var statusAtInterrupt: [UInt32] = []

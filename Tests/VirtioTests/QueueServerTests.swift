@@ -6,8 +6,8 @@ import Synchronization
 @testable import Virtio
 
 /// Records the device's signals; `onUsed` plays a driver that reacts to the interrupt.
+// @unchecked Sendable: each test calls it from its own thread only.
 final class ServerSink: VirtioInterruptSink, @unchecked Sendable {
-    // @unchecked: the tests call it from their own thread only.
     var used = 0
     var needsReset = 0
     var onUsed: () -> Void = {}

@@ -30,7 +30,7 @@ public func callFallocate(_ fd: Int32, mode: Int32, offset: UInt64, length: UInt
 }
 
 /// An open disk image. Owns its file descriptors.
-public final class DiskImage: @unchecked Sendable {
+public final class DiskImage: Sendable {
     /// The descriptor requests use (opened with O_DIRECT when `direct`).
     public let fd: Int32
     /// A descriptor without O_DIRECT for buffers that are not sector aligned (direct only).
@@ -168,7 +168,9 @@ public final class DiskImage: @unchecked Sendable {
 
     /// An aligned zero buffer for writing zeroes (O_DIRECT needs aligned memory).
     static let zeroChunk = 64 << 10
-    static let zeroBuffer: UnsafeMutableRawPointer = {
+    // nonisolated(unsafe): zeroed once when first used (a lazy global: initialised exactly
+    // once), then only ever read, by pwritev on any thread.
+    nonisolated(unsafe) static let zeroBuffer: UnsafeMutableRawPointer = {
         var p: UnsafeMutableRawPointer? = nil
         if posix_memalign(&p, 4096, zeroChunk) != 0 || p == nil { p = calloc(1, zeroChunk) }
         memset(p!, 0, zeroChunk)

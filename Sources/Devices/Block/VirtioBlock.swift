@@ -40,7 +40,7 @@ public enum BlockEngine: Equatable, Sendable {
     }
 }
 
-public final class VirtioBlock: HostedVirtioDevice, VirtioStaticConfig, @unchecked Sendable {
+public final class VirtioBlock: HostedVirtioDevice, VirtioStaticConfig {
     public let disk: DiskImage
     public let numQueues: Int
     public let engine: BlockEngine
@@ -132,7 +132,10 @@ public final class VirtioBlock: HostedVirtioDevice, VirtioStaticConfig, @uncheck
 }
 
 /// One request after validation.
-enum BlockOp {
+// @unchecked Sendable: the iovecs point into guest memory (GuestMemory keeps it mapped for
+// the device's life); a request goes to exactly one I/O thread, and the queue thread does
+// not touch its buffers again until that thread has reported it done.
+enum BlockOp: @unchecked Sendable {
     /// Already answered (status and used length).
     case done(status: UInt8, used: UInt32)
     /// The chain cannot carry a status: the device must be reset.
@@ -154,6 +157,9 @@ extension QueueCounters {
 }
 
 /// One virtqueue of a virtio-blk device: validates and runs requests, retires them in batches.
+// @unchecked Sendable: made on the activating thread, then used by its queue thread alone
+// (`server`, `inFlight`); the I/O threads reach only `done` (a mutex), `completions`
+// (an eventfd) and `disk`.
 public final class BlockQueue: VirtioQueueHandler, @unchecked Sendable {
     public let queueIndex: Int
     /// The ring, its interrupt sink, broken/stopped state and counters (queue thread only).

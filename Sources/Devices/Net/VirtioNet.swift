@@ -52,7 +52,7 @@ extension QueueCounters {
     public var packets: UInt64 { served }
 }
 
-public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig, @unchecked Sendable {
+public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig {
     public let name: String
     public let mac: [UInt8]
     public let mtu: UInt16
@@ -196,6 +196,9 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig, @unchecked
 // MARK: rx
 
 /// One receive queue: TAP -> guest.
+// @unchecked Sendable: made on the activating thread, then used by its queue thread alone
+// (`server`, `pending`, `iovs`, `loggedError`); other threads (the control queue's pairs
+// command, teardown) only call watchTap, which changes the epoll set, a kernel object.
 public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
     public let queueIndex: Int
     /// The ring, its interrupt sink, broken/stopped state and counters (queue thread only).
@@ -388,6 +391,7 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
 // MARK: tx
 
 /// One transmit queue: guest -> TAP.
+// @unchecked Sendable: made on the activating thread, then used by its queue thread alone.
 public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
     public let queueIndex: Int
     /// The ring, its interrupt sink, broken/stopped state and counters (queue thread only).
@@ -475,6 +479,7 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
 
 /// The control queue: VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, receive-mode commands (accepted),
 /// everything else VIRTIO_NET_ERR.
+// @unchecked Sendable: made on the activating thread, then used by its queue thread alone.
 public final class NetCtrlQueue: VirtioQueueHandler, @unchecked Sendable {
     public let queueIndex: Int
     /// The ring, its interrupt sink, broken/stopped state and counters (queue thread only).
@@ -540,11 +545,11 @@ public final class NetCtrlQueue: VirtioQueueHandler, @unchecked Sendable {
 }
 
 /// NetTapControl over TAP queue file descriptors (ioctl TUNSETOFFLOAD / TUNSETQUEUE).
-public final class TapQueueControl: NetTapControl, @unchecked Sendable {
+public final class TapQueueControl: NetTapControl {
     public let fds: [Int32]
     /// Whatever owns `fds`, kept alive (and so the descriptors open) as long as the device.
-    let owner: AnyObject?
-    public init(fds: [Int32], owner: AnyObject? = nil) {
+    let owner: (any AnyObject & Sendable)?
+    public init(fds: [Int32], owner: (any AnyObject & Sendable)? = nil) {
         self.fds = fds
         self.owner = owner
     }
