@@ -19,8 +19,9 @@ public struct LinuxBootConfig: Sendable {
     /// uncompressed ELF): decompress it here and enter the vmlinux's 64-bit entry
     /// (startup_64) directly, as with an ELF vmlinux, instead of running the kernel's own
     /// decompressor in the guest. The guest kernel then runs at its link address (no
-    /// KASLR). Off by default: in the nested testbed swiftlet's unpacking (1.45 s in L1
-    /// for Debian's 53 MB vmlinux) costs more than the guest's decompressor (about 0.3 s).
+    /// KASLR). Off unless the caller asks: this type describes the boot, and the kernel's
+    /// own decompressor is the boot protocol's default; swiftlet's machine turns it on
+    /// (MachineConfig.decompressKernel) together with the kernel cache.
     public var decompressKernel: Bool = false
     /// With decompressKernel: a directory for the unpacked-kernel cache (KernelCache), or
     /// nil for none. A hit reads the vmlinux's segments from there instead of unpacking.

@@ -67,8 +67,8 @@ public enum VirtioDiscovery: Equatable {
 public enum VirtioInterruptMode: Equatable, Sendable {
     /// KVM_IRQ_LINE: the line is set high when InterruptStatus becomes nonzero (from the
     /// queue thread) and low when the driver's InterruptACK clears it (from the vCPU
-    /// thread), as QEMU's virtio-mmio does. The default: in the nested testbed the irqfd
-    /// way triple-faulted guests under network load, this way did not.
+    /// thread), as QEMU's virtio-mmio does. The default: the level always follows
+    /// InterruptStatus exactly, with no EOI round trip through a resample thread.
     case line
     /// KVM_IRQFD with KVM_IRQFD_FLAG_RESAMPLE: a queue thread's eventfd write asserts the
     /// line; KVM deasserts it at the guest's EOI and a "-irq" thread re-asserts it while
@@ -127,6 +127,8 @@ public struct MachineConfig {
     public var isaDebugExit = false
     /// --seccomp: each thread's allowlist enforced (on), only logged (log), or none (off).
     public var seccomp: SeccompMode = .on
+    /// --rng: a virtio-rng device (after the disks and network interfaces).
+    public var rng = false
 
     public init(kernelPath: String, initrdPath: String? = nil, cmdline: String = MachineConfig.defaultCmdline,
                 cpus: Int = 1, memoryBytes: UInt64 = MachineConfig.defaultMemory, serial: SerialMode = .stdio,

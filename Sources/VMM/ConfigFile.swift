@@ -1,8 +1,8 @@
 // --config-file: Firecracker's JSON configuration file, with swiftlet's own keys, merged
 // with the command line (README "Configuration file").
 //
-// Read: Firecracker's `boot-source`, `drives`, `network-interfaces` and `machine-config`
-// with the keys its API documents, plus swiftlet's extension keys (drives: num_queues,
+// Read: Firecracker's `boot-source`, `drives`, `network-interfaces`, `machine-config` and
+// `entropy` (a virtio-rng device; its rate_limiter is refused) with the keys its API documents, plus swiftlet's extension keys (drives: num_queues,
 // direct, serial; network-interfaces: queues, offload; a top-level `swiftlet` object for
 // the settings Firecracker has no place for). Firecracker's other sections (vsock,
 // balloon, logger, ...) are accepted only as null, which Firecracker reads as "not
@@ -81,6 +81,8 @@ public struct Settings: Equatable {
     public var kernelDecompress: Bool?
     /// "auto", "none" or a directory (resolveKernelCache).
     public var kernelCache: String?
+    /// --rng, or an `entropy` object in the file.
+    public var rng: Bool?
 
     public init() {}
 
@@ -104,6 +106,7 @@ public struct Settings: Equatable {
         s.virtioIrq = virtioIrq ?? base.virtioIrq
         s.kernelDecompress = kernelDecompress ?? base.kernelDecompress
         s.kernelCache = kernelCache ?? base.kernelCache
+        s.rng = rng ?? base.rng
         return s
     }
 }
@@ -162,9 +165,9 @@ public func loadConfigFile(_ path: String) throws -> Settings {
 
 /// The keys of each object: Firecracker's documented ones, then swiftlet's.
 enum ConfigKeys {
-    static let top = ["boot-source", "drives", "network-interfaces", "machine-config"]
+    static let top = ["boot-source", "drives", "network-interfaces", "machine-config", "entropy"]
     /// Firecracker sections swiftlet has no device or feature for: accepted as null only.
-    static let unsupportedSections = ["balloon", "cpu-config", "entropy", "logger", "memory-hotplug", "metrics",
+    static let unsupportedSections = ["balloon", "cpu-config", "logger", "memory-hotplug", "metrics",
                                       "mmds-config", "pmem", "vsock"]
     static let topExtensions = ["swiftlet"]
     static let bootSource = ["kernel_image_path", "initrd_path", "boot_args"]
@@ -174,6 +177,7 @@ enum ConfigKeys {
     static let net = ["iface_id", "host_dev_name", "guest_mac", "mtu", "rx_rate_limiter", "tx_rate_limiter"]
     static let netExtensions = ["queues", "offload"]
     static let machine = ["vcpu_count", "mem_size_mib", "smt", "track_dirty_pages", "huge_pages", "cpu_template"]
+    static let entropy = ["rate_limiter"]
     static let swiftlet = ["serial", "log_level", "timeout", "metrics", "isa_debug_exit", "virtio_discovery",
                            "virtio_irq", "kernel_decompress", "kernel_cache"]
 }
@@ -412,6 +416,12 @@ public func parseConfig(_ doc: JSONValue) throws -> Settings {
         s.nets = nets
     }
 
+    if let v = top.value("entropy") {
+        let e = try Fields(v, at: "entropy", what: "entropy", keys: ConfigKeys.entropy)
+        try e.nullOnly("rate_limiter", "rate limiters are not supported by swiftlet")
+        s.rng = true
+    }
+
     if let v = top.value("machine-config") {
         let m = try Fields(v, at: "machine-config", what: "machine-config", keys: ConfigKeys.machine)
         s.cpus = try m.int("vcpu_count", range: 1...maxConfigVCPUs, what: "vCPUs", missing: "give the number of vCPUs, e.g. \"vcpu_count\": 1")
@@ -485,6 +495,7 @@ public func machineConfig(_ s: Settings, startNanos: UInt64) throws -> MachineCo
     c.timeoutNanos = s.timeoutNanos
     c.isaDebugExit = s.isaDebugExit ?? false
     c.metricsPath = s.metrics
+    c.rng = s.rng ?? false
     return c
 }
 
@@ -568,6 +579,7 @@ public func effectiveConfigDocument(_ s: Settings) throws -> JSONValue {
             JSONMember("vcpu_count", int(s.cpus ?? 1)),
             JSONMember("mem_size_mib", .number(JSONNumber(Int64(memory >> 20)))),
         ])),
+        JSONMember("entropy", s.rng == true ? .object([]) : .null),
         JSONMember("swiftlet", .object([
             JSONMember("serial", .string((s.serial ?? .stdio).flagValue)),
             JSONMember("log_level", .string((s.logLevel ?? .warn).name)),

@@ -96,7 +96,7 @@ public func run(_ config: MachineConfig) throws -> Int32 {
     }
     let disks = try openDisks(config.disks)
     let nets = try openNets(config.nets)
-    let virtio = try virtioDescriptions(count: disks.count + nets.count)
+    let virtio = try virtioDescriptions(count: disks.count + nets.count + (config.rng ? 1 : 0))
     var cmdline = config.cmdline
     if config.virtioDiscovery == .cmdline {
         cmdline = insertKernelParameters(virtio.map {
@@ -277,6 +277,8 @@ final class Machine: @unchecked Sendable {
         do {
             slots += try attachNets(nets, firstIndex: disks.count, vm: vm, memory: memory, mmio: &mmio,
                                     interrupts: config.virtioInterrupts, log: deviceLog)
+            slots += try attachRng(config.rng, index: disks.count + nets.count, vm: vm, memory: memory, mmio: &mmio,
+                                   interrupts: config.virtioInterrupts, log: deviceLog)
         } catch {
             for s in slots { s.stop() }
             throw error

@@ -53,6 +53,13 @@ final class CountedVirtioWindow: MMIODevice, Sendable {
             }
             return "\"queues\": [\(qs.joined(separator: ", "))]"
         }
+        if let d = slot.device as? QueueCounting {
+            let qs = d.queueCounters.enumerated().map { i, q in
+                "{\"queue\": \(i), \"served\": \(q.served), \"bytes\": \(q.bytes), \"drops\": \(q.drops), "
+                    + "\"notifications\": \(q.notifications), \"interrupts\": \(q.interrupts)}"
+            }
+            return "\"queues\": [\(qs.joined(separator: ", "))]"
+        }
         return "\"queues\": []"
     }
 }

@@ -25,7 +25,7 @@ struct Swiftlet: ParsableCommand {
         "swiftlet: guest exit status N"; --metrics says "by": "guest").
 
         --config-file takes Firecracker's JSON configuration (boot-source, drives, \
-        network-interfaces, machine-config) and swiftlet's own keys (README "Configuration \
+        network-interfaces, machine-config, entropy) and swiftlet's own keys (README "Configuration \
         file"). A flag given on the command line replaces the file's value; --disk and --net \
         replace the file's whole drives and network-interfaces lists.
         """,
@@ -63,6 +63,10 @@ struct Swiftlet: ParsableCommand {
 
     @Option(name: .long, help: ArgumentHelp("virtio-net over a TAP: tap=NAME[,mac=MAC][,queues=N][,offload=on|off][,mtu=M] (repeatable).", valueName: "options"))
     var net: [String] = []
+
+    @Option(name: .long, help: ArgumentHelp("virtio-rng fed by the host's getrandom: on or off. (default: off)", valueName: "on|off"),
+            completion: .list(["on", "off"]))
+    var rng: String?
 
     @Option(name: .long, help: ArgumentHelp("How the guest finds virtio devices: acpi (DSDT, stock kernels) or cmdline (virtio_mmio.device=). (default: acpi)", valueName: "mode"),
             completion: .list(["acpi", "cmdline"]))
@@ -118,6 +122,7 @@ struct Swiftlet: ParsableCommand {
         if !net.isEmpty {
             s.nets = try net.enumerated().map { NetSpec(id: "net\($0.offset)", options: try NetOptions.parse($0.element)) }
         }
+        if let rng { s.rng = try parseRng(rng) }
         if let virtioDiscovery { s.virtioDiscovery = try VirtioDiscovery.parse(virtioDiscovery) }
         s.kernelDecompress = kernelDecompress
         if let virtioIrq { s.virtioIrq = try VirtioInterruptMode.parse(virtioIrq) }

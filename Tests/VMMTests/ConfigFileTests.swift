@@ -210,7 +210,7 @@ final class ConfigFileTests: XCTestCase {
             (#"{"drives": [{"drive_id": "v", "socket": "/tmp/vhost.sock", "is_root_device": false}]}"#, "drives[0].socket: vhost-user drives are not supported"),
             (#"{"drives": {}}"#, "drives: expected an array, got an object"),
             (#"{"drives": [7]}"#, "drives[0]: expected an object, got a number"),
-            (#"{"bogus": 1}"#, "bogus: unknown key: the configuration takes boot-source, drives, network-interfaces and machine-config, and swiftlet's swiftlet"),
+            (#"{"bogus": 1}"#, "bogus: unknown key: the configuration takes boot-source, drives, network-interfaces, machine-config and entropy, and swiftlet's swiftlet"),
             (#"[]"#, "the configuration: expected an object, got an array"),
             (#"{"boot-source": {}}"#, "boot-source.kernel_image_path: missing: give the guest kernel"),
             (#"{"boot-source": {"kernel_image_path": null}}"#, "boot-source.kernel_image_path: expected a string, got null"),

@@ -8,6 +8,7 @@
 #include <sys/signalfd.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/random.h>
 #include <linux/kvm.h>
 #include <linux/if_tun.h>
 #include <linux/if.h>

@@ -1,6 +1,7 @@
 // A small fixed pool of threads that run blocking file I/O for one virtqueue, so that
-// several requests of a queue can be in flight at once (no io_uring: it crashed the
-// testbed's L1 kernel). Jobs are closures; a job reports its completion itself.
+// several requests of a queue can be in flight at once. Plain blocking calls (no
+// io_uring) need nothing of the host kernel beyond preadv/pwritev and keep the disk I/O
+// seccomp list short. Jobs are closures; a job reports its completion itself.
 import Glibc
 import OS
 import Seccomp

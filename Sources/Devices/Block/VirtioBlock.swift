@@ -28,13 +28,10 @@ public enum BlockEngine: Equatable, Sendable {
     /// On `threads` I/O threads per queue, at most `maxInFlight` requests in flight.
     case threadPool(threads: Int, maxInFlight: Int)
 
-    /// The default: synchronous for a page-cache image, a pool of 4 threads with 8 requests
-    /// in flight for O_DIRECT. Measured with 4 KiB random requests, batches of 32, on ext4
-    /// (BlockTests.testEngineThroughput, debug build, 2 shared cores):
-    ///   page cache read   sync  89k IOPS, pool 49k   (the hand-off costs more than the copy)
-    ///   page cache write  sync  68k IOPS, pool 37k
-    ///   O_DIRECT read     sync 5.8k IOPS, pool 10.5k (the device has queue depth to use)
-    ///   O_DIRECT write    sync 7.2k IOPS, pool 9.3k
+    /// The default: synchronous for a page-cache image (a copy from the page cache costs
+    /// less than handing the request to another thread), a pool of 4 threads with 8
+    /// requests in flight for O_DIRECT (each request waits for the device, which has queue
+    /// depth to use). BlockTests.testEngineThroughput measures both engines both ways.
     public static func `default`(direct: Bool) -> BlockEngine {
         direct ? .threadPool(threads: 4, maxInFlight: VirtioBlockLimits.maxInFlightPerQueue) : .synchronous
     }
