@@ -64,10 +64,9 @@ def swiftlet_release():
 GUEST_CHECKS = {}
 
 
-def pytest_collection_finish(session):
-    # after -k/-m deselection: only the tests that will run count
+def pytest_collection_modifyitems(session, config, items):
     GUEST_CHECKS["wanted"] = any(i.nodeid.split("::")[0].endswith("test_swiftlet_guest.py")
-                                 and i.name.startswith("test_swiftlet_guest[") for i in session.items)
+                                 and i.name.startswith("test_swiftlet_guest[") for i in items)
 
 
 @pytest.fixture(scope="session", autouse=True)
