@@ -2,7 +2,6 @@
 import os
 import subprocess
 import sys
-import threading
 import warnings
 
 import pytest
@@ -56,47 +55,3 @@ def swiftlet_release():
     r = run([os.path.join(REPO, "scripts", "build-swiftlet")], timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout.strip().splitlines()[-1]
-
-
-# The guest checks (tests/test_swiftlet_guest.py) take minutes of testbed time, much of it
-# while the rest of the suite leaves a core idle: when they are among the collected tests,
-# they start in a background thread at the first test, and their tests wait for them.
-GUEST_CHECKS = {}
-
-
-def pytest_collection_modifyitems(session, config, items):
-    GUEST_CHECKS["wanted"] = any(i.nodeid.split("::")[0].endswith("test_swiftlet_guest.py")
-                                 and i.name.startswith("test_swiftlet_guest[") for i in items)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def background_guest_checks(request):
-    if not GUEST_CHECKS.get("wanted") or "thread" in GUEST_CHECKS:
-        yield
-        return
-    request.getfixturevalue("testbed_image")
-    release = request.getfixturevalue("swiftlet_release")
-    from test_swiftlet_guest import run_checks_resuming
-
-    def work():
-        try:
-            GUEST_CHECKS["result"] = run_checks_resuming(release)
-        except Exception as e:  # noqa: BLE001 - re-raised by the checks fixture
-            GUEST_CHECKS["error"] = e
-    t = threading.Thread(target=work, name="guest-checks", daemon=True)
-    GUEST_CHECKS["thread"] = t
-    t.start()
-    yield
-    t.join()
-
-
-def guest_checks_result():
-    """(status, output) of the background guest checks, waiting for them; None when they
-    were not started in the background."""
-    t = GUEST_CHECKS.get("thread")
-    if t is None:
-        return None
-    t.join()
-    if "error" in GUEST_CHECKS:
-        raise GUEST_CHECKS["error"]
-    return GUEST_CHECKS["result"]

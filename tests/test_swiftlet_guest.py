@@ -1,16 +1,15 @@
 """swiftlet boots Debian's stock cloud kernel in the testbed (a real KVM) and
 each behaviour of scripts/swiftlet-guest-checks is asserted on its own.
-Two testbed sessions run them side by side (the network checks in the second); after
-an L1 crash a new one runs the checks left."""
+Two testbed sessions run them (the network checks in the second); after an L1 crash
+a new one runs the checks left."""
 import os
 import re
 import sys
-import threading
 import warnings
 
 import pytest
 
-from conftest import REPO, guest_checks_result, run
+from conftest import REPO, run
 
 sys.path.insert(0, os.path.join(REPO, "scripts", "lib"))
 from testbed_session import Session  # noqa: E402
@@ -24,57 +23,42 @@ CHECKS = ["metrics-json", "one-cpu-cmdline-initrd", "boot-marker", "boot-no-kern
           "net-iperf-host-to-guest", "net-offload-off", "net-ethtool-L", "net-mq-traffic-both-queues", "net-jumbo-mtu"]
 
 
-# The checks run in two testbeds at once, the network ones in the second: each L1 keeps
-# about one core busy, so two side by side take little longer than one.
+# The checks run in two testbeds, the network ones in the second.
 GROUPS = [[c for c in CHECKS if not c.startswith("net-")], [c for c in CHECKS if c.startswith("net-")]]
 
 
-def run_checks_resuming(swiftlet_release, l1_failures=2):
+def run_checks_resuming(swiftlet_release, l1_failures=3):
     """Runs scripts/swiftlet-guest-checks in the testbed, one testbed per group of GROUPS,
-    the groups side by side, through scripts/lib/testbed_session.py: when L1 itself
-    crashes or wedges (testbed status 121 or 124), a new testbed runs the checks of the
-    group with no result yet, the check L1 died in once more (not twice); each resume is
-    noted for a warning naming it, and a group's `l1_failures`th L1 failure ends that
-    group (the caller's assertions then fail). Returns (the first failing testbed status
-    or 0, every session's output, the notes). Warns nothing itself: it may run in a
-    background thread (conftest.background_guest_checks)."""
+    through scripts/lib/testbed_session.py: when L1 itself crashes or wedges (testbed
+    status 121 or 124), a new testbed runs the checks of the group with no result yet,
+    the check L1 died in once more (not twice); each resume is a warning naming it, and
+    the `l1_failures`th L1 failure in all ends the run (the caller's assertions then
+    fail). Returns (last testbed status, every session's output)."""
     env = dict(os.environ, SWIFTLET_BIN=swiftlet_release)
-    results = [None] * len(GROUPS)
-
-    def run_group(i, group):
+    outs, status, left = [], 0, l1_failures
+    for group in GROUPS:
         def argv_for(todo):
             skip = " ".join(c for c in CHECKS if c not in todo)
             return ["sh", "-c", 'SWIFTLET_CHECKS_SKIP="$1" exec sh "$TESTBED_SCRIPTS/swiftlet-guest-checks"', "sh", skip]
         # every boot of a check is bounded (90 s) and each check prints a line, so 240 s
         # of silence is a wedged L1
         s = Session(group, argv_for, start_re=r"^running (.*)$", done_re=r"^check (\S+) (?:ok|FAILED)",
-                    max_l1_failures=l1_failures, idle_timeout=240, timeout_for=lambda n: 300 + 60 * n,
+                    max_l1_failures=left, idle_timeout=240, timeout_for=lambda n: 300 + 60 * n,
                     retry_item=True, out=None, env=env)
-        try:
-            results[i] = (s.run(), s.output(), s.l1_failures)
-        except Exception as e:  # noqa: BLE001 - reported through the assertions
-            results[i] = (1, "group %d: %r" % (i, e), [])
-
-    threads = [threading.Thread(target=run_group, args=(i, g)) for i, g in enumerate(GROUPS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    status, notes = 0, []
-    for st, _, fails in results:
-        for item, kind, n in fails:
-            notes.append("swiftlet-guest-checks: testbed run %d: L1 %s during check %s" % (
+        status = s.run()
+        outs.append(s.output())
+        for item, kind, n in s.l1_failures:
+            warnings.warn("swiftlet-guest-checks: testbed run %d: L1 %s during check %s" % (
                 n, kind, item or "(none: before the first check)"))
-        if st != 0 and status == 0:
-            status = st
-    return status, "\n".join(out for _, out, _ in results), notes
+        left -= len(s.l1_failures)
+        if status != 0 or left <= 0:
+            break
+    return status, "\n".join(outs)
 
 
 @pytest.fixture(scope="module")
 def checks(testbed_image, swiftlet_release):
-    status, out, notes = guest_checks_result() or run_checks_resuming(swiftlet_release)
-    for note in notes:
-        warnings.warn(note)
+    status, out = run_checks_resuming(swiftlet_release)
     # An L1 crash or timeout is the testbed's, and says so in its own line.
     assert status not in (120, 121, 122, 124, 127), "testbed failed, not swiftlet:\n" + out[-3000:]
     assert "checks done" in out, out[-3000:]
