@@ -36,6 +36,9 @@ public struct LinuxBootConfig: Sendable {
     }
 }
 
+/// Images at least this large are written into huge pages; smaller ones into 4 KiB pages.
+let hugeAdviceMin: UInt64 = 1 << 20
+
 /// What `loadLinuxDetailed` did, for logging and tests.
 public struct LinuxBootInfo: Sendable {
     public let cpu: BootCPUState
@@ -56,6 +59,16 @@ public func loadLinuxDetailed(_ config: LinuxBootConfig, into memory: GuestMemor
 
     let file = try mapKernelFile(config.kernelPath)
     var kernel = try parseKernel(file.bytes, ram: ram, path: config.kernelPath)
+    // Huge pages where megabytes are written (the kernel, the initrd); all of RAM at the end.
+    defer { memory.adviseHugePages() }
+    if case .bzImage = kernel.format {
+        // The payload, or the vmlinux unpacked from it, fills [load, load + init_size).
+        memory.adviseHugePages(kernel.loadAddress, length: kernel.end &- kernel.loadAddress)
+    } else {
+        for seg in kernel.segments where seg.memSize >= hugeAdviceMin {
+            memory.adviseHugePages(seg.address, length: seg.memSize)
+        }
+    }
     // With decompressKernel the unpacker writes the vmlinux's segments into guest memory
     // itself (nil: not a payload swiftlet unpacks, the bzImage goes in whole).
     var segmentsLoaded = false
@@ -91,6 +104,7 @@ public func loadLinuxDetailed(_ config: LinuxBootConfig, into memory: GuestMemor
         if f.size > 0 {
             let addr = try placeInitrd(size: f.size, kernelEnd: kernel.end, addrMax: kernel.initrdAddrMax, e820: e820)
             let dst = try mem { try memory.pointer(addr, length: f.size) }
+            if f.size >= hugeAdviceMin { memory.adviseHugePages(addr, length: f.size) }
             do { try f.read(into: dst, count: Int(f.size)) } catch let e as InputFile.Failure {
                 if case let .unreadable(n) = e { throw BootError.initrdUnreadable(path, errno: n) }
                 throw BootError.initrdNotFound(path)

@@ -37,9 +37,10 @@ public final class GuestRegion: @unchecked Sendable {
     private let owned: Bool
 
     /// Maps `size` bytes of anonymous private memory (MAP_NORESERVE: pages are only
-    /// committed when the guest touches them), with transparent huge pages asked for: the
-    /// guest's first touches of its RAM (kernel decompression, page cache) then fault in
-    /// 2 MiB at a time, which matters most when every fault is a nested exit.
+    /// committed when the guest touches them), aligned for transparent huge pages. The
+    /// huge-page advice itself comes later (`GuestMemory.adviseHugePages`): the loader asks
+    /// for it only where it writes megabytes, so a few bytes of boot tables cost a 4 KiB
+    /// page rather than a zeroed 2 MiB one, and the whole of RAM gets it before the guest runs.
     public init(guestBase: UInt64, size: UInt64) throws {
         guard size > 0, size % 4096 == 0, guestBase % 4096 == 0 else {
             throw GuestMemoryError.badLayout("region 0x\(String(guestBase, radix: 16)) size 0x\(String(size, radix: 16)) not page aligned")
@@ -57,8 +58,6 @@ public final class GuestRegion: @unchecked Sendable {
         if head > 0 { munmap(raw, head) }
         let p = raw + head
         munmap(p + Int(size), span - head - Int(size))
-        // Advice only: a kernel without THP (or with it set to never) still works.
-        _ = madvise(p, Int(size), 14 /* MADV_HUGEPAGE */)
         self.guestBase = guestBase
         self.size = size
         self.host = p
@@ -105,6 +104,26 @@ public final class GuestMemory: Sendable {
         // At most a handful of regions: a linear scan is faster than a search.
         for r in regions where r.contains(addr, len) { return r }
         return nil
+    }
+
+    /// Asks for transparent huge pages on [addr, addr+len), widened to 2 MiB boundaries and
+    /// clipped to RAM; nil: on all of RAM. The guest's first touches of its RAM (page
+    /// cache, the kernel's own allocations) then fault in 2 MiB at a time, which matters
+    /// most when every fault is a nested exit. Advice only: a kernel without THP, or with
+    /// it set to never, still works, so failures are ignored.
+    public func adviseHugePages(_ addr: UInt64? = nil, length: UInt64 = 0) {
+        let huge: UInt64 = 2 << 20
+        for r in regions {
+            var lo = r.guestBase, hi = r.guestEnd
+            if let a = addr {
+                let (end, o) = a.addingReportingOverflow(length)
+                guard length > 0, !o else { return }
+                lo = max(lo, a & ~(huge - 1))
+                hi = min(hi, end > UInt64.max - huge ? UInt64.max : (end + huge - 1) & ~(huge - 1))
+                guard lo < hi else { continue }
+            }
+            _ = madvise(r.host + Int(lo - r.guestBase), Int(hi - lo), 14 /* MADV_HUGEPAGE */)
+        }
     }
 
     /// Bytes of guest RAM resident in host memory now (mincore over every region).

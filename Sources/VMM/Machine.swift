@@ -239,13 +239,15 @@ final class Machine: @unchecked Sendable {
 
         phase("KVM opened")
         vm = try kvm.createVM()
+        // RAM before the irqchip: once the irqchip exists, installing a memory slot waits
+        // for an SRCU grace period that `scripts/bench startup` shows as milliseconds.
+        _ = try vm.registerMemory(memory)
+        phase("VM created, memory registered")
         try vm.setTSSAddress(X86Layout.kvmTSS)
         try vm.setIdentityMapAddress(X86Layout.kvmIdentityMap)
         try vm.createIRQChip()
         try vm.createPIT2()
-        phase("VM, irqchip and PIT created")
-        _ = try vm.registerMemory(memory)
-        phase("memory registered")
+        phase("irqchip and PIT created")
 
         // Devices handled inline on the vCPU threads.
         let console = self.console

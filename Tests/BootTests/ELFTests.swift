@@ -1,4 +1,5 @@
 import XCTest
+import Glibc
 @testable import Boot
 @testable import GuestMemory
 
@@ -28,6 +29,21 @@ final class ELFTests: XCTestCase {
         XCTAssertEqual(try m.readBytes(at: 0x100_0000, count: 0x1000), Array(b[0x1000..<0x2000]))
         XCTAssertEqual(try m.readBytes(at: 0x120_0000, count: 0x800), Array(b[0x2000..<0x2800]))
         XCTAssertEqual(try m.readBytes(at: 0x120_0800, count: 0x2800), [UInt8](repeating: 0, count: 0x2800))
+    }
+
+    /// A small kernel costs 4 KiB pages, not zeroed 2 MiB ones (start-up time): the loader
+    /// asks for huge pages only where it writes megabytes.
+    func testSmallKernelLoadTouchesNoHugePage() throws {
+        let mode = (try? String(contentsOfFile: "/sys/kernel/mm/transparent_hugepage/enabled", encoding: .utf8)) ?? ""
+        guard mode.contains("[madvise]") else { throw XCTSkip("THP is not in madvise mode here: \(mode)") }
+        let path = tempFile(syntheticELF(entry: 0x100_0000, segments: validSegments()), name: "small-elf")
+        defer { unlink(path) }
+        let m = try makeMemory(64 * MiB)
+        let cfg = LinuxBootConfig(kernelPath: path, initrdPath: nil, cmdline: "console=ttyS0", cpus: 1,
+                                  virtioDevices: [], extraReserved: [])
+        _ = try loadLinuxDetailed(cfg, into: m)
+        XCTAssertEqual(try m.readBytes(at: 0x100_0000, count: 0x1000), Array(syntheticELF(entry: 0x100_0000, segments: validSegments())[0x1000..<0x2000]))
+        XCTAssertLessThan(m.residentBytes(), 1 * MiB, "kernel, boot tables and page tables in 4 KiB pages")
     }
 
     func testVirtualEntryIsConverted() throws {

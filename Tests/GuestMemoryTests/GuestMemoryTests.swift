@@ -52,4 +52,43 @@ final class GuestMemoryTests: XCTestCase {
             XCTAssertNil(r.get(UInt16.self, at: Int.max))
         }
     }
+    /// The VmFlags of every mapping that overlaps [start, end) of this process, in order.
+    private func hugeAdvice(_ m: GuestMemory) throws -> [(lo: UInt64, hi: UInt64, huge: Bool)] {
+        let base = UInt64(UInt(bitPattern: m.regions[0].host))
+        let end = base + m.regions[0].size
+        guard let f = fopen("/proc/self/smaps", "r") else { throw XCTSkip("no /proc/self/smaps") }
+        defer { fclose(f) }
+        var out: [(lo: UInt64, hi: UInt64, huge: Bool)] = []
+        var current: (UInt64, UInt64)?
+        var line = [CChar](repeating: 0, count: 4096)
+        while fgets(&line, Int32(line.count), f) != nil {
+            let text = String(cString: line)
+            if let dash = text.firstIndex(of: "-"), let sp = text.firstIndex(of: " "), dash < sp,
+               let lo = UInt64(text[..<dash], radix: 16), let hi = UInt64(text[text.index(after: dash)..<sp], radix: 16) {
+                current = (lo < end && hi > base) ? (lo, hi) : nil
+            } else if text.hasPrefix("VmFlags:"), let c = current {
+                out.append((c.0 - base, min(c.1, end) - base, text.split(separator: " ").contains("hg")))
+            }
+        }
+        return out
+    }
+
+    func testHugePageAdviceCoversWhatWasAskedWidenedTo2MiB() throws {
+        let m = try GuestMemory(layout: [(0, 64 << 20)])
+        XCTAssertEqual(try hugeAdvice(m).map(\.huge), [false], "no advice until asked")
+        m.adviseHugePages((5 << 20) + 123, length: 10)          // inside [4 MiB, 6 MiB)
+        let parts = try hugeAdvice(m)
+        XCTAssertEqual(parts.map(\.huge), [false, true, false])
+        XCTAssertEqual(parts[1].lo, 4 << 20)
+        XCTAssertEqual(parts[1].hi, 6 << 20)
+        // Hostile or empty ranges change nothing.
+        m.adviseHugePages(UInt64.max - 4, length: 16)           // wraps
+        m.adviseHugePages(80 << 20, length: 4096)               // past RAM
+        m.adviseHugePages(8 << 20, length: 0)                   // empty
+        XCTAssertEqual(try hugeAdvice(m).map(\.huge), [false, true, false])
+        m.adviseHugePages((63 << 20) + 1, length: UInt64.max - (64 << 20))  // clipped to RAM
+        XCTAssertEqual(try hugeAdvice(m).map(\.huge), [false, true, false, true])
+        m.adviseHugePages()
+        XCTAssertEqual(try hugeAdvice(m).map(\.huge), [true], "all of RAM, one mapping again")
+    }
 }
