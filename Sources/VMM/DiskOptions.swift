@@ -163,11 +163,30 @@ public final class OpenDisk: Sendable {
     }
 }
 
-/// Opens every --disk in order (see openDisk).
-public func openDisks(_ list: [DiskOptions]) throws -> [OpenDisk] {
-    var out: [OpenDisk] = []
-    for o in list { out.append(try openDisk(o, alreadyOpen: out)) }
-    return out
+/// A --disk: a virtio-blk device on an image file.
+public struct DiskDeviceSpec: VirtioDeviceSpec {
+    public let options: DiskOptions
+    public var kind: String { "blk" }
+
+    public func open(earlier: [any VirtioBackend]) throws -> any VirtioBackend {
+        try openDisk(options, alreadyOpen: earlier.compactMap { $0 as? OpenDisk })
+    }
+}
+
+extension OpenDisk: VirtioBackend {
+    public func makeDevice(name: String, ordinal: Int, log: RateLimitedLog?) throws -> BuiltDevice {
+        let blk = makeDevice(name: name, log: log)
+        return BuiltDevice(blk) {
+            let qs = blk.stats.enumerated().map { i, q in
+                "{\"queue\": \(i), \"requests\": \(q.requests), \"interrupts\": \(q.interrupts)}"
+            }
+            return "\"queues\": [\(qs.joined(separator: ", "))]"
+        }
+    }
+
+    /// Nothing to do: the image is closed and unlocked when its last user (this backend,
+    /// then the device) goes away.
+    public func close() {}
 }
 
 /// Opens and locks one image. `alreadyOpen`: the disks opened before, to refuse the same
@@ -258,48 +277,4 @@ extension VirtioMMIOSlot {
         return try VirtioMMIOSlot(vm: vm, memory: memory, device: disk.makeDevice(name: name, engine: engine, log: deviceLog),
                                   index: index, name: name, interrupts: interrupts, log: deviceLog)
     }
-}
-
-// MARK: wiring into the machine
-
-/// The ACPI descriptions of `count` virtio-mmio devices from index `firstIndex` (for
-/// LinuxBootConfig.virtioDevices, written before the VM exists).
-public func virtioDescriptions(count: Int, firstIndex: Int = 0) throws -> [VirtioMMIODeviceDescription] {
-    try (0..<count).map { i in
-        guard let d = VirtioMMIOSlot.acpiDescription(index: firstIndex + i) else {
-            throw SwiftletError(.usage, "too many virtio devices: at most \(X86Layout.maxVirtioDevices)")
-        }
-        return d
-    }
-}
-
-/// One virtio-blk slot per disk (virtio-mmio index firstIndex + i, threads "blk\(i)-qN"),
-/// inserted into `mmio`. Call after the irqchip is created and guest memory registered;
-/// call `stop()` on every returned slot after the vCPU threads have been joined.
-public func attachDisks(_ disks: [OpenDisk], firstIndex: Int = 0, vm: any VirtioVM, memory: GuestMemory,
-                        mmio: inout RangeMap<MMIODevice>, interrupts: VirtioInterruptMode = .line,
-                        log: LogSink? = nil) throws -> [VirtioMMIOSlot] {
-    try attachSlots(count: disks.count, mmio: &mmio) { i in
-        try VirtioMMIOSlot.block(disks[i], index: firstIndex + i, name: "blk\(i)", vm: vm, memory: memory,
-                                 interrupts: interrupts, log: log)
-    }
-}
-
-/// Makes `count` virtio-mmio slots with `make` and maps each window; on any failure the
-/// slots made so far are stopped before the error goes up.
-func attachSlots(count: Int, mmio: inout RangeMap<MMIODevice>, make: (Int) throws -> VirtioMMIOSlot) throws -> [VirtioMMIOSlot] {
-    var slots: [VirtioMMIOSlot] = []
-    do {
-        for i in 0..<count {
-            let s = try make(i)
-            slots.append(s)
-            guard mmio.insert(base: s.base, size: VirtioMMIOSlot.windowSize, s) else {
-                throw SwiftletError(.runtimeError, "virtio-mmio window 0x\(String(s.base, radix: 16)) overlaps another device")
-            }
-        }
-    } catch {
-        for s in slots { s.stop() }
-        throw error
-    }
-    return slots
 }

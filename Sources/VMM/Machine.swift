@@ -94,9 +94,8 @@ public func run(_ config: MachineConfig) throws -> Int32 {
     } catch {
         throw SwiftletError(.runtimeError, "\(error): give the guest less memory")
     }
-    let disks = try openDisks(config.disks)
-    let nets = try openNets(config.nets)
-    let virtio = try virtioDescriptions(count: disks.count + nets.count + (config.rng ? 1 : 0))
+    let devices = try openDevices(deviceSpecs(config))
+    let virtio = try virtioDescriptions(count: devices.count)
     var cmdline = config.cmdline
     if config.virtioDiscovery == .cmdline {
         cmdline = insertKernelParameters(virtio.map {
@@ -144,7 +143,7 @@ public func run(_ config: MachineConfig) throws -> Int32 {
         let e = Seccomp.installViolationHandler()
         if e != 0 { throw SwiftletError(.runtimeError, "seccomp: cannot install the SIGSYS handler: \(errnoText(e))") }
     }
-    let machine = try Machine(config: config, kvm: kvm, memory: memory, boot: boot, disks: disks, nets: nets)
+    let machine = try Machine(config: config, kvm: kvm, memory: memory, boot: boot, devices: devices)
     return machine.run()
 }
 
@@ -218,7 +217,7 @@ final class Machine: @unchecked Sendable {
     static let seccompSelfTest: String? = getenv("SWIFTLET_DEBUG_SECCOMP_SELFTEST").map { String(cString: $0) }
     #endif
 
-    init(config: MachineConfig, kvm: Hypervisor, memory: GuestMemory, boot: BootCPUState, disks: [OpenDisk], nets: [OpenTap] = []) throws {
+    init(config: MachineConfig, kvm: Hypervisor, memory: GuestMemory, boot: BootCPUState, devices: [OpenedDevice]) throws {
         self.config = config
         debugExits = config.logLevel >= .debug
         self.memory = memory
@@ -274,18 +273,11 @@ final class Machine: @unchecked Sendable {
                        ISADebugExit(onExit: { [unowned self] s in self.finish(.guestExit(s, debugPort: true)) }))
         }
         let deviceLog = logSink(level: config.logLevel)
-        slots = try attachDisks(disks, vm: vm, memory: memory, mmio: &mmio, interrupts: config.virtioInterrupts,
-                                log: deviceLog)
-        do {
-            slots += try attachNets(nets, firstIndex: disks.count, vm: vm, memory: memory, mmio: &mmio,
-                                    interrupts: config.virtioInterrupts, log: deviceLog)
-            slots += try attachRng(config.rng, index: disks.count + nets.count, vm: vm, memory: memory, mmio: &mmio,
-                                   interrupts: config.virtioInterrupts, log: deviceLog)
-        } catch {
-            for s in slots { s.stop() }
-            throw error
-        }
-        (mmio, windows) = Machine.countingWindows(mmio)
+        let attached = try attachDevices(devices, vm: vm, memory: memory, mmio: &mmio,
+                                         interrupts: config.virtioInterrupts, log: deviceLog)
+        slots = attached.map(\.slot)
+        (mmio, windows) = Machine.countingWindows(
+            mmio, metrics: Dictionary(uniqueKeysWithValues: attached.map { (ObjectIdentifier($0.slot), $0.metrics) }))
 
         // vCPUs: CPUID and MSRs from KVM's own lists, FPU, LAPIC LINT0/1; the boot vCPU
         // enters the kernel's 64-bit entry point, the others wait for INIT/SIPI.

@@ -23,8 +23,6 @@ final class CountedVirtioWindow: MMIODevice, Sendable {
     let interruptAcks = Atomic<UInt64>(0)
     let notifyExits = Atomic<UInt64>(0)
 
-    init(_ slot: VirtioMMIOSlot) { self.slot = slot }
-
     func read(offset: UInt64, size: Int) -> UInt64 {
         exits.wrappingAdd(1, ordering: .relaxed)
         if offset == VirtioMMIOReg.interruptStatus { interruptStatusReads.wrappingAdd(1, ordering: .relaxed) }
@@ -38,29 +36,12 @@ final class CountedVirtioWindow: MMIODevice, Sendable {
         slot.write(offset: offset, size: size, value: value)
     }
 
-    /// The device's own counters, as JSON members (queue statistics where it keeps them).
-    func deviceJSON() -> String {
-        if let net = slot.device as? VirtioNet {
-            let qs = net.stats.enumerated().map { i, s in
-                "{\"queue\": \(i), \"packets\": \(s.packets), \"bytes\": \(s.bytes), \"drops\": \(s.drops), "
-                    + "\"notifications\": \(s.notifications), \"interrupts\": \(s.interrupts)}"
-            }
-            return "\"active_pairs\": \(net.activePairs), \"queues\": [\(qs.joined(separator: ", "))]"
-        }
-        if let blk = slot.device as? VirtioBlock {
-            let qs = blk.stats.enumerated().map { i, q in
-                "{\"queue\": \(i), \"requests\": \(q.requests), \"interrupts\": \(q.interrupts)}"
-            }
-            return "\"queues\": [\(qs.joined(separator: ", "))]"
-        }
-        if let d = slot.device as? QueueCounting {
-            let qs = d.queueCounters.enumerated().map { i, q in
-                "{\"queue\": \(i), \"served\": \(q.served), \"bytes\": \(q.bytes), \"drops\": \(q.drops), "
-                    + "\"notifications\": \(q.notifications), \"interrupts\": \(q.interrupts)}"
-            }
-            return "\"queues\": [\(qs.joined(separator: ", "))]"
-        }
-        return "\"queues\": []"
+    /// The device's own counters, as JSON members (from its spec's BuiltDevice).
+    let deviceJSON: @Sendable () -> String
+
+    init(_ slot: VirtioMMIOSlot, metrics: @escaping @Sendable () -> String) {
+        self.slot = slot
+        self.deviceJSON = metrics
     }
 }
 
@@ -88,12 +69,14 @@ struct MetricsSink {
 
 extension Machine {
     /// Replaces every virtio-mmio slot in the MMIO map by a counting wrapper.
-    static func countingWindows(_ map: RangeMap<MMIODevice>) -> (RangeMap<MMIODevice>, [CountedVirtioWindow]) {
+    /// `metrics`: each slot's device counters, by slot.
+    static func countingWindows(_ map: RangeMap<MMIODevice>,
+                                metrics: [ObjectIdentifier: @Sendable () -> String]) -> (RangeMap<MMIODevice>, [CountedVirtioWindow]) {
         var out = RangeMap<MMIODevice>()
         var windows: [CountedVirtioWindow] = []
         for e in map.entries {
             if let slot = e.device as? VirtioMMIOSlot {
-                let w = CountedVirtioWindow(slot)
+                let w = CountedVirtioWindow(slot, metrics: metrics[ObjectIdentifier(slot)] ?? { "\"queues\": []" })
                 windows.append(w)
                 out.insert(base: e.base, size: e.size, w)
             } else {

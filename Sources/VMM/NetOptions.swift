@@ -170,19 +170,30 @@ public final class OpenTap: @unchecked Sendable {
     }
 }
 
-/// Opens every --net in order; on an error the TAPs opened so far are closed.
-public func openNets(_ list: [NetOptions]) throws -> [OpenTap] {
-    var out: [OpenTap] = []
-    for o in list {
-        if out.contains(where: { $0.options.tap == o.tap }) {
-            throw SwiftletError(.usage, "--net: TAP \(shown(o.tap)) is given twice: give each --net its own TAP")
+/// A --net: a multiqueue virtio-net device on a TAP.
+public struct NetDeviceSpec: VirtioDeviceSpec {
+    public let options: NetOptions
+    public var kind: String { "net" }
+
+    public func open(earlier: [any VirtioBackend]) throws -> any VirtioBackend {
+        if earlier.contains(where: { ($0 as? OpenTap)?.options.tap == options.tap }) {
+            throw SwiftletError(.usage, "--net: TAP \(shown(options.tap)) is given twice: give each --net its own TAP")
         }
-        do { out.append(try openTap(o)) } catch {
-            for t in out { t.close() }
-            throw error
+        return try openTap(options)
+    }
+}
+
+extension OpenTap: VirtioBackend {
+    public func makeDevice(name: String, ordinal: Int, log: RateLimitedLog?) throws -> BuiltDevice {
+        let net = makeDevice(index: ordinal, name: name, log: log)
+        return BuiltDevice(net) {
+            let qs = net.stats.enumerated().map { i, s in
+                "{\"queue\": \(i), \"packets\": \(s.packets), \"bytes\": \(s.bytes), \"drops\": \(s.drops), "
+                    + "\"notifications\": \(s.notifications), \"interrupts\": \(s.interrupts)}"
+            }
+            return "\"active_pairs\": \(net.activePairs), \"queues\": [\(qs.joined(separator: ", "))]"
         }
     }
-    return out
 }
 
 /// Opens (creating it if needed) the TAP `o.tap` with `o.queues` queues.
@@ -245,25 +256,4 @@ public func openTap(_ o: NetOptions) throws -> OpenTap {
     }
     ok = true
     return OpenTap(options: o, fds: fds, created: !existed)
-}
-
-extension VirtioMMIOSlot {
-    /// A virtio-net device for `tap` as virtio-mmio device `index`, threads "\(name)-qN".
-    public static func net(_ tap: OpenTap, netIndex: Int, index: Int, name: String, vm: VirtualMachine, memory: GuestMemory,
-                           interrupts: VirtioInterruptMode = .line, log: LogSink? = nil) throws -> VirtioMMIOSlot {
-        let deviceLog = log.map { RateLimitedLog(name: name, sink: $0) }
-        return try VirtioMMIOSlot(vm: vm, memory: memory, device: tap.makeDevice(index: netIndex, name: name, log: deviceLog),
-                                  index: index, name: name, interrupts: interrupts, log: deviceLog)
-    }
-}
-
-/// One virtio-net slot per TAP (virtio-mmio index firstIndex + i, threads "net\(i)-qN"),
-/// inserted into `mmio`. Call like attachDisks, with firstIndex = the number of disks.
-public func attachNets(_ taps: [OpenTap], firstIndex: Int, vm: VirtualMachine, memory: GuestMemory,
-                       mmio: inout RangeMap<MMIODevice>, interrupts: VirtioInterruptMode = .line,
-                       log: LogSink? = nil) throws -> [VirtioMMIOSlot] {
-    try attachSlots(count: taps.count, mmio: &mmio) { i in
-        try VirtioMMIOSlot.net(taps[i], netIndex: i, index: firstIndex + i, name: "net\(i)", vm: vm, memory: memory,
-                               interrupts: interrupts, log: log)
-    }
 }

@@ -20,14 +20,19 @@ public func parseRng(_ text: String) throws -> Bool {
     }
 }
 
-/// The virtio-rng slot at virtio-mmio index `index` (threads "rng0-q0"), inserted into
-/// `mmio`; none when `enabled` is false. Call like attachDisks.
-func attachRng(_ enabled: Bool, index: Int, vm: any VirtioVM, memory: GuestMemory,
-               mmio: inout RangeMap<MMIODevice>, interrupts: VirtioInterruptMode = .line,
-               log: LogSink? = nil) throws -> [VirtioMMIOSlot] {
-    try attachSlots(count: enabled ? 1 : 0, mmio: &mmio) { _ in
-        let deviceLog = log.map { RateLimitedLog(name: "rng0", sink: $0) }
-        return try VirtioMMIOSlot(vm: vm, memory: memory, device: VirtioRng(name: "rng0", log: deviceLog),
-                                  index: index, name: "rng0", interrupts: interrupts, log: deviceLog)
+/// --rng on: a virtio-rng device fed by the host's getrandom(2).
+public struct RngDeviceSpec: VirtioDeviceSpec {
+    public init() {}
+    public var kind: String { "rng" }
+    public func open(earlier: [any VirtioBackend]) throws -> any VirtioBackend { RngBackend() }
+}
+
+/// getrandom(2) needs nothing opened.
+final class RngBackend: VirtioBackend {
+    func makeDevice(name: String, ordinal: Int, log: RateLimitedLog?) throws -> BuiltDevice {
+        let rng = VirtioRng(name: name, log: log)
+        return BuiltDevice(rng) { queueMetricsJSON(rng.queueCounters) }
     }
+
+    func close() {}
 }

@@ -44,9 +44,3 @@ extension HostedVirtioDevice {
     /// One thread per queue.
     public var queueHandlerGroups: [[VirtioQueueHandler]] { queueHandlers.map { [$0] } }
 }
-
-/// A device whose `--metrics` entry is its queues' counters, listed the same way for
-/// every device that adopts it (served, bytes, drops, notifications, interrupts per queue).
-public protocol QueueCounting {
-    var queueCounters: [QueueCounters] { get }
-}

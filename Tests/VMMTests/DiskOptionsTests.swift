@@ -151,8 +151,10 @@ final class DiskOptionsTests: XCTestCase {
         let b = try openDisk(DiskOptions(path: t.path, readOnly: true), alreadyOpen: [a])
         XCTAssertTrue(a.image.readOnly && b.image.readOnly)
         openError(DiskOptions(path: t.path), .missingInput, "in use")
-        XCTAssertEqual(try openDisks([DiskOptions(path: link, readOnly: true), DiskOptions(path: t.path, readOnly: true)]).count, 2)
-        XCTAssertThrowsError(try openDisks([DiskOptions(path: link, readOnly: true), DiskOptions(path: t.path)]))
+        XCTAssertEqual(try openDevices([DiskDeviceSpec(options: DiskOptions(path: link, readOnly: true)),
+                                        DiskDeviceSpec(options: DiskOptions(path: t.path, readOnly: true))]).count, 2)
+        XCTAssertThrowsError(try openDevices([DiskDeviceSpec(options: DiskOptions(path: link, readOnly: true)),
+                                              DiskDeviceSpec(options: DiskOptions(path: t.path))]))
     }
 
     func testOpenDiskDirect() throws {

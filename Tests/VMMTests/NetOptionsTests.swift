@@ -78,6 +78,39 @@ final class NetOptionsTests: XCTestCase {
         if let e = box.error { throw e }
     }
 
+    /// The machine's device list: disks, nets, rng, named by kind and position, opened in
+    /// that order; a backend that fails leaves none of the earlier ones open.
+    func testDeviceSpecsOpenInOrderAndALaterFailureClosesTheTAPs() throws {
+        try inPrivateNetns {
+            var image = Array("/tmp/swiftlet-spec-XXXXXX".utf8CString)
+            let fd = mkstemp(&image)
+            ftruncate(fd, 1 << 20)
+            close(fd)
+            let path = String(nulTerminated: image)
+            defer { unlink(path) }
+            var config = MachineConfig(kernelPath: "/k")
+            config.disks = [DiskOptions(path: path, readOnly: true), DiskOptions(path: path, readOnly: true)]
+            config.nets = [NetOptions(tap: "swspec0"), NetOptions(tap: "swspec1", queues: 2)]
+            config.rng = true
+            let specs = deviceSpecs(config)
+            XCTAssertEqual(specs.map(\.kind), ["blk", "blk", "net", "net", "rng"])
+            var devices: [OpenedDevice]? = try openDevices(specs)
+            XCTAssertEqual(devices?.map(\.name), ["blk0", "blk1", "net0", "net1", "rng0"])
+            XCTAssertEqual(devices?.map(\.ordinal), [0, 1, 0, 1, 0])
+            XCTAssertNotEqual(if_nametoindex("swspec1"), 0)
+            for d in devices ?? [] { d.backend.close() }
+            devices = nil
+            XCTAssertEqual(if_nametoindex("swspec0"), 0)
+
+            let failing: [any VirtioDeviceSpec] = [NetDeviceSpec(options: NetOptions(tap: "swspec2")),
+                                                   DiskDeviceSpec(options: DiskOptions(path: path + "-missing"))]
+            XCTAssertThrowsError(try openDevices(failing)) { e in
+                XCTAssertEqual((e as? SwiftletError)?.status, .missingInput)
+            }
+            XCTAssertEqual(if_nametoindex("swspec2"), 0, "the TAP opened before the failing disk is gone")
+        }
+    }
+
     func testOpenTapCreatesAMultiQueueTapThatGoesAwayOnClose() throws {
         try inPrivateNetns {
             XCTAssertEqual(if_nametoindex("swtest0"), 0)
@@ -96,7 +129,8 @@ final class NetOptionsTests: XCTestCase {
             XCTAssertNoThrow(try c.setQueueEnabled(pair: 2, false))
             XCTAssertNoThrow(try c.setQueueEnabled(pair: 2, true))
             // Given twice: refused before touching the TAP.
-            XCTAssertThrowsError(try openNets([NetOptions(tap: "swtest1"), NetOptions(tap: "swtest1")]))
+            XCTAssertThrowsError(try openDevices([NetDeviceSpec(options: NetOptions(tap: "swtest1")),
+                                                  NetDeviceSpec(options: NetOptions(tap: "swtest1"))]))
             XCTAssertEqual(if_nametoindex("swtest1"), 0)
             t.close()
             XCTAssertEqual(if_nametoindex("swtest0"), 0)  // created by us: gone with its descriptors

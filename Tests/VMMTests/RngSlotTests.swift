@@ -15,12 +15,18 @@ final class RngSlotTests: XCTestCase {
         let mem = try GuestMemory(layout: [(base: 0, size: 0x40_0000)])
         let vm = FakeVM()
         var mmio = RangeMap<MMIODevice>()
-        XCTAssertTrue(try attachRng(false, index: 0, vm: vm, memory: mem, mmio: &mmio).isEmpty, "--rng off: no slot")
-        let slots = try attachRng(true, index: 2, vm: vm, memory: mem, mmio: &mmio)
+        var config = MachineConfig(kernelPath: "/k")
+        XCTAssertTrue(deviceSpecs(config).isEmpty, "--rng off: no device")
+        config.rng = true
+        let specs = deviceSpecs(config)
+        XCTAssertEqual(specs.map(\.kind), ["rng"])
+        let slots = try attachDevices(try openDevices(specs), vm: vm, memory: mem, mmio: &mmio)
         XCTAssertEqual(slots.count, 1)
-        let s = slots[0]
+        let s = slots[0].slot
         defer { s.stop() }
-        XCTAssertEqual(s.base, X86Layout.virtioMMIOAddress(index: 2))
+        XCTAssertEqual(s.name, "rng0")
+        XCTAssertEqual(s.base, X86Layout.virtioMMIOAddress(index: 0))
+        XCTAssertTrue(slots[0].metrics().hasPrefix("\"queues\": [{\"queue\": 0, \"served\": 0"), slots[0].metrics())
         XCTAssertNotNil(mmio.lookup(s.base, length: 4))
         XCTAssertEqual(s.read(offset: VirtioMMIOReg.deviceID, size: 4), 4)
         for v: UInt64 in [0, 1, 3] { s.write(offset: VirtioMMIOReg.status, size: 4, value: v) }
@@ -59,6 +65,7 @@ final class RngSlotTests: XCTestCase {
         XCTAssertEqual(vm.levels(s.gsi), [true, false])
         let stats = (s.device as! VirtioRng).stats
         XCTAssertEqual(stats.served, 1)
+        XCTAssertTrue(slots[0].metrics().contains("\"served\": 1, \"bytes\": 2048"), slots[0].metrics())
         XCTAssertEqual(stats.bytes, 2048)
     }
 }

@@ -330,9 +330,11 @@ final class VirtioHostTests: XCTestCase, @unchecked Sendable {
         close(fd)
         let second = String(nulTerminated: t2)
         defer { unlink(second) }
-        let disks = try openDisks([DiskOptions(path: env.image), DiskOptions(path: second, readOnly: true)])
+        let disks = try openDevices([DiskDeviceSpec(options: DiskOptions(path: env.image)),
+                                     DiskDeviceSpec(options: DiskOptions(path: second, readOnly: true))])
+        XCTAssertEqual(disks.map(\.name), ["blk0", "blk1"])
         var mmio = RangeMap<MMIODevice>()
-        let slots = try attachDisks(disks, vm: env.vm, memory: env.mem, mmio: &mmio)
+        let slots = try attachDevices(disks, vm: env.vm, memory: env.mem, mmio: &mmio).map(\.slot)
         defer { for s in slots { s.stop() } }
         XCTAssertEqual(slots.map(\.acpiDescription), try virtioDescriptions(count: 2))
         XCTAssertEqual(slots.map(\.gsi), [5, 6])
@@ -346,7 +348,7 @@ final class VirtioHostTests: XCTestCase, @unchecked Sendable {
         XCTAssertNotEqual(slots[1].read(offset: VirtioMMIOReg.deviceFeatures, size: 4) & (1 << 5), 0)
         XCTAssertThrowsError(try virtioDescriptions(count: X86Layout.maxVirtioDevices + 1))
         // A second attach at the same indices cannot overlap the first.
-        XCTAssertThrowsError(try attachDisks([disks[1]], vm: env.vm, memory: env.mem, mmio: &mmio))
+        XCTAssertThrowsError(try attachDevices([disks[1]], vm: env.vm, memory: env.mem, mmio: &mmio))
     }
 
     /// A real vCPU (simple guests do run on this PVM host) kicks through QueueNotify: KVM's

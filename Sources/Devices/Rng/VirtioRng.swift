@@ -91,7 +91,8 @@ public final class VirtioRng: HostedVirtioDevice {
     public var queueHandlers: [VirtioQueueHandler] { handler.withLock { $0.map { [$0] } ?? [] } }
 }
 
-extension VirtioRng: QueueCounting {
+extension VirtioRng {
+    /// Its one queue's counters, for --metrics.
     public var queueCounters: [QueueCounters] { [stats] }
 }
 
