@@ -95,7 +95,7 @@ public func run(_ config: MachineConfig) throws -> Int32 {
         throw SwiftletError(.runtimeError, "\(error): give the guest less memory")
     }
     let disks = try openDisks(config.disks)
-    let nets = try openNets(config.nets)
+    let nets = try openNets(config.nets, info: { line in if config.logLevel >= .info { log(line) } })
     let virtio = try virtioDescriptions(count: disks.count + nets.count + (config.rng ? 1 : 0))
     var cmdline = config.cmdline
     if config.virtioDiscovery == .cmdline {

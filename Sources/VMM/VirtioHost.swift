@@ -83,7 +83,8 @@ final class QueueWorker {
         var slots: [(handler: Int, kick: Bool)] = []
         for (k, h) in handlers.enumerated() {
             if h.completionFD >= 0 { watch.append(h.completionFD); slots.append((k, false)) }
-            watch.append(kicks[k].fd); slots.append((k, true))
+            // A kick the handler handed to someone else (vhost) is theirs to read.
+            if h.ownKick == nil { watch.append(kicks[k].fd); slots.append((k, true)) }
         }
         let what = "virtio queue " + handlers.map { String($0.queueIndex) }.joined(separator: "+")
         pollUntilStopped(stop: stop, watch: watch, onFailure: { e in
@@ -155,8 +156,9 @@ final class HostedDeviceAdapter: VirtioDevice {
         let stop = try EventFD()
         let w = QueueWorker(stop: stop)
         s.workers.append(w)  // before anything is registered: a failure below still deregisters it
-        for i in indices {
-            let kick = try EventFD()
+        for h in handlers {
+            let i = h.queueIndex
+            let kick = try h.ownKick ?? EventFD()
             var registered = true
             do {
                 try vm.registerIoeventfd(kick, address: notifyAddress, length: 4, datamatch: UInt64(i), pio: false)
