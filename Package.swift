@@ -48,6 +48,7 @@ let package = Package(
         .testTarget(name: "SeccompTests", dependencies: ["Seccomp", "OS", "CLinux"]),
         .testTarget(name: "VMMTests", dependencies: ["VMM", "OS", "Devices", "Virtio", "Vhost", "GuestMemory", "KVM", "JSON"]),
         .testTarget(name: "JSONTests", dependencies: ["JSON"]),
+        .testTarget(name: "VhostTests", dependencies: ["Vhost", "CLinux", "GuestMemory"]),
     ],
     swiftLanguageModes: [.v6]
 )
