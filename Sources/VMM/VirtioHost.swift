@@ -8,7 +8,9 @@
 //   - one thread per group of queues (the device's queueHandlerGroups: "blk0-q0" for
 //     each virtio-blk queue, "net0-q0+1" for each virtio-net rx/tx pair) that polls the
 //     group's kick eventfds, a stop eventfd and the handlers' completion fds, and calls
-//     the handlers.
+//     the handlers. A handler that brings its own kick eventfd (`ownKick`: virtio-net
+//     with vhost, whose kicks the host kernel takes) has that one registered, and the
+//     thread does not poll it.
 // Interrupts are level-triggered, as on real virtio-mmio hardware and in QEMU: the line
 // is high while InterruptStatus is nonzero. The device calls the transport's
 // VirtioInterruptSink, which sets the InterruptStatus bit and decides when the slot's
