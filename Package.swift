@@ -25,12 +25,14 @@ let package = Package(
         .target(name: "Boot", dependencies: ["OS", "GuestMemory"]),
         // Split virtqueues, the virtio-mmio transport, feature negotiation.
         .target(name: "Virtio", dependencies: ["CLinux", "OS", "GuestMemory"]),
+        // vhost-net ioctls: the virtio-net data path in the host kernel, per queue pair.
+        .target(name: "Vhost", dependencies: ["CLinux", "OS", "GuestMemory"]),
         // Legacy devices: 16550 UART, CMOS RTC, i8042, boot-time marker, guest exit register.
-        .target(name: "Devices", dependencies: ["CLinux", "OS", "GuestMemory", "Virtio", "Seccomp"]),
+        .target(name: "Devices", dependencies: ["CLinux", "OS", "GuestMemory", "Virtio", "Vhost", "Seccomp"]),
         // A strict JSON (RFC 8259) parser and writer for --config-file; imports nothing.
         .target(name: "JSON"),
         // Builds a machine from a configuration and runs its lifecycle; reads --config-file.
-        .target(name: "VMM", dependencies: ["CLinux", "OS", "KVM", "GuestMemory", "Boot", "Devices", "Virtio", "Seccomp", "JSON"]),
+        .target(name: "VMM", dependencies: ["CLinux", "OS", "KVM", "GuestMemory", "Boot", "Devices", "Virtio", "Vhost", "Seccomp", "JSON"]),
         .executableTarget(name: "swiftlet", dependencies: [
             "OS", "VMM",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -42,10 +44,11 @@ let package = Package(
         .testTarget(name: "KVMTests", dependencies: ["KVM", "OS", "GuestMemory", "CLinux"]),
         .testTarget(name: "BootTests", dependencies: ["Boot", "OS", "GuestMemory"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "GuestMemory"]),
-        .testTarget(name: "DevicesTests", dependencies: ["Devices", "OS", "GuestMemory", "Virtio"]),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "OS", "GuestMemory", "Virtio", "Vhost"]),
         .testTarget(name: "SeccompTests", dependencies: ["Seccomp", "OS", "CLinux"]),
-        .testTarget(name: "VMMTests", dependencies: ["VMM", "OS", "Devices", "Virtio", "GuestMemory", "KVM", "JSON"]),
+        .testTarget(name: "VMMTests", dependencies: ["VMM", "OS", "Devices", "Virtio", "Vhost", "GuestMemory", "KVM", "JSON"]),
         .testTarget(name: "JSONTests", dependencies: ["JSON"]),
+        .testTarget(name: "VhostTests", dependencies: ["Vhost", "CLinux", "GuestMemory"]),
     ],
     swiftLanguageModes: [.v6]
 )

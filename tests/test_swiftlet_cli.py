@@ -481,6 +481,10 @@ MISTAKES = [
     ("mtu-high", ["--kernel", "K", "--net", "tap=sw0,mtu=65536"], USAGE, ["mtu", "68 to 65535"], NETNS),
     ("net-unknown-key", ["--kernel", "K", "--net", "tap=sw0,speed=10"], USAGE, ["unknown option 'speed'"], NETNS),
     ("net-no-tap", ["--kernel", "K", "--net", "mac=52:54:00:12:34:56"], USAGE, ["missing tap="], NETNS),
+    ("vhost-bad-value", ["--kernel", "K", "--net", "tap=sw0,vhost=yes"], USAGE, ["vhost='yes'", "vhost=on, vhost=off or vhost=auto"], NETNS),
+    # where /dev/vhost-net exists this row is skipped (it would open)
+    ("vhost-on-no-device", ["--kernel", "K", "--net", "tap=sw0,vhost=on"], HOST,
+     ["vhost=on but /dev/vhost-net is missing", "modprobe vhost_net", "vhost=off"], NETNS + "+novhost"),
     ("kvm-no-permission", ["--kernel", "K"], HOST, ["/dev/kvm"], NOBODY),
 ]
 
@@ -512,6 +516,8 @@ def tree(top):
 def test_mistake_table(swiftlet, kernel, mistakes, args, status, words, how):
     if "nobody" in how and os.geteuid() != 0:
         pytest.skip("needs root to run as nobody")
+    if "novhost" in how and os.path.exists("/dev/vhost-net"):
+        pytest.skip("this host has /dev/vhost-net")
     args = [kernel if a == "K" else a.replace("T/", mistakes + "/") for a in args]
     argv = [swiftlet, *args]
     if NOBODY in how:
@@ -709,11 +715,43 @@ def test_config_file_firecracker_example_print_config(swiftlet, tmp_path):
     assert [(d["drive_id"], d["path_on_host"], d["is_root_device"], d["is_read_only"]) for d in out["drives"]] == \
         [("rootfs", "bionic.rootfs.ext4", True, False)]
     assert out["network-interfaces"] == [{"iface_id": "net1", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02",
-                                          "mtu": 1500, "queues": 1, "offload": True}]
+                                          "mtu": 1500, "queues": 1, "offload": True, "vhost": "auto"}]
     assert out["swiftlet"]["serial"] == "stdio" and out["swiftlet"]["timeout"] is None
     # The printed configuration is itself a configuration file that prints the same.
     again = sw(swiftlet, "--config-file", write_config(tmp_path, r.stdout, "again.json"), "--print-config")
     assert again.returncode == 0 and again.stdout == r.stdout, again.stderr
+
+
+def test_config_file_vhost_key_and_net_flag(swiftlet, tmp_path):
+    """network-interfaces' vhost (a swiftlet extension) is read and printed; --net's
+    vhost= takes on, off or auto, default auto."""
+    net = dict(FIRECRACKER_NET, vhost="off")
+    cfg = write_config(tmp_path, dict(FIRECRACKER_VM_CONFIG, **{"network-interfaces": [net]}))
+    r = sw(swiftlet, "--config-file", cfg, "--print-config")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["network-interfaces"][0]["vhost"] == "off"
+    for flag, want in [("tap=t0", "auto"), ("tap=t0,vhost=on", "on"), ("tap=t0,vhost=off", "off"), ("tap=t0,vhost=auto", "auto")]:
+        r = sw(swiftlet, "--config-file", cfg, "--net", flag, "--print-config")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["network-interfaces"][0]["vhost"] == want, flag
+
+
+def test_vhost_auto_without_vhost_net_says_why_once(swiftlet, kernel):
+    """vhost=auto (the default) on a host without /dev/vhost-net: one info line naming
+    why, the userspace path is used (the run goes on to the KVM check); nothing at the
+    default log level."""
+    if os.path.exists("/dev/vhost-net"):
+        pytest.skip("this host has /dev/vhost-net")
+    if subprocess.run(["unshare", "--net", "true"]).returncode != 0:
+        pytest.skip("cannot make a network namespace")
+    for level, lines in [("info", 1), ("warn", 0)]:
+        r = subprocess.run(["unshare", "--net", swiftlet, "--kernel", kernel, "--net", "tap=sw0", "--log-level", level,
+                            "--timeout", "1"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, timeout=60)
+        said = [l for l in r.stderr.splitlines() if "vhost" in l]
+        assert len(said) == lines, r.stderr
+        if lines:
+            assert said[0] == "swiftlet: net0: /dev/vhost-net is missing: using the userspace data path (vhost=auto)", said
 
 
 def test_config_file_flags_replace_file_values(swiftlet, tmp_path):
@@ -756,6 +794,10 @@ def test_config_file_flags_replace_file_values(swiftlet, tmp_path):
     ({"boot-source": {"boot_args": "console=ttyS0"}}, "swiftlet: boot-source.kernel_image_path: missing:"),
     ({"network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "AA:FC:00:00:00"}]},
      "swiftlet: network-interfaces[0].guest_mac: 'AA:FC:00:00:00' is not a MAC address"),
+    ({"network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "vhost": "yes"}]},
+     "swiftlet: network-interfaces[0].vhost: 'yes' is not valid: use \"on\", \"off\" or \"auto\""),
+    ({"network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "vhost": True}]},
+     "swiftlet: network-interfaces[0].vhost: expected a string, got"),
     ({"vsock": {"guest_cid": 3, "uds_path": "./v.sock"}}, "swiftlet: vsock: not supported yet"),
     ({"swiftlet": {"timeout": "1h30m"}}, "swiftlet: swiftlet.timeout: '1h30m' is not a duration"),
     ({"boot-sauce": {}}, "swiftlet: boot-sauce: unknown key: the configuration takes boot-source,"),

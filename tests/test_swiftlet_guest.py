@@ -20,7 +20,10 @@ CHECKS = ["metrics-json", "one-cpu-cmdline-initrd", "boot-marker", "boot-no-kern
           "blk-guest-write", "blk-guest-read", "blk-read-irqfd", "blk-readonly", "blk-two-queues",
           "blk-flush-survives-kill", "blk-discard-frees-blocks", "rng-hwrng",
           "net-ping", "net-ping-host-to-guest", "net-two-queues", "net-iperf-guest-to-host",
-          "net-iperf-host-to-guest", "net-offload-off", "net-ethtool-L", "net-mq-traffic-both-queues", "net-jumbo-mtu"]
+          "net-iperf-host-to-guest", "net-offload-off", "net-ethtool-L", "net-mq-traffic-both-queues", "net-jumbo-mtu",
+          "net-vhost-ping", "net-vhost-jumbo-mtu", "net-driver-reload", "net-vhost-iperf-guest-to-host",
+          "net-vhost-iperf-host-to-guest", "net-vhost-offload-off", "net-vhost-ethtool-L",
+          "net-vhost-mq-traffic-both-queues"]
 
 
 # The checks run in two testbeds, the network ones in the second.

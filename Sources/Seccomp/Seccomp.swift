@@ -88,12 +88,13 @@ public enum Seccomp {
                 .allow(SYS_poll), .allow(SYS_ppoll), .allow(SYS_readv), .allow(SYS_writev),
                 .allow(SYS_tgkill, arg: 2, in: [UInt32(SIGABRT), UInt32(clinux_sigrtmin())]),
                 .allow(SYS_flock), .allow(SYS_fsync), .allow(SYS_fdatasync),
-                // teardown stops the devices: an rx queue takes its TAP out of its epoll set
+                // teardown stops the devices: an rx queue takes its TAP out of its epoll set,
+                // a vhost pair detaches its rings
                 .allow(SYS_epoll_ctl),
                 .allow(SYS_ioctl, arg: 1, in: terminalIoctls + [
                     clinux_KVM_IOEVENTFD(), clinux_KVM_IRQFD(), clinux_KVM_IRQ_LINE(),
                     clinux_TUNSETQUEUE(), clinux_TUNSETPERSIST(),
-                ].map(UInt32.init(truncatingIfNeeded:))),
+                ].map(UInt32.init(truncatingIfNeeded:)) + vhostStopIoctls),
             ]
             if mainMayWriteFiles {
                 r += [.allow(SYS_openat), .allow(SYS_rename), .allow(SYS_renameat), .allow(SYS_renameat2)]
@@ -108,11 +109,12 @@ public enum Seccomp {
                     clinux_KVM_RUN(), clinux_KVM_GET_REGS(), clinux_KVM_GET_SREGS(),
                     clinux_KVM_SET_SIGNAL_MASK(), clinux_KVM_IRQ_LINE(), clinux_KVM_IOEVENTFD(),
                     clinux_TUNSETOFFLOAD(), clinux_TUNSETQUEUE(),
-                ].map(UInt32.init(truncatingIfNeeded:))),
+                ].map(UInt32.init(truncatingIfNeeded:)) + vhostIoctls),
             ]
         case .queue:
             r = common + queueOwn + [
-                .allow(SYS_ioctl, arg: 1, in: [clinux_KVM_IRQ_LINE(), clinux_TUNSETQUEUE()].map(UInt32.init(truncatingIfNeeded:))),
+                .allow(SYS_ioctl, arg: 1, in: [clinux_KVM_IRQ_LINE(), clinux_TUNSETQUEUE()].map(UInt32.init(truncatingIfNeeded:))
+                    + vhostIoctls),
             ]
         case .io:
             r = common + ioOwn
@@ -164,6 +166,22 @@ public enum Seccomp {
         .allowIfSet(SYS_clone, arg: 0, mask: UInt32(truncatingIfNeeded: clinux_CLONE_THREAD())),
         .allow(SYS_set_robust_list), .allow(SYS_rseq),
     ]
+    /// vhost-net ring setup, start and stop: a vCPU thread configures the rings at
+    /// DRIVER_OK (and detaches them at a reset), the control queue's thread starts and
+    /// stops pairs, a pair's thread stops its pair on a ring error or at stop.
+    /// (VHOST_SET_OWNER and VHOST_GET_FEATURES run before any filter.)
+    static var vhostIoctls: [UInt32] {
+        [clinux_VHOST_SET_FEATURES(), clinux_VHOST_SET_MEM_TABLE(), clinux_VHOST_SET_VRING_NUM(),
+         clinux_VHOST_SET_VRING_ADDR(), clinux_VHOST_SET_VRING_BASE(), clinux_VHOST_GET_VRING_BASE(),
+         clinux_VHOST_SET_VRING_KICK(), clinux_VHOST_SET_VRING_CALL(), clinux_VHOST_SET_VRING_ERR(),
+         clinux_VHOST_NET_SET_BACKEND()].map(UInt32.init(truncatingIfNeeded:))
+    }
+    /// Stopping vhost-net pairs (teardown on the main thread): detach, read the ring
+    /// bases, unbind the eventfds.
+    static var vhostStopIoctls: [UInt32] {
+        [clinux_VHOST_GET_VRING_BASE(), clinux_VHOST_SET_VRING_KICK(), clinux_VHOST_SET_VRING_CALL(),
+         clinux_VHOST_SET_VRING_ERR(), clinux_VHOST_NET_SET_BACKEND()].map(UInt32.init(truncatingIfNeeded:))
+    }
     static var terminalIoctls: [UInt32] {
         [clinux_TCGETS(), clinux_TCSETS(), clinux_TCSETSW(), clinux_TCSETSF()].map(UInt32.init(truncatingIfNeeded:))
     }

@@ -3,7 +3,7 @@
 //
 // Read: Firecracker's `boot-source`, `drives`, `network-interfaces`, `machine-config` and
 // `entropy` (a virtio-rng device; its rate_limiter is refused) with the keys its API documents, plus swiftlet's extension keys (drives: num_queues,
-// direct, serial; network-interfaces: queues, offload; a top-level `swiftlet` object for
+// direct, serial; network-interfaces: queues, offload, vhost; a top-level `swiftlet` object for
 // the settings Firecracker has no place for). Firecracker's other sections (vsock,
 // balloon, logger, ...) are accepted only as null, which Firecracker reads as "not
 // configured"; anything else in them is an error saying swiftlet has no such device.
@@ -175,7 +175,7 @@ enum ConfigKeys {
                         "io_engine", "rate_limiter", "socket"]
     static let driveExtensions = ["num_queues", "direct", "serial"]
     static let net = ["iface_id", "host_dev_name", "guest_mac", "mtu", "rx_rate_limiter", "tx_rate_limiter"]
-    static let netExtensions = ["queues", "offload"]
+    static let netExtensions = ["queues", "offload", "vhost"]
     static let machine = ["vcpu_count", "mem_size_mib", "smt", "track_dirty_pages", "huge_pages", "cpu_template"]
     static let entropy = ["rate_limiter"]
     static let swiftlet = ["serial", "log_level", "timeout", "metrics", "isa_debug_exit", "virtio_discovery",
@@ -411,6 +411,12 @@ public func parseConfig(_ doc: JSONValue) throws -> Settings {
             try n.nullOnly("tx_rate_limiter", "rate limiters are not supported by swiftlet")
             o.queues = try n.int("queues", range: 1...Int64(NetOptions.maxQueues), what: "queue pairs") ?? 1
             o.offload = try n.bool("offload") ?? true
+            if let v = try n.string("vhost") {
+                guard let m = VhostMode(rawValue: v) else {
+                    throw usage("\(n.path("vhost")): '\(shown(v))' is not valid: use \"on\", \"off\" or \"auto\"")
+                }
+                o.vhost = m
+            }
             nets.append(NetSpec(id: id, options: o))
         }
         s.nets = nets
@@ -563,6 +569,7 @@ public func effectiveConfigDocument(_ s: Settings) throws -> JSONValue {
             JSONMember("mtu", int(n.options.mtu)),
             JSONMember("queues", int(n.options.queues)),
             JSONMember("offload", .bool(n.options.offload)),
+            JSONMember("vhost", .string(n.options.vhost.rawValue)),
         ])
     }
     let discovery: String = (s.virtioDiscovery ?? .acpi) == .acpi ? "acpi" : "cmdline"

@@ -49,7 +49,8 @@ public struct BuiltDevice: Sendable {
 public func deviceSpecs(_ config: MachineConfig) -> [any VirtioDeviceSpec] {
     var specs: [any VirtioDeviceSpec] = []
     specs += config.disks.map { DiskDeviceSpec(options: $0) }
-    specs += config.nets.map { NetDeviceSpec(options: $0) }
+    let infoOn = config.logLevel >= .info
+    specs += config.nets.map { NetDeviceSpec(options: $0, info: { line in if infoOn { log(line) } }) }
     if config.rng { specs.append(RngDeviceSpec()) }
     return specs
 }

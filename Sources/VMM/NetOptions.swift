@@ -1,4 +1,4 @@
-// --net tap=NAME[,mac=MAC][,queues=N][,offload=on|off][,mtu=M]
+// --net tap=NAME[,mac=MAC][,queues=N][,offload=on|off][,mtu=M][,vhost=on|off|auto]
 //
 // Parsing (usage errors, exit 64) and opening the TAP (exit 69 when the host cannot give
 // us one: no /dev/net/tun, no permission, a busy or single-queue TAP). Every error is
@@ -14,6 +14,12 @@
 //     guest is told (VIRTIO_NET_F_MTU); the TAP's own MTU is not changed.
 //   - offload=on (default): checksum, TSO4/6 and ECN offloads offered both ways; the TAP
 //     is set (TUNSETOFFLOAD) to what the guest accepted when the driver starts the device.
+//   - vhost=auto (default): each queue pair's rx and tx rings are served by the host
+//     kernel (vhost-net, one /dev/vhost-net instance per pair, Devices/Net/VhostPair.swift)
+//     when /dev/vhost-net opens and works; otherwise the userspace data path, with one
+//     info line saying why. vhost=on: the same, but a host where it cannot work is an
+//     error (status 69), checked before any TAP is opened. vhost=off: userspace always.
+//     /dev/vhost-net is opened (and VHOST_SET_OWNER issued) before the TAP.
 //   - The TAP is opened IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE, once per
 //     queue pair, non-blocking, with a 12-byte vnet header (virtio_net_hdr_v1). A TAP
 //     that does not exist yet is created and, being non-persistent, disappears when
@@ -28,6 +34,12 @@ import Virtio
 import GuestMemory
 import KVM
 import Boot
+import Vhost
+
+/// --net vhost=: who serves the rx and tx queues.
+public enum VhostMode: String, Equatable, Sendable {
+    case on, off, auto
+}
 
 public struct NetOptions: Equatable, Sendable {
     public var tap: String
@@ -36,18 +48,21 @@ public struct NetOptions: Equatable, Sendable {
     public var queues: Int = 1
     public var offload: Bool = true
     public var mtu: Int = 1500
+    public var vhost: VhostMode = .auto
 
-    public init(tap: String, mac: [UInt8]? = nil, queues: Int = 1, offload: Bool = true, mtu: Int = 1500) {
+    public init(tap: String, mac: [UInt8]? = nil, queues: Int = 1, offload: Bool = true, mtu: Int = 1500,
+                vhost: VhostMode = .auto) {
         self.tap = tap
         self.mac = mac
         self.queues = queues
         self.offload = offload
         self.mtu = mtu
+        self.vhost = vhost
     }
 
     public static let maxQueues = VirtioNetLimits.maxQueuePairs
     public static let mtuRange = 68...65535
-    static let form = "tap=NAME[,mac=MAC][,queues=N][,offload=on|off][,mtu=M]"
+    static let form = "tap=NAME[,mac=MAC][,queues=N][,offload=on|off][,mtu=M][,vhost=on|off|auto]"
 
     /// The MAC address the device gets as --net number `index`.
     public func macAddress(index: Int) -> [UInt8] {
@@ -130,8 +145,13 @@ public struct NetOptions: Equatable, Sendable {
                     throw usage("mtu='\(shown(value))' is not valid: use a number from \(mtuRange.lowerBound) to \(mtuRange.upperBound)")
                 }
                 o.mtu = n
+            case "vhost":
+                guard let m = VhostMode(rawValue: value) else {
+                    throw usage("vhost='\(shown(value))' is not valid: use vhost=on, vhost=off or vhost=auto")
+                }
+                o.vhost = m
             default:
-                throw usage("unknown option '\(shown(key))': use tap, mac, queues, offload or mtu")
+                throw usage("unknown option '\(shown(key))': use tap, mac, queues, offload, mtu or vhost")
             }
         }
         guard let tap else { throw usage("missing tap=: use --net \(form)") }
@@ -148,11 +168,14 @@ public final class OpenTap: @unchecked Sendable {
     public private(set) var fds: [Int32]
     /// swiftlet created the interface (it goes away when `fds` are closed).
     public let created: Bool
+    /// One vhost-net instance per queue pair, or none (userspace data path).
+    public let vhost: OpenVhost?
 
-    init(options: NetOptions, fds: [Int32], created: Bool) {
+    init(options: NetOptions, fds: [Int32], created: Bool, vhost: OpenVhost? = nil) {
         self.options = options
         self.fds = fds
         self.created = created
+        self.vhost = vhost
     }
 
     deinit { close() }
@@ -166,20 +189,84 @@ public final class OpenTap: @unchecked Sendable {
     /// The virtio-net device model for this TAP (`index`: its --net position, for the default MAC).
     public func makeDevice(index: Int, name: String, log: RateLimitedLog? = nil) -> VirtioNet {
         VirtioNet(queueFDs: fds, mac: options.macAddress(index: index), mtu: UInt16(options.mtu),
-                  offload: options.offload, control: TapQueueControl(fds: fds, owner: self), name: name, log: log)
+                  offload: options.offload, control: TapQueueControl(fds: fds, owner: self), name: name, log: log,
+                  vhost: vhost?.instances ?? [], vhostFeatures: vhost?.features ?? 0)
     }
+}
+
+/// The vhost-net instances of one --net: one per queue pair, each owned (VHOST_SET_OWNER).
+public final class OpenVhost: Sendable {
+    public let instances: [VhostNet]
+    /// VHOST_GET_FEATURES (the same for every instance).
+    public let features: UInt64
+    init(instances: [VhostNet], features: UInt64) {
+        self.instances = instances
+        self.features = features
+    }
+}
+
+/// Opens `pairs` vhost-net instances for --net `o` (index `index`), or nil when o.vhost is
+/// off, or auto and the host cannot (then `info` gets one line saying why). vhost=on on
+/// such a host: a SwiftletError (status 69).
+public func openVhost(_ o: NetOptions, index: Int, info: (String) -> Void) throws -> OpenVhost? {
+    guard o.vhost != .off else { return nil }
+    var why: String
+    var fix: String
+    do {
+        var instances: [VhostNet] = []
+        for _ in 0..<o.queues { instances.append(try VhostNet()) }
+        let f = try instances[0].features()
+        if f & VirtioFeature.version1 == 0 {
+            why = "/dev/vhost-net does not offer VIRTIO_F_VERSION_1"
+            fix = "use a newer host kernel or vhost=off"
+        } else {
+            return OpenVhost(instances: instances, features: f)
+        }
+    } catch let e as VhostNet.OpenError {
+        switch e {
+        case .open(let err) where err == ENOENT || err == ENODEV || err == ENXIO:
+            why = "\(VhostNet.path) is missing"
+            fix = "load the vhost_net module (modprobe vhost_net) or use vhost=off"
+        case .open(let err) where err == EACCES || err == EPERM:
+            why = "cannot open \(VhostNet.path): \(errnoText(err))"
+            fix = "run as root, give this user access to \(VhostNet.path), or use vhost=off"
+        case .open(let err):
+            why = "cannot open \(VhostNet.path): \(errnoText(err))"
+            fix = "use vhost=off"
+        case .setup(let v):
+            why = "\(VhostNet.path): \(v)"
+            fix = "use vhost=off"
+        }
+    } catch {
+        why = "\(VhostNet.path): \(error)"
+        fix = "use vhost=off"
+    }
+    if o.vhost == .on {
+        throw SwiftletError(.hostUnavailable, "--net \(shown(o.tap)): vhost=on but \(why): \(fix)")
+    }
+    info("net\(index): \(why): using the userspace data path (vhost=auto)")
+    return nil
 }
 
 /// A --net: a multiqueue virtio-net device on a TAP.
 public struct NetDeviceSpec: VirtioDeviceSpec {
     public let options: NetOptions
+    /// Gets the info-level lines (vhost=auto falling back to userspace).
+    public let info: @Sendable (String) -> Void
     public var kind: String { "net" }
 
+    public init(options: NetOptions, info: @escaping @Sendable (String) -> Void = { _ in }) {
+        self.options = options
+        self.info = info
+    }
+
     public func open(earlier: [any VirtioBackend]) throws -> any VirtioBackend {
-        if earlier.contains(where: { ($0 as? OpenTap)?.options.tap == options.tap }) {
+        let taps = earlier.compactMap { $0 as? OpenTap }
+        if taps.contains(where: { $0.options.tap == options.tap }) {
             throw SwiftletError(.usage, "--net: TAP \(shown(options.tap)) is given twice: give each --net its own TAP")
         }
-        return try openTap(options)
+        let vhost = try openVhost(options, index: taps.count, info: info)
+        return try openTap(options, vhost: vhost)
     }
 }
 
@@ -197,7 +284,7 @@ extension OpenTap: VirtioBackend {
 }
 
 /// Opens (creating it if needed) the TAP `o.tap` with `o.queues` queues.
-public func openTap(_ o: NetOptions) throws -> OpenTap {
+public func openTap(_ o: NetOptions, vhost: OpenVhost? = nil) throws -> OpenTap {
     let name = shown(o.tap)
     let existed = if_nametoindex(o.tap) != 0
     var fds: [Int32] = []
@@ -255,5 +342,5 @@ public func openTap(_ o: NetOptions) throws -> OpenTap {
         }
     }
     ok = true
-    return OpenTap(options: o, fds: fds, created: !existed)
+    return OpenTap(options: o, fds: fds, created: !existed, vhost: vhost)
 }

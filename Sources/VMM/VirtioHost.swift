@@ -8,7 +8,9 @@
 //   - one thread per group of queues (the device's queueHandlerGroups: "blk0-q0" for
 //     each virtio-blk queue, "net0-q0+1" for each virtio-net rx/tx pair) that polls the
 //     group's kick eventfds, a stop eventfd and the handlers' completion fds, and calls
-//     the handlers.
+//     the handlers. A handler that brings its own kick eventfd (`ownKick`: virtio-net
+//     with vhost, whose kicks the host kernel takes) has that one registered, and the
+//     thread does not poll it.
 // Interrupts are level-triggered, as on real virtio-mmio hardware and in QEMU: the line
 // is high while InterruptStatus is nonzero. The device calls the transport's
 // VirtioInterruptSink, which sets the InterruptStatus bit and decides when the slot's
@@ -83,7 +85,8 @@ final class QueueWorker {
         var slots: [(handler: Int, kick: Bool)] = []
         for (k, h) in handlers.enumerated() {
             if h.completionFD >= 0 { watch.append(h.completionFD); slots.append((k, false)) }
-            watch.append(kicks[k].fd); slots.append((k, true))
+            // A kick the handler handed to someone else (vhost) is theirs to read.
+            if h.ownKick == nil { watch.append(kicks[k].fd); slots.append((k, true)) }
         }
         let what = "virtio queue " + handlers.map { String($0.queueIndex) }.joined(separator: "+")
         pollUntilStopped(stop: stop, watch: watch, onFailure: { e in
@@ -155,8 +158,9 @@ final class HostedDeviceAdapter: VirtioDevice {
         let stop = try EventFD()
         let w = QueueWorker(stop: stop)
         s.workers.append(w)  // before anything is registered: a failure below still deregisters it
-        for i in indices {
-            let kick = try EventFD()
+        for h in handlers {
+            let i = h.queueIndex
+            let kick = try h.ownKick ?? EventFD()
             var registered = true
             do {
                 try vm.registerIoeventfd(kick, address: notifyAddress, length: 4, datamatch: UInt64(i), pio: false)

@@ -13,6 +13,12 @@
 //
 // All three are called on that one thread only. A handler serves its queue through a
 // `QueueServer` (QueueServer.swift).
+//
+// A handler whose queue someone else serves (virtio-net with vhost: the host kernel)
+// gives its own kick eventfd (`ownKick`): the host registers that one as the queue's
+// ioeventfd and its thread does not poll it, so the driver's notify goes to whoever the
+// handler handed the eventfd to; the thread then only polls the handler's completionFD.
+import OS
 
 /// One active queue of a device (or, for a device that serves several queues as one, one
 /// of them). Made on the thread that activates the device, then handed to its queue
@@ -30,6 +36,13 @@ public protocol VirtioQueueHandler: AnyObject, Sendable {
     /// Stop: wait for every request in flight, retire it, and stop any helper threads.
     /// After this returns the handler never touches guest memory again. Idempotent.
     func quiesce()
+    /// The queue's kick eventfd when the handler brings its own (see above), else nil:
+    /// the host makes one and its thread serves the kicks.
+    var ownKick: EventFD? { get }
+}
+
+extension VirtioQueueHandler {
+    public var ownKick: EventFD? { nil }
 }
 
 /// A virtio device whose queues are served by host threads.

@@ -4,6 +4,7 @@ import Synchronization
 import OS
 import GuestMemory
 import Virtio
+import Vhost
 @testable import Devices
 
 /// Records TUNSETOFFLOAD / TUNSETQUEUE calls.
@@ -87,7 +88,8 @@ final class NetHarness {
 
     /// `tapFDs`: real TAP queue descriptors (not closed by the harness) instead of socketpairs.
     init(pairs: Int = 1, features: UInt64? = nil, queueSize: UInt16 = 64, mtu: UInt16 = 1500,
-         tapFDs: [Int32]? = nil, log: RateLimitedLog? = nil) throws {
+         tapFDs: [Int32]? = nil, log: RateLimitedLog? = nil, vhost: [any VhostNetBackend] = [],
+         vhostFeatures: UInt64 = 0) throws {
         mem = try GuestMemory(layout: [(base: 0, size: 0x80_0000)])
         if let tapFDs { deviceFDs = tapFDs }
         for _ in 0..<(tapFDs == nil ? pairs : 0) {
@@ -99,7 +101,8 @@ final class NetHarness {
         }
         ownsFDs = tapFDs == nil
         device = VirtioNet(queueFDs: deviceFDs, mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56], mtu: mtu,
-                           control: tapFDs.map { TapQueueControl(fds: $0) } ?? control, name: "tnet", log: log)
+                           control: tapFDs.map { TapQueueControl(fds: $0) } ?? control, name: "tnet", log: log,
+                           vhost: vhost, vhostFeatures: vhostFeatures)
         var f = features ?? device.deviceFeatures
         f &= device.deviceFeatures
         self.features = f

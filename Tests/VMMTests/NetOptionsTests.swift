@@ -4,6 +4,7 @@ import OS
 import KVM
 import CLinux
 import Devices
+import Vhost
 @testable import VMM
 
 final class NetOptionsTests: XCTestCase {
@@ -15,6 +16,29 @@ final class NetOptionsTests: XCTestCase {
         XCTAssertEqual(try NetOptions.parse("tap=a,mtu=65535").mtu, 65535)
         XCTAssertEqual(try NetOptions.parse("tap=a,queues=8").queues, 8)
         XCTAssertEqual(NetOptions(tap: "a").macAddress(index: 1), [0x52, 0x54, 0, 0x12, 0x34, 0x57])
+        XCTAssertEqual(try NetOptions.parse("tap=a").vhost, .auto)
+        XCTAssertEqual(try NetOptions.parse("tap=a,vhost=on").vhost, .on)
+        XCTAssertEqual(try NetOptions.parse("vhost=off,tap=a").vhost, .off)
+        XCTAssertEqual(try NetOptions.parse("tap=a,vhost=auto").vhost, .auto)
+    }
+
+    /// On a host without /dev/vhost-net: vhost=on is one error line naming the fix
+    /// (status 69), auto one info line and the userspace path, off nothing at all.
+    func testVhostWithoutVhostNet() throws {
+        guard access(VhostNet.path, F_OK) != 0 else { throw XCTSkip("this host has /dev/vhost-net") }
+        var lines: [String] = []
+        XCTAssertNil(try openVhost(NetOptions(tap: "a", vhost: .off), index: 0) { lines.append($0) })
+        XCTAssertEqual(lines, [])
+        XCTAssertNil(try openVhost(NetOptions(tap: "a", queues: 2, vhost: .auto), index: 3) { lines.append($0) })
+        XCTAssertEqual(lines, ["net3: /dev/vhost-net is missing: using the userspace data path (vhost=auto)"])
+        do {
+            _ = try openVhost(NetOptions(tap: "a", vhost: .on), index: 0) { lines.append($0) }
+            XCTFail("vhost=on opened")
+        } catch let e as SwiftletError {
+            XCTAssertEqual(e.status, .hostUnavailable)
+            XCTAssertEqual(e.message, "--net a: vhost=on but /dev/vhost-net is missing: load the vhost_net module (modprobe vhost_net) or use vhost=off")
+        }
+        XCTAssertEqual(lines.count, 1)
     }
 
     func testRefusesHostileValuesWithOneLine() {
@@ -42,7 +66,12 @@ final class NetOptionsTests: XCTestCase {
             ("tap=a,mtu=65536", "from 68 to 65535"),
             ("tap=a,mtu=1e3", "from 68 to 65535"),
             ("tap=a,offload=yes", "offload=on or offload=off"),
-            ("tap=a,vhost=on", "unknown option"),
+            ("tap=a,vhost=yes", "vhost=on, vhost=off or vhost=auto"),
+            ("tap=a,vhost=", "vhost=on, vhost=off or vhost=auto"),
+            ("tap=a,vhost=ON", "vhost=on, vhost=off or vhost=auto"),
+            ("tap=a,vhost=on ", "vhost=on, vhost=off or vhost=auto"),
+            ("tap=a,vhost=on,vhost=off", "given twice"),
+            ("tap=a,vhostnet=on", "unknown option"),
             ("tap=a,", "empty option"),
             ("tap", "not key=value"),
         ]

@@ -46,7 +46,7 @@ run_vmm() {
             set -- "$@" --disk "path=$_disk"
         fi
         if [ -n "$_tap" ]; then
-            set -- "$@" --net "tap=$_tap"
+            set -- "$@" --net "tap=$_tap,vhost=off"  # QEMU's line above is vhost=off too
         fi
         ;;
     *)

@@ -287,3 +287,26 @@ static inline unsigned long clinux_TCSETSW(void) { return TCSETSW; }
 static inline unsigned long clinux_TCSETSF(void) { return TCSETSF; }
 static inline unsigned long clinux_CLONE_THREAD(void) { return CLONE_THREAD; }
 #endif // SWIFTLET_CLINUX_SECCOMP_H
+
+// ---- Added for Sources/Vhost (own include guard) ----
+#ifndef SWIFTLET_CLINUX_VHOST_H
+#define SWIFTLET_CLINUX_VHOST_H
+#include <linux/vhost.h>
+#define CLINUX_REQ3(name, expr) static inline unsigned long clinux_##name(void) { return (unsigned long)(expr); }
+CLINUX_REQ3(VHOST_GET_FEATURES, VHOST_GET_FEATURES)
+CLINUX_REQ3(VHOST_SET_FEATURES, VHOST_SET_FEATURES)
+CLINUX_REQ3(VHOST_SET_OWNER, VHOST_SET_OWNER)
+CLINUX_REQ3(VHOST_SET_MEM_TABLE, VHOST_SET_MEM_TABLE)
+CLINUX_REQ3(VHOST_SET_VRING_NUM, VHOST_SET_VRING_NUM)
+CLINUX_REQ3(VHOST_SET_VRING_ADDR, VHOST_SET_VRING_ADDR)
+CLINUX_REQ3(VHOST_SET_VRING_BASE, VHOST_SET_VRING_BASE)
+CLINUX_REQ3(VHOST_GET_VRING_BASE, VHOST_GET_VRING_BASE)
+CLINUX_REQ3(VHOST_SET_VRING_KICK, VHOST_SET_VRING_KICK)
+CLINUX_REQ3(VHOST_SET_VRING_CALL, VHOST_SET_VRING_CALL)
+CLINUX_REQ3(VHOST_SET_VRING_ERR, VHOST_SET_VRING_ERR)
+CLINUX_REQ3(VHOST_NET_SET_BACKEND, VHOST_NET_SET_BACKEND)
+#undef CLINUX_REQ3
+static inline unsigned long clinux_vhost_memory_size(void) { return sizeof(struct vhost_memory); }
+static inline unsigned long clinux_vhost_memory_region_size(void) { return sizeof(struct vhost_memory_region); }
+static inline int clinux_VHOST_F_LOG_ALL(void) { return VHOST_F_LOG_ALL; }
+#endif // SWIFTLET_CLINUX_VHOST_H

@@ -22,6 +22,11 @@
 // virtio_net_hdr_v1; the kernel validates it). At most VirtioNetLimits.budget packets
 // per wake-up per queue.
 //
+// With vhost (VhostPair.swift) the host kernel serves the rx and tx rings of each pair
+// instead of the rx and tx handlers below; the control queue stays here and starts and
+// stops the pairs' vhost rings. If the kernel refuses the rings when the driver starts the
+// device, the device logs it and serves that activation and every later one in userspace.
+//
 // The guest is hostile: rx chains that cannot hold the header, tx chains shorter than
 // the header, frames the TAP refuses and malformed control commands are dropped (used
 // length 0) and counted; a malformed descriptor chain, a chain of more buffers than one
@@ -34,6 +39,7 @@ import CLinux
 import GuestMemory
 import OS
 import Virtio
+import Vhost
 import Synchronization
 
 /// What the device asks of its TAP beyond reading and writing frames. Errors are logged.
@@ -65,17 +71,31 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig {
     public let config: [UInt8]
     /// Counters per virtqueue index (rx0, tx0, ..., ctrl), kept across resets.
     public let stats: [NetQueueStats]
+    /// One vhost-net instance per queue pair, or none (userspace data path).
+    let vhost: [any VhostNetBackend]
+    /// What the vhost-net instances offer (VHOST_GET_FEATURES).
+    let vhostFeatures: UInt64
     struct State {
         var handlers: [VirtioQueueHandler] = []
+        /// The pairs vhost serves in this activation (none: userspace).
+        var vhostPairs: [VhostPair] = []
         var pairsActive = 1
         var negotiated: UInt64 = 0
+        /// The kernel refused the rings once: userspace from then on.
+        var vhostRefused = false
     }
     let state = Mutex(State())
 
     /// `queueFDs.count` is the number of queue pairs (1...VirtioNetLimits.maxQueuePairs).
+    /// `vhost`: one vhost-net instance per pair (owned by this process, VHOST_SET_OWNER
+    /// done) and what they offer, or empty for the userspace data path.
     public init(queueFDs: [Int32], mac: [UInt8], mtu: UInt16 = 1500, offload: Bool = true,
-                control: NetTapControl? = nil, name: String = "net", log: RateLimitedLog? = nil) {
+                control: NetTapControl? = nil, name: String = "net", log: RateLimitedLog? = nil,
+                vhost: [any VhostNetBackend] = [], vhostFeatures: UInt64 = 0) {
         precondition(!queueFDs.isEmpty && queueFDs.count <= VirtioNetLimits.maxQueuePairs && mac.count == 6)
+        precondition(vhost.isEmpty || vhost.count == queueFDs.count)
+        self.vhost = vhost
+        self.vhostFeatures = vhostFeatures
         self.queueFDs = queueFDs
         self.queuePairs = queueFDs.count
         self.mac = mac
@@ -106,8 +126,14 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig {
             | VirtioNetFeature.ctrlVQ | VirtioNetFeature.ctrlRx | VirtioNetFeature.mq
             | VirtioFeature.indirectDesc | VirtioFeature.eventIdx | VirtioFeature.version1
         if offload { f |= VirtioNetFeature.offloads }
+        // Ring features the kernel lacks are not offered (the userspace fallback serves
+        // whatever vhost would have).
+        if !vhost.isEmpty { f &= ~(VhostNetRingFeatures.all & ~vhostFeatures) }
         return f
     }
+
+    /// vhost-net serves the data queues of the current activation.
+    public var usesVhost: Bool { state.withLock { !$0.vhostPairs.isEmpty } }
 
 
     /// The MAC is not writable through config space with VERSION_1: writes are ignored.
@@ -124,25 +150,34 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig {
         } catch {
             log?.warn("cannot set the TAP's offloads", "\(name): cannot set the TAP's offloads: \(error)")
         }
-        // Only pair 0 until the driver asks for more (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET):
-        // frames steered to a pair without rx buffers would wait there.
-        setPairs(1)
         var made: [VirtioQueueHandler] = []
-        do {
-            for p in 0..<pairs {
-                if let q = queues.count > 2 * p ? queues[2 * p] : nil {
-                    made.append(try NetRxQueue(index: 2 * p, queue: q, fd: queueFDs[p], mergeable: hasMRG,
-                                               minFrame: guestGSO ? VirtioNetLimits.maxGSOFrame : Int(mtu) + 18,
-                                               interrupt: interrupt, stats: stats[2 * p], name: name, log: log))
-                }
-                if let q = queues.count > 2 * p + 1 ? queues[2 * p + 1] : nil {
-                    made.append(try NetTxQueue(index: 2 * p + 1, queue: q, fd: queueFDs[p], interrupt: interrupt,
-                                               stats: stats[2 * p + 1], name: name, log: log))
-                }
+        var vhostPairs: [VhostPair] = []
+        if !vhost.isEmpty && !state.withLock({ $0.vhostRefused }) {
+            do {
+                (made, vhostPairs) = try activateVhost(queues: queues, memory: memory, features: features, pairs: pairs,
+                                                       interrupt: interrupt)
+            } catch {
+                log?.warn("vhost-net refused the rings", "\(name): vhost-net refused the rings (\(error)): using the userspace data path")
+                state.withLock { $0.vhostRefused = true }
             }
-        } catch {
-            for h in made { h.quiesce() }
-            throw error
+        }
+        if vhostPairs.isEmpty {
+            do {
+                for p in 0..<pairs {
+                    if let q = queues.count > 2 * p ? queues[2 * p] : nil {
+                        made.append(try NetRxQueue(index: 2 * p, queue: q, fd: queueFDs[p], mergeable: hasMRG,
+                                                   minFrame: guestGSO ? VirtioNetLimits.maxGSOFrame : Int(mtu) + 18,
+                                                   interrupt: interrupt, stats: stats[2 * p], name: name, log: log))
+                    }
+                    if let q = queues.count > 2 * p + 1 ? queues[2 * p + 1] : nil {
+                        made.append(try NetTxQueue(index: 2 * p + 1, queue: q, fd: queueFDs[p], interrupt: interrupt,
+                                                   stats: stats[2 * p + 1], name: name, log: log))
+                    }
+                }
+            } catch {
+                for h in made { h.quiesce() }
+                throw error
+            }
         }
         let ctrl = 2 * pairs
         if features & VirtioNetFeature.ctrlVQ != 0, queues.count > ctrl, let q = queues[ctrl] {
@@ -151,16 +186,48 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig {
         }
         state.withLock {
             $0.handlers = made
+            $0.vhostPairs = vhostPairs
             $0.negotiated = features
         }
+        // Only pair 0 until the driver asks for more (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET):
+        // frames steered to a pair without rx buffers would wait there.
+        _ = setPairs(1)
+    }
+
+    /// Configures a vhost-net pair for every pair whose two queues the driver set up, and
+    /// attaches pair 0. On any refusal every pair made is closed and the error thrown.
+    func activateVhost(queues: [SplitQueue?], memory: GuestMemory, features: UInt64, pairs: Int,
+                       interrupt: any VirtioInterruptSink) throws -> ([VirtioQueueHandler], [VhostPair]) {
+        var made: [VirtioQueueHandler] = []
+        var vps: [VhostPair] = []
+        do {
+            for p in 0..<pairs {
+                guard queues.count > 2 * p + 1, let rx = queues[2 * p], let tx = queues[2 * p + 1] else { continue }
+                let vp = try VhostPair(pair: p, vhost: vhost[p], tapFD: queueFDs[p])
+                vps.append(vp)
+                try vp.configure(features: features & vhostFeatures & VhostNetRingFeatures.all, memory: memory, rings: [rx, tx])
+                for i in [2 * p, 2 * p + 1] {
+                    made.append(try VhostNetQueue(index: i, pair: vp, interrupt: interrupt, counters: stats[i], name: name, log: log))
+                }
+            }
+            try vps.first { $0.pair == 0 }?.attach()
+        } catch {
+            for vp in vps { vp.close() }
+            throw error
+        }
+        return (made, vps)
     }
 
     public func reset() {
-        let hs = state.withLock { s -> [VirtioQueueHandler] in
-            defer { s.handlers = [] }
-            return s.handlers
+        let (hs, vps) = state.withLock { s -> ([VirtioQueueHandler], [VhostPair]) in
+            defer {
+                s.handlers = []
+                s.vhostPairs = []
+            }
+            return (s.handlers, s.vhostPairs)
         }
         for h in hs { h.quiesce() }
+        for vp in vps { vp.close() }
     }
 
     // MARK: HostedVirtioDevice
@@ -178,11 +245,27 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig {
     public var activePairs: Int { state.withLock { $0.pairsActive } }
 
     /// Attaches TAP queues 0..<n and detaches the rest; rx threads of newly attached
-    /// pairs poll their TAP again.
-    func setPairs(_ n: Int) {
+    /// pairs poll their TAP again. With vhost, the pairs' rings stop before their TAP
+    /// queues are detached and start after they are attached. False when vhost refused
+    /// to start or stop a pair (logged).
+    func setPairs(_ n: Int) -> Bool {
+        let vps = state.withLock { $0.vhostPairs }
+        var ok = true
+        for vp in vps where vp.pair >= n {
+            do { try vp.detach() } catch {
+                ok = false
+                log?.warn("cannot stop a vhost pair", "\(name): cannot stop vhost-net on queue pair \(vp.pair): \(error)")
+            }
+        }
         for p in 0..<queuePairs {
             do { try control?.setQueueEnabled(pair: p, p < n) } catch {
                 log?.warn("cannot attach or detach a TAP queue", "\(name): cannot \(p < n ? "attach" : "detach") TAP queue \(p): \(error)")
+            }
+        }
+        for vp in vps where vp.pair < n {
+            do { try vp.attach() } catch {
+                ok = false
+                log?.warn("cannot start a vhost pair", "\(name): cannot start vhost-net on queue pair \(vp.pair): \(error)")
             }
         }
         let rx = state.withLock { s -> [NetRxQueue] in
@@ -190,6 +273,7 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig {
             return s.handlers.compactMap { $0 as? NetRxQueue }.filter { $0.queueIndex / 2 < n }
         }
         for r in rx { r.watchTap(true) }
+        return ok
     }
 }
 
@@ -530,8 +614,7 @@ public final class NetCtrlQueue: VirtioQueueHandler, @unchecked Sendable {
             _ = withUnsafeMutableBytes(of: &v) { chain.readReadable(into: $0, offset: 2) }
             let pairs = Int(UInt16(littleEndian: v))
             guard pairs >= 1, pairs <= device.queuePairs else { return VirtioNetCtrl.err }
-            device.setPairs(pairs)
-            return VirtioNetCtrl.ok
+            return device.setPairs(pairs) ? VirtioNetCtrl.ok : VirtioNetCtrl.err
         case (VirtioNetCtrl.classRx, let cmd) where VirtioNetCtrl.rxCommands.contains(cmd):
             guard features & VirtioNetFeature.ctrlRx != 0, dataLength >= 1 else { return VirtioNetCtrl.err }
             return VirtioNetCtrl.ok  // the TAP delivers everything; the guest's stack filters
