@@ -305,6 +305,8 @@ CLINUX_REQ3(VHOST_SET_VRING_KICK, VHOST_SET_VRING_KICK)
 CLINUX_REQ3(VHOST_SET_VRING_CALL, VHOST_SET_VRING_CALL)
 CLINUX_REQ3(VHOST_SET_VRING_ERR, VHOST_SET_VRING_ERR)
 CLINUX_REQ3(VHOST_NET_SET_BACKEND, VHOST_NET_SET_BACKEND)
+CLINUX_REQ3(VHOST_VSOCK_SET_GUEST_CID, VHOST_VSOCK_SET_GUEST_CID)
+CLINUX_REQ3(VHOST_VSOCK_SET_RUNNING, VHOST_VSOCK_SET_RUNNING)
 #undef CLINUX_REQ3
 static inline unsigned long clinux_vhost_memory_size(void) { return sizeof(struct vhost_memory); }
 static inline unsigned long clinux_vhost_memory_region_size(void) { return sizeof(struct vhost_memory_region); }

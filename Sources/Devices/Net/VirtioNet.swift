@@ -207,7 +207,7 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig {
                 vps.append(vp)
                 try vp.configure(features: features & vhostFeatures & VhostNetRingFeatures.all, memory: memory, rings: [rx, tx])
                 for i in [2 * p, 2 * p + 1] {
-                    made.append(try VhostNetQueue(index: i, pair: vp, interrupt: interrupt, counters: stats[i], name: name, log: log))
+                    made.append(try VhostQueue(index: i, pair: vp, interrupt: interrupt, counters: stats[i], name: name, log: log))
                 }
             }
             try vps.first { $0.pair == 0 }?.attach()
