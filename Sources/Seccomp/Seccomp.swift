@@ -166,21 +166,23 @@ public enum Seccomp {
         .allowIfSet(SYS_clone, arg: 0, mask: UInt32(truncatingIfNeeded: clinux_CLONE_THREAD())),
         .allow(SYS_set_robust_list), .allow(SYS_rseq),
     ]
-    /// vhost-net ring setup, start and stop: a vCPU thread configures the rings at
-    /// DRIVER_OK (and detaches them at a reset), the control queue's thread starts and
-    /// stops pairs, a pair's thread stops its pair on a ring error or at stop.
-    /// (VHOST_SET_OWNER and VHOST_GET_FEATURES run before any filter.)
+    /// vhost ring setup, start and stop: a vCPU thread configures the rings at
+    /// DRIVER_OK (and stops them at a reset); for vhost-net the control queue's thread
+    /// starts and stops pairs; a device's thread stops its rings on a ring error or at
+    /// stop. (VHOST_SET_OWNER, VHOST_GET_FEATURES and VHOST_VSOCK_SET_GUEST_CID run
+    /// before any filter.)
     static var vhostIoctls: [UInt32] {
         [clinux_VHOST_SET_FEATURES(), clinux_VHOST_SET_MEM_TABLE(), clinux_VHOST_SET_VRING_NUM(),
          clinux_VHOST_SET_VRING_ADDR(), clinux_VHOST_SET_VRING_BASE(), clinux_VHOST_GET_VRING_BASE(),
          clinux_VHOST_SET_VRING_KICK(), clinux_VHOST_SET_VRING_CALL(), clinux_VHOST_SET_VRING_ERR(),
-         clinux_VHOST_NET_SET_BACKEND()].map(UInt32.init(truncatingIfNeeded:))
+         clinux_VHOST_NET_SET_BACKEND(), clinux_VHOST_VSOCK_SET_RUNNING()].map(UInt32.init(truncatingIfNeeded:))
     }
-    /// Stopping vhost-net pairs (teardown on the main thread): detach, read the ring
-    /// bases, unbind the eventfds.
+    /// Stopping vhost rings (teardown on the main thread): detach vhost-net pairs, stop
+    /// vhost-vsock, read the ring bases, unbind the eventfds.
     static var vhostStopIoctls: [UInt32] {
         [clinux_VHOST_GET_VRING_BASE(), clinux_VHOST_SET_VRING_KICK(), clinux_VHOST_SET_VRING_CALL(),
-         clinux_VHOST_SET_VRING_ERR(), clinux_VHOST_NET_SET_BACKEND()].map(UInt32.init(truncatingIfNeeded:))
+         clinux_VHOST_SET_VRING_ERR(), clinux_VHOST_NET_SET_BACKEND(), clinux_VHOST_VSOCK_SET_RUNNING()]
+            .map(UInt32.init(truncatingIfNeeded:))
     }
     static var terminalIoctls: [UInt32] {
         [clinux_TCGETS(), clinux_TCSETS(), clinux_TCSETSW(), clinux_TCSETSF()].map(UInt32.init(truncatingIfNeeded:))

@@ -129,6 +129,8 @@ public struct MachineConfig {
     public var seccomp: SeccompMode = .on
     /// --rng: a virtio-rng device (after the disks and network interfaces).
     public var rng = false
+    /// --vsock: a virtio-vsock device on vhost-vsock (after the rng).
+    public var vsock: VsockOptions? = nil
 
     public init(kernelPath: String, initrdPath: String? = nil, cmdline: String = MachineConfig.defaultCmdline,
                 cpus: Int = 1, memoryBytes: UInt64 = MachineConfig.defaultMemory, serial: SerialMode = .stdio,

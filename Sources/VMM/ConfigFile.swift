@@ -2,10 +2,11 @@
 // with the command line (README "Configuration file").
 //
 // Read: Firecracker's `boot-source`, `drives`, `network-interfaces`, `machine-config` and
-// `entropy` (a virtio-rng device; its rate_limiter is refused) with the keys its API documents, plus swiftlet's extension keys (drives: num_queues,
+// `entropy` (a virtio-rng device; its rate_limiter is refused) and `vsock` (guest_cid; a
+// uds_path is refused: swiftlet's vsock is vhost-vsock) with the keys its API documents, plus swiftlet's extension keys (drives: num_queues,
 // direct, serial; network-interfaces: queues, offload, vhost; a top-level `swiftlet` object for
-// the settings Firecracker has no place for). Firecracker's other sections (vsock,
-// balloon, logger, ...) are accepted only as null, which Firecracker reads as "not
+// the settings Firecracker has no place for). Firecracker's other sections
+// (balloon, logger, ...) are accepted only as null, which Firecracker reads as "not
 // configured"; anything else in them is an error saying swiftlet has no such device.
 //
 // Every problem is one SwiftletError naming the JSON path ("drives[1].path_on_host:
@@ -83,6 +84,8 @@ public struct Settings: Equatable {
     public var kernelCache: String?
     /// --rng, or an `entropy` object in the file.
     public var rng: Bool?
+    /// --vsock, or a `vsock` object in the file.
+    public var vsock: VsockOptions?
 
     public init() {}
 
@@ -107,6 +110,7 @@ public struct Settings: Equatable {
         s.kernelDecompress = kernelDecompress ?? base.kernelDecompress
         s.kernelCache = kernelCache ?? base.kernelCache
         s.rng = rng ?? base.rng
+        s.vsock = vsock ?? base.vsock
         return s
     }
 }
@@ -165,10 +169,10 @@ public func loadConfigFile(_ path: String) throws -> Settings {
 
 /// The keys of each object: Firecracker's documented ones, then swiftlet's.
 enum ConfigKeys {
-    static let top = ["boot-source", "drives", "network-interfaces", "machine-config", "entropy"]
+    static let top = ["boot-source", "drives", "network-interfaces", "machine-config", "entropy", "vsock"]
     /// Firecracker sections swiftlet has no device or feature for: accepted as null only.
     static let unsupportedSections = ["balloon", "cpu-config", "logger", "memory-hotplug", "metrics",
-                                      "mmds-config", "pmem", "vsock"]
+                                      "mmds-config", "pmem"]
     static let topExtensions = ["swiftlet"]
     static let bootSource = ["kernel_image_path", "initrd_path", "boot_args"]
     static let drive = ["drive_id", "path_on_host", "is_root_device", "is_read_only", "partuuid", "cache_type",
@@ -178,6 +182,7 @@ enum ConfigKeys {
     static let netExtensions = ["queues", "offload", "vhost"]
     static let machine = ["vcpu_count", "mem_size_mib", "smt", "track_dirty_pages", "huge_pages", "cpu_template"]
     static let entropy = ["rate_limiter"]
+    static let vsock = ["vsock_id", "guest_cid", "uds_path"]
     static let swiftlet = ["serial", "log_level", "timeout", "metrics", "isa_debug_exit", "virtio_discovery",
                            "virtio_irq", "kernel_decompress", "kernel_cache"]
 }
@@ -309,8 +314,6 @@ public func parseConfig(_ doc: JSONValue) throws -> Settings {
         guard let v = top.value(section) else { continue }
         if section == "pmem", case .array(let a) = v, a.isEmpty { continue }
         switch section {
-        case "vsock":
-            throw usage("vsock: not supported yet: swiftlet has no virtio-vsock device: leave the section out or set it to null")
         case "logger":
             throw usage("logger: not supported by swiftlet, which logs to stderr: leave the section out or set it to null, and see swiftlet.log_level")
         case "metrics":
@@ -428,6 +431,16 @@ public func parseConfig(_ doc: JSONValue) throws -> Settings {
         s.rng = true
     }
 
+    if let v = top.value("vsock") {
+        let f = try Fields(v, at: "vsock", what: "vsock", keys: ConfigKeys.vsock)
+        if let id = try f.string("vsock_id") { try checkID(id, at: f.path("vsock_id")) }
+        let range = VsockOptions.range
+        let cid = try f.int("guest_cid", range: Int64(range.lowerBound)...Int64(range.upperBound), what: "as the context ID (0-2 and 4294967295 are reserved)",
+                            missing: "give the guest's context ID, e.g. \"guest_cid\": 3")!
+        try f.nullOnly("uds_path", "swiftlet's vsock is the host kernel's vhost-vsock, which host programs reach over AF_VSOCK at the guest_cid, not through a Unix socket")
+        s.vsock = VsockOptions(cid: UInt64(cid))
+    }
+
     if let v = top.value("machine-config") {
         let m = try Fields(v, at: "machine-config", what: "machine-config", keys: ConfigKeys.machine)
         s.cpus = try m.int("vcpu_count", range: 1...maxConfigVCPUs, what: "vCPUs", missing: "give the number of vCPUs, e.g. \"vcpu_count\": 1")
@@ -502,6 +515,7 @@ public func machineConfig(_ s: Settings, startNanos: UInt64) throws -> MachineCo
     c.isaDebugExit = s.isaDebugExit ?? false
     c.metricsPath = s.metrics
     c.rng = s.rng ?? false
+    c.vsock = s.vsock
     return c
 }
 
@@ -587,6 +601,9 @@ public func effectiveConfigDocument(_ s: Settings) throws -> JSONValue {
             JSONMember("mem_size_mib", .number(JSONNumber(Int64(memory >> 20)))),
         ])),
         JSONMember("entropy", s.rng == true ? .object([]) : .null),
+        JSONMember("vsock", s.vsock.map { v in
+            .object([JSONMember("guest_cid", .number(JSONNumber(Int64(v.cid)))), JSONMember("uds_path", .null)])
+        } ?? .null),
         JSONMember("swiftlet", .object([
             JSONMember("serial", .string((s.serial ?? .stdio).flagValue)),
             JSONMember("log_level", .string((s.logLevel ?? .warn).name)),

@@ -4,7 +4,7 @@
 // knows no device type: it opens the backends in list order, then gives device i
 // virtio-mmio index i (its window, GSI and DSDT entry) in one loop.
 //
-// The order is the virtio-mmio order a guest sees: disks, network interfaces, rng. A new
+// The order is the virtio-mmio order a guest sees: disks, network interfaces, rng, vsock. A new
 // device is a spec type here (or in its options file) and one line in `deviceSpecs`.
 import Glibc
 import OS
@@ -52,6 +52,7 @@ public func deviceSpecs(_ config: MachineConfig) -> [any VirtioDeviceSpec] {
     let infoOn = config.logLevel >= .info
     specs += config.nets.map { NetDeviceSpec(options: $0, info: { line in if infoOn { log(line) } }) }
     if config.rng { specs.append(RngDeviceSpec()) }
+    if let v = config.vsock { specs.append(VsockDeviceSpec(options: v)) }
     return specs
 }
 

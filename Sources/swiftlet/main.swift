@@ -20,12 +20,12 @@ struct Swiftlet: ParsableCommand {
         Exit status: 0 guest powered off, 3 guest rebooted, 4 guest crashed (triple fault, \
         KVM internal error), 1 swiftlet failed while running (a host error, or a system call outside its seccomp allowlist), 124 --timeout ran out, 128+N stopped \
         by signal N, 64 usage error, 65 bad kernel/initrd data, 66 input missing or unreadable, \
-        69 host cannot run the VM (no usable /dev/kvm). A guest that writes N to the exit register \
+        69 host cannot run the VM (no usable /dev/kvm, /dev/vhost-vsock or guest CID). A guest that writes N to the exit register \
         (0xd0000004) ends the VM with status N as it is (a non-zero one is named on stderr as \
         "swiftlet: guest exit status N"; --metrics says "by": "guest").
 
         --config-file takes Firecracker's JSON configuration (boot-source, drives, \
-        network-interfaces, machine-config, entropy) and swiftlet's own keys (README "Configuration \
+        network-interfaces, machine-config, entropy, vsock) and swiftlet's own keys (README "Configuration \
         file"). A flag given on the command line replaces the file's value; --disk and --net \
         replace the file's whole drives and network-interfaces lists.
         """,
@@ -67,6 +67,9 @@ struct Swiftlet: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("virtio-rng fed by the host's getrandom: on or off. (default: off)", valueName: "on|off"),
             completion: .list(["on", "off"]))
     var rng: String?
+
+    @Option(name: .long, help: ArgumentHelp("virtio-vsock served by the host kernel's vhost-vsock: cid=N, the guest's context ID (3 to 4294967294), which host programs reach over AF_VSOCK.", valueName: "cid=N"))
+    var vsock: String?
 
     @Option(name: .long, help: ArgumentHelp("How the guest finds virtio devices: acpi (DSDT, stock kernels) or cmdline (virtio_mmio.device=). (default: acpi)", valueName: "mode"),
             completion: .list(["acpi", "cmdline"]))
@@ -123,6 +126,7 @@ struct Swiftlet: ParsableCommand {
             s.nets = try net.enumerated().map { NetSpec(id: "net\($0.offset)", options: try NetOptions.parse($0.element)) }
         }
         if let rng { s.rng = try parseRng(rng) }
+        if let vsock { s.vsock = try VsockOptions.parse(vsock) }
         if let virtioDiscovery { s.virtioDiscovery = try VirtioDiscovery.parse(virtioDiscovery) }
         s.kernelDecompress = kernelDecompress
         if let virtioIrq { s.virtioIrq = try VirtioInterruptMode.parse(virtioIrq) }

@@ -1,0 +1,134 @@
+// --vsock cid=N, and the config file's `vsock` object (guest_cid): a virtio-vsock device
+// served by the host kernel's vhost-vsock (Devices/Vsock/VirtioVsock.swift). Host programs
+// reach the guest over AF_VSOCK at CID N; the guest reaches the host at CID 2.
+//
+// Decisions:
+//   - cid: decimal, 3...0xFFFFFFFE (0-2 are reserved and the host, 0xFFFFFFFF is
+//     VMADDR_CID_ANY). Required: there is no default CID, since two VMs on one host may
+//     not share one.
+//   - /dev/vhost-vsock is opened, VHOST_SET_OWNER'd and given the CID (which the host
+//     keeps for this VM until swiftlet exits) when the devices are opened, before KVM:
+//     no vhost_vsock module, no permission or a CID another VM holds is one line and
+//     status 69, with whatever was opened before it closed again (a TAP disappears).
+//   - Firecracker's `uds_path` (its vsock proxies guest connections to Unix sockets) must
+//     be null or absent: with vhost-vsock the host side is AF_VSOCK itself.
+//   - The device takes the virtio-mmio index after every disk, network interface and rng.
+import Glibc
+import OS
+import Devices
+import Virtio
+import Vhost
+
+public struct VsockOptions: Equatable, Sendable {
+    public var cid: UInt64
+
+    public init(cid: UInt64) { self.cid = cid }
+
+    static let form = "cid=N"
+    static let range = VirtioVsockLimits.cids
+
+    /// `text` (decimal digits only) as a guest CID, or nil.
+    static func cidValue(_ text: String) -> UInt64? {
+        guard !text.isEmpty, text.utf8.count <= 10, text.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }),
+              let n = UInt64(text), range.contains(n) else { return nil }
+        return n
+    }
+
+    /// Parses one --vsock value.
+    public static func parse(_ text: String) throws -> VsockOptions {
+        func usage(_ s: String) -> SwiftletError { SwiftletError(.usage, "--vsock: \(s)") }
+        var cid: UInt64? = nil
+        var seen = Set<String>()
+        for item in text.split(separator: ",", omittingEmptySubsequences: false).map(String.init) {
+            guard !item.isEmpty else { throw usage("empty option in '\(shown(text))': use --vsock \(form)") }
+            guard let eq = item.firstIndex(of: "=") else { throw usage("'\(shown(item))' is not key=value: use --vsock \(form)") }
+            let key = String(item[..<eq])
+            let value = String(item[item.index(after: eq)...])
+            guard !seen.contains(key) else { throw usage("\(shown(key))= given twice") }
+            seen.insert(key)
+            switch key {
+            case "cid":
+                guard let n = cidValue(value) else {
+                    throw usage("cid='\(shown(value))' is not valid: use a context ID from \(range.lowerBound) to \(range.upperBound) (0-2 and 4294967295 are reserved), e.g. cid=3")
+                }
+                cid = n
+            default:
+                throw usage("unknown option '\(shown(key))': use --vsock \(form)")
+            }
+        }
+        guard let cid else { throw usage("missing cid=: use --vsock \(form), e.g. --vsock cid=3") }
+        return VsockOptions(cid: cid)
+    }
+}
+
+/// --vsock: a virtio-vsock device on /dev/vhost-vsock.
+public struct VsockDeviceSpec: VirtioDeviceSpec {
+    public let options: VsockOptions
+    public init(options: VsockOptions) { self.options = options }
+    public var kind: String { "vsock" }
+
+    public func open(earlier: [any VirtioBackend]) throws -> any VirtioBackend {
+        try openVsock(options) { (cid: UInt64) throws(VhostOpenError) -> any VhostVsockBackend in try VhostVsock(cid: cid) }
+    }
+}
+
+/// Opens the vhost-vsock instance of `o` with `open` (VhostVsock in the machine; tests
+/// give a failing one), or throws one SwiftletError (status 69) saying why it cannot work.
+func openVsock(_ o: VsockOptions, open: (UInt64) throws(VhostOpenError) -> any VhostVsockBackend) throws -> VsockBackend {
+    let path = VhostVsock.path
+    let why: String
+    let fix: String
+    do {
+        let v = try open(o.cid)
+        let f = try v.features()
+        guard f & VirtioFeature.version1 != 0 else {
+            throw SwiftletError(.hostUnavailable, "--vsock: \(path) does not offer VIRTIO_F_VERSION_1: use a newer host kernel")
+        }
+        return VsockBackend(options: o, vhost: v, features: f)
+    } catch let e as VhostOpenError {
+        switch e {
+        case .open(let err) where err == ENOENT || err == ENODEV || err == ENXIO:
+            why = "\(path) is missing"
+            fix = "load the vhost_vsock module (modprobe vhost_vsock)"
+        case .open(let err) where err == EACCES || err == EPERM:
+            why = "cannot open \(path): \(errnoText(err))"
+            fix = "run as root or give this user access to \(path)"
+        case .open(let err):
+            why = "cannot open \(path): \(errnoText(err))"
+            fix = "check that the vhost_vsock module works"
+        case .setup(let v) where v.errno == EADDRINUSE:
+            why = "guest CID \(o.cid) is in use by another VM on this host"
+            fix = "give this VM another --vsock cid="
+        case .setup(let v):
+            why = "\(path): \(v)"
+            fix = "check that the vhost_vsock module works"
+        }
+    } catch let e as SwiftletError {
+        throw e
+    } catch {
+        why = "\(path): \(error)"
+        fix = "check that the vhost_vsock module works"
+    }
+    throw SwiftletError(.hostUnavailable, "--vsock cid=\(o.cid): \(why): \(fix)")
+}
+
+/// The vhost-vsock instance of one --vsock, owned (VHOST_SET_OWNER, the CID claimed).
+final class VsockBackend: VirtioBackend {
+    let options: VsockOptions
+    let vhost: any VhostVsockBackend
+    let features: UInt64
+
+    init(options: VsockOptions, vhost: any VhostVsockBackend, features: UInt64) {
+        self.options = options
+        self.vhost = vhost
+        self.features = features
+    }
+
+    func makeDevice(name: String, ordinal: Int, log: RateLimitedLog?) throws -> BuiltDevice {
+        let vsock = VirtioVsock(cid: options.cid, vhost: vhost, vhostFeatures: features, name: name, log: log)
+        return BuiltDevice(vsock) { "\"guest_cid\": \(vsock.cid), " + queueMetricsJSON(vsock.stats) }
+    }
+
+    /// The descriptor (and the CID) goes with the last reference, when the machine is gone.
+    func close() {}
+}
