@@ -7,8 +7,9 @@ import Virtio
 import Vhost
 @testable import Devices
 
-/// A vhost-net instance that records the calls a device makes and can refuse one.
-final class FakeVhost: VhostNetBackend {
+/// A vhost-net or vhost-vsock instance that records the calls a device makes and can
+/// refuse one.
+final class FakeVhost: VhostNetBackend, VhostVsockBackend {
     struct State {
         var calls: [String] = []
         var refuse: String? = nil
@@ -65,6 +66,7 @@ final class FakeVhost: VhostNetBackend {
         try record("SET_BACKEND", "\(ring) \(fd < 0 ? "-1" : "tap")")
         state.withLock { $0.backend[ring] = fd }
     }
+    func setRunning(_ running: Bool) throws { try record("SET_RUNNING", running ? "1" : "0") }
     /// Plays the kernel: signals ring `ring`'s call (or err) eventfd.
     func signal(call ring: Int) { var v: UInt64 = 1; _ = write(state.withLock { $0.call[ring] }, &v, 8) }
     func signal(err ring: Int) { var v: UInt64 = 1; _ = write(state.withLock { $0.err[ring] }, &v, 8) }
@@ -102,7 +104,7 @@ final class VhostNetDeviceTests: XCTestCase {
                 XCTAssertEqual(a.desc, UInt64(UInt(bitPattern: try h.mem.pointer(q.desc, length: 1))))
                 XCTAssertEqual(a.avail, UInt64(UInt(bitPattern: try h.mem.pointer(q.avail, length: 1))))
                 XCTAssertEqual(a.used, UInt64(UInt(bitPattern: try h.mem.pointer(q.used, length: 1))))
-                XCTAssertEqual(f.state.withLock { $0.kick[r] }, (h.handler(2 * p + r) as! VhostNetQueue).ownKick?.fd)
+                XCTAssertEqual(f.state.withLock { $0.kick[r] }, (h.handler(2 * p + r) as! VhostQueue).ownKick?.fd)
             }
             XCTAssertEqual(f.backend, p == 0 ? [h.deviceFDs[0], h.deviceFDs[0]] : [-1, -1], "pair \(p)")
         }
@@ -125,7 +127,7 @@ final class VhostNetDeviceTests: XCTestCase {
         XCTAssertEqual(pairs(2), VirtioNetCtrl.ok)
         XCTAssertEqual(fakes[1].calls, ["SET_VRING_BASE 0 0", "SET_VRING_BASE 1 0", "SET_BACKEND 0 tap", "SET_BACKEND 1 tap"])
         XCTAssertEqual(fakes[1].backend, [h.deviceFDs[1], h.deviceFDs[1]])
-        let kick = (h.handler(2) as! VhostNetQueue).ownKick!
+        let kick = (h.handler(2) as! VhostQueue).ownKick!
         XCTAssertEqual(try kick.read(), 1, "a started ring is kicked once")
         fakes[1].clear()
         XCTAssertEqual(pairs(1), VirtioNetCtrl.ok)
@@ -200,7 +202,7 @@ final class VhostNetDeviceTests: XCTestCase {
     /// error marks the device NEEDS_RESET and stops the pair.
     func testCallAndErrorEventfds() throws {
         let (h, fakes) = try vhostHarness(pairs: 1)
-        let rx = h.handler(0) as! VhostNetQueue
+        let rx = h.handler(0) as! VhostQueue
         rx.completionsReady()
         XCTAssertEqual(h.sink.used, 0)
         fakes[0].signal(call: 0)
@@ -211,7 +213,7 @@ final class VhostNetDeviceTests: XCTestCase {
         XCTAssertEqual(h.device.stats[0].interrupts, 1)
         XCTAssertEqual(poll(&p, 1, 0), 0, "the call was taken")
         fakes[0].signal(err: 1)
-        let tx = h.handler(1) as! VhostNetQueue
+        let tx = h.handler(1) as! VhostQueue
         tx.completionsReady()
         XCTAssertTrue(h.sink.needsReset)
         XCTAssertEqual(fakes[0].backend, [-1, -1])
@@ -282,7 +284,7 @@ final class VhostInterruptRaceTests: XCTestCase {
         let rounds = 300
         let published = Counter(), called = Counter(), seen = Counter()
         let sink = PreemptedAfterRaise(t, called: called, last: rounds)
-        let handler = try VhostNetQueue(index: 0, pair: pair, interrupt: sink, counters: QueueCounters(), name: "trace", log: nil)
+        let handler = try VhostQueue(index: 0, pair: pair, interrupt: sink, counters: QueueCounters(), name: "trace", log: nil)
         // The pair's thread, as QueueWorker runs it.
         let stop = try EventFD()
         let worker = try spawnThread(name: "trace-q0") {

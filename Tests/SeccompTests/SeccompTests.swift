@@ -110,6 +110,22 @@ final class SeccompTests: XCTestCase {
         XCTAssertEqual(q.status, 1, q.stderr)
     }
 
+    /// vhost-vsock: the vCPU (DRIVER_OK, reset), the device's queue thread (a ring error,
+    /// stop) and main (teardown) may start and stop it; SET_GUEST_CID runs before any
+    /// filter and is no filtered thread's business.
+    func testVhostVsockIoctls() {
+        for role in [ThreadRole.vcpu, .queue, .main] {
+            let ok = inChild(role) {
+                clinux_ioctl_ptr(-1, clinux_VHOST_VSOCK_SET_RUNNING(), nil) == -1 && errno == EBADF ? 0 : 2
+            }
+            XCTAssertEqual(ok.status, 0, "\(role): \(ok.stderr)")
+            let bad = inChild(role) { clinux_ioctl_ptr(-1, clinux_VHOST_VSOCK_SET_GUEST_CID(), nil) == -1 ? 3 : 4 }
+            XCTAssertEqual(bad.status, 1, "\(role): \(bad.stderr)")
+        }
+        let io = inChild(.io) { clinux_ioctl_ptr(-1, clinux_VHOST_VSOCK_SET_RUNNING(), nil) == -1 ? 3 : 4 }
+        XCTAssertEqual(io.status, 1, io.stderr)
+    }
+
     func testNoExecutableMappingsAndThreadsOnly() {
         let exec = inChild(.vcpu) {
             let p = mmap(nil, 4096, PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)

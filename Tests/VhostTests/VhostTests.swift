@@ -22,6 +22,8 @@ final class VhostTests: XCTestCase {
         XCTAssertEqual(clinux_VHOST_SET_VRING_CALL(), io(write, 0x21, 8))
         XCTAssertEqual(clinux_VHOST_SET_VRING_ERR(), io(write, 0x22, 8))
         XCTAssertEqual(clinux_VHOST_NET_SET_BACKEND(), io(write, 0x30, 8))
+        XCTAssertEqual(clinux_VHOST_VSOCK_SET_GUEST_CID(), io(write, 0x60, 8))
+        XCTAssertEqual(clinux_VHOST_VSOCK_SET_RUNNING(), io(write, 0x61, 4))
         XCTAssertEqual(clinux_vhost_memory_size(), 8)
         XCTAssertEqual(clinux_vhost_memory_region_size(), 32)
         XCTAssertEqual(VhostFeature.logAll, 1 << 26)
@@ -45,5 +47,22 @@ final class VhostTests: XCTestCase {
         guard access(VhostNet.path, R_OK | W_OK) == 0 else { throw XCTSkip("no permission for /dev/vhost-net") }
         let v = try VhostNet()
         XCTAssertNotEqual(try v.features() & (1 << 32), 0)
+    }
+
+    /// The same for /dev/vhost-vsock; on a host that has it, the instance holds its CID:
+    /// a second instance with the same CID gets EADDRINUSE, another CID opens.
+    func testOpenVsock() throws {
+        if access(VhostVsock.path, F_OK) != 0 {
+            XCTAssertThrowsError(try VhostVsock(cid: 3)) { XCTAssertEqual($0 as? VhostOpenError, .open(errno: ENOENT)) }
+            return
+        }
+        guard access(VhostVsock.path, R_OK | W_OK) == 0 else { throw XCTSkip("no permission for /dev/vhost-vsock") }
+        let cid = UInt64(0x5A00_0000) + UInt64(getpid() & 0xFFFF)
+        let v = try VhostVsock(cid: cid)
+        XCTAssertNotEqual(try v.features() & (1 << 32), 0)
+        XCTAssertThrowsError(try VhostVsock(cid: cid)) {
+            XCTAssertEqual($0 as? VhostOpenError, .setup(VhostError(call: "VHOST_VSOCK_SET_GUEST_CID", errno: EADDRINUSE)))
+        }
+        _ = try VhostVsock(cid: cid + 1)
     }
 }
