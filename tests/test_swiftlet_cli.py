@@ -485,6 +485,21 @@ MISTAKES = [
     # where /dev/vhost-net exists this row is skipped (it would open)
     ("vhost-on-no-device", ["--kernel", "K", "--net", "tap=sw0,vhost=on"], HOST,
      ["vhost=on but /dev/vhost-net is missing", "modprobe vhost_net", "vhost=off"], NETNS + "+novhost"),
+    ("vsock-cid-2", ["--kernel", "K", "--vsock", "cid=2"], USAGE, ["--vsock", "cid='2'", "3 to 4294967294"], ROOT),
+    ("vsock-cid-any", ["--kernel", "K", "--vsock", "cid=4294967295"], USAGE, ["cid='4294967295'", "reserved"], ROOT),
+    ("vsock-cid-huge", ["--kernel", "K", "--vsock", "cid=99999999999999999999999"], USAGE, ["is not valid"], ROOT),
+    ("vsock-cid-hex", ["--kernel", "K", "--vsock", "cid=0x10"], USAGE, ["cid='0x10'"], ROOT),
+    ("vsock-cid-negative", ["--kernel", "K", "--vsock", "cid=-3"], USAGE, ["cid='-3'"], ROOT),
+    ("vsock-no-cid", ["--kernel", "K", "--vsock", "cid"], USAGE, ["not key=value", "cid=N"], ROOT),
+    ("vsock-empty", ["--kernel", "K", "--vsock", ""], USAGE, ["empty option", "cid=N"], ROOT),
+    ("vsock-uds-path", ["--kernel", "K", "--vsock", "cid=3,uds_path=/tmp/v.sock"], USAGE, ["unknown option 'uds_path'"], ROOT),
+    ("vsock-cid-twice", ["--kernel", "K", "--vsock", "cid=3,cid=4"], USAGE, ["cid= given twice"], ROOT),
+    # where /dev/vhost-vsock exists these rows are skipped (it would open); the second one
+    # shows the TAP opened before it gone again
+    ("vsock-no-device", ["--kernel", "K", "--vsock", "cid=3"], HOST,
+     ["--vsock cid=3: /dev/vhost-vsock is missing", "modprobe vhost_vsock"], ROOT + "+novsock"),
+    ("vsock-no-device-after-tap", ["--kernel", "K", "--net", "tap=sw0,vhost=off", "--vsock", "cid=3"], HOST,
+     ["/dev/vhost-vsock is missing"], NETNS + "+novsock"),
     ("kvm-no-permission", ["--kernel", "K"], HOST, ["/dev/kvm"], NOBODY),
 ]
 
@@ -518,6 +533,8 @@ def test_mistake_table(swiftlet, kernel, mistakes, args, status, words, how):
         pytest.skip("needs root to run as nobody")
     if "novhost" in how and os.path.exists("/dev/vhost-net"):
         pytest.skip("this host has /dev/vhost-net")
+    if "novsock" in how and os.path.exists("/dev/vhost-vsock"):
+        pytest.skip("this host has /dev/vhost-vsock")
     args = [kernel if a == "K" else a.replace("T/", mistakes + "/") for a in args]
     argv = [swiftlet, *args]
     if NOBODY in how:
@@ -736,6 +753,22 @@ def test_config_file_vhost_key_and_net_flag(swiftlet, tmp_path):
         assert json.loads(r.stdout)["network-interfaces"][0]["vhost"] == want, flag
 
 
+def test_config_file_vsock_and_flag(swiftlet, tmp_path):
+    """Firecracker's vsock object (uds_path null) sets the guest CID; --vsock replaces
+    it; --print-config shows guest_cid with uds_path null and reads back the same."""
+    cfg = write_config(tmp_path, dict(FIRECRACKER_VM_CONFIG, vsock={"vsock_id": "vsock0", "guest_cid": 52, "uds_path": None}))
+    r = sw(swiftlet, "--config-file", cfg, "--print-config")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["vsock"] == {"guest_cid": 52, "uds_path": None}
+    again = sw(swiftlet, "--config-file", write_config(tmp_path, r.stdout, "again.json"), "--print-config")
+    assert again.returncode == 0 and again.stdout == r.stdout, again.stderr
+    r = sw(swiftlet, "--config-file", cfg, "--vsock", "cid=4294967294", "--print-config")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["vsock"] == {"guest_cid": 4294967294, "uds_path": None}
+    r = sw(swiftlet, "--config-file", write_config(tmp_path, FIRECRACKER_VM_CONFIG, "none.json"), "--print-config")
+    assert r.returncode == 0 and json.loads(r.stdout)["vsock"] is None, r.stderr
+
+
 def test_vhost_auto_without_vhost_net_says_why_once(swiftlet, kernel):
     """vhost=auto (the default) on a host without /dev/vhost-net: one info line naming
     why, the userspace path is used (the run goes on to the KVM check); nothing at the
@@ -798,7 +831,11 @@ def test_config_file_flags_replace_file_values(swiftlet, tmp_path):
      "swiftlet: network-interfaces[0].vhost: 'yes' is not valid: use \"on\", \"off\" or \"auto\""),
     ({"network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "vhost": True}]},
      "swiftlet: network-interfaces[0].vhost: expected a string, got"),
-    ({"vsock": {"guest_cid": 3, "uds_path": "./v.sock"}}, "swiftlet: vsock: not supported yet"),
+    ({"vsock": {"guest_cid": 3, "uds_path": "./v.sock"}},
+     "swiftlet: vsock.uds_path: swiftlet's vsock is the host kernel's vhost-vsock, which host programs reach over AF_VSOCK"),
+    ({"vsock": {"vsock_id": "vsock0", "guest_cid": 2}},
+     "swiftlet: vsock.guest_cid: 2 is out of range: give 3 to 4294967294"),
+    ({"vsock": {"vsock_id": "vsock0", "uds_path": None}}, "swiftlet: vsock.guest_cid: missing:"),
     ({"swiftlet": {"timeout": "1h30m"}}, "swiftlet: swiftlet.timeout: '1h30m' is not a duration"),
     ({"boot-sauce": {}}, "swiftlet: boot-sauce: unknown key: the configuration takes boot-source,"),
     ([FIRECRACKER_VM_CONFIG], "swiftlet: the configuration: expected an object, got an array"),
