@@ -178,7 +178,7 @@ def test_rootfs_has_tools_and_their_libraries(images):
         return n in cache[d]
 
     assert exists("/init") and exists("/bin/busybox") and exists("/bin/sh")
-    for b in ("/usr/bin/iperf3", "/usr/bin/fio", "/usr/sbin/ethtool", "/usr/sbin/ip"):
+    for b in ("/usr/bin/iperf3", "/usr/bin/fio", "/usr/sbin/ethtool", "/usr/sbin/ip", "/usr/bin/socat"):
         assert exists(b), b
         libs = ldd_closure(b)
         assert libs, b

@@ -79,7 +79,7 @@ def test_one_package_list_shared_by_setup_and_ci():
     for p in ("qemu-system-x86", "qemu-system-common", "qemu-system-data", "seabios"):
         assert p + "/bookworm-backports" in pkgs
     for p in ("busybox-static", "iperf3", "e2fsprogs", "cpio", "kmod", "fio",
-              "ethtool", "iproute2"):
+              "ethtool", "iproute2", "socat"):
         assert p in pkgs
     for f in ("scripts/setup", ".ci/run"):
         with open(os.path.join(REPO, f)) as fh:

@@ -19,6 +19,7 @@ CHECKS = ["metrics-json", "one-cpu-cmdline-initrd", "boot-marker", "boot-no-kern
           "exit-status-false-1", "exit-status-7", "exit-status-true-0", "timeout-status-124", "console-input",
           "blk-guest-write", "blk-guest-read", "blk-read-irqfd", "blk-readonly", "blk-two-queues",
           "blk-flush-survives-kill", "blk-discard-frees-blocks", "rng-hwrng",
+          "vsock-host-to-guest", "vsock-guest-to-host", "vsock-cid-in-use", "vsock-driver-rebind",
           "net-ping", "net-ping-host-to-guest", "net-two-queues", "net-iperf-guest-to-host",
           "net-iperf-host-to-guest", "net-offload-off", "net-ethtool-L", "net-mq-traffic-both-queues", "net-jumbo-mtu",
           "net-vhost-ping", "net-vhost-jumbo-mtu", "net-driver-reload", "net-vhost-iperf-guest-to-host",
