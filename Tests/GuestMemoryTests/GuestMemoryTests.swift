@@ -62,7 +62,7 @@ final class GuestMemoryTests: XCTestCase {
         var current: (UInt64, UInt64)?
         var line = [CChar](repeating: 0, count: 4096)
         while fgets(&line, Int32(line.count), f) != nil {
-            let text = String(cString: line)
+            let text = String(decoding: line.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
             if let dash = text.firstIndex(of: "-"), let sp = text.firstIndex(of: " "), dash < sp,
                let lo = UInt64(text[..<dash], radix: 16), let hi = UInt64(text[text.index(after: dash)..<sp], radix: 16) {
                 current = (lo < end && hi > base) ? (lo, hi) : nil
