@@ -15,18 +15,18 @@
 //   - raw: one thread per pair doing writev / readv of the same frames with the same
 //     iovecs (the same guest buffers) on the same TAP queue descriptors, nothing else.
 // tx frames go into the namespace's stack through the TAP (the interface's rx_packets
-// counts them); rx frames come from an AF_PACKET socket per pair, sending out through
-// the TAP (PACKET_VNET_HDR for GSO, qdisc bypassed), its flow chosen so the TAP steers it
-// to that pair's queue. A source blocks on its socket's send buffer, which holds fewer
-// frames than the TAP queue, so the TAP drops nothing.
+// counts them). rx frames come from one UDP socket per pair in the namespace, sent to
+// the guest's address through the TAP, its flow chosen so the TAP steers it to that
+// pair's queue; a source blocks on its socket's send buffer, which holds fewer frames
+// than the TAP queue, so the TAP drops nothing (Bench.swift, "rx sources").
 //
-// Frames: 1514 bytes (1500-byte IPv4/TCP packet) with a checksum-offload vnet header,
-// and 65536 bytes with gso_type TCPV4 (gso_size 1448). tx chains: 1514 is one
-// descriptor (header + frame), 65536 an indirect table of 17 (header + 1024 bytes, 15
+// Frames: 1514 bytes (a 1500-byte IPv4 packet) with a checksum-offload vnet header, and
+// 65214-byte GSO frames (45 segments of 1448): tx TCPV4, rx UDP_L4 (gso_size 1472). tx
+// chains: 1514 is one descriptor (header + frame), 65214 an indirect table of 17 (header + 1024 bytes, 15
 // pages, the rest). rx: mergeable buffers of 4096 bytes, one descriptor each.
 //
 // Output, one line per case (scripts/bench parses them):
-//   case dir=tx size=1514 pairs=1 mode=swiftlet frames=N wall_ns=N cpu_ns=N io_calls=N
+//   case dir=tx size=1514 pairs=1 mode=swiftlet frames=N bytes=N wall_ns=N cpu_ns=N io_calls=N
 //        polls=N kicks=N interrupts=N drops=N tap_frames=N
 // cpu_ns: CPU time of the serving threads (swiftlet's queue threads, or the raw threads);
 // io_calls: their read- and write-class system calls (/proc/<tid>/io syscr + syscw:
@@ -92,14 +92,14 @@ if argSeccomp {
     if e != 0 { fail(1, "cannot install the seccomp violation handler: \(errnoText(e))") }
 }
 signal(SIGPIPE, SIG_IGN)
-for size in [1514, 65536] {
+for size in [1514, gsoFrameSize] {
     for pairs in [1, 2] {
         for dir in [Direction.tx, .rx] {
             let c = Case(dir: dir, size: size, pairs: pairs)
             for mode in swiftletFirst ? ["swiftlet", "raw"] : ["raw", "swiftlet"] {
                 let s = try mode == "raw" ? runRaw(c) : runSwiftlet(c)
                 drainTap()
-                print("case dir=\(dir) size=\(size) pairs=\(pairs) mode=\(mode) frames=\(s.frames) wall_ns=\(s.wallNanos) "
+                print("case dir=\(dir) size=\(size) pairs=\(pairs) mode=\(mode) frames=\(s.frames) bytes=\(s.bytes) wall_ns=\(s.wallNanos) "
                       + "cpu_ns=\(s.cpuNanos) io_calls=\(s.ioCalls) polls=\(s.polls) kicks=\(s.kicks) "
                       + "interrupts=\(s.interrupts) drops=\(s.drops) tap_frames=\(s.tapFrames)")
                 fflushStdout()
