@@ -330,6 +330,19 @@ final class ThreadInfo: @unchecked Sendable {
         return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
     }
 
+    /// User-mode CPU time of the thread, ns (/proc's utime, in clock ticks).
+    var userNanos: UInt64 {
+        let fd = open("/proc/self/task/\(tid.load(ordering: .acquiring))/stat", O_RDONLY)
+        guard fd >= 0 else { return 0 }
+        defer { close(fd) }
+        var buf = [UInt8](repeating: 0, count: 1024)
+        let n = read(fd, &buf, buf.count)
+        guard n > 0, let close = buf[0..<n].lastIndex(of: UInt8(ascii: ")")) else { return 0 }
+        let fields = String(decoding: buf[(close + 1)..<n], as: UTF8.self).split(separator: " ")
+        guard fields.count > 11, let ticks = UInt64(fields[11]) else { return 0 }
+        return ticks * 1_000_000_000 / UInt64(max(1, sysconf(Int32(_SC_CLK_TCK))))
+    }
+
     /// Read- plus write-class system calls of the thread (syscr + syscw).
     var ioCalls: UInt64 {
         let fd = open("/proc/self/task/\(tid.load(ordering: .acquiring))/io", O_RDONLY)
@@ -370,7 +383,7 @@ struct Case {
 }
 
 struct Sample {
-    var frames: UInt64 = 0, bytes: UInt64 = 0, wallNanos: UInt64 = 0, cpuNanos: UInt64 = 0, ioCalls: UInt64 = 0
+    var frames: UInt64 = 0, bytes: UInt64 = 0, wallNanos: UInt64 = 0, cpuNanos: UInt64 = 0, userNanos: UInt64 = 0, ioCalls: UInt64 = 0
     var polls: UInt64 = 0, kicks: UInt64 = 0, interrupts: UInt64 = 0, drops: UInt64 = 0, tapFrames: UInt64 = 0
 }
 
@@ -569,6 +582,7 @@ func runRaw(_ c: Case) throws -> Sample {
             s.frames += i.frames.load(ordering: .relaxed)
             s.bytes += i.bytes.load(ordering: .relaxed)
             s.cpuNanos += i.cpuNanos
+            s.userNanos += i.userNanos
             s.ioCalls += i.ioCalls
             s.polls += i.polls.load(ordering: .relaxed)
             s.drops += i.errors.load(ordering: .relaxed)
@@ -592,7 +606,7 @@ func measure(_ snap: () -> Sample) -> Sample {
     let a = snap()
     usleep(UInt32(millis) * 1000)
     let b = snap()
-    return Sample(frames: b.frames &- a.frames, bytes: b.bytes &- a.bytes, wallNanos: b.wallNanos &- a.wallNanos, cpuNanos: b.cpuNanos &- a.cpuNanos,
+    return Sample(frames: b.frames &- a.frames, bytes: b.bytes &- a.bytes, wallNanos: b.wallNanos &- a.wallNanos, cpuNanos: b.cpuNanos &- a.cpuNanos, userNanos: b.userNanos &- a.userNanos,
                   ioCalls: b.ioCalls &- a.ioCalls, polls: b.polls &- a.polls, kicks: b.kicks &- a.kicks,
                   interrupts: b.interrupts &- a.interrupts, drops: b.drops &- a.drops, tapFrames: b.tapFrames &- a.tapFrames)
 }
@@ -760,6 +774,7 @@ func runSwiftlet(_ c: Case) throws -> Sample {
         var s = Sample()
         for w in measured {
             s.cpuNanos += w.info.cpuNanos
+            s.userNanos += w.info.userNanos
             s.ioCalls += w.info.ioCalls
             s.polls += w.info.polls.load(ordering: .relaxed)
         }

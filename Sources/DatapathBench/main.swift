@@ -26,9 +26,10 @@
 // pages, the rest). rx: mergeable buffers of 4096 bytes, one descriptor each.
 //
 // Output, one line per case (scripts/bench parses them):
-//   case dir=tx size=1514 pairs=1 mode=swiftlet frames=N bytes=N wall_ns=N cpu_ns=N io_calls=N
+//   case dir=tx size=1514 pairs=1 mode=swiftlet frames=N bytes=N wall_ns=N cpu_ns=N user_ns=N io_calls=N
 //        polls=N kicks=N interrupts=N drops=N tap_frames=N
-// cpu_ns: CPU time of the serving threads (swiftlet's queue threads, or the raw threads);
+// cpu_ns: CPU time of the serving threads (swiftlet's queue threads, or the raw threads),
+// user_ns the part of it in user mode (10 ms ticks);
 // io_calls: their read- and write-class system calls (/proc/<tid>/io syscr + syscw:
 // readv/writev on the TAP, eventfd reads and writes); polls: their poll wake-ups;
 // kicks/interrupts: the device's QueueCounters (notifications, interrupts asked for);
@@ -43,7 +44,7 @@ import Seccomp
 import Synchronization
 
 let usage = """
-usage: swiftlet-datapath-bench [--millis N] [--swiftlet-first] [--seccomp on|off]
+usage: swiftlet-datapath-bench [--millis N] [--swiftlet-first] [--seccomp on|off] [--case DIR:SIZE:PAIRS]
   Measures swiftlet's virtio-net queue code against raw readv/writev on a TAP in a
   private network namespace; N ms per case (default 1000). Needs root (or CAP_NET_ADMIN
   and CAP_SYS_ADMIN) for the namespace and the TAP.
@@ -56,6 +57,8 @@ usage: swiftlet-datapath-bench [--millis N] [--swiftlet-first] [--seccomp on|off
 var argMillis = 1000
 var swiftletFirst = false
 var argSeccomp = true
+/// --case DIR:SIZE:PAIRS: run only that case (for profiling one path).
+var onlyCase: String?
 do {
     var args = CommandLine.arguments.dropFirst()
     while let a = args.popFirst() {
@@ -66,6 +69,11 @@ do {
             }
             argMillis = v
         case "--swiftlet-first": swiftletFirst = true
+        case "--case":
+            guard let v = args.popFirst(), v.split(separator: ":").count == 3 else {
+                fail(64, "--case needs DIR:SIZE:PAIRS, e.g. rx:1514:1 (sizes 1514 and \(gsoFrameSize))")
+            }
+            onlyCase = v
         case "--seccomp":
             switch args.popFirst() {
             case "on": argSeccomp = true
@@ -84,7 +92,7 @@ do {
 // MARK: main
 
 pthread_key_create(&pairKey, nil)
-world = try makeWorld(millis: argMillis, seccompOn: argSeccomp)
+do { world = try makeWorld(millis: argMillis, seccompOn: argSeccomp) } catch { fail(1, "cannot set up: \(error)") }
 world.flowPorts = calibrateFlows()
 if argSeccomp {
     Seccomp.mode = .on
@@ -96,11 +104,15 @@ for size in [1514, gsoFrameSize] {
     for pairs in [1, 2] {
         for dir in [Direction.tx, .rx] {
             let c = Case(dir: dir, size: size, pairs: pairs)
+            if let only = onlyCase, only != "\(dir):\(size):\(pairs)" { continue }
             for mode in swiftletFirst ? ["swiftlet", "raw"] : ["raw", "swiftlet"] {
-                let s = try mode == "raw" ? runRaw(c) : runSwiftlet(c)
+                let s: Sample
+                do { s = try mode == "raw" ? runRaw(c) : runSwiftlet(c) } catch {
+                    fail(1, "\(mode) \(dir) \(size) \(pairs) pair(s): \(error)")
+                }
                 drainTap()
                 print("case dir=\(dir) size=\(size) pairs=\(pairs) mode=\(mode) frames=\(s.frames) bytes=\(s.bytes) wall_ns=\(s.wallNanos) "
-                      + "cpu_ns=\(s.cpuNanos) io_calls=\(s.ioCalls) polls=\(s.polls) kicks=\(s.kicks) "
+                      + "cpu_ns=\(s.cpuNanos) user_ns=\(s.userNanos) io_calls=\(s.ioCalls) polls=\(s.polls) kicks=\(s.kicks) "
                       + "interrupts=\(s.interrupts) drops=\(s.drops) tap_frames=\(s.tapFrames)")
                 fflushStdout()
             }
