@@ -2,7 +2,7 @@
 // virtio-net queue code, without a VM.
 //
 // In a private network namespace it makes a two-queue TAP ("dpbench0", IFF_VNET_HDR,
-// offloads on, up, no address) and measures, per case (direction tx or rx, frame size,
+// offloads on, up, 10.0.0.1/24 with the guest at 10.0.0.2) and measures, per case (direction tx or rx, frame size,
 // 1 or 2 queue pairs):
 //   - swiftlet: a VirtioNet over that TAP, activated with real SplitQueues in a
 //     GuestMemory and an interrupt sink, its queue handler groups each served by a
@@ -21,9 +21,10 @@
 // than the TAP queue, so the TAP drops nothing (Bench.swift, "rx sources").
 //
 // Frames: 1514 bytes (a 1500-byte IPv4 packet) with a checksum-offload vnet header, and
-// 65214-byte GSO frames (45 segments of 1448): tx TCPV4, rx UDP_L4 (gso_size 1472). tx
-// chains: 1514 is one descriptor (header + frame), 65214 an indirect table of 17 (header + 1024 bytes, 15
-// pages, the rest). rx: mergeable buffers of 4096 bytes, one descriptor each.
+// 65214-byte GSO frames (45 segments of 1448): tx TCPV4, rx UDP_L4 (gso_size 1472).
+// tx chains: 1514 is one descriptor (header + frame), 65214 an indirect table of 17
+// (header + 1024 bytes, 15 pages, the rest). rx: mergeable buffers of 4096 bytes, one
+// descriptor each; a raw read gets as many of them as the device gathers for one read.
 //
 // Output, one line per case (scripts/bench parses them):
 //   case dir=tx size=1514 pairs=1 mode=swiftlet frames=N bytes=N wall_ns=N cpu_ns=N user_ns=N io_calls=N
