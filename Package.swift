@@ -6,6 +6,8 @@ let package = Package(
     name: "swiftlet",
     products: [
         .executable(name: "swiftlet", targets: ["swiftlet"]),
+        // scripts/bench datapath: virtio-net queue code against raw TAP I/O, no VM.
+        .executable(name: "swiftlet-datapath-bench", targets: ["DatapathBench"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -37,6 +39,8 @@ let package = Package(
             "OS", "VMM",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
+        // scripts/bench datapath: swiftlet's virtio-net queues over a TAP in a private netns, no VM.
+        .executableTarget(name: "DatapathBench", dependencies: ["CLinux", "OS", "GuestMemory", "Virtio", "Devices", "Seccomp"]),
         // libFuzzer target over Virtio (Fuzz/README.md); without -DFUZZING a plain replay/smoke executable.
         .executableTarget(name: "VirtqueueFuzz", dependencies: ["Virtio", "GuestMemory"], path: "Fuzz/VirtqueueFuzz"),
         .testTarget(name: "OSTests", dependencies: ["OS"]),

@@ -83,10 +83,48 @@ enum Outcome {
     }
 }
 
+/// KVM's CPUID and MSR lists for the vCPUs. KVM_GET_SUPPORTED_CPUID executes CPUID for
+/// every leaf, and on a nested or PVM host each CPUID is an exit to the hypervisor below
+/// (about 1 ms in all on this project's machines), so `fetchInBackground` asks for both
+/// on a thread of their own while the main thread loads the kernel and builds the VM.
+/// Anything that fails there is asked again, on the main thread, where errors are reported.
+final class HostCPULists: Sendable {
+    private final class Fetched: Sendable {
+        let lists = Mutex<(cpuid: [CPUIDEntry], msrs: [UInt32])?>(nil)
+    }
+    private let fetched: Fetched
+    private let thread: OSThread?
+
+    /// background false: no thread, `lists` asks KVM on the calling thread.
+    init(background: Bool = false) {
+        let fetched = Fetched()
+        self.fetched = fetched
+        thread = !background ? nil : try? spawnThread(name: "cpuid") {
+            guard access("/dev/kvm", F_OK) == 0, let kvm = try? Hypervisor(),
+                  let cpuid = try? kvm.supportedCPUID(), let msrs = try? kvm.msrIndexList() else { return }
+            fetched.lists.withLock { $0 = (cpuid, msrs) }
+        }
+    }
+
+    static func fetchInBackground() -> HostCPULists { HostCPULists(background: true) }
+
+    /// Waits for the background fetch (if any). Idempotent.
+    func join() { thread?.join() }
+
+    /// The lists: from the background fetch if it worked, otherwise from `kvm` now.
+    func lists(_ kvm: Hypervisor) throws -> (cpuid: [CPUIDEntry], msrs: [UInt32]) {
+        join()
+        if let f = fetched.lists.withLock({ $0 }) { return f }
+        return (try kvm.supportedCPUID(), try kvm.msrIndexList())
+    }
+}
+
 /// Runs the VM described by `config` to its end. Returns the exit status; throws
 /// `SwiftletError` for anything that stops it from starting.
 public func run(_ config: MachineConfig) throws -> Int32 {
     try validate(config)
+    let hostCPU = HostCPULists.fetchInBackground()
+    defer { hostCPU.join() }
     // Inputs first: a bad kernel or initrd is reported the same on every host.
     let memory: GuestMemory
     do {
@@ -143,7 +181,7 @@ public func run(_ config: MachineConfig) throws -> Int32 {
         let e = Seccomp.installViolationHandler()
         if e != 0 { throw SwiftletError(.runtimeError, "seccomp: cannot install the SIGSYS handler: \(errnoText(e))") }
     }
-    let machine = try Machine(config: config, kvm: kvm, memory: memory, boot: boot, devices: devices)
+    let machine = try Machine(config: config, kvm: kvm, memory: memory, boot: boot, devices: devices, hostCPU: hostCPU)
     return machine.run()
 }
 
@@ -217,7 +255,8 @@ final class Machine: @unchecked Sendable {
     static let seccompSelfTest: String? = getenv("SWIFTLET_DEBUG_SECCOMP_SELFTEST").map { String(cString: $0) }
     #endif
 
-    init(config: MachineConfig, kvm: Hypervisor, memory: GuestMemory, boot: BootCPUState, devices: [OpenedDevice]) throws {
+    init(config: MachineConfig, kvm: Hypervisor, memory: GuestMemory, boot: BootCPUState, devices: [OpenedDevice],
+         hostCPU: HostCPULists? = nil) throws {
         self.config = config
         debugExits = config.logLevel >= .debug
         self.memory = memory
@@ -282,8 +321,7 @@ final class Machine: @unchecked Sendable {
         // vCPUs: CPUID and MSRs from KVM's own lists, FPU, LAPIC LINT0/1; the boot vCPU
         // enters the kernel's 64-bit entry point, the others wait for INIT/SIPI.
         phase("devices wired")
-        let cpuid = try kvm.supportedCPUID()
-        let msrs = try kvm.msrIndexList()
+        let (cpuid, msrs) = try (hostCPU ?? HostCPULists()).lists(kvm)
         let tscDeadline = kvm.has(.tscDeadlineTimer)
         for id in 0..<config.cpus {
             let v = try vm.createVCPU(id: UInt32(id))
