@@ -86,3 +86,56 @@ def test_one_package_list_shared_by_setup_and_ci():
             src = fh.read()
         assert "scripts/deps\" --install" in src or "scripts/deps --install" in src, f
         assert "apt-get install" not in src, f
+
+
+# scripts/lib/console.sh's stress_classify on saved consoles. The guest's /init echoes
+# its command first, and the command holds the marker: only a line of its own counts.
+FIO_CMD = ("fio --name=r --filename=/dev/vdb --rw=randread --bs=4k --output-format=terse > /tmp/f 2>&1"
+           " && echo stress-load-ok; cut -d\";\" -f7,8 /tmp/f")
+NET_CMD = ("iperf3 -c 172.30.0.1 -t 10 -f m > /tmp/a 2>&1; a=$?; tail -n 3 /tmp/a\n"
+           "[ $a = 0 ] && echo stress-load-ok")
+
+
+def classify(tmp_path, console, vmm="swiftlet", status=0):
+    f = tmp_path / "console"
+    f.write_bytes(console.encode())
+    r = subprocess.run(["sh", "-c", '. "$1"; stress_classify "$2" "$3" "$4"', "sh",
+                        os.path.join(REPO, "scripts", "lib", "console.sh"), str(f), vmm, str(status)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr == "", r
+    return r.stdout.strip()
+
+
+def test_stress_a_failed_load_whose_command_echoes_the_marker_is_not_ok(tmp_path):
+    # fio failed, the command still ended 0 (its last part is cut): the echo alone
+    # holds "stress-load-ok"
+    console = ("swiftlet-guest: userspace uptime=0.61\r\n"
+               "swiftlet-guest: run " + FIO_CMD + "\r\n"
+               "fio: failed to open /dev/vdb\r\n"
+               "swiftlet-guest: exit status 0\r\n")
+    assert classify(tmp_path, console).startswith("load-failed guest status 0 fio: failed")
+    # the same for a multi-line command, whose marker line stands alone in the echo
+    console = ("swiftlet-guest: run " + NET_CMD.replace("\n", "\r\n") + "\r\n"
+               "iperf3: error - unable to connect to server\r\n"
+               "swiftlet-guest: exit status 0\r\n")
+    assert classify(tmp_path, console).startswith("load-failed")
+
+
+def test_stress_ok_needs_the_marker_line_the_exit_line_and_status_0(tmp_path):
+    good = ("swiftlet-guest: run " + FIO_CMD + "\r\n"
+            "stress-load-ok\r\n12345;67890\r\n"
+            "swiftlet-guest: exit status 0\r\n")
+    assert classify(tmp_path, good) == "ok"
+    assert classify(tmp_path, good.replace("\r\n", "\n")) == "ok"
+    assert classify(tmp_path, good, status=1) == "vmm-error status 1"
+    assert classify(tmp_path, good, status=137) == "hang no exit within 120 s"
+    assert classify(tmp_path, good.replace("exit status 0", "exit status 2"), status=2).startswith(
+        "load-failed guest status 2")
+    # a marker inside another line, or with more on its line, is not the marker
+    for bad in ("xstress-load-ok", "stress-load-ok now", "echo stress-load-ok"):
+        assert classify(tmp_path, good.replace("stress-load-ok\r\n", bad + "\r\n")).startswith("load-failed"), bad
+    # no exit line at all (QEMU after a reset), a panic, hostile bytes
+    assert classify(tmp_path, "stress-load-ok\n", vmm="qemu").startswith("guest-crash no exit marker")
+    assert classify(tmp_path, "Kernel panic - not syncing: Fatal exception\n", status=1).startswith(
+        "guest-crash panic")
+    assert classify(tmp_path, "\x00\xff\x1b[2J" * 100 + "\n", status=1).startswith("guest-crash no exit marker")
