@@ -115,7 +115,7 @@ final class HostedDeviceAdapter: VirtioDevice {
         /// The machine stopped: no activation any more.
         var shutDown = false
     }
-    let state = Mutex(State())
+    let state = Locked(State())
     /// The running groups of queues (tests look at their eventfds).
     var workers: [QueueWorker] { state.withLock { $0.workers } }
 
@@ -336,7 +336,7 @@ final class IRQLine: InterruptLine {
         var high = false
         var loggedError = false
     }
-    private let level = Mutex(Level())
+    private let level = Locked(Level())
 
     init(vm: any VirtioVM, gsi: UInt32, log: RateLimitedLog?) {
         self.vm = vm
@@ -370,7 +370,7 @@ final class ResampledIrqfd: InterruptLine {
     let eventfd: EventFD
     let resample: EventFD
     let stopEvent: EventFD
-    private let thread = Mutex<OSThread?>(nil)
+    private let thread = Locked<OSThread?>(nil)
 
     init(vm: any VirtioVM, gsi: UInt32) throws {
         self.vm = vm

@@ -34,7 +34,6 @@ import CLinux
 import GuestMemory
 import OS
 import Virtio
-import Synchronization
 
 /// What the device asks of its TAP beyond reading and writing frames. Errors are logged.
 public protocol NetTapControl: AnyObject, Sendable {
@@ -70,7 +69,7 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig {
         var pairsActive = 1
         var negotiated: UInt64 = 0
     }
-    let state = Mutex(State())
+    let state = Locked(State())
 
     /// `queueFDs.count` is the number of queue pairs (1...VirtioNetLimits.maxQueuePairs).
     public init(queueFDs: [Int32], mac: [UInt8], mtu: UInt16 = 1500, offload: Bool = true,
