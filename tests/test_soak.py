@@ -243,3 +243,26 @@ def test_whole_run_fails_on_a_swiftlet_failure(tmp_path):
     ])
     assert rc == 1 and lines[-1] == ("soak: FAILED reset 2: 1 of 2 cycles ok; "
                                      "failed swiftlet status 0: soak-reset FAILED 2")
+
+
+@pytest.mark.parametrize("console,start,last", [
+    ("soak-acked 28000\r\nsoak-acked 28001\r\nsoak-acked 28002\nsoak-acked 280", 28000, "28002"),  # cut by the kill
+    ("soak-acked 0\nsoak-acked 1\nsoak-acked 3\nsoak-acked 2\n", 0, "1"),       # a gap ends the run
+    ("soak-acked 5\n", 0, ""),                                                  # no first block
+    ("swiftlet-guest: run echo soak-acked 0\nsoak-acked 0 \n", 0, ""),          # the echo; trailing space
+    ("soak-acked 0\n\x00\xff soak-acked 1\nsoak-acked 1\n", 0, "1"),
+    ("", 0, ""),
+])
+def test_kill_counts_only_the_unbroken_run_of_acknowledgements(tmp_path, console, start, last):
+    f = tmp_path / "console"
+    f.write_bytes(console.encode("latin-1"))
+    r = subprocess.run(["sh", "-c", '. "$1"; console_run "$2" soak-acked "$3"', "sh",
+                        os.path.join(REPO, "scripts", "lib", "console.sh"), str(f), str(start)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr == ""
+    assert r.stdout.strip() == last
+
+
+def test_kill_verdict_ignores_backward_acked_ranges():
+    text = KILLS.replace("soak: acked kill:2 2000 2038", "soak: acked kill:2 28000 280")
+    assert "22 acknowledged blocks" in S["verdict"]("kill", ["kill:1", "kill:2", "kill:final"], text, [], 0)[1]

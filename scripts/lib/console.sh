@@ -17,6 +17,17 @@ console_output() {
     tr -d '\r\000' < "$1" | LC_ALL=C grep -v '^swiftlet-guest: run '
 }
 
+# console_run FILE WORD START: the last number of the unbroken run of lines "WORD START",
+# "WORD START+1", ... in the console; nothing when there is no "WORD START". Any other
+# "WORD ..." line ends the run: one cut short (a VMM killed mid-line: "WORD 280" of
+# 28029), one out of order.
+console_run() {
+    console_output "$1" | LC_ALL=C awk -v w="$2" -v s="$3" '
+        !stop && $0 == w " " (s + n) { n++; next }
+        index($0, w " ") == 1 { stop = 1 }
+        END { if (n) print s + n - 1 }'
+}
+
 # stress_classify FILE VMM STATUS: one boot of scripts/stress-inner from its console in
 # FILE and the VMM's exit status. Prints RESULT DETAIL, RESULT one of ok, hang,
 # guest-crash, vmm-error, load-failed. ok needs the line "stress-load-ok" (the load's
