@@ -47,7 +47,7 @@ let package = Package(
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"]),
         .testTarget(name: "KVMTests", dependencies: ["KVM", "OS", "GuestMemory", "CLinux"]),
         .testTarget(name: "BootTests", dependencies: ["Boot", "OS", "GuestMemory"]),
-        .testTarget(name: "VirtioTests", dependencies: ["Virtio", "GuestMemory"]),
+        .testTarget(name: "VirtioTests", dependencies: ["Virtio", "GuestMemory", "OS"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "OS", "GuestMemory", "Virtio", "Vhost"]),
         .testTarget(name: "SeccompTests", dependencies: ["Seccomp", "OS", "CLinux"]),
         .testTarget(name: "VMMTests", dependencies: ["VMM", "OS", "Devices", "Virtio", "Vhost", "GuestMemory", "KVM", "JSON"]),

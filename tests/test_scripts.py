@@ -1,5 +1,7 @@
-"""scripts/test's counting, scripts/deps as the one package list."""
+"""scripts/test's counting, scripts/deps as the one package list, the stress console
+verdict, .ci/run's ThreadSanitizer verdict."""
 import os
+import re
 import subprocess
 
 from conftest import REPO, run
@@ -86,3 +88,129 @@ def test_one_package_list_shared_by_setup_and_ci():
             src = fh.read()
         assert "scripts/deps\" --install" in src or "scripts/deps --install" in src, f
         assert "apt-get install" not in src, f
+
+
+# scripts/lib/console.sh's stress_classify on saved consoles. The guest's /init echoes
+# its command first, and the command holds the marker: only a line of its own counts.
+FIO_CMD = ("fio --name=r --filename=/dev/vdb --rw=randread --bs=4k --output-format=terse > /tmp/f 2>&1"
+           " && echo stress-load-ok; cut -d\";\" -f7,8 /tmp/f")
+NET_CMD = ("iperf3 -c 172.30.0.1 -t 10 -f m > /tmp/a 2>&1; a=$?; tail -n 3 /tmp/a\n"
+           "[ $a = 0 ] && echo stress-load-ok")
+
+
+def classify(tmp_path, console, vmm="swiftlet", status=0):
+    f = tmp_path / "console"
+    f.write_bytes(console.encode())
+    r = subprocess.run(["sh", "-c", '. "$1"; stress_classify "$2" "$3" "$4"', "sh",
+                        os.path.join(REPO, "scripts", "lib", "console.sh"), str(f), vmm, str(status)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr == "", r
+    return r.stdout.strip()
+
+
+def test_stress_a_failed_load_whose_command_echoes_the_marker_is_not_ok(tmp_path):
+    # fio failed, the command still ended 0 (its last part is cut): the echo alone
+    # holds "stress-load-ok"
+    console = ("swiftlet-guest: userspace uptime=0.61\r\n"
+               "swiftlet-guest: run " + FIO_CMD + "\r\n"
+               "fio: failed to open /dev/vdb\r\n"
+               "swiftlet-guest: exit status 0\r\n")
+    assert classify(tmp_path, console).startswith("load-failed guest status 0 fio: failed")
+    # the same for a multi-line command, whose marker line stands alone in the echo
+    console = ("swiftlet-guest: run " + NET_CMD.replace("\n", "\r\n") + "\r\n"
+               "iperf3: error - unable to connect to server\r\n"
+               "swiftlet-guest: exit status 0\r\n")
+    assert classify(tmp_path, console).startswith("load-failed")
+
+
+def test_stress_ok_needs_the_marker_line_the_exit_line_and_status_0(tmp_path):
+    good = ("swiftlet-guest: run " + FIO_CMD + "\r\n"
+            "stress-load-ok\r\n12345;67890\r\n"
+            "swiftlet-guest: exit status 0\r\n")
+    assert classify(tmp_path, good) == "ok"
+    assert classify(tmp_path, good.replace("\r\n", "\n")) == "ok"
+    assert classify(tmp_path, good, status=1) == "vmm-error status 1"
+    assert classify(tmp_path, good, status=137) == "hang no exit within 120 s"
+    assert classify(tmp_path, good.replace("exit status 0", "exit status 2"), status=2).startswith(
+        "load-failed guest status 2")
+    # a marker inside another line, or with more on its line, is not the marker
+    for bad in ("xstress-load-ok", "stress-load-ok now", "echo stress-load-ok"):
+        assert classify(tmp_path, good.replace("stress-load-ok\r\n", bad + "\r\n")).startswith("load-failed"), bad
+    # no exit line at all (QEMU after a reset), a panic, hostile bytes
+    assert classify(tmp_path, "stress-load-ok\n", vmm="qemu").startswith("guest-crash no exit marker")
+    assert classify(tmp_path, "Kernel panic - not syncing: Fatal exception\n", status=1).startswith(
+        "guest-crash panic")
+    assert classify(tmp_path, "\x00\xff\x1b[2J" * 100 + "\n", status=1).startswith("guest-crash no exit marker")
+
+
+# .ci/run's ThreadSanitizer step: scripts/lib/tsan-verdict on saved `swift test` output.
+TSAN_VERDICT = os.path.join(REPO, "scripts", "lib", "tsan-verdict")
+XCTEST_TAIL = ("Test Suite 'Selected tests' passed at 2026-12-02 17:35:14.171\n"
+               "\t Executed 252 tests, with 0 failures (0 unexpected) in 11.074 (11.074) seconds\n")
+# one report as TSan printed it for RateLimitedLog.warn before the lock was annotated
+TSAN_REPORT = """==================
+WARNING: ThreadSanitizer: Swift access race (pid=8750)
+  Modifying access of Swift variable at 0x72180000a858 by thread T189:
+    #0 $s6Virtio14RateLimitedLogC4warnyys12StaticStringV_SSyXKtFSSSgSDySSAC4KindVGzYuYTXEfU_6$deferL_yyF /w/Sources/Virtio/Log.swift:64:30 (swiftletPackageTests.xctest+0x563be1)
+
+  Previous modifying access of Swift variable at 0x72180000a858 by thread T190:
+    #0 $s6Virtio14RateLimitedLogC4warnyys12StaticStringV_SSyXKtFSSSgSDySSAC4KindVGzYuYTXEfU_6$deferL_yyF /w/Sources/Virtio/Log.swift:64:30 (swiftletPackageTests.xctest+0x563be1)
+
+SUMMARY: ThreadSanitizer: Swift access race /w/Sources/Virtio/Log.swift:64:30 in $s6Virtio14RateLimitedLogC4warnyys12StaticStringV_SSyXKtFSSSgSDySSAC4KindVGzYuYTXEfU_6$deferL_yyF
+==================
+"""
+
+
+def tsan_verdict(tmp_path, text, status, binary=False):
+    log = tmp_path / "tsan.log"
+    log.write_bytes(text if binary else text.encode())
+    r = subprocess.run(["sh", TSAN_VERDICT, str(log), str(status)], capture_output=True, text=True, timeout=60)
+    assert r.stderr == "", r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 1, r.stdout
+    return r.returncode, lines[0]
+
+
+def test_tsan_a_clean_run_passes_with_its_test_count(tmp_path):
+    assert tsan_verdict(tmp_path, "Test Case 'A.b' passed\n" + XCTEST_TAIL, 0) == (0, "tsan: 252 tests, no reports")
+
+
+def test_tsan_any_report_fails_the_step_even_when_every_test_passed(tmp_path):
+    rc, line = tsan_verdict(tmp_path, TSAN_REPORT + XCTEST_TAIL + "ThreadSanitizer: reported 1 warnings\n", 0)
+    assert rc == 1
+    assert line.startswith("tsan: FAILED 1 report (Swift access race /w/Sources/Virtio/Log.swift:64:30) (log: ")
+    # many reports: counted, at most three distinct places named; CRLF output; the
+    # runtime's own count wins when the log was cut short
+    rc, line = tsan_verdict(tmp_path, (TSAN_REPORT * 5).replace("\n", "\r\n") + XCTEST_TAIL, 66)
+    assert rc == 1 and line.startswith("tsan: FAILED 5 reports (Swift access race /w/Sources/Virtio/Log.swift:64:30)")
+    rc, line = tsan_verdict(tmp_path, XCTEST_TAIL + "ThreadSanitizer: reported 7 warnings\n", 66)
+    assert rc == 1 and line.startswith("tsan: FAILED 7 reports (no summary line)")
+
+
+def test_tsan_failed_or_missing_tests_fail_the_step(tmp_path):
+    rc, line = tsan_verdict(tmp_path, XCTEST_TAIL.replace("0 failures", "2 failures").replace("passed", "failed"), 1)
+    assert rc == 1 and line.startswith("tsan: FAILED tests: status 1, 252 tests, 2 failures")
+    rc, line = tsan_verdict(tmp_path, XCTEST_TAIL, 137)
+    assert rc == 1 and line.startswith("tsan: FAILED tests: status 137")
+    # no count at all (a crash before the end), an empty log, a binary one, none
+    for text in ("Test Case 'A.b' started\n", "", b"\x00\xff\x00WARNING: Thread\n" * 50):
+        rc, line = tsan_verdict(tmp_path, text, 0, binary=isinstance(text, bytes))
+        assert rc == 1 and line.startswith("tsan: FAILED tests: status 0, no count of tests"), text
+    assert subprocess.run(["sh", TSAN_VERDICT, str(tmp_path / "none.log"), "0"], capture_output=True,
+                          text=True).stdout.startswith("tsan: FAILED no test output")
+    # a count of 0 tests (a filter that matches nothing) is no pass
+    rc, line = tsan_verdict(tmp_path, XCTEST_TAIL.replace("252 tests", "0 tests"), 0)
+    assert rc == 1
+
+
+def test_ci_runs_tsan_on_real_test_targets_into_an_ignored_scratch_path():
+    src = open(os.path.join(REPO, ".ci", "run")).read()
+    m = re.search(r"^TSAN_TESTS='\^\(([A-Za-z|]+)\)\\\.'$", src, re.M)
+    assert m, "TSAN_TESTS line"
+    for t in m.group(1).split("|"):
+        assert os.path.isdir(os.path.join(REPO, "Tests", t)), t
+    assert 'scripts/lib/tsan-verdict "$log" "$trc"' in src
+    assert "--sanitize=thread --scratch-path \"$d\"" in src and "d=.build-tsan" in src
+    assert "-sanitize=fuzzer,address" in src
+    for d in (".build-tsan/x", ".build-fuzz/x"):
+        assert subprocess.run(["git", "check-ignore", "-q", d], cwd=REPO).returncode == 0, d

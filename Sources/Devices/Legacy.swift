@@ -2,7 +2,6 @@
 // the boot-time marker, the guest exit register and QEMU's isa-debug-exit port.
 import Glibc
 import OS
-import Synchronization
 
 /// CMOS RTC at ports 0x70 (index) and 0x71 (data), reporting the host's UTC time in BCD,
 /// 24-hour mode. Without it the stock kernel spends seconds probing absent ports.
@@ -11,7 +10,7 @@ public final class CMOSRTC: PortDevice, Sendable {
         var index: UInt8 = 0
         var nvram = [UInt8](repeating: 0, count: 128)
     }
-    private let state: Mutex<State>
+    private let state: Locked<State>
     private let now: @Sendable () -> time_t
 
     public init(now: @escaping @Sendable () -> time_t = { time(nil) }) {
@@ -20,7 +19,7 @@ public final class CMOSRTC: PortDevice, Sendable {
         s.nvram[0x0a] = 0x26  // 32.768 kHz divider, 1024 Hz rate, UIP clear
         s.nvram[0x0b] = 0x02  // 24-hour, BCD
         s.nvram[0x0d] = 0x80  // RTC valid (battery good)
-        state = Mutex(s)
+        state = Locked(s)
     }
 
     @inline(__always) static func bcd(_ v: Int32) -> UInt8 { UInt8((v / 10) << 4 | (v % 10)) }
@@ -128,7 +127,7 @@ public final class BootMarker: MMIODevice, Sendable {
     public static let size: UInt64 = 4
     public static let magic: UInt64 = 123
     private let start: UInt64
-    private let stamp = Mutex<UInt64?>(nil)
+    private let stamp = Locked<UInt64?>(nil)
     private let onMark: @Sendable (UInt64) -> Void
 
     /// `start` is swiftlet's start in monotonicNanos(); `onMark` gets the elapsed nanoseconds.

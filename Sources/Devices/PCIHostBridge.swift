@@ -3,8 +3,8 @@
 // working config space access method in a handful of exits, so it neither probes the
 // type 2 mechanism nor reports that it found none. The DSDT declares no PCI root
 // bridge, so an ACPI kernel never scans the bus.
+import OS
 import Glibc
-import Synchronization
 
 public final class PCIHostBridge: PortDevice, Sendable {
     public static let port: UInt16 = 0xcf8
@@ -15,7 +15,7 @@ public final class PCIHostBridge: PortDevice, Sendable {
     /// Class code 06 00 00: bridge, host bridge.
     public static let classCode: UInt32 = 0x06_00_00
 
-    private let address = Mutex<UInt32>(0)
+    private let address = Locked<UInt32>(0)
 
     public init() {}
 

@@ -2,8 +2,8 @@
 // write goes straight to the output), receive has a 64-byte FIFO fed from the host's
 // input, and interrupts follow IER/IIR. Accessed from vCPU threads and the input
 // thread, so all state is behind one lock.
+import OS
 import Glibc
-import Synchronization
 
 public final class Serial16550: PortDevice, Sendable {
     // Register offsets.
@@ -39,7 +39,7 @@ public final class Serial16550: PortDevice, Sendable {
             return IIR_NONE | IIR_FIFO
         }
     }
-    private let state = Mutex(State())
+    private let state = Locked(State())
 
     private let output: @Sendable (UInt8) -> Void
     private let interrupt: @Sendable () -> Void

@@ -1,7 +1,7 @@
 // A vCPU: its kvm_run mapping, register state, KVM_RUN and exit decoding, and the kick.
+import OS
 import Glibc
 import CLinux
-import Synchronization
 
 /// Why KVM_RUN returned. Pointers point into the vCPU's kvm_run mapping and are valid
 /// only until the next `run()` on that vCPU.
@@ -180,7 +180,7 @@ public final class VCPU: @unchecked Sendable {
         var thread: pthread_t?
         var maskBefore: sigset_t?
     }
-    private let kickTarget = Mutex(KickTarget())
+    private let kickTarget = Locked(KickTarget())
 
     init(vm: VirtualMachine, id: UInt32, mmapSize: Int) throws {
         var fd: Int32

@@ -3,7 +3,6 @@ import Glibc
 import CLinux
 import GuestMemory
 import OS
-import Synchronization
 
 /// A KVM VM (KVM_CREATE_VM). Owns its file descriptor; keeps the Hypervisor and any
 /// registered GuestMemory alive as long as it lives (KVM must never see freed memory).
@@ -11,7 +10,7 @@ public final class VirtualMachine: Sendable {
     public let fd: Int32
     public let hypervisor: Hypervisor
     /// Guest memory registered with KVM, kept mapped as long as the VM lives.
-    private let keepAlive = Mutex<[GuestMemory]>([])
+    private let keepAlive = Locked<[GuestMemory]>([])
 
     /// Default addresses from docs/DESIGN.md.
     public static let defaultTSSAddress: UInt64 = 0xfffb_d000

@@ -10,7 +10,6 @@ import KVM
 import Boot
 import Devices
 import Virtio
-import Synchronization
 import Seccomp
 
 /// Start-up phases (name, monotonic ns), printed at --log-level debug.
@@ -90,7 +89,7 @@ enum Outcome {
 /// Anything that fails there is asked again, on the main thread, where errors are reported.
 final class HostCPULists: Sendable {
     private final class Fetched: Sendable {
-        let lists = Mutex<(cpuid: [CPUIDEntry], msrs: [UInt32])?>(nil)
+        let lists = Locked<(cpuid: [CPUIDEntry], msrs: [UInt32])?>(nil)
     }
     private let fetched: Fetched
     private let thread: OSThread?
@@ -222,7 +221,7 @@ final class Machine: @unchecked Sendable {
         /// Exits per port or MMIO page and direction (debug): the "exits by place" line.
         var exitCounts: [UInt64: (what: String, count: Int)] = [:]
     }
-    private let runState = Mutex(RunState())
+    private let runState = Locked(RunState())
     /// --log-level debug: accesses to nothing are logged (each kind once, 256 at most), and
     /// the first exit to each port and MMIO page is noted.
     private let debugExits: Bool

@@ -118,7 +118,7 @@ final class HostedDeviceAdapter: VirtioDevice {
         /// The machine stopped: no activation any more.
         var shutDown = false
     }
-    let state = Mutex(State())
+    let state = Locked(State())
     /// The running groups of queues (tests look at their eventfds).
     var workers: [QueueWorker] { state.withLock { $0.workers } }
 
@@ -340,7 +340,7 @@ final class IRQLine: InterruptLine {
         var high = false
         var loggedError = false
     }
-    private let level = Mutex(Level())
+    private let level = Locked(Level())
 
     init(vm: any VirtioVM, gsi: UInt32, log: RateLimitedLog?) {
         self.vm = vm
@@ -374,7 +374,7 @@ final class ResampledIrqfd: InterruptLine {
     let eventfd: EventFD
     let resample: EventFD
     let stopEvent: EventFD
-    private let thread = Mutex<OSThread?>(nil)
+    private let thread = Locked<OSThread?>(nil)
 
     init(vm: any VirtioVM, gsi: UInt32) throws {
         self.vm = vm

@@ -8,7 +8,6 @@
 // out, after that they are counted and at most one summary line per `interval` says how
 // many were left out.
 import OS
-import Synchronization
 
 /// How much a log line matters (error < warn < info < debug); the VMM prints the lines
 /// at its --log-level or a more important one.
@@ -40,7 +39,7 @@ public final class RateLimitedLog: Sendable {
     let burst: Int
     let interval: UInt64
     let clock: @Sendable () -> UInt64
-    let kinds = Mutex<[String: Kind]>([:])
+    let kinds = Locked<[String: Kind]>([:])
 
     /// `clock`: nanoseconds from any fixed point (CLOCK_MONOTONIC unless a test gives one).
     public init(name: String, burst: Int = RateLimitedLog.defaultBurst,

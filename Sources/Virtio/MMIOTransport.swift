@@ -10,6 +10,7 @@
 // down (the driver's InterruptACK or a reset cleared the last bit). Line changes are
 // serialized by a second small mutex and always re-read InterruptStatus, so a raise racing
 // an acknowledgement ends with the line matching InterruptStatus.
+import OS
 import GuestMemory
 import Synchronization
 
@@ -121,9 +122,9 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
     let line: any InterruptLine
     let log: RateLimitedLog?
 
-    let state: Mutex<State>
+    let state: Locked<State>
     /// Serializes the changes of `line` (taken after `state` where both are).
-    let lineLock = Mutex<Void>(())
+    let lineLock = Locked<Void>(())
     let interruptBits = Atomic<UInt32>(0)
     let needsResetFlag = Atomic<Bool>(false)
     let driverOKFlag = Atomic<Bool>(false)
@@ -144,7 +145,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
         self.maxSizes = device.queueMaxSizes.map { min($0, SplitQueue.maxQueueSize) }
         self.line = line
         self.log = log
-        self.state = Mutex(State(queues: maxSizes.map { QueueRegs(size: UInt32($0)) }))
+        self.state = Locked(State(queues: maxSizes.map { QueueRegs(size: UInt32($0)) }))
     }
 
     // MARK: observers (VMM, tests)

@@ -19,7 +19,7 @@ final class RecordingSink: VirtioInterruptSink {
 
 /// What callbacks on other threads (or that must be @Sendable) saw, in order.
 final class Recorded<T: Sendable>: Sendable {
-    private let items = Mutex<[T]>([])
+    private let items = Locked<[T]>([])
     func append(_ x: T) { items.withLock { $0.append(x) } }
     func removeAll() { items.withLock { $0.removeAll() } }
     var all: [T] { items.withLock { $0 } }

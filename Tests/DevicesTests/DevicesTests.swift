@@ -1,6 +1,5 @@
 import XCTest
 import Glibc
-import Synchronization
 import OS
 @testable import Devices
 

@@ -1,7 +1,6 @@
 import XCTest
 import Glibc
 import OS
-import Synchronization
 import GuestMemory
 import Virtio
 @testable import Devices
@@ -400,7 +399,7 @@ final class NetDeviceTests: XCTestCase {
     /// every reset.
     func testNeedsResetLinesAcrossDriverResetsAreRateLimited() throws {
         final class Lines: Sendable {
-            let lines = Mutex<[(level: LogLevel, text: String)]>([])
+            let lines = Locked<[(level: LogLevel, text: String)]>([])
             var all: [(level: LogLevel, text: String)] { lines.withLock { $0 } }
         }
         let lines = Lines()

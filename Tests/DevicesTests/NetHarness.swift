@@ -9,7 +9,7 @@ import Vhost
 
 /// Records TUNSETOFFLOAD / TUNSETQUEUE calls.
 final class RecordingTapControl: NetTapControl {
-    let calls = Mutex<(offloads: [UInt32], enabled: [Int: Bool])>(([], [:]))
+    let calls = Locked<(offloads: [UInt32], enabled: [Int: Bool])>(([], [:]))
     func setOffload(_ flags: UInt32) throws { calls.withLock { $0.offloads.append(flags) } }
     func setQueueEnabled(pair: Int, _ on: Bool) throws { calls.withLock { $0.enabled[pair] = on } }
     var offloads: [UInt32] { calls.withLock { $0.offloads } }

@@ -22,7 +22,7 @@ final class FakeVhost: VhostNetBackend, VhostVsockBackend {
         var memTable: [VhostMemoryRegion] = []
         var addrs: [Int: (desc: UInt64, avail: UInt64, used: UInt64)] = [:]
     }
-    let state = Mutex(State())
+    let state = Locked(State())
     var calls: [String] { state.withLock { $0.calls } }
     func clear() { state.withLock { $0.calls = [] } }
     func refuse(_ call: String?) { state.withLock { $0.refuse = call } }

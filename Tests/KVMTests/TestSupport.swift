@@ -5,7 +5,6 @@ import Glibc
 import CLinux
 import GuestMemory
 import OS
-import Synchronization
 @testable import KVM
 
 /// Where the test guests live (inside a 4 MiB RAM region at 0).
@@ -106,8 +105,8 @@ final class Watchdog {
 
 /// A value shared with threads a test starts, behind a mutex.
 final class Shared<Value: Sendable>: Sendable {
-    private let mutex: Mutex<Value>
-    init(_ value: Value) { mutex = Mutex(value) }
+    private let mutex: Locked<Value>
+    init(_ value: Value) { mutex = Locked(value) }
     func withLock<R: Sendable>(_ body: (inout Value) throws -> R) rethrows -> R {
         try mutex.withLock { v in try body(&v) }
     }

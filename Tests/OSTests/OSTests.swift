@@ -6,7 +6,7 @@ import Synchronization
 
 final class ThreadTests: XCTestCase {
     func testSpawnNameAndJoin() throws {
-        let name = Mutex("")
+        let name = Locked("")
         let t = try spawnThread(name: "swiftlet-vcpu-123456") {
             var buf = [CChar](repeating: 0, count: 32)
             if let f = fopen("/proc/thread-self/comm", "r") {
@@ -41,7 +41,7 @@ final class OSPrimitiveTests: XCTestCase {
         var saved = sigset_t()
         pthread_sigmask(SIG_SETMASK, &empty, &saved)
         defer { pthread_sigmask(SIG_SETMASK, &saved, nil) }
-        let mask = Mutex<[Int32: Bool]>([:])
+        let mask = Locked<[Int32: Bool]>([:])
         let t = try spawnThread(name: "os-sigmask") {
             var m = sigset_t()
             pthread_sigmask(SIG_BLOCK, nil, &m)
@@ -121,7 +121,7 @@ final class OSPrimitiveTests: XCTestCase {
     /// The poll loop hands over exactly the ready descriptors and ends on stop.
     func testPollLoopReportsReadinessAndStops() throws {
         let stop = try EventFD(), a = try EventFD(), b = try EventFD()
-        let rounds = Mutex<[[Bool]]>([])
+        let rounds = Locked<[[Bool]]>([])
         let t = try spawnThread(name: "os-poll") {
             pollUntilStopped(stop: stop, watch: [a.fd, b.fd], onFailure: { _ in }) { ready in
                 rounds.withLock { $0.append((0..<ready.count).map { ready[$0] }) }

@@ -4,7 +4,6 @@
 // would on the guest's QueueNotify write.
 import Glibc
 import OS
-import Synchronization
 @testable import VMM
 
 final class FakeVM: VirtioVM {
@@ -26,7 +25,7 @@ final class FakeVM: VirtioVM {
         /// Refuse ioeventfds (as KVM does when it has no room).
         var refuseIoeventfds = false
     }
-    let state = Mutex(State())
+    let state = Locked(State())
 
     func irqLine(gsi: UInt32, level: Bool) throws {
         state.withLock { $0.levels[gsi, default: []].append(level) }

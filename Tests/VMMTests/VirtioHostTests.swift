@@ -543,7 +543,7 @@ final class VirtioHostTests: XCTestCase, @unchecked Sendable {
     func testRefusedIoeventfdFallsBackToMMIOKicks() throws {
         let env = try makeFakeEnv()
         env.vm.state.withLock { $0.refuseIoeventfds = true }
-        final class Lines: Sendable { let all = Mutex<[String]>([]) }
+        final class Lines: Sendable { let all = Locked<[String]>([]) }
         let lines = Lines()
         let disk = try openDisk(DiskOptions(path: env.image))
         let slot = try VirtioMMIOSlot.block(disk, index: 1, name: "tfake1", vm: env.vm, memory: env.mem,

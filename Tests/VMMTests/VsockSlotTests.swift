@@ -1,6 +1,5 @@
 import XCTest
 import Glibc
-import Synchronization
 import OS
 import GuestMemory
 import Devices
@@ -16,7 +15,7 @@ final class RecordingVsockVhost: VhostVsockBackend {
         var call: [Int32] = [-1, -1]
         var kick: [Int32] = [-1, -1]
     }
-    let state = Mutex(State())
+    let state = Locked(State())
     var calls: [String] { state.withLock { $0.calls } }
     func note(_ s: String) { state.withLock { $0.calls.append(s) } }
     func features() throws -> UInt64 { VirtioVsockLimits.features }

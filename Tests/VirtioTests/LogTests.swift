@@ -1,3 +1,4 @@
+import OS
 import XCTest
 import Glibc
 import Synchronization
@@ -5,7 +6,7 @@ import Synchronization
 
 final class RateLimitedLogTests: XCTestCase {
     final class Lines: Sendable {
-        let lock = Mutex<[(LogLevel, String)]>([])
+        let lock = Locked<[(LogLevel, String)]>([])
         let clock = Atomic<UInt64>(0)
         var all: [(LogLevel, String)] { lock.withLock { $0 } }
         var texts: [String] { all.map(\.1) }

@@ -1,3 +1,4 @@
+import OS
 import Glibc
 import XCTest
 import GuestMemory
@@ -596,7 +597,7 @@ final class TransportConcurrencyTests: XCTestCase {
 /// a bit set or high with none.
 final class TransportLineTests: XCTestCase {
     final class LevelLine: InterruptLine {
-        let state = Mutex<(high: Bool, calls: [Bool])>((false, []))
+        let state = Locked<(high: Bool, calls: [Bool])>((false, []))
         func raise() { state.withLock { $0.high = true; $0.calls.append(true) } }
         func lower() { state.withLock { $0.high = false; $0.calls.append(false) } }
         var high: Bool { state.withLock { $0.high } }

@@ -1,8 +1,8 @@
 // QueueServer over a real split queue in guest memory, the driver played by QueueHarness.
+import OS
 import XCTest
 import Glibc
 import GuestMemory
-import Synchronization
 @testable import Virtio
 
 /// Records the device's signals; `onUsed` plays a driver that reacts to the interrupt.
@@ -115,7 +115,7 @@ final class QueueServerTests: XCTestCase {
     func testBrokenRingStopsTheQueue() throws {
         let h = try QueueHarness(size: 8)
         let sink = ServerSink()
-        let lines = Mutex<[String]>([])
+        let lines = Locked<[String]>([])
         let log = RateLimitedLog(name: "t", sink: { _, l in lines.withLock { $0.append(l) } })
         let s = try server(h, eventIdx: false, sink: sink, log: log)
         offerChains(h, 0..<1)

@@ -312,3 +312,14 @@ static inline unsigned long clinux_vhost_memory_size(void) { return sizeof(struc
 static inline unsigned long clinux_vhost_memory_region_size(void) { return sizeof(struct vhost_memory_region); }
 static inline int clinux_VHOST_F_LOG_ALL(void) { return VHOST_F_LOG_ALL; }
 #endif // SWIFTLET_CLINUX_VHOST_H
+
+// ---- ThreadSanitizer annotations (OS's Locked) ----
+#ifndef SWIFTLET_CLINUX_TSAN_H
+#define SWIFTLET_CLINUX_TSAN_H
+// The TSan runtime's entry points for locks it cannot see: weak, so they are null (and
+// these calls do nothing) unless a -sanitize=thread build links that runtime in.
+extern void __tsan_acquire(void *addr) __attribute__((weak));
+extern void __tsan_release(void *addr) __attribute__((weak));
+static inline void clinux_tsan_acquire(void *addr) { if (__tsan_acquire) __tsan_acquire(addr); }
+static inline void clinux_tsan_release(void *addr) { if (__tsan_release) __tsan_release(addr); }
+#endif // SWIFTLET_CLINUX_TSAN_H

@@ -5,7 +5,6 @@
 import Glibc
 import OS
 import Seccomp
-import Synchronization
 
 public final class IOPool: Sendable {
     struct State {
@@ -15,7 +14,7 @@ public final class IOPool: Sendable {
         var threads: [OSThread] = []
     }
 
-    private let state = Mutex(State())
+    private let state = Locked(State())
     /// One count per queued job, plus one per thread at shutdown (a blocking semaphore
     /// eventfd: each wake-up of a thread takes one).
     private let wakeups: EventFD

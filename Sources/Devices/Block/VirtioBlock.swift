@@ -19,7 +19,6 @@ import CLinux
 import GuestMemory
 import OS
 import Virtio
-import Synchronization
 
 /// How a queue runs its requests.
 public enum BlockEngine: Equatable, Sendable {
@@ -45,7 +44,7 @@ public final class VirtioBlock: HostedVirtioDevice, VirtioStaticConfig {
     public let name: String
     let log: RateLimitedLog?
     public let config: [UInt8]
-    let handlers = Mutex<[BlockQueue]>([])
+    let handlers = Locked<[BlockQueue]>([])
     /// Per-queue counters for `--metrics`; they live as long as the device, so a driver
     /// reset (or a guest reboot) does not lose them.
     public let stats: [BlockQueueStats]
@@ -170,7 +169,7 @@ public final class BlockQueue: VirtioQueueHandler, @unchecked Sendable {
     /// Requests started and not yet retired (queue thread only).
     var inFlight = 0
     /// Finished requests, filled by the I/O threads.
-    let done = Mutex<[(head: UInt16, used: UInt32)]>([])
+    let done = Locked<[(head: UInt16, used: UInt32)]>([])
 
     init(index: Int, queue: SplitQueue, disk: DiskImage, features: UInt64, interrupt: any VirtioInterruptSink,
          engine: BlockEngine, name: String, stats: BlockQueueStats = BlockQueueStats(),

@@ -18,7 +18,6 @@ import GuestMemory
 import OS
 import Virtio
 import Vhost
-import Synchronization
 
 /// The virtio features vhost-net implements itself (the ring and header layout). The guest
 /// is offered one of them only when the kernel has it; offloads are the TAP's, and MAC,
@@ -42,7 +41,7 @@ final class VhostPair: VhostRingOwner {
         /// Stopped for good (reset, machine stop, a ring error).
         var closed = false
     }
-    let state = Mutex(State())
+    let state = Locked(State())
 
     init(pair: Int, vhost: any VhostNetBackend, tapFD: Int32) throws {
         self.pair = pair

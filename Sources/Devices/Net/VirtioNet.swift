@@ -40,7 +40,6 @@ import GuestMemory
 import OS
 import Virtio
 import Vhost
-import Synchronization
 
 /// What the device asks of its TAP beyond reading and writing frames. Errors are logged.
 public protocol NetTapControl: AnyObject, Sendable {
@@ -84,7 +83,7 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig {
         /// The kernel refused the rings once: userspace from then on.
         var vhostRefused = false
     }
-    let state = Mutex(State())
+    let state = Locked(State())
 
     /// `queueFDs.count` is the number of queue pairs (1...VirtioNetLimits.maxQueuePairs).
     /// `vhost`: one vhost-net instance per pair (owned by this process, VHOST_SET_OWNER

@@ -15,7 +15,6 @@ import CLinux
 import GuestMemory
 import OS
 import Virtio
-import Synchronization
 
 public enum VirtioRngLimits {
     /// Queue size offered to the driver (Linux's virtio-rng keeps one buffer in flight).
@@ -50,7 +49,7 @@ public final class VirtioRng: HostedVirtioDevice {
     public let name: String
     let log: RateLimitedLog?
     let source: RandomSource
-    let handler = Mutex<RngQueue?>(nil)
+    let handler = Locked<RngQueue?>(nil)
     /// The request queue's counters (a request is one chain); they outlive resets.
     public let stats = QueueCounters()
 

@@ -20,7 +20,6 @@ import GuestMemory
 import OS
 import Virtio
 import Vhost
-import Synchronization
 
 public enum VirtioVsockLimits {
     /// Size of each queue offered to the driver (what QEMU's vhost-vsock-device offers).
@@ -51,7 +50,7 @@ public final class VirtioVsock: HostedVirtioDevice, VirtioStaticConfig {
         var handlers: [VirtioQueueHandler] = []
         var rings: VsockRings? = nil
     }
-    let state = Mutex(State())
+    let state = Locked(State())
 
     /// `vhost`: the device's vhost-vsock instance, owned by this process with `cid` set
     /// (VHOST_SET_OWNER, VHOST_VSOCK_SET_GUEST_CID), and what it offers.
@@ -143,7 +142,7 @@ final class VsockRings: VhostRingOwner {
         var running = false
         var closed = false
     }
-    let state = Mutex(State())
+    let state = Locked(State())
 
     init(vhost: any VhostVsockBackend) throws {
         self.vhost = vhost
