@@ -614,32 +614,14 @@ func measure(_ snap: () -> Sample) -> Sample {
 // MARK: swiftlet
 
 
-/// The loop of VirtioHost's queue threads (QueueWorker.loop): serve every queue once,
-/// then on every kick and completion until stopped; polls counted.
+/// A queue thread as VirtioHost runs it (Virtio's serveQueueGroup), with its wake-ups counted.
 func queueThread(handlers: [VirtioQueueHandler], kicks: [EventFD], stop: EventFD, pair: Int, info: ThreadInfo) {
     info.recordTid()
     pthread_setspecific(pairKey, UnsafeRawPointer(bitPattern: pair + 1))
     if seccompOn { Seccomp.installOrExit(.queue, name: "dp-q\(pair)") }
-    for h in handlers { h.kicked() }
-    var watch: [Int32] = []
-    var slots: [(handler: Int, kick: Bool)] = []
-    for (k, h) in handlers.enumerated() {
-        if h.completionFD >= 0 { watch.append(h.completionFD); slots.append((k, false)) }
-        watch.append(kicks[k].fd); slots.append((k, true))
-    }
-    pollUntilStopped(stop: stop, watch: watch, onFailure: { e in fail(1, "queue thread poll: \(errnoText(e))") }) { ready in
-        info.polls.wrappingAdd(1, ordering: .relaxed)
-        for j in slots.indices where ready[j] {
-            let s = slots[j]
-            if s.kick {
-                _ = try? kicks[s.handler].read()
-                handlers[s.handler].kicked()
-            } else {
-                handlers[s.handler].completionsReady()
-            }
-        }
-    }
-    for h in handlers { h.quiesce() }
+    serveQueueGroup(handlers: handlers, kicks: kicks, stop: stop,
+                    onPollFailure: { e in fail(1, "queue thread poll: \(errnoText(e))") },
+                    onPoll: { info.polls.wrappingAdd(1, ordering: .relaxed) })
 }
 
 /// The guest's tx path: keeps the ring full of the frame's chain, reclaims what the

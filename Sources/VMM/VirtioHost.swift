@@ -77,32 +77,12 @@ final class QueueWorker {
         ioeventfd.append(registered)
     }
 
-    /// The group's thread: serve every queue once, then on every kick / completion until
-    /// stopped. A handler's completions are retired before its kick is served.
+    /// The group's thread (Virtio's `serveQueueGroup`); a failed poll is logged.
     static func loop(handlers: [VirtioQueueHandler], kicks: [EventFD], stop: EventFD, log: RateLimitedLog?) {
-        for h in handlers { h.kicked() }
-        var watch: [Int32] = []
-        var slots: [(handler: Int, kick: Bool)] = []
-        for (k, h) in handlers.enumerated() {
-            if h.completionFD >= 0 { watch.append(h.completionFD); slots.append((k, false)) }
-            // A kick the handler handed to someone else (vhost) is theirs to read.
-            if h.ownKick == nil { watch.append(kicks[k].fd); slots.append((k, true)) }
-        }
         let what = "virtio queue " + handlers.map { String($0.queueIndex) }.joined(separator: "+")
-        pollUntilStopped(stop: stop, watch: watch, onFailure: { e in
+        serveQueueGroup(handlers: handlers, kicks: kicks, stop: stop, onPollFailure: { e in
             log?.warn("queue thread poll failed", "\(what): poll failed: \(errnoText(e))")
-        }) { ready in
-            for j in slots.indices where ready[j] {
-                let s = slots[j]
-                if s.kick {
-                    _ = try? kicks[s.handler].read()
-                    handlers[s.handler].kicked()
-                } else {
-                    handlers[s.handler].completionsReady()
-                }
-            }
-        }
-        for h in handlers { h.quiesce() }
+        })
     }
 }
 
