@@ -50,7 +50,8 @@ public struct LinuxBootInfo: Sendable {
 /// Loads the kernel and initrd and writes the command line, zero page, GDT/IDT, page
 /// tables, ACPI and MP tables. Returns the boot vCPU's registers.
 public func loadLinux(_ config: LinuxBootConfig, into memory: GuestMemory) throws -> BootCPUState {
-    try loadLinuxDetailed(config, into: memory).cpu
+    defer { memory.adviseHugePages() }
+    return try loadLinuxDetailed(config, into: memory).cpu
 }
 
 public func loadLinuxDetailed(_ config: LinuxBootConfig, into memory: GuestMemory) throws -> LinuxBootInfo {
@@ -59,8 +60,8 @@ public func loadLinuxDetailed(_ config: LinuxBootConfig, into memory: GuestMemor
 
     let file = try mapKernelFile(config.kernelPath)
     var kernel = try parseKernel(file.bytes, ram: ram, path: config.kernelPath)
-    // Huge pages where megabytes are written (the kernel, the initrd); all of RAM at the end.
-    defer { memory.adviseHugePages() }
+    // Huge pages where megabytes are written (the kernel, the initrd); `loadLinux` asks for
+    // them on all of RAM once everything is loaded.
     if case .bzImage = kernel.format {
         // The payload, or the vmlinux unpacked from it, fills [load, load + init_size).
         memory.adviseHugePages(kernel.loadAddress, length: kernel.end &- kernel.loadAddress)
