@@ -36,9 +36,6 @@ public struct LinuxBootConfig: Sendable {
     }
 }
 
-/// Images at least this large are written into huge pages; smaller ones into 4 KiB pages.
-let hugeAdviceMin: UInt64 = 1 << 20
-
 /// What `loadLinuxDetailed` did, for logging and tests.
 public struct LinuxBootInfo: Sendable {
     public let cpu: BootCPUState
@@ -50,8 +47,7 @@ public struct LinuxBootInfo: Sendable {
 /// Loads the kernel and initrd and writes the command line, zero page, GDT/IDT, page
 /// tables, ACPI and MP tables. Returns the boot vCPU's registers.
 public func loadLinux(_ config: LinuxBootConfig, into memory: GuestMemory) throws -> BootCPUState {
-    defer { memory.adviseHugePages() }
-    return try loadLinuxDetailed(config, into: memory).cpu
+    try loadLinuxDetailed(config, into: memory).cpu
 }
 
 public func loadLinuxDetailed(_ config: LinuxBootConfig, into memory: GuestMemory) throws -> LinuxBootInfo {
@@ -60,16 +56,6 @@ public func loadLinuxDetailed(_ config: LinuxBootConfig, into memory: GuestMemor
 
     let file = try mapKernelFile(config.kernelPath)
     var kernel = try parseKernel(file.bytes, ram: ram, path: config.kernelPath)
-    // Huge pages where megabytes are written (the kernel, the initrd); `loadLinux` asks for
-    // them on all of RAM once everything is loaded.
-    if case .bzImage = kernel.format {
-        // The payload, or the vmlinux unpacked from it, fills [load, load + init_size).
-        memory.adviseHugePages(kernel.loadAddress, length: kernel.end &- kernel.loadAddress)
-    } else {
-        for seg in kernel.segments where seg.memSize >= hugeAdviceMin {
-            memory.adviseHugePages(seg.address, length: seg.memSize)
-        }
-    }
     // With decompressKernel the unpacker writes the vmlinux's segments into guest memory
     // itself (nil: not a payload swiftlet unpacks, the bzImage goes in whole).
     var segmentsLoaded = false
@@ -105,7 +91,6 @@ public func loadLinuxDetailed(_ config: LinuxBootConfig, into memory: GuestMemor
         if f.size > 0 {
             let addr = try placeInitrd(size: f.size, kernelEnd: kernel.end, addrMax: kernel.initrdAddrMax, e820: e820)
             let dst = try mem { try memory.pointer(addr, length: f.size) }
-            if f.size >= hugeAdviceMin { memory.adviseHugePages(addr, length: f.size) }
             do { try f.read(into: dst, count: Int(f.size)) } catch let e as InputFile.Failure {
                 if case let .unreadable(n) = e { throw BootError.initrdUnreadable(path, errno: n) }
                 throw BootError.initrdNotFound(path)

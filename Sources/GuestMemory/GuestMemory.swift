@@ -37,10 +37,9 @@ public final class GuestRegion: @unchecked Sendable {
     private let owned: Bool
 
     /// Maps `size` bytes of anonymous private memory (MAP_NORESERVE: pages are only
-    /// committed when the guest touches them), aligned for transparent huge pages. The
-    /// huge-page advice itself comes later (`GuestMemory.adviseHugePages`): the loader asks
-    /// for it only where it writes megabytes, so a few bytes of boot tables cost a 4 KiB
-    /// page rather than a zeroed 2 MiB one, and the whole of RAM gets it before the guest runs.
+    /// committed when the guest touches them), aligned for transparent huge pages;
+    /// `GuestMemory` asks for them on all of RAM as soon as it is mapped, so no 4 KiB page
+    /// of guest RAM is ever left for khugepaged to collapse while the guest runs.
     public init(guestBase: UInt64, size: UInt64) throws {
         guard size > 0, size % 4096 == 0, guestBase % 4096 == 0 else {
             throw GuestMemoryError.badLayout("region 0x\(String(guestBase, radix: 16)) size 0x\(String(size, radix: 16)) not page aligned")
@@ -92,6 +91,7 @@ public final class GuestMemory: Sendable {
         }
         guard !regions.isEmpty else { throw GuestMemoryError.badLayout("no regions") }
         self.regions = regions
+        adviseHugePages()
     }
 
     /// Total RAM in bytes.

@@ -31,23 +31,6 @@ final class ELFTests: XCTestCase {
         XCTAssertEqual(try m.readBytes(at: 0x120_0800, count: 0x2800), [UInt8](repeating: 0, count: 0x2800))
     }
 
-    /// A small kernel costs 4 KiB pages, not zeroed 2 MiB ones (start-up time): the loader
-    /// asks for huge pages only where it writes megabytes.
-    func testSmallKernelLoadTouchesNoHugePage() throws {
-        let mode = (try? String(contentsOfFile: "/sys/kernel/mm/transparent_hugepage/enabled", encoding: .utf8)) ?? ""
-        guard mode.contains("[madvise]") else { throw XCTSkip("THP is not in madvise mode here: \(mode)") }
-        let path = tempFile(syntheticELF(entry: 0x100_0000, segments: validSegments()), name: "small-elf")
-        defer { unlink(path) }
-        let m = try makeMemory(64 * MiB)
-        let cfg = LinuxBootConfig(kernelPath: path, initrdPath: nil, cmdline: "console=ttyS0", cpus: 1,
-                                  virtioDevices: [], extraReserved: [])
-        _ = try loadLinuxDetailed(cfg, into: m)
-        XCTAssertEqual(try m.readBytes(at: 0x100_0000, count: 0x1000), Array(syntheticELF(entry: 0x100_0000, segments: validSegments())[0x1000..<0x2000]))
-        // loadLinuxDetailed leaves the rest of RAM unadvised (loadLinux advises it after),
-        // so khugepaged has nothing to collapse here while this is measured.
-        XCTAssertLessThan(m.residentBytes(), 1 * MiB, "kernel, boot tables and page tables in 4 KiB pages")
-    }
-
     func testVirtualEntryIsConverted() throws {
         let b = syntheticELF(entry: vbase + 0x100_0040, segments: validSegments())
         XCTAssertEqual(try parseKernel(b, ram: ram).entry, 0x100_0040)
