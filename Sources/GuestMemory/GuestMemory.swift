@@ -106,24 +106,12 @@ public final class GuestMemory: Sendable {
         return nil
     }
 
-    /// Asks for transparent huge pages on [addr, addr+len), widened to 2 MiB boundaries and
-    /// clipped to RAM; nil: on all of RAM. The guest's first touches of its RAM (page
-    /// cache, the kernel's own allocations) then fault in 2 MiB at a time, which matters
-    /// most when every fault is a nested exit. Advice only: a kernel without THP, or with
-    /// it set to never, still works, so failures are ignored.
-    public func adviseHugePages(_ addr: UInt64? = nil, length: UInt64 = 0) {
-        let huge: UInt64 = 2 << 20
-        for r in regions {
-            var lo = r.guestBase, hi = r.guestEnd
-            if let a = addr {
-                let (end, o) = a.addingReportingOverflow(length)
-                guard length > 0, !o else { return }
-                lo = max(lo, a & ~(huge - 1))
-                hi = min(hi, end > UInt64.max - huge ? UInt64.max : (end + huge - 1) & ~(huge - 1))
-                guard lo < hi else { continue }
-            }
-            _ = madvise(r.host + Int(lo - r.guestBase), Int(hi - lo), 14 /* MADV_HUGEPAGE */)
-        }
+    /// Asks for transparent huge pages on all of RAM: the guest's first touches (kernel
+    /// load, page cache, the kernel's own allocations) then fault in 2 MiB at a time, which
+    /// matters most when every fault is a nested exit. Advice only: a kernel without THP,
+    /// or with it set to never, still works, so failures are ignored.
+    private func adviseHugePages() {
+        for r in regions { _ = madvise(r.host, Int(r.size), 14 /* MADV_HUGEPAGE */) }
     }
 
     /// Bytes of guest RAM resident in host memory now (mincore over every region).

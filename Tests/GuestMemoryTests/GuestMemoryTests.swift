@@ -76,10 +76,5 @@ final class GuestMemoryTests: XCTestCase {
     func testAllOfRAMIsAdvisedHugeFromTheStart() throws {
         let m = try GuestMemory(layout: [(0, 64 << 20)])
         XCTAssertEqual(try hugeAdvice(m).map(\.huge), [true], "advised at mmap: nothing left for khugepaged to collapse")
-        // Hostile ranges change nothing and do not crash.
-        m.adviseHugePages(UInt64.max - 4, length: 16)
-        m.adviseHugePages(80 << 20, length: 4096)
-        m.adviseHugePages(8 << 20, length: 0)
-        XCTAssertEqual(try hugeAdvice(m).map(\.huge), [true])
     }
 }
