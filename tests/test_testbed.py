@@ -65,6 +65,16 @@ def test_l1_crash_gives_its_own_status_and_line(testbed_image):
     assert last_line(r.stderr).startswith("testbed: FAILED L1 crashed"), r.stderr
 
 
+def test_l1_knobs_reach_l1_kernel_and_module_parameters(testbed_image):
+    env = dict(os.environ, TESTBED_L1_APPEND="kvm_amd.vgif=0 testbed.knob=1",
+               TESTBED_CPU="EPYC,+svm,-vgif", TESTBED_ACCEL="tcg,thread=single")
+    r = run([TESTBED, "--l1", "--timeout", "300", "--", "sh", "-c",
+             "grep -o testbed.knob=1 /proc/cmdline; echo vgif=$(cat /sys/module/kvm_amd/parameters/vgif); "
+             "grep -c -w vgif /proc/cpuinfo"], env=env)
+    assert r.returncode == 1, r.stdout + r.stderr  # grep -c counts 0 lines: the CPU has no vgif
+    assert "testbed.knob=1" in r.stdout and "vgif=0" in r.stdout, r.stdout + r.stderr
+
+
 def test_timeout_gives_124_and_line(testbed_image):
     t0 = time.monotonic()
     r = run([TESTBED, "--l1", "--timeout", "20", "--", "sh", "-c", "echo started; sleep 300"])
