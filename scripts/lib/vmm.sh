@@ -163,3 +163,30 @@ kvm_counters_diff() {
     [ -n "$1" ] && [ -n "$2" ] || { echo "unavailable"; return 0; }
     echo "$1 $2" | awk '{ n = NF / 2; for (i = 1; i <= n; i++) { split($i, a, "="); split($(i + n), b, "="); printf "%s=%d ", a[1], b[2] - a[2] } print "" }'
 }
+
+# A flight recorder in L1: KVM's tracepoints kvm_exit, kvm_entry, kvm_inj_virq,
+# kvm_inj_exception and kvm_userspace_exit into a 1 MiB per-CPU ring, restarted by
+# kvm_trace_start before each boot; kvm_trace_tail NAME prints its last 40 events after
+# a boot that failed, so a triple fault shows the guest RIP and reason of the shutdown
+# exit and what KVM injected just before it (SVM resets the vCPU on a shutdown, so the
+# VMM cannot read that state itself). Only in the testbed's L1 (a host's own tracing is
+# left alone); both do nothing where tracefs is not writable.
+kvm_trace_start() {
+    [ "${TESTBED_MODE:-}" = l1 ] || return 0
+    [ -d $KVM_TRACING/events/kvm ] || mount -t tracefs none $KVM_TRACING 2>/dev/null
+    [ -w $KVM_TRACING/events/kvm/kvm_exit/enable ] || return 0
+    echo 0 > $KVM_TRACING/tracing_on
+    echo 1024 > $KVM_TRACING/buffer_size_kb
+    for _e in kvm_exit kvm_entry kvm_inj_virq kvm_inj_exception kvm_userspace_exit; do
+        echo 1 > $KVM_TRACING/events/kvm/$_e/enable
+    done
+    echo > $KVM_TRACING/trace
+    echo 1 > $KVM_TRACING/tracing_on
+}
+kvm_trace_tail() {
+    [ "${TESTBED_MODE:-}" = l1 ] || return 0
+    [ -r $KVM_TRACING/trace ] && [ -w $KVM_TRACING/tracing_on ] || return 0
+    echo 0 > $KVM_TRACING/tracing_on
+    echo "--- last KVM events of $1 (L1 tracefs):"
+    grep -v '^#' $KVM_TRACING/trace | tail -n 40 | cut -c1-200
+}
