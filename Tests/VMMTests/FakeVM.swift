@@ -15,7 +15,8 @@ final class FakeVM: VirtioVM {
     }
     struct Irqfd {
         let eventfd: EventFD
-        let resample: EventFD
+        /// nil for an edge irqfd.
+        let resample: EventFD?
     }
     struct State {
         /// KVM_IRQ_LINE calls per GSI, in order.
@@ -35,6 +36,13 @@ final class FakeVM: VirtioVM {
         try state.withLock { s in
             guard s.irqfds[gsi] == nil else { throw SystemError(call: "KVM_IRQFD", errno: EBUSY) }
             s.irqfds[gsi] = Irqfd(eventfd: eventfd, resample: resample)
+        }
+    }
+
+    func registerIrqfd(_ eventfd: EventFD, gsi: UInt32) throws {
+        try state.withLock { s in
+            guard s.irqfds[gsi] == nil else { throw SystemError(call: "KVM_IRQFD", errno: EBUSY) }
+            s.irqfds[gsi] = Irqfd(eventfd: eventfd, resample: nil)
         }
     }
 
