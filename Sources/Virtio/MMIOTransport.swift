@@ -588,6 +588,12 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
 
     func activate(_ s: inout State) -> Bool {
         driverOKFlag.store(true, ordering: .releasing)
+        if isEdge {
+            // The driver's handler is registered by now (Linux requests the interrupt
+            // before DRIVER_OK); a pulse sent before it may have found no handler, so
+            // the next set pulses whatever went out before.
+            edgeLock.withLock { $0.pulsedSinceRead = false }
+        }
         if needsResetFlag.load(ordering: .acquiring) {
             // Marked before DRIVER_OK (e.g. a bad queue layout): now tell the driver.
             raiseConfigChange()

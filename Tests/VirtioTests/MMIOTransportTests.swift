@@ -962,6 +962,21 @@ final class EdgeTransportTests: XCTestCase {
         XCTAssertLessThan(logs.withLock { $0.count }, 20, "guest-caused lines are rate-limited")
     }
 
+    /// A pulse before DRIVER_OK may find no handler in the guest: after DRIVER_OK the
+    /// next set pulses, whatever went out before.
+    func testDriverOKForgetsEarlierPulses() {
+        t.signalConfigChange()  // before the driver is there
+        XCTAssertEqual(line.count, 1)
+        t.signalConfigChange()
+        XCTAssertEqual(line.count, 1)
+        w(R.status, VirtioStatus.acknowledge | VirtioStatus.driver)
+        w(R.driverFeaturesSel, 1); w(R.driverFeatures, 1)
+        w(R.status, VirtioStatus.acknowledge | VirtioStatus.driver | VirtioStatus.featuresOK)
+        w(R.status, VirtioStatus.acknowledge | VirtioStatus.driver | VirtioStatus.featuresOK | VirtioStatus.driverOK)
+        dev.sink?.signalUsedBuffer()
+        XCTAssertEqual(line.count, 2)
+    }
+
     /// NEEDS_RESET in edge mode: a configuration-change pulse.
     func testNeedsResetPulsesAConfigChange() {
         w(R.status, VirtioStatus.acknowledge | VirtioStatus.driver)
