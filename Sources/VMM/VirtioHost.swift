@@ -22,9 +22,10 @@
 //     the "<name>-irq" thread asks the transport to re-assert it if InterruptStatus is
 //     still nonzero.
 // With `edge` the interrupt is edge-triggered instead (the DSDT says Edge, as
-// Firecracker's): a plain irqfd (`PulsedIrqfd`, KVM pulses the GSI on each write) is
-// written when the transport sets an InterruptStatus bit with no pulse since the guest
-// last read InterruptStatus, and `AckIoeventfds` registers an ioeventfd per InterruptACK
+// Firecracker's): the transport raises the GSI with KVM_IRQ_LINE (`IRQLine`) when it sets
+// an InterruptStatus bit with no edge since the guest last read InterruptStatus, and
+// lowers it at that read (on the vCPU thread, which exits for the read anyway), so the
+// queue thread makes one ioctl per interrupt; `AckIoeventfds` registers an ioeventfd per InterruptACK
 // value 0-3 (4 bytes, datamatch), so Linux's ACK completes in KVM; the transport takes the
 // values at the next InterruptStatus read (its generation rule keeps a bit set again
 // after that read). An interrupt then costs the guest one exit to swiftlet, the read.
@@ -58,8 +59,6 @@ public protocol VirtioVM: AnyObject, Sendable {
     /// A level-triggered irqfd: a write to `eventfd` asserts `gsi` until the guest's EOI,
     /// then the irqchip deasserts it and signals `resample`.
     func registerIrqfd(_ eventfd: EventFD, gsi: UInt32, resample: EventFD) throws
-    /// An edge irqfd: each write to `eventfd` pulses `gsi`.
-    func registerIrqfd(_ eventfd: EventFD, gsi: UInt32) throws
     func deassignIrqfd(_ eventfd: EventFD, gsi: UInt32) throws
     /// A guest write of `length` bytes of `datamatch` to `address` signals `eventfd`
     /// without an exit.
@@ -233,8 +232,7 @@ public final class VirtioMMIOSlot: MMIODevice, Sendable {
     let adapter: HostedDeviceAdapter
     /// The resampling irqfd and its thread (VirtioInterruptMode.irqfd), else nil.
     let irqfd: ResampledIrqfd?
-    /// The pulsed irqfd and the InterruptACK ioeventfds (VirtioInterruptMode.edge), else nil.
-    let pulsed: PulsedIrqfd?
+    /// The InterruptACK ioeventfds (VirtioInterruptMode.edge), else nil.
     let acks: AckIoeventfds?
     public let interrupts: VirtioInterruptMode
     /// The device's log, shared by the transport, the device model and its threads.
@@ -259,23 +257,16 @@ public final class VirtioMMIOSlot: MMIODevice, Sendable {
         switch interrupts {
         case .line:
             line = IRQLine(vm: vm, gsi: gsi, log: log)
-            (irqfd, pulsed, acks) = (nil, nil, nil)
+            (irqfd, acks) = (nil, nil)
         case .irqfd:
             let r = try ResampledIrqfd(vm: vm, gsi: gsi)
             line = r
-            (irqfd, pulsed, acks) = (r, nil, nil)
+            (irqfd, acks) = (r, nil)
         case .edge:
-            let p = try PulsedIrqfd(vm: vm, gsi: gsi)
-            let a: AckIoeventfds
-            do {
-                a = try AckIoeventfds(vm: vm, address: base + VirtioMMIOReg.interruptACK, name: name, log: log)
-            } catch {
-                p.stop()
-                throw error
-            }
-            line = p
+            let a = try AckIoeventfds(vm: vm, address: base + VirtioMMIOReg.interruptACK, name: name, log: log)
+            line = IRQLine(vm: vm, gsi: gsi, log: log)
             trigger = .edge(acks: a)
-            (irqfd, pulsed, acks) = (nil, p, a)
+            (irqfd, acks) = (nil, a)
         }
         transport = VirtioMMIOTransport(device: adapter, memory: memory, line: line, trigger: trigger, log: log)
         try irqfd?.start(transport: transport, name: name, log: log)
@@ -319,7 +310,6 @@ public final class VirtioMMIOSlot: MMIODevice, Sendable {
         adapter.shutdown()
         irqfd?.stop()
         acks?.stop()
-        pulsed?.stop()
         log?.flush()
     }
 
@@ -426,33 +416,6 @@ final class ResampledIrqfd: InterruptLine {
         guard let t = thread.withLock({ t -> OSThread? in defer { t = nil }; return t }) else { return }
         try? stopEvent.write(1)
         t.join()
-        try? vm.deassignIrqfd(eventfd, gsi: gsi)
-    }
-}
-
-/// An edge-triggered line through a plain KVM_IRQFD (VirtioInterruptMode.edge): each
-/// eventfd write pulses the GSI. Registered for the slot's life.
-final class PulsedIrqfd: InterruptLine {
-    let vm: any VirtioVM
-    let gsi: UInt32
-    let eventfd: EventFD
-    private let registered = Atomic<Bool>(false)
-
-    init(vm: any VirtioVM, gsi: UInt32) throws {
-        self.vm = vm
-        self.gsi = gsi
-        eventfd = try EventFD()
-        try vm.registerIrqfd(eventfd, gsi: gsi)
-        registered.store(true, ordering: .releasing)
-    }
-
-    func raise() { try? eventfd.write(1) }
-    /// An edge has no level to lower.
-    func lower() {}
-
-    /// Deassigns the irqfd. Idempotent.
-    func stop() {
-        guard registered.exchange(false, ordering: .acquiringAndReleasing) else { return }
         try? vm.deassignIrqfd(eventfd, gsi: gsi)
     }
 }

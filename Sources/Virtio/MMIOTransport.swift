@@ -11,8 +11,9 @@
 // serialized by a second small mutex and always re-read InterruptStatus, so a raise racing
 // an acknowledgement ends with the line matching InterruptStatus.
 //
-// Edge-triggered (`InterruptTrigger.edge`): `InterruptLine.raise()` is one pulse, and the
-// driver's InterruptACK may be caught without an exit (`DeferredInterruptAcks`, ioeventfds
+// Edge-triggered (`InterruptTrigger.edge`): `InterruptLine.raise()` starts one edge, and
+// the next InterruptStatus read (or a reset, or DRIVER_OK) ends it with `lower()`, so the
+// next raise is a new edge. The driver's InterruptACK may be caught without an exit (`DeferredInterruptAcks`, ioeventfds
 // in the VMM) and applied only at the next InterruptStatus read, which exits anyway. So
 // that a deferred ACK never clears a bit set after the driver last looked, every bit has a
 // generation, bumped each time the bit is set; each InterruptStatus read snapshots them, and
@@ -70,8 +71,9 @@ public enum InterruptTrigger: Sendable {
     /// The line follows InterruptStatus (raised when a bit is set, lowered when the last
     /// bit is cleared).
     case level
-    /// `raise()` is one pulse, sent when a bit is set unless a pulse already went out
-    /// since the last InterruptStatus read. `acks`: InterruptACK writes that did not exit.
+    /// `raise()` starts an edge when a bit is set, unless one already went out since the
+    /// last InterruptStatus read; that read ends it (`lower()`). `acks`: InterruptACK
+    /// writes that did not exit.
     case edge(acks: (any DeferredInterruptAcks)?)
 }
 
@@ -329,14 +331,21 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
     }
 
     /// An InterruptStatus read (edge-triggered): applies the deferred ACKs, then snapshots
-    /// the generations; a set from now on pulses again.
+    /// the generations and ends the edge; a set from now on pulses again.
     func edgeReadStatus() -> UInt32 {
         edgeLock.withLock { e in
             applyDeferredAcks(&e)
             e.seen = e.generation
-            e.pulsedSinceRead = false
+            endPulse(&e)
             return interruptBits.load(ordering: .acquiring)
         }
+    }
+
+    /// Lowers the line after a pulse, so that the next raise is an edge.
+    func endPulse(_ e: inout EdgeState) {
+        guard e.pulsedSinceRead else { return }
+        e.pulsedSinceRead = false
+        line.lower()
     }
 
     /// An InterruptACK that exited (edge-triggered): the deferred ones first (they were
@@ -592,7 +601,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
             // The driver's handler is registered by now (Linux requests the interrupt
             // before DRIVER_OK); a pulse sent before it may have found no handler, so
             // the next set pulses whatever went out before.
-            edgeLock.withLock { $0.pulsedSinceRead = false }
+            edgeLock.withLock { endPulse(&$0) }
         }
         if needsResetFlag.load(ordering: .acquiring) {
             // Marked before DRIVER_OK (e.g. a bad queue layout): now tell the driver.
@@ -637,7 +646,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
                 edgeAcks?.drain()
                 interruptBits.store(0, ordering: .releasing)
                 e.seen = e.generation
-                e.pulsedSinceRead = false
+                endPulse(&e)
             }
         } else {
             interruptBits.store(0, ordering: .releasing)

@@ -15,8 +15,7 @@ final class FakeVM: VirtioVM {
     }
     struct Irqfd {
         let eventfd: EventFD
-        /// nil for an edge irqfd.
-        let resample: EventFD?
+        let resample: EventFD
     }
     struct State {
         /// KVM_IRQ_LINE calls per GSI, in order.
@@ -36,13 +35,6 @@ final class FakeVM: VirtioVM {
         try state.withLock { s in
             guard s.irqfds[gsi] == nil else { throw SystemError(call: "KVM_IRQFD", errno: EBUSY) }
             s.irqfds[gsi] = Irqfd(eventfd: eventfd, resample: resample)
-        }
-    }
-
-    func registerIrqfd(_ eventfd: EventFD, gsi: UInt32) throws {
-        try state.withLock { s in
-            guard s.irqfds[gsi] == nil else { throw SystemError(call: "KVM_IRQFD", errno: EBUSY) }
-            s.irqfds[gsi] = Irqfd(eventfd: eventfd, resample: nil)
         }
     }
 

@@ -867,10 +867,13 @@ final class EdgeTransportTests: XCTestCase {
         XCTAssertEqual(line.count, 1)
         XCTAssertEqual(t.interruptsRaised.load(ordering: .relaxed), 1)
         XCTAssertEqual(t.interruptsCoalesced.load(ordering: .relaxed), 2)
+        XCTAssertEqual(line.lowered.load(ordering: .relaxed), 0)
         XCTAssertEqual(status(), 3)
+        XCTAssertEqual(line.lowered.load(ordering: .relaxed), 1, "the read ends the edge")
+        XCTAssertEqual(status(), 3)
+        XCTAssertEqual(line.lowered.load(ordering: .relaxed), 1, "no edge out: nothing to end")
         t.signalUsedBuffer()  // after the read: a new pulse
         XCTAssertEqual(line.count, 2)
-        XCTAssertEqual(line.lowered.load(ordering: .relaxed), 0, "an edge is never lowered")
     }
 
     /// Linux's vm_interrupt: read InterruptStatus, ACK what it read, then look at the
