@@ -74,10 +74,11 @@ public enum VirtioInterruptMode: Equatable, Sendable {
     /// line; KVM deasserts it at the guest's EOI and a "-irq" thread re-asserts it while
     /// InterruptStatus is nonzero.
     case irqfd
-    /// Edge-triggered (the DSDT says Edge): a queue thread's write to a plain irqfd pulses
-    /// the GSI when it sets an InterruptStatus bit, and the driver's InterruptACK of 1, 2
-    /// or 3 is caught by ioeventfds and applied at its next InterruptStatus read, so an
-    /// interrupt costs the guest one exit to swiftlet (the read).
+    /// Edge-triggered (the DSDT says Edge): KVM_IRQ_LINE raises the GSI when the queue
+    /// thread sets an InterruptStatus bit (one edge until the driver's next InterruptStatus
+    /// read lowers it), and the driver's InterruptACK of 0-3 is caught by ioeventfds and
+    /// applied at its next InterruptStatus read, so an interrupt costs the guest one exit
+    /// to swiftlet (the read).
     case edge
 
     public static func parse(_ s: String) throws -> VirtioInterruptMode {
@@ -85,7 +86,7 @@ public enum VirtioInterruptMode: Equatable, Sendable {
         case "line": return .line
         case "irqfd": return .irqfd
         case "edge": return .edge
-        default: throw SwiftletError(.usage, "--virtio-irq '\(s)' is not valid: use line (KVM_IRQ_LINE, the default), irqfd (KVM_IRQFD with resampling) or edge (edge-triggered irqfd, InterruptACK without an exit)")
+        default: throw SwiftletError(.usage, "--virtio-irq '\(s)' is not valid: use line (KVM_IRQ_LINE, the default), irqfd (KVM_IRQFD with resampling) or edge (edge-triggered, InterruptACK without an exit)")
         }
     }
 

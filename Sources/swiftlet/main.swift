@@ -82,7 +82,7 @@ struct Swiftlet: ParsableCommand {
             completion: .directory)
     var kernelCache: String?
 
-    @Option(name: .long, help: ArgumentHelp("How virtio interrupts are driven: line (level-triggered, KVM_IRQ_LINE, as QEMU does; the default), irqfd (level-triggered, KVM_IRQFD with resampling) or edge (edge-triggered irqfd; the guest's InterruptACK does not exit).", valueName: "mode"),
+    @Option(name: .long, help: ArgumentHelp("How virtio interrupts are driven: line (level-triggered, KVM_IRQ_LINE, as QEMU does; the default), irqfd (level-triggered, KVM_IRQFD with resampling) or edge (edge-triggered, KVM_IRQ_LINE; the guest's InterruptACK does not exit).", valueName: "mode"),
             completion: .list(["line", "irqfd", "edge"]))
     var virtioIrq: String?
 
