@@ -73,7 +73,7 @@ def test_help_exits_zero(swiftlet):
     (["--kernel", "K", "--memory", "100000G"], ["--memory"]),
     (["--kernel", "K", "--serial", "tty"], ["--serial"]),
     (["--kernel", "K", "--log-level", "loud"], ["--log-level"]),
-    (["--kernel", "K", "--virtio-irq", "msi"], ["--virtio-irq", "line", "irqfd"]),
+    (["--kernel", "K", "--virtio-irq", "msi"], ["--virtio-irq", "line", "irqfd", "edge"]),
     (["--kernel", "K", "--seccomp", "strict"], ["--seccomp", "on, log or off"]),
     (["--kernel", "K", "--kernel-cache", "/proc/swiftlet-no"], ["--kernel-cache", "cannot create"]),
     (["--kernel", "K", "--kernel-cache", "/etc/hostname"], ["--kernel-cache", "not a directory"]),

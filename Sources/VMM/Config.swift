@@ -63,7 +63,7 @@ public enum VirtioDiscovery: Equatable {
     }
 }
 
-/// How a virtio-mmio device's level-triggered interrupt line is driven.
+/// How a virtio-mmio device's interrupt is triggered and driven.
 public enum VirtioInterruptMode: Equatable, Sendable {
     /// KVM_IRQ_LINE: the line is set high when InterruptStatus becomes nonzero (from the
     /// queue thread) and low when the driver's InterruptACK clears it (from the vCPU
@@ -74,14 +74,33 @@ public enum VirtioInterruptMode: Equatable, Sendable {
     /// line; KVM deasserts it at the guest's EOI and a "-irq" thread re-asserts it while
     /// InterruptStatus is nonzero.
     case irqfd
+    /// Edge-triggered (the DSDT says Edge): KVM_IRQ_LINE raises the GSI when the queue
+    /// thread sets an InterruptStatus bit (one edge until the driver's next InterruptStatus
+    /// read lowers it), and the driver's InterruptACK of 0-3 is caught by ioeventfds and
+    /// applied at its next InterruptStatus read, so an interrupt costs the guest one exit
+    /// to swiftlet (the read).
+    case edge
 
     public static func parse(_ s: String) throws -> VirtioInterruptMode {
         switch s {
         case "line": return .line
         case "irqfd": return .irqfd
-        default: throw SwiftletError(.usage, "--virtio-irq '\(s)' is not valid: use line (KVM_IRQ_LINE, the default) or irqfd (KVM_IRQFD with resampling)")
+        case "edge": return .edge
+        default: throw SwiftletError(.usage, "--virtio-irq '\(s)' is not valid: use line (KVM_IRQ_LINE, the default), irqfd (KVM_IRQFD with resampling) or edge (edge-triggered, InterruptACK without an exit)")
         }
     }
+
+    /// The name `parse` takes.
+    public var name: String {
+        switch self {
+        case .line: return "line"
+        case .irqfd: return "irqfd"
+        case .edge: return "edge"
+        }
+    }
+
+    /// Whether the DSDT declares the interrupt level-triggered.
+    public var levelTriggered: Bool { self != .edge }
 }
 
 public typealias LogLevel = Virtio.LogLevel

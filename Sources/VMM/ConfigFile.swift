@@ -587,7 +587,7 @@ public func effectiveConfigDocument(_ s: Settings) throws -> JSONValue {
         ])
     }
     let discovery: String = (s.virtioDiscovery ?? .acpi) == .acpi ? "acpi" : "cmdline"
-    let irq: String = (s.virtioIrq ?? .line) == .line ? "line" : "irqfd"
+    let irq: String = (s.virtioIrq ?? .line).name
     return .object([
         JSONMember("boot-source", .object([
             JSONMember("kernel_image_path", .string(kernel)),

@@ -120,9 +120,9 @@ func attachSlots(count: Int, mmio: inout RangeMap<MMIODevice>, make: (Int) throw
 
 /// The ACPI descriptions of `count` virtio-mmio devices from index `firstIndex` (for
 /// LinuxBootConfig.virtioDevices, written before the VM exists).
-public func virtioDescriptions(count: Int, firstIndex: Int = 0) throws -> [VirtioMMIODeviceDescription] {
+public func virtioDescriptions(count: Int, firstIndex: Int = 0, interrupts: VirtioInterruptMode = .line) throws -> [VirtioMMIODeviceDescription] {
     try (0..<count).map { i in
-        guard let d = VirtioMMIOSlot.acpiDescription(index: firstIndex + i) else {
+        guard let d = VirtioMMIOSlot.acpiDescription(index: firstIndex + i, interrupts: interrupts) else {
             throw SwiftletError(.usage, "too many virtio devices: at most \(X86Layout.maxVirtioDevices)")
         }
         return d

@@ -132,7 +132,7 @@ public func run(_ config: MachineConfig) throws -> Int32 {
         throw SwiftletError(.runtimeError, "\(error): give the guest less memory")
     }
     let devices = try openDevices(deviceSpecs(config))
-    let virtio = try virtioDescriptions(count: devices.count)
+    let virtio = try virtioDescriptions(count: devices.count, interrupts: config.virtioInterrupts)
     var cmdline = config.cmdline
     if config.virtioDiscovery == .cmdline {
         cmdline = insertKernelParameters(virtio.map {

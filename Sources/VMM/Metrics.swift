@@ -93,6 +93,7 @@ extension Machine {
             "{\"name\": \"\(w.slot.name)\", \"mmio_exits\": \(w.exits.load(ordering: .relaxed)), "
                 + "\"interrupt_status_reads\": \(w.interruptStatusReads.load(ordering: .relaxed)), "
                 + "\"interrupt_acks\": \(w.interruptAcks.load(ordering: .relaxed)), "
+                + "\"interrupt_acks_in_kvm\": \(w.slot.acks?.caught.load(ordering: .relaxed) ?? 0), "
                 + "\"notify_exits\": \(w.notifyExits.load(ordering: .relaxed)), "
                 + "\"interrupts_raised\": \(w.slot.transport.interruptsRaised.load(ordering: .relaxed)), "
                 + "\"interrupts_coalesced\": \(w.slot.transport.interruptsCoalesced.load(ordering: .relaxed)), \(w.deviceJSON())}"

@@ -21,6 +21,15 @@
 //     until the guest's EOI; KVM then deasserts it and signals the resample eventfd, and
 //     the "<name>-irq" thread asks the transport to re-assert it if InterruptStatus is
 //     still nonzero.
+// With `edge` the interrupt is edge-triggered instead (the DSDT says Edge, as
+// Firecracker's): the transport raises the GSI with KVM_IRQ_LINE (`IRQLine`) when it sets
+// an InterruptStatus bit with no edge since the guest last read InterruptStatus, and
+// lowers it at that read (on the vCPU thread, which exits for the read anyway), so the
+// queue thread makes one ioctl per interrupt; `AckIoeventfds` registers an ioeventfd per InterruptACK
+// value 0-3 (4 bytes, datamatch), so Linux's ACK completes in KVM; the transport takes the
+// values at the next InterruptStatus read (its generation rule keeps a bit set again
+// after that read). An interrupt then costs the guest one exit to swiftlet, the read.
+// Other ACK writes (other values or sizes) still exit and are applied at once.
 //
 // The slot needs three things of the VM, behind `VirtioVM`: the irqchip line, irqfds and
 // ioeventfds. KVM's VirtualMachine provides them; unit tests use a fake.
@@ -223,6 +232,9 @@ public final class VirtioMMIOSlot: MMIODevice, Sendable {
     let adapter: HostedDeviceAdapter
     /// The resampling irqfd and its thread (VirtioInterruptMode.irqfd), else nil.
     let irqfd: ResampledIrqfd?
+    /// The InterruptACK ioeventfds (VirtioInterruptMode.edge), else nil.
+    let acks: AckIoeventfds?
+    public let interrupts: VirtioInterruptMode
     /// The device's log, shared by the transport, the device model and its threads.
     let log: RateLimitedLog?
     private let stopped = Atomic<Bool>(false)
@@ -238,18 +250,25 @@ public final class VirtioMMIOSlot: MMIODevice, Sendable {
         self.name = name
         self.device = device
         self.log = log
+        self.interrupts = interrupts
         adapter = HostedDeviceAdapter(inner: device, vm: vm, base: base, name: name, log: log)
         let line: any InterruptLine
+        var trigger = InterruptTrigger.level
         switch interrupts {
         case .line:
             line = IRQLine(vm: vm, gsi: gsi, log: log)
-            irqfd = nil
+            (irqfd, acks) = (nil, nil)
         case .irqfd:
             let r = try ResampledIrqfd(vm: vm, gsi: gsi)
             line = r
-            irqfd = r
+            (irqfd, acks) = (r, nil)
+        case .edge:
+            let a = try AckIoeventfds(vm: vm, address: base + VirtioMMIOReg.interruptACK, name: name, log: log)
+            line = IRQLine(vm: vm, gsi: gsi, log: log)
+            trigger = .edge(acks: a)
+            (irqfd, acks) = (nil, a)
         }
-        transport = VirtioMMIOTransport(device: adapter, memory: memory, line: line, log: log)
+        transport = VirtioMMIOTransport(device: adapter, memory: memory, line: line, trigger: trigger, log: log)
         try irqfd?.start(transport: transport, name: name, log: log)
     }
 
@@ -268,15 +287,16 @@ public final class VirtioMMIOSlot: MMIODevice, Sendable {
 
     /// For the ACPI DSDT (LinuxBootConfig.virtioDevices).
     public var acpiDescription: VirtioMMIODeviceDescription {
-        VirtioMMIODeviceDescription(address: base, size: VirtioMMIOSlot.windowSize, gsi: gsi, levelTriggered: true)
+        VirtioMMIODeviceDescription(address: base, size: VirtioMMIOSlot.windowSize, gsi: gsi,
+                                    levelTriggered: interrupts.levelTriggered)
     }
 
     /// The description device `index` will have, before any VM exists (the boot tables are
     /// written before the VM is created). nil past the last GSI.
-    public static func acpiDescription(index: Int) -> VirtioMMIODeviceDescription? {
+    public static func acpiDescription(index: Int, interrupts: VirtioInterruptMode = .line) -> VirtioMMIODeviceDescription? {
         guard index >= 0, index < X86Layout.maxVirtioDevices, let gsi = X86Layout.virtioGSI(index: index) else { return nil }
         return VirtioMMIODeviceDescription(address: X86Layout.virtioMMIOAddress(index: index), size: windowSize, gsi: gsi,
-                                           levelTriggered: true)
+                                           levelTriggered: interrupts.levelTriggered)
     }
 
     /// Queue threads running now.
@@ -289,6 +309,7 @@ public final class VirtioMMIOSlot: MMIODevice, Sendable {
         guard !stopped.exchange(true, ordering: .acquiringAndReleasing) else { return }
         adapter.shutdown()
         irqfd?.stop()
+        acks?.stop()
         log?.flush()
     }
 
@@ -396,5 +417,69 @@ final class ResampledIrqfd: InterruptLine {
         try? stopEvent.write(1)
         t.join()
         try? vm.deassignIrqfd(eventfd, gsi: gsi)
+    }
+}
+
+/// The guest's InterruptACK writes of 0, 1, 2 and 3 (4 bytes), caught by one ioeventfd
+/// per value (datamatch), so they complete in KVM without an exit
+/// (VirtioInterruptMode.edge). The transport takes them at the next InterruptStatus read.
+/// A value whose ioeventfd KVM refused exits as before and is applied at once. Writing 0
+/// acknowledges nothing (Linux writes back what it read, 0 after a spurious interrupt):
+/// its eventfd is only emptied at a reset.
+final class AckIoeventfds: DeferredInterruptAcks {
+    let vm: any VirtioVM
+    let address: UInt64
+    /// Per value 0...3: its eventfd, nil where KVM refused the ioeventfd.
+    let fds: [EventFD?]
+    private let registered = Atomic<Bool>(true)
+    let log: RateLimitedLog?
+    /// ACKs of 1, 2 or 3 that completed in KVM, as taken so far (--metrics).
+    let caught = Atomic<UInt64>(0)
+
+    init(vm: any VirtioVM, address: UInt64, name: String, log: RateLimitedLog?) throws {
+        self.vm = vm
+        self.address = address
+        self.log = log
+        // Every eventfd first: nothing below throws, so nothing is left registered.
+        let all = try (0...3).map { _ in try EventFD() }
+        var fds: [EventFD?] = []
+        for (v, e) in all.enumerated() {
+            do {
+                try vm.registerIoeventfd(e, address: address, length: 4, datamatch: UInt64(v), pio: false)
+                fds.append(e)
+            } catch {
+                log?.warn("no ioeventfd", "\(name): no ioeventfd for InterruptACK \(v) (\(error)): it exits to swiftlet")
+                fds.append(nil)
+            }
+        }
+        self.fds = fds
+    }
+
+    func take() -> UInt32 {
+        var v: UInt32 = 0
+        for value in 1...3 {
+            if let e = fds[value], let n = try? e.read(), n > 0 {
+                v |= UInt32(value)
+                caught.wrappingAdd(n, ordering: .relaxed)
+            }
+        }
+        return v
+    }
+
+    func drain() {
+        for e in fds { _ = try? e?.read() }
+    }
+
+    /// Deassigns the ioeventfds (machine stop; the vCPUs are joined). Idempotent.
+    func stop() {
+        guard registered.exchange(false, ordering: .acquiringAndReleasing) else { return }
+        for (v, e) in fds.enumerated() {
+            guard let e else { continue }
+            do {
+                try vm.deassignIoeventfd(e, address: address, length: 4, datamatch: UInt64(v), pio: false)
+            } catch {
+                log?.warn("cannot deregister an ioeventfd", "InterruptACK \(v): cannot deregister ioeventfd: \(error)")
+            }
+        }
     }
 }

@@ -5,11 +5,30 @@
 // (interrupt status, NEEDS_RESET, config generation), so a reset that stops and joins
 // the workers from inside a register write cannot deadlock.
 //
-// The interrupt is level-triggered, as on virtio-mmio hardware: the transport owns
-// InterruptStatus and alone decides when its `InterruptLine` goes up (a bit was set) and
-// down (the driver's InterruptACK or a reset cleared the last bit). Line changes are
+// The interrupt is level-triggered by default, as on virtio-mmio hardware: the transport
+// owns InterruptStatus and alone decides when its `InterruptLine` goes up (a bit was set)
+// and down (the driver's InterruptACK or a reset cleared the last bit). Line changes are
 // serialized by a second small mutex and always re-read InterruptStatus, so a raise racing
 // an acknowledgement ends with the line matching InterruptStatus.
+//
+// Edge-triggered (`InterruptTrigger.edge`): `InterruptLine.raise()` starts one edge, and
+// the next InterruptStatus read (or a reset, or DRIVER_OK) ends it with `lower()`, so the
+// next raise is a new edge. The driver's InterruptACK may be caught without an exit (`DeferredInterruptAcks`, ioeventfds
+// in the VMM) and applied only at the next InterruptStatus read, which exits anyway. So
+// that a deferred ACK never clears a bit set after the driver last looked, every bit has a
+// generation, bumped each time the bit is set; each InterruptStatus read snapshots them, and
+// a deferred ACK clears a bit only while its generation still equals the snapshot (no set
+// since that read). Otherwise the bit stays set. Bits, generations and pulses change under
+// one mutex (`edgeLock`).
+//
+// Why nothing is lost, for a driver that handles an interrupt as Linux's vm_interrupt
+// does (read InterruptStatus, write it to InterruptACK, then look at the queues whose bit
+// it read): a deferred ACK clears bit b only if b was set at the last read and not set
+// again since; that read's handler looks at the queues after its ACK, so it sees every
+// buffer used before that read. A set after the read keeps the bit, and is either pulsed
+// or folded into a pulse sent after the read: a pulse whose handler has not read yet
+// brings one more read (the local APIC holds an edge that arrives while the vector is in
+// service), which sees the bit.
 import OS
 import GuestMemory
 import Synchronization
@@ -35,6 +54,27 @@ public protocol InterruptLine: AnyObject, Sendable {
     /// InterruptStatus is zero: deassert the line (a line the irqchip lowers itself at the
     /// guest's EOI ignores this).
     func lower()
+}
+
+/// InterruptACK writes the VMM caught without an exit (edge-triggered interrupts): the
+/// transport takes them at the next InterruptStatus read and applies them there.
+public protocol DeferredInterruptAcks: AnyObject, Sendable {
+    /// The values written since the last call, ORed together (0 if none). Called with the
+    /// transport's `edgeLock` held.
+    func take() -> UInt32
+    /// Forgets the values written so far (device reset).
+    func drain()
+}
+
+/// How the transport's interrupt is triggered.
+public enum InterruptTrigger: Sendable {
+    /// The line follows InterruptStatus (raised when a bit is set, lowered when the last
+    /// bit is cleared).
+    case level
+    /// `raise()` starts an edge when a bit is set, unless one already went out since the
+    /// last InterruptStatus read; that read ends it (`lower()`). `acks`: InterruptACK
+    /// writes that did not exit.
+    case edge(acks: (any DeferredInterruptAcks)?)
 }
 
 /// A virtio device model behind a transport. Register accesses come from vCPU threads,
@@ -122,9 +162,24 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
     let line: any InterruptLine
     let log: RateLimitedLog?
 
+    /// The edge-triggered state: per InterruptStatus bit (0 used buffer, 1 configuration
+    /// change) the number of times it was set, the same at the last InterruptStatus read,
+    /// and whether a pulse went out since that read.
+    struct EdgeState {
+        var generation: (UInt64, UInt64) = (0, 0)
+        var seen: (UInt64, UInt64) = (0, 0)
+        var pulsedSinceRead = false
+    }
+
     let state: Locked<State>
     /// Serializes the changes of `line` (taken after `state` where both are).
     let lineLock = Locked<Void>(())
+    /// Edge-triggered: nil when level-triggered.
+    let edgeAcks: (any DeferredInterruptAcks)?
+    let isEdge: Bool
+    /// Edge-triggered: guards InterruptStatus changes, the generations and the pulses
+    /// (taken after `state` where both are; never held while the device is stopped).
+    let edgeLock = Locked(EdgeState())
     let interruptBits = Atomic<UInt32>(0)
     let needsResetFlag = Atomic<Bool>(false)
     let driverOKFlag = Atomic<Bool>(false)
@@ -137,7 +192,10 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
     /// - line: the device's interrupt line; the transport raises it when an
     ///   InterruptStatus bit is set and lowers it when InterruptStatus becomes zero.
     /// - log: the device's log (every line the transport writes can be caused by the guest).
-    public init(device: any VirtioDevice, memory: GuestMemory, line: any InterruptLine, log: RateLimitedLog? = nil) {
+    /// - trigger: level (the line follows InterruptStatus) or edge (a pulse per new
+    ///   interrupt; deferred InterruptACKs).
+    public init(device: any VirtioDevice, memory: GuestMemory, line: any InterruptLine, trigger: InterruptTrigger = .level,
+                log: RateLimitedLog? = nil) {
         self.device = device
         self.memory = memory
         self.offeredFeatures = (device.deviceFeatures & (VirtioFeature.deviceSpecificMask | VirtioFeature.transportSupported))
@@ -145,6 +203,10 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
         self.maxSizes = device.queueMaxSizes.map { min($0, SplitQueue.maxQueueSize) }
         self.line = line
         self.log = log
+        switch trigger {
+        case .level: (isEdge, edgeAcks) = (false, nil)
+        case .edge(let acks): (isEdge, edgeAcks) = (true, acks)
+        }
         self.state = Locked(State(queues: maxSizes.map { QueueRegs(size: UInt32($0)) }))
     }
 
@@ -197,6 +259,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
     /// line the irqchip lowers at the guest's EOI is raised again while bits remain
     /// (`reassertIfPending`).
     public func signalUsedBuffer() {
+        if isEdge { return edgeSet(VirtioInterrupt.usedBuffer) }
         let (old, _) = interruptBits.bitwiseOr(VirtioInterrupt.usedBuffer, ordering: .acquiringAndReleasing)
         if old != 0 {
             interruptsCoalesced.wrappingAdd(1, ordering: .relaxed)
@@ -216,6 +279,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
 
     public func signalConfigChange() {
         generation.wrappingAdd(1, ordering: .acquiringAndReleasing)
+        if isEdge { return edgeSet(VirtioInterrupt.configChange) }
         interruptBits.bitwiseOr(VirtioInterrupt.configChange, ordering: .acquiringAndReleasing)
         interruptsRaised.wrappingAdd(1, ordering: .relaxed)
         raiseLine()
@@ -225,9 +289,71 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
         let (was, _) = needsResetFlag.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing)
         guard was else { return }
         log?.warn("device needs reset", "virtio-mmio device type \(device.deviceType): DEVICE_NEEDS_RESET")
-        if driverOKFlag.load(ordering: .acquiring) {
-            interruptBits.bitwiseOr(VirtioInterrupt.configChange, ordering: .acquiringAndReleasing)
-            raiseLine()
+        if driverOKFlag.load(ordering: .acquiring) { raiseConfigChange() }
+    }
+
+    /// Sets the configuration-change bit and signals it (NEEDS_RESET).
+    func raiseConfigChange() {
+        if isEdge { return edgeSet(VirtioInterrupt.configChange) }
+        interruptBits.bitwiseOr(VirtioInterrupt.configChange, ordering: .acquiringAndReleasing)
+        raiseLine()
+    }
+
+    // MARK: edge-triggered
+
+    /// Sets `bit`, bumps its generation and pulses, unless a pulse already went out since
+    /// the last InterruptStatus read: the handler of that pulse has yet to read
+    /// InterruptStatus, and will find this bit (a deferred ACK cannot clear it: its
+    /// generation moved).
+    func edgeSet(_ bit: UInt32) {
+        edgeLock.withLock { e in
+            interruptBits.bitwiseOr(bit, ordering: .acquiringAndReleasing)
+            if bit == VirtioInterrupt.usedBuffer { e.generation.0 &+= 1 } else { e.generation.1 &+= 1 }
+            if e.pulsedSinceRead {
+                interruptsCoalesced.wrappingAdd(1, ordering: .relaxed)
+                return
+            }
+            e.pulsedSinceRead = true
+            interruptsRaised.wrappingAdd(1, ordering: .relaxed)
+            line.raise()
+        }
+    }
+
+    /// Applies the InterruptACKs that did not exit: a bit is cleared only if it was not
+    /// set again since the last InterruptStatus read (its generation equals that read's).
+    func applyDeferredAcks(_ e: inout EdgeState) {
+        guard let acks = edgeAcks else { return }
+        let v = acks.take()
+        var clear: UInt32 = 0
+        if v & VirtioInterrupt.usedBuffer != 0, e.generation.0 == e.seen.0 { clear |= VirtioInterrupt.usedBuffer }
+        if v & VirtioInterrupt.configChange != 0, e.generation.1 == e.seen.1 { clear |= VirtioInterrupt.configChange }
+        if clear != 0 { interruptBits.bitwiseAnd(~clear, ordering: .acquiringAndReleasing) }
+    }
+
+    /// An InterruptStatus read (edge-triggered): applies the deferred ACKs, then snapshots
+    /// the generations and ends the edge; a set from now on pulses again.
+    func edgeReadStatus() -> UInt32 {
+        edgeLock.withLock { e in
+            applyDeferredAcks(&e)
+            e.seen = e.generation
+            endPulse(&e)
+            return interruptBits.load(ordering: .acquiring)
+        }
+    }
+
+    /// Lowers the line after a pulse, so that the next raise is an edge.
+    func endPulse(_ e: inout EdgeState) {
+        guard e.pulsedSinceRead else { return }
+        e.pulsedSinceRead = false
+        line.lower()
+    }
+
+    /// An InterruptACK that exited (edge-triggered): the deferred ones first (they were
+    /// written before it), then this one at once, as level-triggered.
+    func edgeAck(_ value: UInt32) {
+        edgeLock.withLock { e in
+            applyDeferredAcks(&e)
+            interruptBits.bitwiseAnd(~value, ordering: .acquiringAndReleasing)
         }
     }
 
@@ -305,7 +431,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
         case VirtioMMIOReg.version: return Self.version
         case VirtioMMIOReg.deviceID: return device.deviceType
         case VirtioMMIOReg.vendorID: return Self.vendorID
-        case VirtioMMIOReg.interruptStatus: return interruptBits.load(ordering: .acquiring)
+        case VirtioMMIOReg.interruptStatus: return isEdge ? edgeReadStatus() : interruptBits.load(ordering: .acquiring)
         case VirtioMMIOReg.configGeneration: return generation.load(ordering: .acquiring)
         case VirtioMMIOReg.shmLenLow, VirtioMMIOReg.shmLenHigh, VirtioMMIOReg.shmBaseLow, VirtioMMIOReg.shmBaseHigh:
             return 0xFFFF_FFFF  // no shared memory regions: length (and base) -1
@@ -337,6 +463,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
     func writeRegister(_ offset: UInt64, _ value: UInt32) {
         switch offset {
         case VirtioMMIOReg.interruptACK:
+            if isEdge { edgeAck(value); return }
             interruptBits.bitwiseAnd(~value, ordering: .acquiringAndReleasing)
             lowerLineIfClear()
             return
@@ -470,10 +597,15 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
 
     func activate(_ s: inout State) -> Bool {
         driverOKFlag.store(true, ordering: .releasing)
+        if isEdge {
+            // The driver's handler is registered by now (Linux requests the interrupt
+            // before DRIVER_OK); a pulse sent before it may have found no handler, so
+            // the next set pulses whatever went out before.
+            edgeLock.withLock { endPulse(&$0) }
+        }
         if needsResetFlag.load(ordering: .acquiring) {
             // Marked before DRIVER_OK (e.g. a bad queue layout): now tell the driver.
-            interruptBits.bitwiseOr(VirtioInterrupt.configChange, ordering: .acquiringAndReleasing)
-            raiseLine()
+            raiseConfigChange()
             return false
         }
         let f = s.driverFeatures
@@ -502,13 +634,24 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
     }
 
     func reset(_ s: inout State) {
-        // Stop the device first (joins its workers, which only touch our atomics), then
-        // forget everything the driver set up.
+        // Stop the device first (joins its workers, which only touch our atomics and
+        // edgeLock), then forget everything the driver set up.
         device.reset()
         driverOKFlag.store(false, ordering: .releasing)
         needsResetFlag.store(false, ordering: .releasing)
-        interruptBits.store(0, ordering: .releasing)
-        lowerLineIfClear()
+        if isEdge {
+            // The device is stopped: nothing sets a bit any more. ACKs written before the
+            // reset are dropped, and the next set pulses.
+            edgeLock.withLock { e in
+                edgeAcks?.drain()
+                interruptBits.store(0, ordering: .releasing)
+                e.seen = e.generation
+                endPulse(&e)
+            }
+        } else {
+            interruptBits.store(0, ordering: .releasing)
+            lowerLineIfClear()
+        }
         s = State(queues: maxSizes.map { QueueRegs(size: UInt32($0)) })
     }
 }

@@ -296,6 +296,15 @@ final class ConfigFileTests: XCTestCase {
         XCTAssertEqual(try effectiveConfigText(back), text, "a fixed point")
         XCTAssertTrue(text.contains("\"boot_args\": \"console=ttyS0 reboot=k panic=1 pci=off\""), "boot_args as given, root= added at start-up")
         XCTAssertTrue(text.contains("\"timeout\": \"1.5s\""))
+        // Every --virtio-irq mode is written out by name and read back.
+        for mode in [VirtioInterruptMode.line, .irqfd, .edge] {
+            var m = s
+            m.virtioIrq = mode
+            let t = try effectiveConfigText(m)
+            XCTAssertTrue(t.contains("\"virtio_irq\": \"\(mode.name)\""), "\(mode)")
+            XCTAssertEqual(try settings(t).virtioIrq, mode)
+        }
+        XCTAssertThrowsError(try settings(#"{"swiftlet": {"virtio_irq": "Edge"}}"#))
         XCTAssertThrowsError(try effectiveConfigText(Settings())) { e in
             XCTAssertTrue((e as? SwiftletError)?.message.contains("no kernel given") ?? false)
         }

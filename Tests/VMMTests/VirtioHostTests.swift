@@ -256,6 +256,32 @@ final class VirtioHostTests: XCTestCase, @unchecked Sendable {
         }
     }
 
+    /// Edge-triggered on this machine's KVM: it takes the plain irqfd and the four
+    /// InterruptACK ioeventfds (4 bytes, datamatch 0-3, beside the QueueNotify ones), and
+    /// gives them back at stop, with nothing logged.
+    func testEdgeRegistrationsOnKVM() throws {
+        let env = try makeEnv()
+        final class Lines: Sendable { let all = Locked<[String]>([]) }
+        let lines = Lines()
+        let disk = try openDisk(DiskOptions(path: env.image, numQueues: 1))
+        let slot = try VirtioMMIOSlot.block(disk, index: 4, name: "tblke", vm: env.vm, memory: env.mem, interrupts: .edge,
+                                            log: { _, line in lines.all.withLock { $0.append(line) } })
+        defer { slot.stop() }
+        let acks = try XCTUnwrap(slot.acks)
+        XCTAssertEqual(acks.fds.map { $0 != nil }, [true, true, true, true], "KVM took every ACK ioeventfd")
+        driverInit(slot, queues: 1, features: VirtioFeature.version1)
+        XCTAssertEqual(slot.adapter.workers[0].ioeventfd, [true])
+        _ = try postWrite(env.mem, queue: 0, n: 0, sector: 3, data: [UInt8](repeating: 3, count: 512))
+        try slot.adapter.workers[0].kicks[0].write(1)
+        waitUsed(env.mem, 0, 1)
+        waitFor { slot.transport.interruptStatus != 0 }
+        XCTAssertEqual(slot.read(offset: VirtioMMIOReg.interruptStatus, size: 4), 1)
+        try acks.fds[1]?.write(1)  // as KVM does on the guest's 4-byte write of 1
+        XCTAssertEqual(slot.read(offset: VirtioMMIOReg.interruptStatus, size: 4), 0)
+        slot.stop()
+        XCTAssertEqual(lines.all.withLock { $0 }, [], "nothing refused, nothing failed to deregister")
+    }
+
     func testManyKicksAndBatchesOnePoolQueue() throws {
         let env = try makeEnv()
         let disk = try openDisk(DiskOptions(path: env.image, direct: true))
@@ -570,6 +596,7 @@ final class VirtioHostTests: XCTestCase, @unchecked Sendable {
         let slot = try VirtioMMIOSlot.block(disk, index: 2, name: "tfakei", vm: env.vm, memory: env.mem, interrupts: .irqfd)
         defer { slot.stop() }
         let irqfd = try XCTUnwrap(env.vm.irqfd(slot.gsi))
+        let resample = irqfd.resample
         XCTAssertEqual(waitThreads("tfakei", ["tfakei-irq"]), ["tfakei-irq"])
         driverInit(slot, queues: 1, features: VirtioFeature.version1)
         _ = try postWrite(env.mem, queue: 0, n: 0, sector: 1, data: [UInt8](repeating: 1, count: 512))
@@ -578,17 +605,92 @@ final class VirtioHostTests: XCTestCase, @unchecked Sendable {
         XCTAssertTrue(waitReadable(irqfd.eventfd))
         XCTAssertEqual(try irqfd.eventfd.read(), 1, "asserted once")
         // EOI before the driver acknowledged: asserted again.
-        try irqfd.resample.write(1)
+        try resample.write(1)
         XCTAssertTrue(waitReadable(irqfd.eventfd), "re-asserted after EOI while InterruptStatus is nonzero")
         XCTAssertEqual(try irqfd.eventfd.read(), 1)
         // Acknowledged, then EOI: stays down.
         slot.write(offset: VirtioMMIOReg.interruptACK, size: 4, value: 1)
-        try irqfd.resample.write(1)
+        try resample.write(1)
         XCTAssertFalse(waitReadable(irqfd.eventfd, milliseconds: 200), "nothing pending: not re-asserted")
         XCTAssertTrue(env.vm.levels(slot.gsi).isEmpty, "no KVM_IRQ_LINE with an irqfd")
         slot.stop()
         XCTAssertNil(env.vm.irqfd(slot.gsi), "deassigned")
         XCTAssertEqual(waitThreads("tfakei", []), [])
+    }
+
+    /// Edge-triggered (--virtio-irq edge): one ioeventfd per InterruptACK value 0-3 is
+    /// registered with the slot, the DSDT says Edge; a completion raises the GSI with
+    /// KVM_IRQ_LINE and the next InterruptStatus read lowers it, so each raise is an edge;
+    /// the driver's ACK through the ioeventfd is applied at its next InterruptStatus read,
+    /// but never clears a bit set after the read it acknowledges; machine stop deassigns.
+    func testEdgeLineAndAckIoeventfdsOnAFakeVM() throws {
+        let env = try makeFakeEnv()
+        let disk = try openDisk(DiskOptions(path: env.image))
+        let slot = try VirtioMMIOSlot.block(disk, index: 2, name: "tfakee", vm: env.vm, memory: env.mem, interrupts: .edge)
+        defer { slot.stop() }
+        XCTAssertFalse(slot.acpiDescription.levelTriggered)
+        XCTAssertEqual(VirtioMMIOSlot.acpiDescription(index: 2, interrupts: .edge), slot.acpiDescription)
+        XCTAssertEqual(try virtioDescriptions(count: 1, interrupts: .edge).map(\.levelTriggered), [false])
+        XCTAssertEqual(try virtioDescriptions(count: 1, interrupts: .irqfd).map(\.levelTriggered), [true])
+        XCTAssertNil(env.vm.irqfd(slot.gsi), "no irqfd")
+        let ackAddress = slot.base + VirtioMMIOReg.interruptACK
+        let acks = env.vm.ioeventfds.filter { $0.address == ackAddress }
+        XCTAssertEqual(acks.map(\.datamatch), [0, 1, 2, 3])
+        XCTAssertEqual(acks.map(\.length), [4, 4, 4, 4])
+        XCTAssertEqual(waitThreads("tfakee", []), [], "no -irq thread")
+        func guestAck(_ v: UInt64) throws {
+            try XCTUnwrap(env.vm.ioeventfds.first { $0.address == ackAddress && $0.datamatch == v }).eventfd.write(1)
+        }
+        func status() -> UInt64 { slot.read(offset: VirtioMMIOReg.interruptStatus, size: 4) }
+        driverInit(slot, queues: 1, features: VirtioFeature.version1)
+        _ = try postWrite(env.mem, queue: 0, n: 0, sector: 1, data: [UInt8](repeating: 1, count: 512))
+        try env.vm.kick(base: slot.base, queue: 0)
+        waitUsed(env.mem, 0, 1)
+        waitFor { !env.vm.levels(slot.gsi).isEmpty }
+        XCTAssertEqual(env.vm.levels(slot.gsi), [true], "an edge up")
+        XCTAssertEqual(status(), 1)
+        XCTAssertEqual(env.vm.levels(slot.gsi), [true, false], "ended by the read")
+        try guestAck(1)
+        // A completion after the driver's read and ACK.
+        _ = try postWrite(env.mem, queue: 0, n: 1, sector: 2, data: [UInt8](repeating: 2, count: 512))
+        try env.vm.kick(base: slot.base, queue: 0)
+        waitUsed(env.mem, 0, 2)
+        waitFor { env.vm.levels(slot.gsi).count == 3 }
+        XCTAssertEqual(env.vm.levels(slot.gsi), [true, false, true], "a new edge: set after the last read")
+        XCTAssertEqual(status(), 1, "the ACK was for the first: the bit stays")
+        try guestAck(1)
+        try guestAck(0)  // after a spurious interrupt Linux writes back 0
+        XCTAssertEqual(status(), 0, "acknowledged, nothing set since")
+        XCTAssertEqual(env.vm.levels(slot.gsi), [true, false, true, false], "a read with no edge out lowers nothing")
+        // A reset with an ACK pending: dropped.
+        try guestAck(1)
+        slot.write(offset: VirtioMMIOReg.status, size: 4, value: 0)
+        XCTAssertEqual(status(), 0)
+        for a in acks { XCTAssertNil(try a.eventfd.read(), "drained at reset (datamatch \(a.datamatch ?? 99))") }
+        slot.stop()
+        XCTAssertTrue(env.vm.ioeventfds.isEmpty, "ACK ioeventfds deassigned")
+    }
+
+    /// Edge-triggered on a VM that refuses ioeventfds: the ACK exits and is applied at once.
+    func testEdgeWithoutAckIoeventfds() throws {
+        let env = try makeFakeEnv()
+        env.vm.state.withLock { $0.refuseIoeventfds = true }
+        final class Lines: Sendable { let all = Locked<[String]>([]) }
+        let lines = Lines()
+        let disk = try openDisk(DiskOptions(path: env.image))
+        let slot = try VirtioMMIOSlot.block(disk, index: 1, name: "tfakef", vm: env.vm, memory: env.mem, interrupts: .edge,
+                                            log: { _, line in lines.all.withLock { $0.append(line) } })
+        defer { slot.stop() }
+        XCTAssertEqual(lines.all.withLock { $0.filter { $0.contains("InterruptACK") }.count }, 4)
+        driverInit(slot, queues: 1, features: VirtioFeature.version1)
+        _ = try postWrite(env.mem, queue: 0, n: 0, sector: 1, data: [UInt8](repeating: 1, count: 512))
+        slot.write(offset: VirtioMMIOReg.queueNotify, size: 4, value: 0)
+        waitUsed(env.mem, 0, 1)
+        waitFor { !env.vm.levels(slot.gsi).isEmpty }
+        XCTAssertEqual(slot.read(offset: VirtioMMIOReg.interruptStatus, size: 4), 1)
+        slot.write(offset: VirtioMMIOReg.interruptACK, size: 4, value: 1)
+        XCTAssertEqual(slot.transport.interruptStatus, 0)
+        XCTAssertEqual(env.vm.levels(slot.gsi), [true, false])
     }
 
     func waitFor(_ condition: () -> Bool) {

@@ -556,10 +556,23 @@ final class MMIOTransportTests: XCTestCase {
 /// A device worker signalling from another thread while the vCPU side reads and acks.
 final class TransportConcurrencyTests: XCTestCase {
     func testConcurrentSignalAndAck() throws {
+        try concurrentSignalAndAck(edge: false)
+    }
+
+    /// The same with the edge-triggered transport, the driver's ACK deferred (caught as by
+    /// an ioeventfd): every bit left after the device is done has a pulse on its way, and
+    /// the last handler's ACK clears it at the final read.
+    func testConcurrentSignalAndDeferredAckEdge() throws {
+        try concurrentSignalAndAck(edge: true)
+    }
+
+    func concurrentSignalAndAck(edge: Bool) throws {
         let mem = try GuestMemory(layout: [(0, 0x10_0000)])
         let dev = MockDevice()
         let count = Atomic<Int>(0)
-        let t = VirtioMMIOTransport(device: dev, memory: mem, line: CallbackLine(raised: { count.wrappingAdd(1, ordering: .relaxed) }))
+        let acks = FakeAcks()
+        let t = VirtioMMIOTransport(device: dev, memory: mem, line: CallbackLine(raised: { count.wrappingAdd(1, ordering: .relaxed) }),
+                                    trigger: edge ? .edge(acks: acks) : .level)
         var th = pthread_t()
         let box = Unmanaged.passRetained(t)
         pthread_create(&th, nil, { p in
@@ -578,7 +591,7 @@ final class TransportConcurrencyTests: XCTestCase {
             if raised > handled {
                 handled = raised
                 let s = t.read(offset: VirtioMMIOReg.interruptStatus, size: 4)
-                t.write(offset: VirtioMMIOReg.interruptACK, size: 4, value: s)
+                if edge { acks.ack(s) } else { t.write(offset: VirtioMMIOReg.interruptACK, size: 4, value: s) }
             } else if done {
                 break
             } else if t.interruptsRaised.load(ordering: .relaxed) + t.interruptsCoalesced.load(ordering: .relaxed) == 100_000 {
@@ -586,9 +599,73 @@ final class TransportConcurrencyTests: XCTestCase {
                 done = true
             }
         }
+        if edge {
+            // The last handler's ACK is applied at the next read.
+            XCTAssertEqual(count.load(ordering: .acquiring), handled, "a pulse after the device was done")
+        }
         XCTAssertEqual(t.read(offset: VirtioMMIOReg.interruptStatus, size: 4), 0, "a used-buffer bit without an interrupt")
         XCTAssertEqual(t.interruptsRaised.load(ordering: .relaxed) + t.interruptsCoalesced.load(ordering: .relaxed), 100_000)
         XCTAssertGreaterThan(t.interruptsRaised.load(ordering: .relaxed), 0)
+    }
+}
+
+/// The lost-interrupt race on the bare transport, edge-triggered: a device thread uses
+/// buffer i, signals, and uses the next only once the driver has looked at the queue after
+/// an interrupt; the driver handles each pulse as Linux's vm_interrupt (read
+/// InterruptStatus, ACK it, caught without an exit, then look at the queue only if the
+/// used-buffer bit was read). Every round's signal comes after the previous round's
+/// ACK, which is applied only at the next read: the generation rule must keep the bit.
+final class EdgeLostInterruptTests: XCTestCase {
+    final class Shared: Sendable {
+        let published = Atomic<Int>(0)
+        let seen = Atomic<Int>(0)
+        let pulses = Atomic<Int>(0)
+    }
+    final class Pulse: InterruptLine {
+        let shared: Shared
+        init(_ s: Shared) { shared = s }
+        func raise() { shared.pulses.wrappingAdd(1, ordering: .acquiringAndReleasing) }
+        func lower() {}
+    }
+
+    func testEveryUsedBufferReachesTheDriver() throws {
+        let mem = try GuestMemory(layout: [(0, 0x1000)])
+        let sh = Shared()
+        let acks = FakeAcks()
+        let t = VirtioMMIOTransport(device: MockDevice(), memory: mem, line: Pulse(sh), trigger: .edge(acks: acks))
+        let rounds = 2000
+        final class Job: @unchecked Sendable {
+            let t: VirtioMMIOTransport
+            let sh: Shared
+            let rounds: Int
+            init(_ t: VirtioMMIOTransport, _ sh: Shared, _ rounds: Int) { self.t = t; self.sh = sh; self.rounds = rounds }
+        }
+        var th = pthread_t()
+        pthread_create(&th, nil, { p in
+            let j = Unmanaged<Job>.fromOpaque(p!).takeRetainedValue()
+            for i in 1...j.rounds {
+                j.sh.published.store(i, ordering: .releasing)
+                j.t.signalUsedBuffer()
+                let deadline = monotonicNanos() + 2_000_000_000
+                while j.sh.seen.load(ordering: .acquiring) < i && monotonicNanos() < deadline { sched_yield() }
+                if j.sh.seen.load(ordering: .acquiring) < i { return nil }
+            }
+            return nil
+        }, Unmanaged.passRetained(Job(t, sh, rounds)).toOpaque())
+        var handled = 0
+        var giveUp = monotonicNanos() + 2_000_000_000
+        while sh.seen.load(ordering: .acquiring) < rounds && monotonicNanos() < giveUp {
+            let p = sh.pulses.load(ordering: .acquiring)
+            guard p > handled else { sched_yield(); continue }
+            handled = p
+            let s = t.read(offset: VirtioMMIOReg.interruptStatus, size: 4)
+            acks.ack(s)
+            if s & VirtioInterrupt.usedBuffer != 0 { sh.seen.store(sh.published.load(ordering: .acquiring), ordering: .releasing) }
+            giveUp = monotonicNanos() + 2_000_000_000
+        }
+        pthread_join(th, nil)
+        XCTAssertEqual(sh.seen.load(ordering: .acquiring), rounds, "lost interrupt")
+        XCTAssertLessThanOrEqual(sh.pulses.load(ordering: .acquiring), rounds, "at most one pulse per used buffer")
     }
 }
 
@@ -736,5 +813,183 @@ final class TransportQueueIntegrationTests: XCTestCase {
         XCTAssertEqual(Array(dev.config[16..<24]), v)
         v.withUnsafeBytes { t.write(offset: VirtioMMIOReg.config + 17, from: $0) }  // one byte past the end
         XCTAssertEqual(Array(dev.config[16..<24]), v)
+    }
+}
+
+/// InterruptACK writes caught as KVM's ioeventfds would catch them (edge-triggered mode):
+/// `ack` is the guest's write, `take` what the transport collects at InterruptStatus reads.
+final class FakeAcks: DeferredInterruptAcks {
+    let pending = Atomic<UInt32>(0)
+    let drains = Atomic<Int>(0)
+    func ack(_ v: UInt32) { pending.bitwiseOr(v, ordering: .acquiringAndReleasing) }
+    func take() -> UInt32 { pending.exchange(0, ordering: .acquiringAndReleasing) }
+    func drain() {
+        pending.store(0, ordering: .releasing)
+        drains.wrappingAdd(1, ordering: .relaxed)
+    }
+}
+
+/// The edge-triggered transport: a pulse per new interrupt, InterruptACKs applied at the
+/// next InterruptStatus read under the generation rule.
+final class EdgeTransportTests: XCTestCase {
+    typealias R = VirtioMMIOReg
+    final class Pulses: InterruptLine {
+        let n = Atomic<Int>(0)
+        let lowered = Atomic<Int>(0)
+        var count: Int { n.load(ordering: .acquiring) }
+        func raise() { n.wrappingAdd(1, ordering: .acquiringAndReleasing) }
+        func lower() { lowered.wrappingAdd(1, ordering: .relaxed) }
+    }
+    var mem: GuestMemory!
+    var dev: MockDevice!
+    var line: Pulses!
+    var acks: FakeAcks!
+    var t: VirtioMMIOTransport!
+    var logs: Locked<[String]>!
+
+    override func setUp() {
+        mem = try! GuestMemory(layout: [(0, 0x10_0000)])
+        dev = MockDevice()
+        line = Pulses()
+        acks = FakeAcks()
+        let logs = Locked<[String]>([])
+        self.logs = logs
+        t = VirtioMMIOTransport(device: dev, memory: mem, line: line, trigger: .edge(acks: acks),
+                                log: RateLimitedLog(name: "edge", clock: { 0 }, sink: { _, l in logs.withLock { $0.append(l) } }))
+    }
+
+    func status() -> UInt32 { t.read(offset: R.interruptStatus, size: 4) }
+
+    func testOnePulsePerInterruptStatusRead() {
+        t.signalUsedBuffer()
+        t.signalUsedBuffer()  // the first pulse's handler has not read yet: it will see this
+        t.signalConfigChange()
+        XCTAssertEqual(line.count, 1)
+        XCTAssertEqual(t.interruptsRaised.load(ordering: .relaxed), 1)
+        XCTAssertEqual(t.interruptsCoalesced.load(ordering: .relaxed), 2)
+        XCTAssertEqual(line.lowered.load(ordering: .relaxed), 0)
+        XCTAssertEqual(status(), 3)
+        XCTAssertEqual(line.lowered.load(ordering: .relaxed), 1, "the read ends the edge")
+        XCTAssertEqual(status(), 3)
+        XCTAssertEqual(line.lowered.load(ordering: .relaxed), 1, "no edge out: nothing to end")
+        t.signalUsedBuffer()  // after the read: a new pulse
+        XCTAssertEqual(line.count, 2)
+    }
+
+    /// Linux's vm_interrupt: read InterruptStatus, ACK what it read, then look at the
+    /// queues. A buffer used after the read raises the bit again; an ACK applied later
+    /// must not clear that, or the driver would find InterruptStatus 0 at the next
+    /// interrupt and never look at the queue (the lost interrupt).
+    func testDeferredAckKeepsABitSetAfterTheRead() {
+        t.signalUsedBuffer()
+        XCTAssertEqual(status(), 1)
+        acks.ack(1)            // the driver's ACK, caught without an exit
+        t.signalUsedBuffer()   // a buffer used after the driver looked at the queue
+        XCTAssertEqual(line.count, 2, "a set after the read pulses again")
+        XCTAssertEqual(status(), 1, "the ACK was for the first interrupt: the bit stays")
+        acks.ack(1)
+        XCTAssertEqual(status(), 0, "nothing set since that read: the ACK clears it")
+        // The same with the set between the read and the ACK.
+        t.signalUsedBuffer()
+        XCTAssertEqual(status(), 1)
+        t.signalUsedBuffer()
+        acks.ack(1)
+        XCTAssertEqual(status(), 1)
+    }
+
+    func testDeferredAckClearsOnlyTheBitsItNames() {
+        t.signalUsedBuffer()
+        t.signalConfigChange()
+        XCTAssertEqual(status(), 3)
+        acks.ack(2)
+        XCTAssertEqual(status(), 1)
+        acks.ack(1)
+        acks.ack(1)  // twice without a read: the same as once
+        XCTAssertEqual(status(), 0)
+        XCTAssertEqual(status(), 0)
+    }
+
+    /// An ACK that exits (another value or size than the ioeventfds catch, or none were
+    /// registered): the deferred ones first, then this one at once.
+    func testAckThatExitsAppliesAtOnceAfterTheDeferredOnes() {
+        t.signalUsedBuffer()
+        t.signalConfigChange()
+        XCTAssertEqual(status(), 3)
+        acks.ack(2)
+        t.write(offset: R.interruptACK, size: 4, value: 0xFFFF_FFFD)  // unknown bits and bit 0
+        XCTAssertEqual(t.interruptStatus, 0, "deferred bit 1 applied, bit 0 cleared at once")
+        XCTAssertEqual(acks.pending.load(ordering: .acquiring), 0)
+        t.signalUsedBuffer()
+        XCTAssertEqual(status(), 1)
+        t.write(offset: R.interruptACK, size: 4, value: 1)
+        XCTAssertEqual(t.interruptStatus, 0)
+        t.signalUsedBuffer()  // after an ACK that exited, still no new read: covered by...
+        XCTAssertEqual(line.count, 3, "...a pulse, since none went out since the read")
+        XCTAssertEqual(status(), 1)
+    }
+
+    func testResetDropsAcksAndBitsAndTheNextSetPulses() {
+        w(R.status, VirtioStatus.acknowledge)
+        t.signalUsedBuffer()
+        XCTAssertEqual(line.count, 1)
+        acks.ack(1)
+        t.write(offset: R.status, size: 4, value: 0)
+        XCTAssertEqual(acks.drains.load(ordering: .relaxed), 1)
+        XCTAssertEqual(t.interruptStatus, 0)
+        t.signalUsedBuffer()
+        XCTAssertEqual(line.count, 2, "no read since the last pulse, but a reset: pulse")
+        XCTAssertEqual(status(), 1)
+    }
+
+    func w(_ off: UInt64, _ v: UInt32) { t.write(offset: off, size: 4, value: v) }
+
+    /// A hostile driver: ACK storms without reads, reads without ACKs, ACKs of every value
+    /// and odd sizes, status reads around resets. No crash, no pulse without a set bit,
+    /// bounded logging, and InterruptStatus only ever holds bits 0 and 1.
+    func testHostileAcksAndReads() {
+        for _ in 0..<10_000 { acks.ack(3) }
+        XCTAssertEqual(status(), 0)
+        for v in [UInt32(0), 1, 2, 3, 4, 0xFFFF_FFFF] { t.write(offset: R.interruptACK, size: 4, value: v) }
+        for size in [1, 2] { t.write(offset: R.interruptACK, size: size, value: 1) }
+        for off in [R.interruptACK + 1, R.interruptACK + 2] { t.write(offset: off, size: 4, value: 1) }
+        XCTAssertEqual(line.count, 0)
+        t.signalUsedBuffer()
+        for _ in 0..<1000 { XCTAssertEqual(status(), 1) }  // reads without an ACK: the bit stays
+        XCTAssertEqual(line.count, 1)
+        for i in 0..<1000 {
+            if i % 7 == 0 { w(R.status, 0) }
+            if i % 3 == 0 { t.signalUsedBuffer() }
+            acks.ack(UInt32(i & 3))
+            XCTAssertEqual(status() & ~3, 0)
+        }
+        XCTAssertLessThan(logs.withLock { $0.count }, 20, "guest-caused lines are rate-limited")
+    }
+
+    /// A pulse before DRIVER_OK may find no handler in the guest: after DRIVER_OK the
+    /// next set pulses, whatever went out before.
+    func testDriverOKForgetsEarlierPulses() {
+        t.signalConfigChange()  // before the driver is there
+        XCTAssertEqual(line.count, 1)
+        t.signalConfigChange()
+        XCTAssertEqual(line.count, 1)
+        w(R.status, VirtioStatus.acknowledge | VirtioStatus.driver)
+        w(R.driverFeaturesSel, 1); w(R.driverFeatures, 1)
+        w(R.status, VirtioStatus.acknowledge | VirtioStatus.driver | VirtioStatus.featuresOK)
+        w(R.status, VirtioStatus.acknowledge | VirtioStatus.driver | VirtioStatus.featuresOK | VirtioStatus.driverOK)
+        dev.sink?.signalUsedBuffer()
+        XCTAssertEqual(line.count, 2)
+    }
+
+    /// NEEDS_RESET in edge mode: a configuration-change pulse.
+    func testNeedsResetPulsesAConfigChange() {
+        w(R.status, VirtioStatus.acknowledge | VirtioStatus.driver)
+        w(R.driverFeaturesSel, 1); w(R.driverFeatures, 1)  // VERSION_1
+        w(R.status, VirtioStatus.acknowledge | VirtioStatus.driver | VirtioStatus.featuresOK)
+        w(R.status, VirtioStatus.acknowledge | VirtioStatus.driver | VirtioStatus.featuresOK | VirtioStatus.driverOK)
+        XCTAssertTrue(t.isActivated)
+        dev.sink?.markNeedsReset()
+        XCTAssertEqual(line.count, 1)
+        XCTAssertEqual(status(), 2)
+        XCTAssertNotEqual(t.status & VirtioStatus.needsReset, 0)
     }
 }

@@ -77,7 +77,10 @@ in_private_netns() {
 # idles 1 s), KVM's counters (kvm_counters) are read, and for swiftlet its --metrics
 # are dumped (SIGUSR1) for its own KVM_RUN count, so a job's work is end - start.
 # Prints per job:
-#   TAG-kvm VMM RUN NAME exits=N to_vmm=N ...   (every VMM, when the counters exist)
+#   TAG-kvm VMM RUN NAME exits=N to_vmm=N ...   (every VMM, when the counters exist;
+#       for swiftlet also isr=N ack=N: its InterruptStatus reads and InterruptACK writes
+#       that exited, summed over the virtio devices whose name starts with $MARKS_DEVICE,
+#       all when unset)
 #   TAG VMM RUN NAME EXITS                      (swiftlet's own count of KVM_RUN returns)
 # Status in $rc (the VMM is killed after LIMIT s: 137). Uses $scratch.
 vmm_with_marks() {
@@ -103,6 +106,11 @@ vmm_with_marks() {
                 rm -f "$_m"; kill -USR1 $_pid 2>/dev/null
                 _w=0; while [ ! -s "$_m" ] && [ $_w -lt 20 ]; do sleep 0.05; _w=$((_w + 1)); done
                 _e=$(sed -n 's/.*"kvm_run": \([0-9]*\).*/\1/p' "$_m" 2>/dev/null)
+                _k="$_k $(tr '{' '\n' < "$_m" 2>/dev/null | awk -v d="${MARKS_DEVICE:-}" '
+                    /"name": / { if (d != "" && index($0, "\"name\": \"" d) == 0) next
+                        if (match($0, /"interrupt_status_reads": [0-9]+/)) r += substr($0, RSTART + 26, RLENGTH - 26)
+                        if (match($0, /"interrupt_acks": [0-9]+/)) a += substr($0, RSTART + 18, RLENGTH - 18) }
+                    END { printf "isr=%d ack=%d", r, a }')"
             fi
             echo "$_name ${_e:--} $_k" >> "$_marks"
         done
