@@ -126,8 +126,9 @@ public final class IOURing: @unchecked Sendable {
     /// Prepares one readv or writev (`op`: IORING_OP_READV or _WRITEV) of `count` iovecs
     /// at the file's current position (offset -1), with RWF_NOWAIT: a call that would
     /// wait completes with -EAGAIN instead of being retried when the file is ready, so
-    /// `submitAndWait` never blocks on it. The iovecs must stay valid until its
-    /// completion is reaped. False when the ring is full.
+    /// `submitAndWait` never waits for it; a file that cannot do that completes it with
+    /// -EOPNOTSUPP. The iovecs must stay valid until its completion is reaped. False
+    /// when the ring is full.
     @discardableResult
     public func prepareVectored(op: UInt8, fd: Int32, iovecs: UnsafePointer<iovec>, count: Int, userData: UInt64) -> Bool {
         guard room > 0 else { return false }

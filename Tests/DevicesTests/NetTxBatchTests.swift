@@ -152,4 +152,48 @@ final class NetTxBatchTests: XCTestCase {
         h.txHandler.completionsReady()
         XCTAssertEqual(Int(h.tx().usedIdx), n)
     }
+
+    /// A descriptor that refuses RWF_NOWAIT (EOPNOTSUPP; here a pseudo-terminal, in the
+    /// testbed's L1 kernel a TAP): the batch goes out with writev, whole and in order,
+    /// and the queue drops its ring.
+    func testDescriptorThatRefusesNoWaitGetsWritevAndNoRing() throws {
+        try requireRing()
+        let master = open("/dev/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC)
+        guard master >= 0 else { throw XCTSkip("no /dev/ptmx") }
+        defer { close(master) }
+        var unlock: Int32 = 0, number: UInt32 = 0
+        XCTAssertEqual(clinux_ioctl_ptr(master, 0x4004_5431 /* TIOCSPTLCK */, &unlock), 0)
+        XCTAssertEqual(clinux_ioctl_ptr(master, 0x8004_5430 /* TIOCGPTN */, &number), 0)
+        let slave = open("/dev/pts/\(number)", O_RDWR | O_NOCTTY | O_NONBLOCK | O_CLOEXEC)
+        XCTAssertGreaterThanOrEqual(slave, 0)
+        defer { close(slave) }
+        var t = termios()
+        XCTAssertEqual(tcgetattr(slave, &t), 0)
+        cfmakeraw(&t)
+        XCTAssertEqual(tcsetattr(slave, TCSANOW, &t), 0)
+        let h = try NetHarness(tapFDs: [slave])
+        XCTAssertTrue(h.txHandler.batches)
+        let pkts = (0..<8).map(NetTxBatchTests.packet)
+        for p in pkts { h.send(p) }
+        h.txHandler.kicked()
+        XCTAssertFalse(h.txHandler.batches, "the ring is dropped")
+        XCTAssertEqual(h.tx().usedIdx, 8)
+        XCTAssertEqual(h.device.stats[1].packets, 8)
+        XCTAssertEqual(h.device.stats[1].drops, 0)
+        var got: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 4096)
+        var p = pollfd(fd: master, events: Int16(POLLIN), revents: 0)
+        while got.count < pkts.joined().count && poll(&p, 1, 1000) > 0 {
+            let n = read(master, &buf, buf.count)
+            if n <= 0 { break }
+            got += buf[0..<n]
+        }
+        XCTAssertEqual(got, Array(pkts.joined()))
+        // Later frames: writev, no io_uring_enter.
+        let before = enters
+        for p in pkts { h.send(p) }
+        h.txHandler.kicked()
+        XCTAssertEqual(enters, before)
+        XCTAssertEqual(h.device.stats[1].packets, 16)
+    }
 }

@@ -658,6 +658,12 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
             }
             ring.reap { k, res in
                 guard k < UInt64(written.count), !written[Int(k)] else { return }
+                // RWF_NOWAIT refused (a kernel whose tun lacks it): the frame goes out
+                // with writev below, and so does every later one (no ring).
+                if res == -EOPNOTSUPP {
+                    self.ring = nil
+                    return
+                }
                 written[Int(k)] = true
                 finished(length: batch[Int(k)].length, result: Int(res))
             }
