@@ -154,6 +154,9 @@ public enum Seccomp {
     static let queueOwn: [SyscallRule] = [
         .allow(SYS_poll), .allow(SYS_ppoll), .allow(SYS_readv), .allow(SYS_writev),
         .allow(SYS_io_uring_enter),
+        // io_uring's task_work (TWA_SIGNAL: e.g. the kernel detaching a ring from the
+        // thread) interrupts a poll, which the kernel then resumes through restart_syscall
+        .allow(SYS_restart_syscall),
         .allow(SYS_epoll_create1), .allow(SYS_epoll_ctl), .allow(SYS_epoll_wait), .allow(SYS_epoll_pwait),
         .allow(SYS_preadv), .allow(SYS_pwritev), .allow(SYS_pread64), .allow(SYS_pwrite64),
         .allow(SYS_fdatasync), .allow(SYS_fallocate),

@@ -79,6 +79,10 @@ final class SeccompTests: XCTestCase {
         XCTAssertEqual(v.status, 7, v.stderr)
         let q = inChild(.queue) { clinux_io_uring_enter(-1, 0, 0, 0) < 0 && errno == EBADF ? 7 : 8 }
         XCTAssertEqual(q.status, 7, q.stderr)
+        // A poll the ring's task_work interrupts is resumed through restart_syscall
+        // (called directly, with nothing to resume, it fails with EINTR).
+        let rs = inChild(.queue) { clinux_syscall0(Int(SYS_restart_syscall)) < 0 && errno == EINTR ? 7 : 8 }
+        XCTAssertEqual(rs.status, 7, rs.stderr)
         let qs = inChild(.queue) {
             var p = io_uring_params()
             return clinux_io_uring_setup(4, &p) >= 0 ? 0 : 5

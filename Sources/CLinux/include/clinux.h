@@ -233,6 +233,7 @@ static inline const char *clinux_syscall_name(long nr) {
     CLINUX_SYSNAME(epoll_ctl) CLINUX_SYSNAME(epoll_wait) CLINUX_SYSNAME(epoll_pwait)
     CLINUX_SYSNAME(fallocate) CLINUX_SYSNAME(seccomp) CLINUX_SYSNAME(bpf) CLINUX_SYSNAME(memfd_create)
     CLINUX_SYSNAME(io_uring_setup) CLINUX_SYSNAME(io_uring_enter) CLINUX_SYSNAME(io_uring_register)
+    CLINUX_SYSNAME(restart_syscall)
     CLINUX_SYSNAME(sched_getaffinity)
     CLINUX_SYSNAME(sched_setaffinity) CLINUX_SYSNAME(getrlimit) CLINUX_SYSNAME(prlimit64)
     CLINUX_SYSNAME(sysinfo) CLINUX_SYSNAME(membarrier) CLINUX_SYSNAME(process_vm_readv)

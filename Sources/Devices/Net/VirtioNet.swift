@@ -508,7 +508,11 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
     let again: EventFD
     var loggedError = false
     /// The io_uring frames are batched through; nil: one writev per frame.
-    var ring: IOURing?
+    let ring: IOURing?
+    /// The ring failed or the TAP refused RWF_NOWAIT: writev from then on. The ring stays
+    /// open until the handler goes (after its thread was joined): closing it while the
+    /// thread lives makes the kernel interrupt the thread's poll with task_work.
+    var ringRefused = false
     /// The batch being gathered: each frame's chain head, length, and its iovecs in `iovs`.
     var batch: [(head: UInt16, length: Int, first: Int, count: Int)] = []
     var batchBytes = 0
@@ -539,7 +543,7 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
     var stats: NetQueueStats { server.counters }
 
     /// Frames go to the TAP in io_uring batches.
-    public var batches: Bool { ring != nil }
+    public var batches: Bool { ring != nil && !ringRefused }
 
     public var completionFD: Int32 { again.fd }
 
@@ -561,7 +565,7 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
 
     func transmit() {
         let end = server.drain(budget: VirtioNetLimits.budget) { chain in
-            if ring != nil {
+            if batches {
                 enqueue(chain)
                 return
             }
@@ -638,7 +642,7 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
     }
 
     /// Writes the batch (one io_uring_enter; writev each when it is small), hands its
-    /// buffers back and publishes. A failing ring is dropped with one warning: writev
+    /// buffers back and publishes. A failing ring is left unused (one warning): writev
     /// from then on.
     func flush() {
         defer {
@@ -648,20 +652,20 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
         }
         guard !batch.isEmpty, server.isServing else { return }
         var written = [Bool](repeating: false, count: batch.count)
-        if let ring, batch.count >= NetTxBatching.minFrames {
+        if let ring, !ringRefused, batch.count >= NetTxBatching.minFrames {
             for (k, f) in batch.enumerated() {
                 ring.prepareVectored(op: clinux_IORING_OP_WRITEV(), fd: fd, iovecs: iovs + f.first, count: f.count, userData: UInt64(k))
             }
             do { try ring.submitAndWait() } catch {
                 log?.warn("io_uring failed", "virtio-net \(name) tx\(queueIndex / 2): \(error): writing frames with writev")
-                self.ring = nil
+                ringRefused = true
             }
             ring.reap { k, res in
                 guard k < UInt64(written.count), !written[Int(k)] else { return }
                 // RWF_NOWAIT refused (a kernel whose tun lacks it): the frame goes out
                 // with writev below, and so does every later one (no ring).
                 if res == -EOPNOTSUPP {
-                    self.ring = nil
+                    ringRefused = true
                     return
                 }
                 written[Int(k)] = true
