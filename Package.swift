@@ -43,7 +43,7 @@ let package = Package(
         .executableTarget(name: "DatapathBench", dependencies: ["CLinux", "OS", "GuestMemory", "Virtio", "Devices", "Seccomp"]),
         // libFuzzer target over Virtio (Fuzz/README.md); without -DFUZZING a plain replay/smoke executable.
         .executableTarget(name: "VirtqueueFuzz", dependencies: ["Virtio", "GuestMemory"], path: "Fuzz/VirtqueueFuzz"),
-        .testTarget(name: "OSTests", dependencies: ["OS"]),
+        .testTarget(name: "OSTests", dependencies: ["CLinux", "OS"]),
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"]),
         .testTarget(name: "KVMTests", dependencies: ["KVM", "OS", "GuestMemory", "CLinux"]),
         .testTarget(name: "BootTests", dependencies: ["Boot", "OS", "GuestMemory"]),

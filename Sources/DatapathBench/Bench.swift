@@ -758,6 +758,7 @@ func runSwiftlet(_ c: Case) throws -> Sample {
             s.cpuNanos += w.info.cpuNanos
             s.userNanos += w.info.userNanos
             s.ioCalls += w.info.ioCalls
+
             s.polls += w.info.polls.load(ordering: .relaxed)
         }
         for q in queues {
@@ -768,6 +769,8 @@ func runSwiftlet(_ c: Case) throws -> Sample {
             s.interrupts += st.interrupts
             s.drops += st.drops
         }
+        // io_uring_enter calls (only the measured queue threads make any) count as I/O calls.
+        s.ioCalls += IOURing.enterCalls.load(ordering: .relaxed)
         let t = tapCounters()
         s.tapFrames = c.dir == .tx ? t.rx : t.tx
         s.wallNanos = monotonicNanos()

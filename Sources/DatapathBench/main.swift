@@ -32,7 +32,8 @@
 // cpu_ns: CPU time of the serving threads (swiftlet's queue threads, or the raw threads),
 // user_ns the part of it in user mode (10 ms ticks);
 // io_calls: their read- and write-class system calls (/proc/<tid>/io syscr + syscw:
-// readv/writev on the TAP, eventfd reads and writes); polls: their poll wake-ups;
+// readv/writev on the TAP, eventfd reads and writes) plus io_uring_enter calls (tx
+// batches, IOURing.enterCalls); polls: their poll wake-ups;
 // kicks/interrupts: the device's QueueCounters (notifications, interrupts asked for);
 // tap_frames: the TAP interface's own packet counter over the same interval.
 import Glibc

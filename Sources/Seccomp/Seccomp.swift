@@ -105,6 +105,8 @@ public enum Seccomp {
             // DRIVER_OK: those inherit this filter, so it allows what they need too.
             r = common + queueOwn + ioOwn + threadCreation + [
                 .allow(SYS_eventfd2),
+                // a virtio-net tx queue's io_uring, made at DRIVER_OK (restricted, enabled)
+                .allow(SYS_io_uring_setup), .allow(SYS_io_uring_register),
                 .allow(SYS_ioctl, arg: 1, in: [
                     clinux_KVM_RUN(), clinux_KVM_GET_REGS(), clinux_KVM_GET_SREGS(),
                     clinux_KVM_SET_SIGNAL_MASK(), clinux_KVM_IRQ_LINE(), clinux_KVM_IOEVENTFD(),
@@ -147,9 +149,14 @@ public enum Seccomp {
         .allow(SYS_exit), .allow(SYS_exit_group),
     ]
     /// A queue thread's own calls (a disk served inline, a TAP watched through an epoll
-    /// instance that the rx queue makes when the driver starts it, eventfds).
+    /// instance that the rx queue makes when the driver starts it, eventfds, the tx
+    /// queue's io_uring batches).
     static let queueOwn: [SyscallRule] = [
         .allow(SYS_poll), .allow(SYS_ppoll), .allow(SYS_readv), .allow(SYS_writev),
+        .allow(SYS_io_uring_enter),
+        // io_uring's task_work (TWA_SIGNAL: e.g. the kernel detaching a ring from the
+        // thread) interrupts a poll, which the kernel then resumes through restart_syscall
+        .allow(SYS_restart_syscall),
         .allow(SYS_epoll_create1), .allow(SYS_epoll_ctl), .allow(SYS_epoll_wait), .allow(SYS_epoll_pwait),
         .allow(SYS_preadv), .allow(SYS_pwritev), .allow(SYS_pread64), .allow(SYS_pwrite64),
         .allow(SYS_fdatasync), .allow(SYS_fallocate),

@@ -89,7 +89,7 @@ final class NetHarness {
     /// `tapFDs`: real TAP queue descriptors (not closed by the harness) instead of socketpairs.
     init(pairs: Int = 1, features: UInt64? = nil, queueSize: UInt16 = 64, mtu: UInt16 = 1500,
          tapFDs: [Int32]? = nil, log: RateLimitedLog? = nil, vhost: [any VhostNetBackend] = [],
-         vhostFeatures: UInt64 = 0) throws {
+         vhostFeatures: UInt64 = 0, txBatching: Bool = true) throws {
         mem = try GuestMemory(layout: [(base: 0, size: 0x80_0000)])
         if let tapFDs { deviceFDs = tapFDs }
         for _ in 0..<(tapFDs == nil ? pairs : 0) {
@@ -102,7 +102,7 @@ final class NetHarness {
         ownsFDs = tapFDs == nil
         device = VirtioNet(queueFDs: deviceFDs, mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56], mtu: mtu,
                            control: tapFDs.map { TapQueueControl(fds: $0) } ?? control, name: "tnet", log: log,
-                           vhost: vhost, vhostFeatures: vhostFeatures)
+                           vhost: vhost, vhostFeatures: vhostFeatures, txBatching: txBatching)
         var f = features ?? device.deviceFeatures
         f &= device.deviceFeatures
         self.features = f

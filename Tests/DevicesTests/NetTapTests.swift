@@ -278,4 +278,38 @@ final class NetTapTests: XCTestCase {
             XCTAssertFalse(h.sink.needsReset)
         }
     }
+
+    /// Eight echo requests queued together leave through the real TAP in one io_uring
+    /// submission (the batching path, where the kernel allows io_uring) and every one is
+    /// answered.
+    func testBatchOfPingsThroughARealTap() throws {
+        try inPrivateNetns {
+            let fd = NetTapTests.makeTap()
+            defer { close(fd) }
+            let h = try NetHarness(tapFDs: [fd])
+            h.send([UInt8](repeating: 0, count: 12) + NetTapTests.arpRequest())
+            h.txHandler.kicked()
+            guard let reply = NetTapTests.awaitFrame(h, etherType: 0x0806, match: { $0.count >= 42 && $0[21] == 2 }) else {
+                XCTFail("no ARP reply from the TAP")
+                return
+            }
+            let hostMAC = Array(reply[22..<28])
+            let before = IOURing.enterCalls.load(ordering: .relaxed)
+            for seq in 1...8 {
+                h.send([UInt8](repeating: 0, count: 12)
+                       + NetTapTests.echoRequest(to: hostMAC, payload: Array("batch-\(seq)".utf8), seq: UInt8(seq)))
+            }
+            h.txHandler.kicked()
+            if h.txHandler.batches { XCTAssertEqual(IOURing.enterCalls.load(ordering: .relaxed) - before, 1) }
+            XCTAssertEqual(h.device.stats[1].packets, 9)
+            XCTAssertEqual(h.device.stats[1].drops, 0)
+            for seq in 1...8 {
+                let echo = NetTapTests.awaitFrame(h, etherType: 0x0800, match: {
+                    $0.count >= 42 && $0[23] == 1 && $0[34] == 0 && $0[41] == UInt8(seq)
+                })
+                XCTAssertNotNil(echo, "no ICMP echo reply to request \(seq)")
+            }
+            XCTAssertFalse(h.sink.needsReset)
+        }
+    }
 }

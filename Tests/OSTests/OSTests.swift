@@ -1,6 +1,7 @@
 // The OS layer on this machine's kernel: real threads, eventfds, epoll, poll.
 import XCTest
 import Glibc
+import CLinux
 import Synchronization
 @testable import OS
 
@@ -196,5 +197,94 @@ final class OSPrimitiveTests: XCTestCase {
         let b = monotonicNanos()
         XCTAssertGreaterThanOrEqual(b - a, 2_000_000)
         XCTAssertLessThan(b - a, 2_000_000_000)
+    }
+}
+
+/// io_uring through its raw system calls: batches of writev on a real pipe, the
+/// restriction to the operations named, a full ring.
+final class IOURingTests: XCTestCase {
+    func ring(_ entries: UInt32, _ ops: [UInt8]) throws -> IOURing {
+        do { return try IOURing(entries: entries, operations: ops) } catch {
+            throw XCTSkip("this kernel refuses io_uring (\(error)): swiftlet uses plain system calls here")
+        }
+    }
+
+    func testBatchOfWritesIsOneEnterInOrder() throws {
+        let r = try ring(8, [clinux_IORING_OP_WRITEV()])
+        var p: [Int32] = [0, 0]
+        XCTAssertEqual(pipe(&p), 0)
+        for f in p { _ = fcntl(f, F_SETFL, O_NONBLOCK) }
+        defer { close(p[0]); close(p[1]) }
+        let chunks: [[UInt8]] = (0..<5).map { k in [UInt8](repeating: UInt8(65 + k), count: 10 + k) }
+        let bufs = chunks.map { c -> UnsafeMutableRawPointer in
+            let b = UnsafeMutableRawPointer.allocate(byteCount: c.count, alignment: 1)
+            c.withUnsafeBytes { b.copyMemory(from: $0.baseAddress!, byteCount: c.count) }
+            return b
+        }
+        let iovs = UnsafeMutablePointer<iovec>.allocate(capacity: bufs.count)
+        defer { iovs.deallocate(); for b in bufs { b.deallocate() } }
+        for (k, b) in bufs.enumerated() {
+            iovs[k] = iovec(iov_base: b, iov_len: chunks[k].count)
+            XCTAssertTrue(r.prepareVectored(op: clinux_IORING_OP_WRITEV(), fd: p[1], iovecs: iovs + k, count: 1, userData: UInt64(100 + k)))
+        }
+        let before = IOURing.enterCalls.load(ordering: .relaxed)
+        try r.submitAndWait()
+        XCTAssertEqual(IOURing.enterCalls.load(ordering: .relaxed) - before, 1)
+        var results: [UInt64: Int32] = [:]
+        XCTAssertEqual(r.reap { results[$0] = $1 }, 5)
+        XCTAssertEqual(results, Dictionary(uniqueKeysWithValues: (0..<5).map { (UInt64(100 + $0), Int32(10 + $0)) }))
+        XCTAssertEqual(r.inFlight, 0)
+        var got = [UInt8](repeating: 0, count: 100)
+        let n = read(p[0], &got, 100)
+        XCTAssertEqual(Array(got[0..<max(0, n)]), chunks.flatMap { $0 })
+    }
+
+    func testOperationsOutsideTheRestrictionFail() throws {
+        let r = try ring(4, [clinux_IORING_OP_WRITEV()])
+        var p: [Int32] = [0, 0]
+        XCTAssertEqual(pipe(&p), 0)
+        for f in p { _ = fcntl(f, F_SETFL, O_NONBLOCK) }
+        defer { close(p[0]); close(p[1]) }
+        XCTAssertEqual(write(p[1], "secret", 6), 6)
+        var buf = [UInt8](repeating: 0, count: 16)
+        try buf.withUnsafeMutableBytes { b in
+            var v = iovec(iov_base: b.baseAddress, iov_len: 16)
+            r.prepareVectored(op: clinux_IORING_OP_READV(), fd: p[0], iovecs: &v, count: 1, userData: 7)
+            try r.submitAndWait()
+        }
+        var res: Int32 = 0
+        XCTAssertEqual(r.reap { _, v in res = v }, 1)
+        XCTAssertEqual(res, -EACCES)
+        XCTAssertEqual(buf, [UInt8](repeating: 0, count: 16))
+        XCTAssertEqual(read(p[0], &buf, 16), 6, "the data is still in the pipe")
+    }
+
+    func testWriteThatWouldWaitFailsWithEAGAINAtOnce() throws {
+        let r = try ring(4, [clinux_IORING_OP_WRITEV()])
+        var p: [Int32] = [0, 0]
+        XCTAssertEqual(pipe(&p), 0)
+        for f in p { _ = fcntl(f, F_SETFL, O_NONBLOCK) }
+        defer { close(p[0]); close(p[1]) }
+        let big = [UInt8](repeating: 1, count: 1 << 16)
+        while big.withUnsafeBytes({ write(p[1], $0.baseAddress, $0.count) }) > 0 {}  // the pipe is full
+        var res: Int32 = 0
+        try big.withUnsafeBytes { b in
+            var v = iovec(iov_base: UnsafeMutableRawPointer(mutating: b.baseAddress), iov_len: b.count)
+            r.prepareVectored(op: clinux_IORING_OP_WRITEV(), fd: p[1], iovecs: &v, count: 1, userData: 1)
+            try r.submitAndWait()   // returns: RWF_NOWAIT, no wait for room in the pipe
+        }
+        XCTAssertEqual(r.reap { _, v in res = v }, 1)
+        XCTAssertEqual(res, -EAGAIN)
+    }
+
+    func testFullRingRefusesMoreEntries() throws {
+        let r = try ring(2, [clinux_IORING_OP_WRITEV()])
+        var v = iovec(iov_base: nil, iov_len: 0)
+        var accepted = 0
+        while r.prepareVectored(op: clinux_IORING_OP_WRITEV(), fd: -1, iovecs: &v, count: 0, userData: 0) { accepted += 1 }
+        XCTAssertEqual(accepted, r.capacity)
+        try r.submitAndWait()
+        XCTAssertEqual(r.reap { _, res in XCTAssertEqual(res, -EBADF) }, r.capacity)
+        XCTAssertEqual(r.room, r.capacity)
     }
 }

@@ -59,6 +59,43 @@ final class SeccompTests: XCTestCase {
         }
     }
 
+    /// A virtio-net tx queue's io_uring: the vCPU that starts the device makes and
+    /// restricts it (io_uring_setup, io_uring_register) and may submit; the queue thread
+    /// only submits (io_uring_enter); no other role has io_uring at all.
+    func testIOURingOnlyWhereNetTxUsesIt() {
+        let v = inChild(.vcpu) {
+            guard let r = try? IOURing(entries: 4, operations: [clinux_IORING_OP_WRITEV()]) else { return 5 }
+            guard let e = try? EventFD() else { return 6 }
+            let b = UnsafeMutableRawPointer.allocate(byteCount: 8, alignment: 8)
+            b.storeBytes(of: UInt64(1), as: UInt64.self)
+            var v = iovec(iov_base: b, iov_len: 8)
+            r.prepareVectored(op: clinux_IORING_OP_WRITEV(), fd: e.fd, iovecs: &v, count: 1, userData: 1)
+            guard (try? r.submitAndWait()) != nil else { return 8 }
+            var res: Int32 = 0
+            r.reap { _, x in res = x }
+            return res == 8 && (try? e.read()) == 1 ? 7 : 9
+        }
+        if v.status == 5 { return }  // this kernel refuses io_uring: nothing to allow
+        XCTAssertEqual(v.status, 7, v.stderr)
+        let q = inChild(.queue) { clinux_io_uring_enter(-1, 0, 0, 0) < 0 && errno == EBADF ? 7 : 8 }
+        XCTAssertEqual(q.status, 7, q.stderr)
+        // A poll the ring's task_work interrupts is resumed through restart_syscall
+        // (called directly, with nothing to resume, it fails with EINTR).
+        let rs = inChild(.queue) { clinux_syscall0(Int(SYS_restart_syscall)) < 0 && errno == EINTR ? 7 : 8 }
+        XCTAssertEqual(rs.status, 7, rs.stderr)
+        let qs = inChild(.queue) {
+            var p = io_uring_params()
+            return clinux_io_uring_setup(4, &p) >= 0 ? 0 : 5
+        }
+        XCTAssertEqual(qs.status, 1)
+        XCTAssertTrue(qs.stderr.hasSuffix("made forbidden syscall \(SYS_io_uring_setup) (io_uring_setup)\n"), qs.stderr)
+        for role in [ThreadRole.main, .io, .irq] {
+            let r = inChild(role) { clinux_io_uring_enter(-1, 0, 0, 0) < 0 ? 5 : 0 }
+            XCTAssertEqual(r.status, 1, "\(role)")
+            XCTAssertTrue(r.stderr.hasSuffix("made forbidden syscall \(SYS_io_uring_enter) (io_uring_enter)\n"), r.stderr)
+        }
+    }
+
     /// Every role may open a file for reading (libc does on its own, e.g. for strerror's
     /// message catalogues) but not for writing or creating one.
     func testOpenForReadingOnly() {

@@ -232,7 +232,9 @@ static inline const char *clinux_syscall_name(long nr) {
     CLINUX_SYSNAME(signalfd4) CLINUX_SYSNAME(timerfd_create) CLINUX_SYSNAME(epoll_create1)
     CLINUX_SYSNAME(epoll_ctl) CLINUX_SYSNAME(epoll_wait) CLINUX_SYSNAME(epoll_pwait)
     CLINUX_SYSNAME(fallocate) CLINUX_SYSNAME(seccomp) CLINUX_SYSNAME(bpf) CLINUX_SYSNAME(memfd_create)
-    CLINUX_SYSNAME(io_uring_setup) CLINUX_SYSNAME(io_uring_enter) CLINUX_SYSNAME(sched_getaffinity)
+    CLINUX_SYSNAME(io_uring_setup) CLINUX_SYSNAME(io_uring_enter) CLINUX_SYSNAME(io_uring_register)
+    CLINUX_SYSNAME(restart_syscall)
+    CLINUX_SYSNAME(sched_getaffinity)
     CLINUX_SYSNAME(sched_setaffinity) CLINUX_SYSNAME(getrlimit) CLINUX_SYSNAME(prlimit64)
     CLINUX_SYSNAME(sysinfo) CLINUX_SYSNAME(membarrier) CLINUX_SYSNAME(process_vm_readv)
     CLINUX_SYSNAME(process_vm_writev) CLINUX_SYSNAME(pidfd_open) CLINUX_SYSNAME(getdents64) CLINUX_SYSNAME(mincore)
@@ -323,3 +325,35 @@ extern void __tsan_release(void *addr) __attribute__((weak));
 static inline void clinux_tsan_acquire(void *addr) { if (__tsan_acquire) __tsan_acquire(addr); }
 static inline void clinux_tsan_release(void *addr) { if (__tsan_release) __tsan_release(addr); }
 #endif // SWIFTLET_CLINUX_TSAN_H
+
+// ---- io_uring (OS's IOURing: raw system calls, no liburing) ----
+#ifndef SWIFTLET_CLINUX_IO_URING_H
+#define SWIFTLET_CLINUX_IO_URING_H
+#include <linux/io_uring.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+static inline int clinux_io_uring_setup(unsigned entries, struct io_uring_params *p) {
+    return (int)syscall(SYS_io_uring_setup, entries, p);
+}
+static inline int clinux_io_uring_enter(int fd, unsigned to_submit, unsigned min_complete, unsigned flags) {
+    return (int)syscall(SYS_io_uring_enter, fd, to_submit, min_complete, flags, (void *)0, 0UL);
+}
+static inline int clinux_io_uring_register(int fd, unsigned opcode, void *arg, unsigned nr_args) {
+    return (int)syscall(SYS_io_uring_register, fd, opcode, arg, nr_args);
+}
+static inline unsigned long clinux_IORING_OFF_SQ_RING(void) { return IORING_OFF_SQ_RING; }
+static inline unsigned long clinux_IORING_OFF_CQ_RING(void) { return IORING_OFF_CQ_RING; }
+static inline unsigned long clinux_IORING_OFF_SQES(void) { return IORING_OFF_SQES; }
+static inline unsigned clinux_IORING_FEAT_SINGLE_MMAP(void) { return IORING_FEAT_SINGLE_MMAP; }
+static inline unsigned clinux_IORING_SETUP_R_DISABLED(void) { return IORING_SETUP_R_DISABLED; }
+static inline unsigned clinux_IORING_ENTER_GETEVENTS(void) { return IORING_ENTER_GETEVENTS; }
+static inline unsigned clinux_IORING_REGISTER_RESTRICTIONS(void) { return IORING_REGISTER_RESTRICTIONS; }
+static inline unsigned clinux_IORING_REGISTER_ENABLE_RINGS(void) { return IORING_REGISTER_ENABLE_RINGS; }
+static inline uint16_t clinux_IORING_RESTRICTION_SQE_OP(void) { return IORING_RESTRICTION_SQE_OP; }
+static inline uint8_t clinux_IORING_OP_WRITEV(void) { return IORING_OP_WRITEV; }
+static inline uint8_t clinux_IORING_OP_READV(void) { return IORING_OP_READV; }
+static inline int clinux_RWF_NOWAIT(void) { return RWF_NOWAIT; }
+static inline unsigned long clinux_io_uring_sqe_size(void) { return sizeof(struct io_uring_sqe); }
+static inline unsigned long clinux_io_uring_cqe_size(void) { return sizeof(struct io_uring_cqe); }
+static inline unsigned long clinux_io_uring_restriction_size(void) { return sizeof(struct io_uring_restriction); }
+#endif // SWIFTLET_CLINUX_IO_URING_H

@@ -74,6 +74,8 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig {
     let vhost: [any VhostNetBackend]
     /// What the vhost-net instances offer (VHOST_GET_FEATURES).
     let vhostFeatures: UInt64
+    /// tx queues batch frames through io_uring where the kernel allows (NetTxBatching).
+    public let txBatching: Bool
     struct State {
         var handlers: [VirtioQueueHandler] = []
         /// The pairs vhost serves in this activation (none: userspace).
@@ -87,10 +89,14 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig {
 
     /// `queueFDs.count` is the number of queue pairs (1...VirtioNetLimits.maxQueuePairs).
     /// `vhost`: one vhost-net instance per pair (owned by this process, VHOST_SET_OWNER
-    /// done) and what they offer, or empty for the userspace data path.
+    /// done) and what they offer, or empty for the userspace data path. `txBatching`:
+    /// userspace tx queues write frames in io_uring batches where the kernel gives them a
+    /// ring (NetTxBatching).
     public init(queueFDs: [Int32], mac: [UInt8], mtu: UInt16 = 1500, offload: Bool = true,
                 control: NetTapControl? = nil, name: String = "net", log: RateLimitedLog? = nil,
-                vhost: [any VhostNetBackend] = [], vhostFeatures: UInt64 = 0) {
+                vhost: [any VhostNetBackend] = [], vhostFeatures: UInt64 = 0,
+                txBatching: Bool = NetTxBatching.enabledByEnvironment) {
+        self.txBatching = txBatching
         precondition(!queueFDs.isEmpty && queueFDs.count <= VirtioNetLimits.maxQueuePairs && mac.count == 6)
         precondition(vhost.isEmpty || vhost.count == queueFDs.count)
         self.vhost = vhost
@@ -170,7 +176,7 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig {
                     }
                     if let q = queues.count > 2 * p + 1 ? queues[2 * p + 1] : nil {
                         made.append(try NetTxQueue(index: 2 * p + 1, queue: q, fd: queueFDs[p], interrupt: interrupt,
-                                                   stats: stats[2 * p + 1], name: name, log: log))
+                                                   stats: stats[2 * p + 1], name: name, log: log, batching: txBatching))
                     }
                 }
             } catch {
@@ -473,6 +479,22 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
 
 // MARK: tx
 
+/// The tx path's batching: frames the guest queued together go to the TAP in one
+/// io_uring_enter (one IORING_OP_WRITEV per frame) instead of one writev each.
+public enum NetTxBatching {
+    /// SWIFTLET_NET_TX_URING=off turns it off (plain writev per frame); it is on otherwise,
+    /// wherever the kernel gives the queue an io_uring (else writev, silently).
+    public static let enabledByEnvironment: Bool =
+        getenv("SWIFTLET_NET_TX_URING").map { String(cString: $0) != "off" } ?? true
+    /// Most frames, and bytes of frames, in one submission: the guest gets its buffers
+    /// back when the whole batch is written, so a batch of large frames stays short.
+    public static let maxFrames = 32
+    public static let maxBytes = 256 << 10
+    /// Fewer frames than this go out with writev each: io_uring_enter costs more than
+    /// one writev for a single frame.
+    public static let minFrames = 4
+}
+
 /// One transmit queue: guest -> TAP.
 // @unchecked Sendable: made on the activating thread, then used by its queue thread alone.
 public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
@@ -485,9 +507,25 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
     /// Written when a wake-up ran out of budget with work left: brings the thread back.
     let again: EventFD
     var loggedError = false
+    /// The io_uring frames are batched through; nil: one writev per frame.
+    let ring: IOURing?
+    /// The ring failed or the TAP refused RWF_NOWAIT: writev from then on. The ring stays
+    /// open until the handler goes (after its thread was joined): closing it while the
+    /// thread lives makes the kernel interrupt the thread's poll with task_work.
+    var ringRefused = false
+    /// The batch being gathered: each frame's chain head, length, and its iovecs in `iovs`.
+    var batch: [(head: UInt16, length: Int, first: Int, count: Int)] = []
+    var batchBytes = 0
+    /// The iovecs of the batch (stable memory: the kernel reads them until the batch
+    /// completes). Holds one chain of the most buffers one writev takes.
+    let iovs: UnsafeMutablePointer<iovec>
+    var iovCount = 0
+    var scratch: [iovec] = []
 
+    /// `batching`: gather frames into io_uring submissions when the kernel gives this
+    /// queue a ring (io_uring_setup refused: one writev per frame).
     init(index: Int, queue: SplitQueue, fd: Int32, interrupt: any VirtioInterruptSink, stats: NetQueueStats,
-         name: String, log: RateLimitedLog?) throws {
+         name: String, log: RateLimitedLog?, batching: Bool = NetTxBatching.enabledByEnvironment) throws {
         queueIndex = index
         server = QueueServer(index: index, queue: queue, interrupt: interrupt, counters: stats,
                              label: "virtio-net \(name) tx\(index / 2)", stopKind: "tx queue stopped", log: log)
@@ -495,9 +533,17 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
         self.name = name
         self.log = log
         again = try EventFD()
+        ring = batching ? try? IOURing(entries: UInt32(NetTxBatching.maxFrames), operations: [clinux_IORING_OP_WRITEV()]) : nil
+        iovs = .allocate(capacity: GuestMemory.maxIovecsPerCall)
+        batch.reserveCapacity(NetTxBatching.maxFrames)
     }
 
+    deinit { iovs.deallocate() }
+
     var stats: NetQueueStats { server.counters }
+
+    /// Frames go to the TAP in io_uring batches.
+    public var batches: Bool { ring != nil && !ringRefused }
 
     public var completionFD: Int32 { again.fd }
 
@@ -511,10 +557,18 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
         transmit()
     }
 
-    public func quiesce() { server.quiesced = true }
+    public func quiesce() {
+        server.quiesced = true
+        batch.removeAll()
+        iovCount = 0
+    }
 
     func transmit() {
         let end = server.drain(budget: VirtioNetLimits.budget) { chain in
+            if batches {
+                enqueue(chain)
+                return
+            }
             send(chain)
             guard server.isServing, server.stage(chain.head, length: 0) else { return }
             // Hand the buffer back at once: the guest frees its skb on completion, and
@@ -523,30 +577,42 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
             // stalls the sender for the batch.
             server.publish()
         }
+        flush()
         // More may wait: come back after the used ring is published.
         if end == .budget { try? again.write(1) }
     }
 
-    /// Writes one frame to the TAP, or drops it (counted); a chain of more buffers than
-    /// one writev takes breaks the device (one write is one frame).
-    func send(_ chain: DescriptorChain) {
+    /// Checks a frame's chain: false when it is dropped (counted) or breaks the device
+    /// (a chain of more buffers than one writev takes: one write is one frame).
+    func acceptable(_ chain: DescriptorChain) -> Bool {
         guard chain.readableCount <= GuestMemory.maxIovecsPerCall else {
             server.fail("chain at head \(chain.head) has \(chain.readableCount) buffers, more than one write takes (\(GuestMemory.maxIovecsPerCall))")
-            return
+            return false
         }
         let len = Int(chain.readableLength)
         guard len >= VirtioNetHeader.size, len <= VirtioNetHeader.size + VirtioNetLimits.maxGSOFrame else {
             stats.drop()
-            return
+            return false
         }
+        return true
+    }
+
+    /// Writes one frame to the TAP, or drops it (counted).
+    func send(_ chain: DescriptorChain) {
+        guard acceptable(chain) else { return }
         let iovs = chain.readableIovecs()
         var n: Int
         repeat {
             n = iovs.withUnsafeBufferPointer { writev(fd, $0.baseAddress, Int32($0.count)) }
         } while n < 0 && errno == EINTR
-        if n < 0 {
+        finished(length: Int(chain.readableLength), result: n < 0 ? -Int(errno) : n)
+    }
+
+    /// Counts a frame's write (`result`: bytes or -errno); a failed write drops it.
+    func finished(length: Int, result: Int) {
+        if result < 0 {
             // EINVAL: a header or frame the kernel refused; EAGAIN/EIO: the TAP is full or down.
-            let e = errno
+            let e = Int32(-result)
             stats.drop()
             if !loggedError && e != EAGAIN && e != EINVAL {
                 loggedError = true
@@ -554,7 +620,65 @@ public final class NetTxQueue: VirtioQueueHandler, @unchecked Sendable {
             }
             return
         }
-        stats.count(bytes: len - VirtioNetHeader.size)
+        stats.count(bytes: length - VirtioNetHeader.size)
+    }
+
+    /// Adds a frame to the batch (a refused chain is handed back at once, empty); writes
+    /// the batch when it is full.
+    func enqueue(_ chain: DescriptorChain) {
+        guard acceptable(chain) else {
+            if server.isServing { server.stage(chain.head, length: 0) }
+            return
+        }
+        if iovCount + chain.readableCount > GuestMemory.maxIovecsPerCall { flush() }
+        scratch.removeAll(keepingCapacity: true)
+        chain.appendIovecs(writable: false, to: &scratch)
+        for (i, v) in scratch.enumerated() { iovs[iovCount + i] = v }
+        let length = Int(chain.readableLength)
+        batch.append((chain.head, length, iovCount, scratch.count))
+        iovCount += scratch.count
+        batchBytes += length
+        if batch.count >= NetTxBatching.maxFrames || batchBytes >= NetTxBatching.maxBytes { flush() }
+    }
+
+    /// Writes the batch (one io_uring_enter; writev each when it is small), hands its
+    /// buffers back and publishes. A failing ring is left unused (one warning): writev
+    /// from then on.
+    func flush() {
+        defer {
+            batch.removeAll(keepingCapacity: true)
+            iovCount = 0
+            batchBytes = 0
+        }
+        guard !batch.isEmpty, server.isServing else { return }
+        var written = [Bool](repeating: false, count: batch.count)
+        if let ring, !ringRefused, batch.count >= NetTxBatching.minFrames {
+            for (k, f) in batch.enumerated() {
+                ring.prepareVectored(op: clinux_IORING_OP_WRITEV(), fd: fd, iovecs: iovs + f.first, count: f.count, userData: UInt64(k))
+            }
+            do { try ring.submitAndWait() } catch {
+                log?.warn("io_uring failed", "virtio-net \(name) tx\(queueIndex / 2): \(error): writing frames with writev")
+                ringRefused = true
+            }
+            ring.reap { k, res in
+                guard k < UInt64(written.count), !written[Int(k)] else { return }
+                // RWF_NOWAIT refused (a kernel whose tun lacks it): the frame goes out
+                // with writev below, and so does every later one (no ring).
+                if res == -EOPNOTSUPP {
+                    ringRefused = true
+                    return
+                }
+                written[Int(k)] = true
+                finished(length: batch[Int(k)].length, result: Int(res))
+            }
+        }
+        for (k, f) in batch.enumerated() where !written[k] {
+            var n: Int
+            repeat { n = writev(fd, iovs + f.first, Int32(f.count)) } while n < 0 && errno == EINTR
+            finished(length: f.length, result: n < 0 ? -Int(errno) : n)
+        }
+        for f in batch { guard server.stage(f.head, length: 0) else { return } }
+        server.publish()
     }
 }
 
