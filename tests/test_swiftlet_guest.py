@@ -14,7 +14,7 @@ from conftest import REPO, run
 sys.path.insert(0, os.path.join(REPO, "scripts", "lib"))
 from testbed_session import Session  # noqa: E402
 
-CHECKS = ["metrics-json", "one-cpu-cmdline-initrd", "boot-marker", "boot-no-kernel-errors", "two-cpus", "reboot-status-3",
+CHECKS = ["metrics-json", "one-cpu-cmdline-initrd", "boot-marker", "boot-no-kernel-errors", "rtc-host-time", "pci-type1", "two-cpus", "reboot-status-3",
           "reboot-kbd-status-3", "triple-fault-status-4",
           "exit-status-false-1", "exit-status-7", "exit-status-true-0", "timeout-status-124", "console-input",
           "blk-guest-write", "blk-guest-read", "blk-read-irqfd", "blk-readonly", "blk-two-queues",

@@ -64,11 +64,14 @@ public func loadLinuxDetailed(_ config: LinuxBootConfig, into memory: GuestMemor
            let cached = KernelCache.load(dir: dir, key: file.identity, kernel: kernel, header: h, into: memory) {
             segmentsLoaded = true
             kernel = cached
-        } else if let vmlinux = try unpackBzImagePayload(file.bytes, kernel: kernel, header: h, ram: ram, into: memory) {
-            segmentsLoaded = true
-            kernel = vmlinux
-            if let dir = config.kernelCacheDir {
-                KernelCache.store(dir: dir, key: file.identity, image: vmlinux, memory: memory)
+        } else {
+            file.prefetch()
+            if let vmlinux = try unpackBzImagePayload(file.bytes, kernel: kernel, header: h, ram: ram, into: memory) {
+                segmentsLoaded = true
+                kernel = vmlinux
+                if let dir = config.kernelCacheDir {
+                    KernelCache.store(dir: dir, key: file.identity, image: vmlinux, memory: memory)
+                }
             }
         }
     }
@@ -100,6 +103,7 @@ public func loadLinuxDetailed(_ config: LinuxBootConfig, into memory: GuestMemor
     }
 
     if !segmentsLoaded {
+        file.prefetch()
         try loadKernelSegments(kernel, from: file.bytes, into: memory)
     }
     let header: SetupHeader? = { if case let .bzImage(h) = kernel.format { return h } else { return nil } }()

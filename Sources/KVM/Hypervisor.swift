@@ -38,12 +38,16 @@ public struct Capability: Hashable, Sendable, CustomStringConvertible {
     public static let xcrs = Capability("KVM_CAP_XCRS", KVM_CAP_XCRS)
     public static let xsave2 = Capability("KVM_CAP_XSAVE2", KVM_CAP_XSAVE2)
     public static let syncMMU = Capability("KVM_CAP_SYNC_MMU", KVM_CAP_SYNC_MMU)
+    /// The coalesced-I/O ring's page offset in the vCPU mapping (0: none).
+    public static let coalescedMMIO = Capability("KVM_CAP_COALESCED_MMIO", KVM_CAP_COALESCED_MMIO)
+    public static let coalescedPIO = Capability("KVM_CAP_COALESCED_PIO", KVM_CAP_COALESCED_PIO)
 
     /// Every capability above (for diagnostics).
     public static let all: [Capability] = [
         irqchip, hlt, userMemory, setTSSAddr, setIdentityMapAddr, pit2, pitState2, irqfd, irqfdResample, ioeventfd,
         extCPUID, mpState, immediateExit, irqRouting, signalMSI, tscDeadlineTimer, x2apicAPI,
         nrVCPUs, maxVCPUs, maxVCPUID, nrMemslots, getTSCKHz, adjustClock, vcpuEvents, xsave, xsave2, xcrs, syncMMU,
+        coalescedMMIO, coalescedPIO,
     ]
 
     /// What swiftlet needs to boot a Linux guest with an in-kernel irqchip, PIT and virtio.

@@ -197,6 +197,8 @@ final class Machine: @unchecked Sendable {
     var pio = RangeMap<PortDevice>()
     var mmio = RangeMap<MMIODevice>()
     var slots: [VirtioMMIOSlot] = []
+    /// KVM's coalesced I/O ring, when the latching ports are registered with it.
+    var coalesced: CoalescedRing?
     /// --metrics: KVM exits by kind, and the counting wrappers of the virtio windows.
     let exitCounters = ExitCounters()
     var windows: [CountedVirtioWindow] = []
@@ -340,6 +342,16 @@ final class Machine: @unchecked Sendable {
                 try v.setupLongMode(lm)
             }
             vcpus.append(v)
+        }
+        // Writes that only latch a register index or address (the CMOS RTC's 0x70-0x71,
+        // PCI configuration 0xcf8-0xcff, whose data writes swiftlet ignores) wait in
+        // KVM's coalesced ring instead of exiting; they are applied, in order, before the
+        // next port exit is served, which is the data read they select. Without the
+        // capability every write exits as before.
+        if vm.checkExtension(.coalescedPIO) > 0, let ring = vcpus.first?.coalescedRing() {
+            coalesced = ring
+            try? vm.registerCoalescedPIO(port: X86Layout.rtcPort, size: 2)
+            try? vm.registerCoalescedPIO(port: PCIHostBridge.port, size: UInt32(PCIHostBridge.size))
         }
     }
 
@@ -541,6 +553,11 @@ final class Machine: @unchecked Sendable {
 
     @inline(__always)
     private func handlePIO(port: UInt16, size: Int, isWrite: Bool, count: Int, data: UnsafeMutableRawPointer) {
+        if let ring = coalesced {
+            ring.drain { p, s, v in
+                if let (dev, off) = pio.lookup(UInt64(p), length: 1) { dev.write(offset: UInt16(off), size: s, value: v) }
+            }
+        }
         guard let (dev, off) = pio.lookup(UInt64(port), length: 1) else {
             // Nothing there: reads float high, writes vanish.
             if !isWrite { memset(data, 0xff, size * count) }

@@ -58,6 +58,11 @@ final class KernelCacheTests: XCTestCase {
         XCTAssertEqual(a.kernel, b.kernel)
         XCTAssertEqual(a.cpu.rip, b.cpu.rip)
         XCTAssertTrue(try segmentBytes(cold, a.kernel) == segmentBytes(warm, b.kernel), "warm boot: the same segments, bss zeroed")
+        // The segments' zero pages are holes: the file takes fewer blocks than its size
+        // (on a file system with holes; /tmp is tmpfs here)
+        var cs = stat()
+        XCTAssertEqual(stat(dir + "/" + files(dir)[0], &cs), 0)
+        if st.st_blocks * 512 < st.st_size { XCTAssertLessThan(cs.st_blocks * 512, cs.st_size) }
         // The hit came from the cache file, not from unpacking again.
         let mapped = try mapKernelFile(copy)
         guard case let .bzImage(h) = b.kernel.format else { return XCTFail() }
@@ -162,5 +167,49 @@ final class KernelCacheTests: XCTestCase {
         KernelCache.prune(dir: dir)
         XCTAssertEqual(files(dir), [".vmlinux-new", "unrelated", "vmlinux-0.unpacked", "vmlinux-1.unpacked",
                                     "vmlinux-3.unpacked", "vmlinux-5.unpacked"])
+    }
+}
+
+final class KernelCacheSparseTests: XCTestCase {
+    /// A file of 5 pages: data, hole, data, hole, 100 bytes of data; readData fills only
+    /// the data parts of the destination and leaves the holes' part as it was.
+    func testReadDataSkipsHolesAndReadsData() throws {
+        var t = Array("/tmp/swiftlet-sparse-XXXXXX".utf8CString)
+        let fd = t.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        defer { close(fd); unlink(String(nulTerminated: t)) }
+        let pg = KernelCache.page
+        let size = 4 * pg + 100
+        XCTAssertEqual(ftruncate(fd, off_t(size)), 0)
+        let a = [UInt8](repeating: 0xA1, count: pg), c = [UInt8](repeating: 0xC3, count: pg), e = [UInt8](repeating: 0xE5, count: 100)
+        XCTAssertTrue(a.withUnsafeBytes { KernelCache.pwriteFully(fd, $0.baseAddress!, pg, offset: 0) })
+        XCTAssertTrue(c.withUnsafeBytes { KernelCache.pwriteFully(fd, $0.baseAddress!, pg, offset: UInt64(2 * pg)) })
+        XCTAssertTrue(e.withUnsafeBytes { KernelCache.pwriteFully(fd, $0.baseAddress!, 100, offset: UInt64(4 * pg)) })
+        // Destination pre-filled with a marker: a hole must leave it alone (the cache's
+        // reader relies on fresh, zero guest RAM there).
+        var dst = [UInt8](repeating: 0x77, count: size)
+        XCTAssertTrue(dst.withUnsafeMutableBytes { KernelCache.readData(fd, into: $0.baseAddress!, count: size, offset: 0) })
+        XCTAssertEqual(Array(dst[0..<pg]), a)
+        XCTAssertEqual(Array(dst[2 * pg..<3 * pg]), c)
+        XCTAssertEqual(Array(dst[4 * pg..<size]), e)
+        let holes = Array(dst[pg..<2 * pg]) + Array(dst[3 * pg..<4 * pg])
+        // On a file system with holes they are skipped; without, they read as zeros.
+        XCTAssertTrue(holes.allSatisfy { $0 == 0x77 } || holes.allSatisfy { $0 == 0 })
+        // A range that starts inside a hole and one past the end of the data.
+        var mid = [UInt8](repeating: 0x77, count: pg + 10)
+        XCTAssertTrue(mid.withUnsafeMutableBytes { KernelCache.readData(fd, into: $0.baseAddress!, count: pg + 10, offset: UInt64(pg + pg / 2 + 0)) })
+        XCTAssertEqual(Array(mid[pg / 2..<pg]), Array(c[0..<pg / 2]))
+        var none = [UInt8](repeating: 0x77, count: 10)
+        XCTAssertFalse(none.withUnsafeMutableBytes { KernelCache.readData(fd, into: $0.baseAddress!, count: 10, offset: UInt64(size)) },
+                       "a range past the end of the file is a short read")
+    }
+
+    func testIsZero() {
+        XCTAssertTrue([UInt8](repeating: 0, count: 4096).withUnsafeBytes { KernelCache.isZero($0.baseAddress!, 4096) })
+        for i in [0, 7, 8, 4095, 4090] {
+            var b = [UInt8](repeating: 0, count: 4096); b[i] = 1
+            XCTAssertFalse(b.withUnsafeBytes { KernelCache.isZero($0.baseAddress!, 4096) }, "byte \(i)")
+        }
+        XCTAssertTrue([UInt8](repeating: 0, count: 13).withUnsafeBytes { KernelCache.isZero($0.baseAddress!, 13) })
     }
 }

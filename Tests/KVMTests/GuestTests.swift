@@ -155,6 +155,31 @@ final class GuestTests: XCTestCase {
         XCTAssertNil(try mmioEv.read())
     }
 
+    func testCoalescedPortWritesWaitInTheRingInOrder() throws {
+        let t = try TestVM()
+        guard t.vm.checkExtension(.coalescedPIO) > 0, let ring = t.vcpu.coalescedRing() else {
+            throw XCTSkip("KVM_CAP_COALESCED_PIO not available")
+        }
+        try t.vm.registerCoalescedPIO(port: 0x70, size: 2)
+        try t.startRealMode([
+            0xB0, 0x0B,        // mov al, 0x0b
+            0xE6, 0x70,        // out 0x70, al   (coalesced: no exit)
+            0xB0, 0x82,        // mov al, 0x82
+            0xE6, 0x71,        // out 0x71, al   (coalesced: no exit)
+            0xE4, 0x71,        // in al, 0x71    (a read always exits)
+            0xE6, 0x80,        // out 0x80, al   (not registered: exits)
+            0xF4,              // hlt
+        ])
+        let data = expectIO(try runToExit(t.vcpu), port: 0x71, size: 1, isWrite: false)
+        var got: [String] = []
+        XCTAssertEqual(ring.drain { got.append("\(String($0, radix: 16))=\(String($2, radix: 16))/\($1)") }, 2)
+        XCTAssertEqual(got, ["70=b/1", "71=82/1"], "both writes, in the guest's order, before the read is served")
+        data?.storeBytes(of: 0x5a, as: UInt8.self)
+        expectIO(try runToExit(t.vcpu), port: 0x80, size: 1, isWrite: true, value: 0x5a)
+        expectHLT(try runToExit(t.vcpu))
+        XCTAssertEqual(ring.drain { _, _, _ in XCTFail("nothing more was queued") }, 0)
+    }
+
     // MARK: (f) irqchip, irqfd, LAPIC
 
     func testIrqfdRegistrationAndLAPICLINTRoundTrip() throws {

@@ -348,3 +348,65 @@ final class HostCheckTests: XCTestCase {
         XCTAssertEqual("\(KVMError.ioctl(name: "KVM_RUN", errno: EFAULT))", "KVM_RUN failed: Bad address")
     }
 }
+
+final class CoalescedRingTests: XCTestCase {
+    let pageSize = 4096
+
+    /// A fake ring page: `first`, `last` and entries (port, len, pio flag, value).
+    func withRing(first: UInt32, last: UInt32, entries: [(index: Int, port: UInt64, len: UInt32, pio: UInt32, value: UInt64)],
+                  _ body: (CoalescedRing, UnsafeMutableRawPointer) throws -> Void) rethrows {
+        let p = UnsafeMutableRawPointer.allocate(byteCount: pageSize, alignment: 4096)
+        defer { p.deallocate() }
+        memset(p, 0, pageSize)
+        p.storeBytes(of: first, as: UInt32.self)
+        p.storeBytes(of: last, toByteOffset: 4, as: UInt32.self)
+        for e in entries {
+            let o = 8 + e.index * 24
+            p.storeBytes(of: e.port, toByteOffset: o, as: UInt64.self)
+            p.storeBytes(of: e.len, toByteOffset: o + 8, as: UInt32.self)
+            p.storeBytes(of: e.pio, toByteOffset: o + 12, as: UInt32.self)
+            p.storeBytes(of: e.value, toByteOffset: o + 16, as: UInt64.self)
+        }
+        try body(CoalescedRing(page: p, pageSize: pageSize), p)
+    }
+
+    func testCapacityIsKVMsMax() {
+        withRing(first: 0, last: 0, entries: []) { r, _ in XCTAssertEqual(r.capacity, 170) }  // (4096 - 8) / 24
+    }
+
+    func testDrainAppliesWritesInOrderAndWraps() {
+        withRing(first: 169, last: 2, entries: [
+            (169, 0x70, 1, 1, 0x0b), (0, 0x71, 1, 1, 0x82), (1, 0xcf8, 4, 1, 0x8000_0008),
+        ]) { r, p in
+            var got: [String] = []
+            XCTAssertEqual(r.drain { got.append("\(String($0, radix: 16)) \($1) \(String($2, radix: 16))") }, 3)
+            XCTAssertEqual(got, ["70 1 b", "71 1 82", "cf8 4 80000008"])
+            XCTAssertEqual(p.load(as: UInt32.self), 2, "first must reach last")
+            XCTAssertEqual(r.drain { _, _, _ in XCTFail("empty ring") }, 0)
+        }
+    }
+
+    func testDrainSkipsWhatIsNoPortWriteAndMasksToLength() {
+        withRing(first: 0, last: 4, entries: [
+            (0, 0xd000_0000, 4, 0, 1),            // MMIO: not ours
+            (1, 0x1_0000, 1, 1, 1),               // no such port
+            (2, 0x70, 3, 1, 1),                   // bad length
+            (3, 0x70, 2, 1, 0xdead_beef_1234),    // 2 bytes: only the low 16 bits
+        ]) { r, p in
+            var got: [(UInt16, Int, UInt32)] = []
+            XCTAssertEqual(r.drain { got.append(($0, $1, $2)) }, 4)
+            XCTAssertEqual(got.count, 1)
+            XCTAssertEqual(got.first?.0, 0x70); XCTAssertEqual(got.first?.1, 2); XCTAssertEqual(got.first?.2, 0x1234)
+            XCTAssertEqual(p.load(as: UInt32.self), 4)
+        }
+    }
+
+    func testIndicesOutOfRangeLeaveTheRingAlone() {
+        for (first, last) in [(UInt32(170), UInt32(0)), (0, 170), (UInt32.max, 1)] {
+            withRing(first: first, last: last, entries: [(0, 0x70, 1, 1, 1)]) { r, p in
+                XCTAssertEqual(r.drain { _, _, _ in XCTFail("nothing may be applied") }, 0)
+                XCTAssertEqual(p.load(as: UInt32.self), first)
+            }
+        }
+    }
+}

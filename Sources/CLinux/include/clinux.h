@@ -42,6 +42,7 @@ CLINUX_REQ(KVM_IRQ_LINE, KVM_IRQ_LINE)
 CLINUX_REQ(KVM_GET_IRQCHIP, KVM_GET_IRQCHIP)
 CLINUX_REQ(KVM_IRQFD, KVM_IRQFD)
 CLINUX_REQ(KVM_IOEVENTFD, KVM_IOEVENTFD)
+CLINUX_REQ(KVM_REGISTER_COALESCED_MMIO, KVM_REGISTER_COALESCED_MMIO)
 CLINUX_REQ(KVM_RUN, KVM_RUN)
 CLINUX_REQ(KVM_GET_REGS, KVM_GET_REGS)
 CLINUX_REQ(KVM_SET_REGS, KVM_SET_REGS)
@@ -118,6 +119,9 @@ static inline unsigned long clinux_kvm_run_size(void) { return (unsigned long)si
 // thread other than the one in KVM_RUN).
 static inline void clinux_atomic_store_u8(void *p, uint8_t v) { __atomic_store_n((uint8_t *)p, v, __ATOMIC_SEQ_CST); }
 static inline uint8_t clinux_atomic_load_u8(const void *p) { return __atomic_load_n((const uint8_t *)p, __ATOMIC_SEQ_CST); }
+// The coalesced I/O ring's indices, shared with KVM (it advances `last`, swiftlet `first`).
+static inline uint32_t clinux_atomic_load_acquire_u32(const void *p) { return __atomic_load_n((const uint32_t *)p, __ATOMIC_ACQUIRE); }
+static inline void clinux_atomic_store_release_u32(void *p, uint32_t v) { __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELEASE); }
 
 // KVM ioeventfd flags are defined through an enum of bit numbers; export them plainly.
 static inline uint32_t clinux_KVM_IOEVENTFD_FLAG_DATAMATCH(void) { return KVM_IOEVENTFD_FLAG_DATAMATCH; }
