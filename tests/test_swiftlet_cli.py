@@ -367,6 +367,29 @@ def test_timeout_stops_a_running_guest_cleanly(swiftlet, tmp_path):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+def test_stopped_guest_names_where_its_vcpus_were(swiftlet, tmp_path):
+    """A guest stopped from outside (--timeout; a signal the same) names where each vCPU
+    was: the stop line ends with "(vCPU 0 at rip ..., vCPU 1 at rip ...)", and --log-level
+    info adds one line of registers per vCPU. The tiny guest halts for good in long mode at
+    0x20000a (hlt; jmp back), so vCPU 0 is at the hlt or the jmp after it."""
+    r = run_tiny(swiftlet, tiny_guest(tmp_path, "--halt"), "--cpus", "2", "--timeout", "1", "--log-level", "info")
+    assert r.returncode == 124, r.stderr
+    stop = [l for l in r.stderr.splitlines() if "timed out (--timeout 1 s)" in l]
+    assert len(stop) == 1, r.stderr
+    m = re.search(r"\(vCPU 0 at rip (0x[0-9a-f]+), vCPU 1 at rip 0x[0-9a-f]+\)$", stop[0])
+    assert m and m.group(1) in ("0x20000a", "0x20000b"), stop[0]
+    detail = [l for l in r.stderr.splitlines() if l.startswith("swiftlet: vCPU 0 stopped at rip ")]
+    assert len(detail) == 1, r.stderr
+    regs = dict(re.findall(r"(rip|rsp|rflags|cs|cr0|cr2|cr3|cr4|efer) (0x[0-9a-f]+)", detail[0]))
+    assert set(regs) == {"rip", "rsp", "rflags", "cs", "cr0", "cr2", "cr3", "cr4", "efer"}, detail[0]
+    assert regs["rip"] == m.group(1)
+    assert int(regs["efer"], 16) & 0x400 and int(regs["cr0"], 16) & 0x80000001 == 0x80000001, detail[0]
+    # at the default log level the stop line is still the only line
+    r = run_tiny(swiftlet, tiny_guest(tmp_path, "--halt"), "--timeout", "1")
+    assert r.returncode == 124
+    assert re.search(r"\(vCPU 0 at rip 0x20000[ab]\)$", one_line(r, "timed out")), r.stderr
+
+
 def test_kernel_cache_is_written_once_per_kernel_file(swiftlet, kernel, tmp_path):
     """--kernel-cache DIR: the directory is made (0700) and gets one entry (0600) for the
     kernel file; a second run with the same file adds none. (On this PVM host swiftlet

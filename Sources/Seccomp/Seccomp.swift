@@ -94,6 +94,8 @@ public enum Seccomp {
                 .allow(SYS_ioctl, arg: 1, in: terminalIoctls + [
                     clinux_KVM_IOEVENTFD(), clinux_KVM_IRQFD(), clinux_KVM_IRQ_LINE(),
                     clinux_TUNSETQUEUE(), clinux_TUNSETPERSIST(),
+                    // where a guest stopped from outside was (its vCPUs, after their join)
+                    clinux_KVM_GET_REGS(), clinux_KVM_GET_SREGS(),
                 ].map(UInt32.init(truncatingIfNeeded:)) + vhostStopIoctls),
             ]
             if mainMayWriteFiles {

@@ -414,7 +414,17 @@ final class Machine: @unchecked Sendable {
         let elapsed = (monotonicNanos() &- config.startNanos) / 1_000_000
         var line = "\(o.summary) after \(elapsed) ms"
         if let ns = bootMarker.elapsedNanos { line += ", boot marker at \(ns / 1_000_000) ms" }
-        if o.loggedByDefault || config.logLevel >= .info { log(line) }
+        let stoppedRunning: Bool
+        switch o {
+        case .timedOut, .signalled: stoppedRunning = true
+        default: stoppedRunning = false
+        }
+        let positions = stoppedRunning ? vcpuPositions() : []
+        if !positions.isEmpty { line += " (" + positions.map(\.short).joined(separator: ", ") + ")" }
+        if o.loggedByDefault || config.logLevel >= .info {
+            log(line)
+            if config.logLevel >= .info { for p in positions { log(p.detail) } }
+        }
         if config.logLevel >= .debug {
             // Absolute CLOCK_MONOTONIC too, so a harness can measure from its exec().
             var last = config.startNanos
@@ -433,6 +443,21 @@ final class Machine: @unchecked Sendable {
             log("memory: rss \(rss >> 10) KiB, guest RAM resident \(guest >> 10) KiB, swiftlet's own \((rss &- guest) >> 10) KiB (anonymous \((anon &- guest) >> 10) KiB, mapped files \(file >> 10) KiB)")
         }
         return o.status
+    }
+
+    /// Where each vCPU of a guest stopped from outside (--timeout, a signal) was, read once
+    /// the vCPU threads are joined: `short` names the instruction pointer, `detail` the
+    /// registers that say which address space and mode it ran in (a hung guest's first
+    /// clue). A vCPU whose state cannot be read is left out.
+    private func vcpuPositions() -> [(short: String, detail: String)] {
+        func hex<T: BinaryInteger>(_ v: T) -> String { "0x" + String(v, radix: 16) }
+        return vcpus.compactMap { v in
+            guard let r = try? v.getRegs(), let s = try? v.getSregs() else { return nil }
+            return ("vCPU \(v.id) at rip \(hex(r.rip))",
+                    "vCPU \(v.id) stopped at rip \(hex(r.rip)) rsp \(hex(r.rsp)) rflags \(hex(r.rflags)) "
+                    + "cs \(hex(s.cs.selector)) cr0 \(hex(s.cr0)) cr2 \(hex(s.cr2)) cr3 \(hex(s.cr3)) "
+                    + "cr4 \(hex(s.cr4)) efer \(hex(s.efer))")
+        }
     }
 
     /// The main thread: feeds stdin to the UART, watches for termination signals, and
