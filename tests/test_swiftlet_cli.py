@@ -384,6 +384,8 @@ def test_stopped_guest_names_where_its_vcpus_were(swiftlet, tmp_path):
     assert set(regs) == {"rip", "rsp", "rflags", "cs", "cr0", "cr2", "cr3", "cr4", "efer"}, detail[0]
     assert regs["rip"] == m.group(1)
     assert int(regs["efer"], 16) & 0x400 and int(regs["cr0"], 16) & 0x80000001 == 0x80000001, detail[0]
+    # its page tables are in guest RAM, so neither line says otherwise
+    assert "outside guest RAM" not in r.stderr, r.stderr
     # at the default log level the stop line is still the only line
     r = run_tiny(swiftlet, tiny_guest(tmp_path, "--halt"), "--timeout", "1")
     assert r.returncode == 124

@@ -54,6 +54,9 @@ def run_checks_resuming(swiftlet_release, l1_failures=3):
         for item, kind, n in s.l1_failures:
             warnings.warn("swiftlet-guest-checks: testbed run %d: L1 %s during check %s" % (
                 n, kind, item or "(none: before the first check)"))
+        for line in s.output().splitlines():
+            if line.startswith("testbed: "):
+                warnings.warn("swiftlet-guest-checks: " + line)
         left -= len(s.l1_failures)
         if status != 0 or left <= 0:
             break

@@ -453,10 +453,17 @@ final class Machine: @unchecked Sendable {
         func hex<T: BinaryInteger>(_ v: T) -> String { "0x" + String(v, radix: 16) }
         return vcpus.compactMap { v in
             guard let r = try? v.getRegs(), let s = try? v.getSregs() else { return nil }
-            return ("vCPU \(v.id) at rip \(hex(r.rip))",
+            // A page table root outside guest RAM: no address the vCPU uses can translate,
+            // and every instruction fetch faults again.
+            var lost = ""
+            if let root = pagingRoot(cr0: s.cr0, cr3: s.cr3, cr4: s.cr4, efer: s.efer),
+               !memory.isValid(root.address, length: root.length) {
+                lost = " with its page table root \(hex(root.address)) outside guest RAM"
+            }
+            return ("vCPU \(v.id) at rip \(hex(r.rip))" + lost,
                     "vCPU \(v.id) stopped at rip \(hex(r.rip)) rsp \(hex(r.rsp)) rflags \(hex(r.rflags)) "
                     + "cs \(hex(s.cs.selector)) cr0 \(hex(s.cr0)) cr2 \(hex(s.cr2)) cr3 \(hex(s.cr3)) "
-                    + "cr4 \(hex(s.cr4)) efer \(hex(s.efer))")
+                    + "cr4 \(hex(s.cr4)) efer \(hex(s.efer))" + lost)
         }
     }
 

@@ -410,3 +410,30 @@ final class CoalescedRingTests: XCTestCase {
         }
     }
 }
+
+final class PagingRootTests: XCTestCase {
+    let pe: UInt64 = 1, pg: UInt64 = 1 << 31, pae: UInt64 = 1 << 5, pcide: UInt64 = 1 << 17
+    let lme: UInt64 = 1 << 8, lma: UInt64 = 1 << 10
+
+    func testNoPagingHasNoRoot() {
+        XCTAssertNil(pagingRoot(cr0: pe, cr3: 0x1000, cr4: pae, efer: lme | lma))
+        XCTAssertNil(pagingRoot(cr0: 0, cr3: 0xffff_ffff_ffff_ffff, cr4: 0, efer: 0))
+    }
+
+    func testLongModeRootDropsPCIDAndNoFlushBits() {
+        let cr0 = pe | pg
+        var r = pagingRoot(cr0: cr0, cr3: 0x1_23c3_2000, cr4: pae, efer: lme | lma)
+        XCTAssertEqual(r?.address, 0x1_23c3_2000); XCTAssertEqual(r?.length, 4096)
+        r = pagingRoot(cr0: cr0, cr3: (1 << 63) | 0x16f4_a000 | 0x5, cr4: pae | pcide, efer: lme | lma)
+        XCTAssertEqual(r?.address, 0x16f4_a000)
+        r = pagingRoot(cr0: cr0, cr3: 0xffff_ffff_ffff_ffff, cr4: pae, efer: lme | lma)
+        XCTAssertEqual(r?.address, 0x000f_ffff_ffff_f000)
+    }
+
+    func testPAEAndLegacyRoots() {
+        var r = pagingRoot(cr0: pe | pg, cr3: 0xffff_ffff_ffff_ffe7, cr4: pae, efer: 0)
+        XCTAssertEqual(r?.address, 0xffff_ffe0); XCTAssertEqual(r?.length, 32)
+        r = pagingRoot(cr0: pe | pg, cr3: 0x1_0000_3fff, cr4: 0, efer: 0)
+        XCTAssertEqual(r?.address, 0x3000); XCTAssertEqual(r?.length, 4096)
+    }
+}

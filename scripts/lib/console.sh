@@ -38,6 +38,9 @@ stress_classify() {
     _panic=$(printf '%s\n' "$_c" | LC_ALL=C grep -m1 -o 'Kernel panic - not syncing: .*' | cut -c1-80)
     _bug=$(printf '%s\n' "$_c" | LC_ALL=C grep -m1 -E 'BUG:|general protection fault|Oops:|double fault' | cut -c1-80)
     if [ "$3" = 137 ]; then echo "hang no exit within 120 s"; return; fi
+    # swiftlet stopped by SIGTERM names where its vCPUs were
+    _stop=$(printf '%s\n' "$_c" | LC_ALL=C grep -m1 -o 'stopped by signal 15 .*' | sed 's/.*(\(.*\))$/\1/' | cut -c1-120)
+    if [ -n "$_stop" ]; then echo "hang no exit within 120 s ($_stop)"; return; fi
     if console_has "$_f" stress-load-ok && console_has "$_f" 'swiftlet-guest: exit status 0' \
         && [ "$3" = 0 ]; then echo ok; return; fi
     if [ -n "$_panic" ]; then echo "guest-crash panic: $_panic"; return; fi

@@ -198,3 +198,19 @@ kvm_trace_tail() {
     echo "--- last KVM events of $1 (L1 tracefs):"
     grep -v '^#' $KVM_TRACING/trace | tail -n 40 | cut -c1-200
 }
+
+# again_if_root_lost RUN ARGS...: RUN ARGS (which leave swiftlet's output in $out and its
+# status in $rc), and once more when swiftlet had to stop a guest with a vCPU's page table
+# root outside guest RAM. swiftlet writes CR3 only before the first KVM_RUN, and a guest
+# kernel that loaded such a root itself would fault in its own context-switch code, not
+# anywhere else: that state comes from the nested KVM below swiftlet. The repeat is
+# announced by a "testbed:" line (the test suite turns it into a warning) with the lost
+# boot's registers and KVM events; a second loss stands as the result.
+again_if_root_lost() {
+    "$@"
+    [ $rc != 0 ] && grep -q 'page table root 0x[0-9a-f]* outside guest RAM' "$out" || return 0
+    echo "testbed: guest page tables lost below swiftlet during ${current:-start-up}; booting it once more:"
+    tr -d '\r' < "$out" | grep 'stopped at rip' | sed 's/^/  /'
+    kvm_trace_tail "${current:-start-up}"
+    "$@"
+}
