@@ -189,6 +189,22 @@ def test_a_boot_whose_page_tables_were_lost_below_swiftlet_runs_once_more(tmp_pa
         assert out == "runs=1 rc=%d\n" % (0 if first.startswith("ok") else 143), (first, out)
 
 
+# scripts/lib/vmm.sh's vmm_with_marks past its limit, with a stand-in VMM that never ends
+# by itself: swiftlet gets SIGTERM (and says where it stopped), any other VMM SIGKILL.
+def test_a_vmm_past_its_limit_swiftlet_is_stopped_by_sigterm_others_killed(tmp_path):
+    stub = ('trap \'echo "swiftlet: stopped by signal 15 after 1000 ms (vCPU 0 at rip 0x1)"; exit 143\' TERM; '
+            'echo started; while :; do sleep 0.05; done')
+    script = ('. "$1"; scratch=$2 log=$2/log; vmm_with_marks mark tag "$3" 1 1 sh -c "$4" stub; '
+              'echo "rc=$rc"; cat "$log"')
+    for vmm, rc, line in (("swiftlet", 143, "swiftlet: stopped by signal 15"), ("qemu", 137, None)):
+        r = subprocess.run(["sh", "-c", script, "sh", os.path.join(REPO, "scripts", "lib", "vmm.sh"), str(tmp_path),
+                            vmm, stub], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r
+        assert "rc=%d\n" % rc in r.stdout, (vmm, r.stdout)
+        assert "started" in r.stdout and (line is None or line in r.stdout), (vmm, r.stdout)
+        assert line is not None or "stopped by signal" not in r.stdout, r.stdout
+
+
 # .ci/run's ThreadSanitizer step: scripts/lib/tsan-verdict on saved `swift test` output.
 TSAN_VERDICT = os.path.join(REPO, "scripts", "lib", "tsan-verdict")
 XCTEST_TAIL = ("Test Suite 'Selected tests' passed at 2026-12-02 17:35:14.171\n"

@@ -82,7 +82,9 @@ in_private_netns() {
 #       that exited, summed over the virtio devices whose name starts with $MARKS_DEVICE,
 #       all when unset)
 #   TAG VMM RUN NAME EXITS                      (swiftlet's own count of KVM_RUN returns)
-# Status in $rc (the VMM is killed after LIMIT s: 137). Uses $scratch.
+# Status in $rc (after LIMIT s swiftlet is stopped by SIGTERM, 143, and its stop line names
+# where its vCPUs were; any other VMM is killed, 137). Starts the flight recorder
+# (kvm_trace_start). Uses $scratch.
 vmm_with_marks() {
     _mark=$1 _tag=$2 _vmm=$3 _run=$4 _limit=$5
     shift 5
@@ -90,11 +92,13 @@ vmm_with_marks() {
     rm -f "$_m" "$_marks"
     : > "$log"  # now, not in the background job: an old log's marks must not count
     kvm_counters_mount
+    kvm_trace_start
     _own=; case "$_vmm" in swiftlet*) _own=1;; esac
     if [ -n "$_own" ]; then "$@" --metrics "$_m" < /dev/null > "$log" 2>&1 &
     else "$@" < /dev/null > "$log" 2>&1 &
     fi
-    _pid=$! _seen=0 _ticks=0
+    _pid=$! _seen=0 _ticks=0 _grace=0
+    [ -n "$_own" ] && _grace=100
     while kill -0 $_pid 2>/dev/null; do
         _n=$(grep -c "^$_mark " "$log")
         while [ "$_seen" -lt "$_n" ]; do
@@ -115,7 +119,10 @@ vmm_with_marks() {
             echo "$_name ${_e:--} $_k" >> "$_marks"
         done
         sleep 0.1; _ticks=$((_ticks + 1))
-        [ $_ticks -lt $((_limit * 10)) ] || kill -9 $_pid 2>/dev/null
+        # at the limit swiftlet gets SIGTERM (its stop line names where its vCPUs were),
+        # SIGKILL 10 s later; other VMMs SIGKILL at once
+        if [ $_ticks = $((_limit * 10)) ] && [ -n "$_own" ]; then kill -TERM $_pid 2>/dev/null
+        elif [ $_ticks -ge $((_limit * 10 + _grace)) ]; then kill -9 $_pid 2>/dev/null; fi
     done
     wait $_pid; rc=$?
     [ -f "$_marks" ] && awk -v run="$_run" -v tag="$_tag" -v vmm="$_vmm" '
