@@ -205,6 +205,30 @@ def test_a_vmm_past_its_limit_swiftlet_is_stopped_by_sigterm_others_killed(tmp_p
         assert line is not None or "stopped by signal" not in r.stdout, r.stdout
 
 
+# scripts/lib/vmm.sh's kvm_trace_tail on a saved trace (KVM_TRACING pointed at a copy):
+# the last 40 events, and the last 16 of the vCPU thread that shut down even when the
+# other vCPU's events fill those 40.
+def test_the_flight_recorder_shows_the_vcpu_that_shut_down(tmp_path):
+    lines = ["# tracer: nop"]
+    lines += [" qemu-system-x86-3037    [000] .....   487.%06d: kvm_exit: vcpu 1 reason msr rip 0x%x" % (i, i)
+              for i in range(30)]
+    lines += [" qemu-system-x86-3037    [000] .....   487.100000: kvm_userspace_exit: reason KVM_EXIT_SHUTDOWN (8)"]
+    lines += [" qemu-system-x86-3036    [001] .....   488.%06d: kvm_exit: vcpu 0 reason npf rip 0x%x" % (i, i)
+              for i in range(60)]
+    (tmp_path / "trace").write_text("\n".join(lines) + "\n")
+    (tmp_path / "tracing_on").write_text("1\n")
+    r = subprocess.run(["sh", "-c", '. "$1"; kvm_trace_tail "net2 qemu 17"', "sh",
+                        os.path.join(REPO, "scripts", "lib", "vmm.sh")], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, KVM_TRACING=str(tmp_path), TESTBED_MODE="l1", scratch=str(tmp_path)))
+    assert r.returncode == 0 and r.stderr == "", r
+    out = r.stdout.splitlines()
+    assert out[0] == "--- last KVM events of net2 qemu 17 (L1 tracefs):"
+    assert all("qemu-system-x86-3036" in l for l in out[1:41]) and out[40].endswith("rip 0x3b"), out[:42]
+    assert out[41] == "--- last KVM events of qemu-system-x86-3037, which shut down:"
+    assert len(out) == 58 and out[-1].endswith("KVM_EXIT_SHUTDOWN (8)") and out[42].endswith("rip 0xf"), out[41:]
+    assert (tmp_path / "tracing_on").read_text() == "0\n" and not (tmp_path / "kvm-trace.txt").exists()
+
+
 # .ci/run's ThreadSanitizer step: scripts/lib/tsan-verdict on saved `swift test` output.
 TSAN_VERDICT = os.path.join(REPO, "scripts", "lib", "tsan-verdict")
 XCTEST_TAIL = ("Test Suite 'Selected tests' passed at 2026-12-02 17:35:14.171\n"

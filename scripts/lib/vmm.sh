@@ -147,7 +147,7 @@ vmm_with_marks() {
 #   irq_inj    interrupts injected into the guest (kvm_inj_virq)
 #   hlt ioio npf msr intr vintr cpuid  exits by reason (AMD SVM codes; npf = nested
 #              page faults, MMIO served in the kernel among them), other = the rest
-KVM_TRACING=/sys/kernel/tracing
+KVM_TRACING=${KVM_TRACING:-/sys/kernel/tracing}
 kvm_counters_mount() {
     [ -d $KVM_TRACING/events/kvm ] || mount -t tracefs none $KVM_TRACING 2>/dev/null || return 0
     [ -w $KVM_TRACING/events/kvm/kvm_exit/trigger ] || return 0
@@ -203,7 +203,17 @@ kvm_trace_tail() {
     [ -r $KVM_TRACING/trace ] && [ -w $KVM_TRACING/tracing_on ] || return 0
     echo 0 > $KVM_TRACING/tracing_on
     echo "--- last KVM events of $1 (L1 tracefs):"
-    grep -v '^#' $KVM_TRACING/trace | tail -n 40 | cut -c1-200
+    _tr=${scratch:-/tmp}/kvm-trace.txt
+    grep -v '^#' $KVM_TRACING/trace > "$_tr"
+    tail -n 40 "$_tr" | cut -c1-200
+    # the vCPU thread that shut down (a triple fault), whose own events the other
+    # vCPUs' may have pushed out of the last 40
+    _who=$(grep 'KVM_EXIT_SHUTDOWN' "$_tr" | tail -n 1 | awk '{ print $1 }')
+    if [ -n "$_who" ]; then
+        echo "--- last KVM events of $_who, which shut down:"
+        awk -v w="$_who" '$1 == w' "$_tr" | tail -n 16 | cut -c1-200
+    fi
+    rm -f "$_tr"
 }
 
 # again_if_root_lost RUN ARGS...: RUN ARGS (which leave swiftlet's output in $out and its
