@@ -67,8 +67,8 @@ public enum VirtioDiscovery: Equatable {
 public enum VirtioInterruptMode: Equatable, Sendable {
     /// KVM_IRQ_LINE: the line is set high when InterruptStatus becomes nonzero (from the
     /// queue thread) and low when the driver's InterruptACK clears it (from the vCPU
-    /// thread), as QEMU's virtio-mmio does. The default: the level always follows
-    /// InterruptStatus exactly, with no EOI round trip through a resample thread.
+    /// thread), as QEMU's virtio-mmio does: the level always follows InterruptStatus
+    /// exactly, with no EOI round trip through a resample thread.
     case line
     /// KVM_IRQFD with KVM_IRQFD_FLAG_RESAMPLE: a queue thread's eventfd write asserts the
     /// line; KVM deasserts it at the guest's EOI and a "-irq" thread re-asserts it while
@@ -78,7 +78,7 @@ public enum VirtioInterruptMode: Equatable, Sendable {
     /// thread sets an InterruptStatus bit (one edge until the driver's next InterruptStatus
     /// read lowers it), and the driver's InterruptACK of 0-3 is caught by ioeventfds and
     /// applied at its next InterruptStatus read, so an interrupt costs the guest one exit
-    /// to swiftlet (the read).
+    /// to swiftlet (the read). The default.
     case edge
 
     public static func parse(_ s: String) throws -> VirtioInterruptMode {
@@ -86,7 +86,7 @@ public enum VirtioInterruptMode: Equatable, Sendable {
         case "line": return .line
         case "irqfd": return .irqfd
         case "edge": return .edge
-        default: throw SwiftletError(.usage, "--virtio-irq '\(s)' is not valid: use line (KVM_IRQ_LINE, the default), irqfd (KVM_IRQFD with resampling) or edge (edge-triggered, InterruptACK without an exit)")
+        default: throw SwiftletError(.usage, "--virtio-irq '\(s)' is not valid: use edge (edge-triggered, InterruptACK without an exit; the default), line (level-triggered, KVM_IRQ_LINE) or irqfd (KVM_IRQFD with resampling)")
         }
     }
 
@@ -136,7 +136,7 @@ public struct MachineConfig {
     /// --kernel-cache: the unpacked-kernel cache directory (`resolveKernelCache`), nil for none.
     public var kernelCacheDir: String? = nil
     /// --virtio-irq: how virtio interrupt lines are driven.
-    public var virtioInterrupts: VirtioInterruptMode = .line
+    public var virtioInterrupts: VirtioInterruptMode = .edge
     /// --metrics: "-" (stderr) or a file, written at exit and on SIGUSR1.
     public var metricsPath: String? = nil
     /// --timeout: nanoseconds after swiftlet's start (`startNanos`) at which a guest still

@@ -509,7 +509,7 @@ public func machineConfig(_ s: Settings, startNanos: UInt64) throws -> MachineCo
     c.nets = (s.nets ?? []).map(\.options)
     c.virtioDiscovery = s.virtioDiscovery ?? .acpi
     c.decompressKernel = s.kernelDecompress ?? true
-    c.virtioInterrupts = s.virtioIrq ?? .line
+    c.virtioInterrupts = s.virtioIrq ?? .edge
     c.kernelCacheDir = try resolveKernelCache(s.kernelCache ?? "auto", decompress: c.decompressKernel)
     c.timeoutNanos = s.timeoutNanos
     c.isaDebugExit = s.isaDebugExit ?? false
@@ -587,7 +587,7 @@ public func effectiveConfigDocument(_ s: Settings) throws -> JSONValue {
         ])
     }
     let discovery: String = (s.virtioDiscovery ?? .acpi) == .acpi ? "acpi" : "cmdline"
-    let irq: String = (s.virtioIrq ?? .line).name
+    let irq: String = (s.virtioIrq ?? .edge).name
     return .object([
         JSONMember("boot-source", .object([
             JSONMember("kernel_image_path", .string(kernel)),

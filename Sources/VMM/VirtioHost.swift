@@ -11,18 +11,18 @@
 //     the handlers. A handler that brings its own kick eventfd (`ownKick`: virtio-net
 //     with vhost, whose kicks the host kernel takes) has that one registered, and the
 //     thread does not poll it.
-// Interrupts are level-triggered, as on real virtio-mmio hardware and in QEMU: the line
-// is high while InterruptStatus is nonzero. The device calls the transport's
-// VirtioInterruptSink, which sets the InterruptStatus bit and decides when the slot's
-// `InterruptLine` goes up or down (VirtioInterruptMode picks the line):
-//   - line (default, `IRQLine`): KVM_IRQ_LINE high when a bit is set, low when the
+// The device calls the transport's VirtioInterruptSink, which sets the InterruptStatus
+// bit and decides when the slot's `InterruptLine` goes up or down (VirtioInterruptMode
+// picks the line). Level-triggered, as in QEMU, the line is high while InterruptStatus
+// is nonzero:
+//   - line (`IRQLine`): KVM_IRQ_LINE high when a bit is set, low when the
 //     driver's InterruptACK (or a reset) clears the last one, as QEMU does;
 //   - irqfd (`ResampledIrqfd`): an irqfd with KVM_IRQFD_FLAG_RESAMPLE asserts the GSI
 //     until the guest's EOI; KVM then deasserts it and signals the resample eventfd, and
 //     the "<name>-irq" thread asks the transport to re-assert it if InterruptStatus is
 //     still nonzero.
-// With `edge` the interrupt is edge-triggered instead (the DSDT says Edge, as
-// Firecracker's): the transport raises the GSI with KVM_IRQ_LINE (`IRQLine`) when it sets
+// With `edge` (the default) the interrupt is edge-triggered instead (the DSDT says Edge,
+// as Firecracker's): the transport raises the GSI with KVM_IRQ_LINE (`IRQLine`) when it sets
 // an InterruptStatus bit with no edge since the guest last read InterruptStatus, and
 // lowers it at that read (on the vCPU thread, which exits for the read anyway), so the
 // queue thread makes one ioctl per interrupt; `AckIoeventfds` registers an ioeventfd per InterruptACK

@@ -82,8 +82,8 @@ struct Swiftlet: ParsableCommand {
             completion: .directory)
     var kernelCache: String?
 
-    @Option(name: .long, help: ArgumentHelp("How virtio interrupts are driven: line (level-triggered, KVM_IRQ_LINE, as QEMU does; the default), irqfd (level-triggered, KVM_IRQFD with resampling) or edge (edge-triggered, KVM_IRQ_LINE; the guest's InterruptACK does not exit).", valueName: "mode"),
-            completion: .list(["line", "irqfd", "edge"]))
+    @Option(name: .long, help: ArgumentHelp("How virtio interrupts are driven: edge (edge-triggered, KVM_IRQ_LINE; the guest's InterruptACK does not exit; the default), line (level-triggered, KVM_IRQ_LINE, as QEMU does) or irqfd (level-triggered, KVM_IRQFD with resampling).", valueName: "mode"),
+            completion: .list(["edge", "line", "irqfd"]))
     var virtioIrq: String?
 
     @Option(name: .long, help: ArgumentHelp("Write counters (KVM exits, per-device register exits, per-queue packets/requests) as JSON at exit and on SIGUSR1: - for stderr, or a file.", valueName: "path"),
