@@ -229,6 +229,71 @@ def test_the_flight_recorder_shows_the_vcpu_that_shut_down(tmp_path):
     assert (tmp_path / "tracing_on").read_text() == "0\n" and not (tmp_path / "kvm-trace.txt").exists()
 
 
+# scripts/bench net --replay: the summary of a saved run, here two runs of swiftlet, QEMU
+# and the 2-pair column (whose jobs are tx2/rx2), no vhost; and hostile saves.
+BENCH_NET_SAVE = """bench-net-phase swiftlet-vs-qemu
+bench-net-start swiftlet:1
+bench-net-exits swiftlet 1 tx 3804
+bench-net-exits swiftlet 1 rx 2636
+bench-net swiftlet 1 tx 412 1796 248
+bench-net swiftlet 1 rx 1095 1301 653
+bench-net-status swiftlet 1 0
+bench-net-start qemu:1
+bench-net qemu 1 tx 454 1645 272
+bench-net qemu 1 rx 1027 955 613
+bench-net-status qemu 1 0
+bench-net-start qemu:2
+bench-net qemu 2 tx 584 1854 351
+bench-net qemu 2 rx 1022 883 610
+bench-net-status qemu 2 0
+bench-net-start swiftlet:2
+bench-net swiftlet 2 tx 679 2451 406
+bench-net swiftlet 2 rx 1263 1529 753
+bench-net-status swiftlet 2 0
+bench-net-phase swiftlet-2q
+bench-net-exits swiftlet-2q 1 tx2 5954
+bench-net-exits swiftlet-2q 1 rx2 3709
+bench-net swiftlet-2q 1 tx2 317 2797 192
+bench-net swiftlet-2q 1 rx2 419 1743 250
+bench-net-status swiftlet-2q 1 0
+bench-net-exits swiftlet-2q 2 tx2 4000
+bench-net swiftlet-2q 2 tx2 173 1776 103
+bench-net swiftlet-2q 2 rx2 183 1319 109
+bench-net-status swiftlet-2q 2 0
+bench-net-done
+"""
+
+
+def bench_replay(tmp_path, text, *args):
+    f = tmp_path / "save.log"
+    f.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return subprocess.run([os.path.join(REPO, "scripts", "bench"), "net", "--runs", "2"] + list(args)
+                          + ["--replay", str(f)], capture_output=True, text=True, timeout=120)
+
+
+def test_bench_net_replay_summarises_a_saved_run_with_the_2_pair_column(tmp_path):
+    r = bench_replay(tmp_path, BENCH_NET_SAVE)
+    assert r.returncode == 0, r
+    out = r.stdout
+    assert "net: swiftlet medians (min-max): tx 545.5 (412.0-679.0" in out, out
+    assert "net: swiftlet 2-pair exits to userspace per MiB (its own --metrics KVM_RUN count): tx2 " in out, out
+    assert "net: swiftlet exits to userspace per MiB (its own --metrics KVM_RUN count): tx 15.3 " in out, out
+    assert out.rstrip().splitlines()[-1].startswith("net: swiftlet/qemu-userspace ratio 1.12, "), out
+
+
+def test_bench_net_replay_of_a_hostile_save_fails_in_one_line(tmp_path):
+    # no complete run: one FAILED line and status 1, never a traceback
+    for text in ("", "bench-net swiftlet 1 tx x y z\nbench-net-status swiftlet 1 0\n",
+                 b"\xff\x00bench-net-status qemu 1 0\n" * 50,
+                 "bench-net-exits swiftlet 1 tx 99999999999999999999\nbench-net swiftlet 1 tx 0 0 0\n"):
+        r = bench_replay(tmp_path, text)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, (text, r)
+        assert r.stdout.rstrip().splitlines()[-1].startswith("net: FAILED"), (text, r.stdout)
+    r = subprocess.run([os.path.join(REPO, "scripts", "bench"), "net", "--replay", str(tmp_path / "missing")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 64 and r.stderr.startswith("bench: usage:"), r
+
+
 # .ci/run's ThreadSanitizer step: scripts/lib/tsan-verdict on saved `swift test` output.
 TSAN_VERDICT = os.path.join(REPO, "scripts", "lib", "tsan-verdict")
 XCTEST_TAIL = ("Test Suite 'Selected tests' passed at 2026-12-02 17:35:14.171\n"
