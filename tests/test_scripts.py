@@ -189,6 +189,57 @@ def test_a_boot_whose_page_tables_were_lost_below_swiftlet_runs_once_more(tmp_pa
         assert out == "runs=1 rc=%d\n" % (0 if first.startswith("ok") else 143), (first, out)
 
 
+# L1's trace of a 2-vCPU guest whose vCPU 1 shut down on an instruction-fetch page fault
+# at the address KVM had just entered it at (a stress run of fio2, abridged).
+LOST_FETCH_TRACE = """# tracer: nop
+           vcpu1-4257    [000] .....  1240.996828: kvm_exit: vcpu 1 reason npf rip 0xffffffffc0214398 info1 0x000000010000000c info2 0x00000000d0002060 intr_info 0x00000022 error_code 0x00000000
+           vcpu1-4257    [000] .....  1240.996909: kvm_userspace_exit: reason KVM_EXIT_MMIO (6)
+           vcpu0-4256    [001] .....  1240.997123: kvm_exit: vcpu 0 reason npf rip 0xffffffffc02140d3 info1 0x000000010000000e info2 0x00000000d0002050 intr_info 0x00000000 error_code 0x00000000
+           vcpu1-4257    [000] d..1.  1240.997132: kvm_entry: vcpu 1, rip 0xffffffffc021439b
+           vcpu1-4257    [000] .....  1240.997199: kvm_exit: vcpu 1 reason npf rip 0xffffffffc02143a2 info1 0x000000010000000e info2 0x00000000d0002064 intr_info 0x00000000 error_code 0x00000000
+           vcpu1-4257    [000] d..1.  1240.997275: kvm_entry: vcpu 1, rip 0xffffffffc02143a5
+           vcpu0-4256    [001] .....  1240.997607: kvm_inj_virq: IRQ 0xec
+           vcpu0-4256    [001] d..1.  1240.997634: kvm_entry: vcpu 0, rip 0xffffffffc02140d6
+           vcpu1-4257    [000] .....  1240.997855: kvm_exit: vcpu 1 reason shutdown rip 0xffffffffc02143a5 info1 0x0000000000000000 info2 0x0000000000000000 intr_info 0x80000b0e error_code 0x00000010
+           vcpu0-4256    [001] .....  1240.997866: kvm_exit: vcpu 0 reason interrupt rip 0xffffffff819b9220 info1 0x0000000000000000 info2 0x0000000000000000 intr_info 0x000000ec error_code 0x00000000
+           vcpu1-4257    [000] .....  1241.000537: kvm_userspace_exit: reason KVM_EXIT_SHUTDOWN (8)
+"""
+TRIPLE = "swiftlet: guest crashed: triple fault on vCPU 1 after 12390 ms, boot marker at 5042 ms"
+
+
+def lost_fetch_runs(tmp_path, trace, mode="l1"):
+    (tmp_path / "trace").write_text(trace)
+    (tmp_path / "tracing_on").write_text("1\n")
+    script = (
+        '. "$1"; shift; out=$1; shift; n=0; current="fio-x"\n'
+        'run() { n=$((n + 1)); eval "line=\\${$n}"; printf "%s\\n" "$line" > "$out"; case "$line" in ok*) rc=0;; *) rc=4;; esac; }\n'
+        'again_if_root_lost run "$@"; echo "runs=$n rc=$rc"\n')
+    r = subprocess.run(["sh", "-c", script, "sh", os.path.join(REPO, "scripts", "lib", "vmm.sh"), str(tmp_path / "out"),
+                        TRIPLE, "ok"], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, KVM_TRACING=str(tmp_path), TESTBED_MODE=mode, scratch=str(tmp_path)))
+    assert r.returncode == 0 and r.stderr == "", r
+    return r.stdout
+
+
+def test_a_triple_fault_at_the_address_just_entered_runs_once_more(tmp_path):
+    out = lost_fetch_runs(tmp_path, LOST_FETCH_TRACE)
+    assert out.endswith("runs=2 rc=0\n"), out
+    lines = out.splitlines()
+    assert lines[0] == ("testbed: guest faulted at the address it was entered at, below swiftlet, during fio-x; "
+                        "booting it once more:"), out
+    assert lines[1] == "  " + TRIPLE
+    assert lines[2].endswith("kvm_entry: vcpu 1, rip 0xffffffffc02143a5") and "reason shutdown" in lines[3], out
+    assert lines[4] == "--- last KVM events of vcpu1-4257, which shut down (fio-x, L1 tracefs):", out
+    # not when the vCPU ran after its entry (the fault at another address), when the
+    # shutdown was no page or double fault, or outside the testbed's L1
+    moved = LOST_FETCH_TRACE.replace("reason shutdown rip 0xffffffffc02143a5", "reason shutdown rip 0xffffffffc02143b0")
+    other = LOST_FETCH_TRACE.replace("intr_info 0x80000b0e", "intr_info 0x80000b0d")
+    user = LOST_FETCH_TRACE.replace("0xffffffffc02143a5", "0x55e460c39da0")
+    for trace, mode in ((moved, "l1"), (other, "l1"), (user, "l1"), (LOST_FETCH_TRACE, "direct"), ("", "l1")):
+        out = lost_fetch_runs(tmp_path, trace, mode)
+        assert out == "runs=1 rc=4\n", (trace[-300:], mode, out)
+
+
 # scripts/lib/vmm.sh's vmm_with_marks past its limit, with a stand-in VMM that never ends
 # by itself: swiftlet gets SIGTERM (and says where it stopped), any other VMM SIGKILL.
 def test_a_vmm_past_its_limit_swiftlet_is_stopped_by_sigterm_others_killed(tmp_path):
@@ -206,8 +257,8 @@ def test_a_vmm_past_its_limit_swiftlet_is_stopped_by_sigterm_others_killed(tmp_p
 
 
 # scripts/lib/vmm.sh's kvm_trace_tail on a saved trace (KVM_TRACING pointed at a copy):
-# the last 40 events, and the last 16 of the vCPU thread that shut down even when the
-# other vCPU's events fill those 40.
+# the last 16 events of the vCPU thread that shut down, first, even when the other
+# vCPU's events fill the last 40, then those 40.
 def test_the_flight_recorder_shows_the_vcpu_that_shut_down(tmp_path):
     lines = ["# tracer: nop"]
     lines += [" qemu-system-x86-3037    [000] .....   487.%06d: kvm_exit: vcpu 1 reason msr rip 0x%x" % (i, i)
@@ -222,10 +273,10 @@ def test_the_flight_recorder_shows_the_vcpu_that_shut_down(tmp_path):
                        env=dict(os.environ, KVM_TRACING=str(tmp_path), TESTBED_MODE="l1", scratch=str(tmp_path)))
     assert r.returncode == 0 and r.stderr == "", r
     out = r.stdout.splitlines()
-    assert out[0] == "--- last KVM events of net2 qemu 17 (L1 tracefs):"
-    assert all("qemu-system-x86-3036" in l for l in out[1:41]) and out[40].endswith("rip 0x3b"), out[:42]
-    assert out[41] == "--- last KVM events of qemu-system-x86-3037, which shut down:"
-    assert len(out) == 58 and out[-1].endswith("KVM_EXIT_SHUTDOWN (8)") and out[42].endswith("rip 0xf"), out[41:]
+    assert out[0] == "--- last KVM events of qemu-system-x86-3037, which shut down (net2 qemu 17, L1 tracefs):"
+    assert out[16].endswith("KVM_EXIT_SHUTDOWN (8)") and out[1].endswith("rip 0xf"), out[:17]
+    assert out[17] == "--- last KVM events of net2 qemu 17 (L1 tracefs):"
+    assert len(out) == 58 and all("qemu-system-x86-3036" in l for l in out[18:]) and out[-1].endswith("rip 0x3b"), out[17:]
     assert (tmp_path / "tracing_on").read_text() == "0\n" and not (tmp_path / "kvm-trace.txt").exists()
 
 

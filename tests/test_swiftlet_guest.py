@@ -76,7 +76,7 @@ def checks(testbed_image, swiftlet_release):
 def test_swiftlet_guest(checks, name):
     m = re.search(r"^check %s (ok|FAILED.*)$" % re.escape(name), checks, re.M)
     assert m, "check %s did not run:\n%s" % (name, checks[-3000:])
-    assert m.group(1) == "ok", checks[checks.find("check %s FAILED" % name):][:2500]
+    assert m.group(1) == "ok", checks[checks.find("check %s FAILED" % name):][:12000]
 
 
 def test_checks_resume_names(tmp_path):

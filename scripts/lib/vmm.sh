@@ -181,10 +181,10 @@ kvm_counters_diff() {
 
 # A flight recorder in L1: KVM's tracepoints kvm_exit, kvm_entry, kvm_inj_virq,
 # kvm_inj_exception and kvm_userspace_exit into a 1 MiB per-CPU ring, restarted by
-# kvm_trace_start before each boot; kvm_trace_tail NAME prints its last 40 events after
-# a boot that failed, so a triple fault shows the guest RIP and reason of the shutdown
-# exit and what KVM injected just before it (SVM resets the vCPU on a shutdown, so the
-# VMM cannot read that state itself). Only in the testbed's L1 (a host's own tracing is
+# kvm_trace_start before each boot; kvm_trace_tail NAME prints the last 16 events of a
+# vCPU thread that shut down and the last 40 of all after a boot that failed, so a triple
+# fault shows the guest RIP and reason of the shutdown exit and what KVM injected just
+# before it (SVM resets the vCPU on a shutdown, so the VMM cannot read that state itself). Only in the testbed's L1 (a host's own tracing is
 # left alone); both do nothing where tracefs is not writable.
 kvm_trace_start() {
     [ "${TESTBED_MODE:-}" = l1 ] || return 0
@@ -202,32 +202,58 @@ kvm_trace_tail() {
     [ "${TESTBED_MODE:-}" = l1 ] || return 0
     [ -r $KVM_TRACING/trace ] && [ -w $KVM_TRACING/tracing_on ] || return 0
     echo 0 > $KVM_TRACING/tracing_on
-    echo "--- last KVM events of $1 (L1 tracefs):"
     _tr=${scratch:-/tmp}/kvm-trace.txt
     grep -v '^#' $KVM_TRACING/trace > "$_tr"
-    tail -n 40 "$_tr" | cut -c1-200
-    # the vCPU thread that shut down (a triple fault), whose own events the other
+    # first the vCPU thread that shut down (a triple fault), whose own events the other
     # vCPUs' may have pushed out of the last 40
     _who=$(grep 'KVM_EXIT_SHUTDOWN' "$_tr" | tail -n 1 | awk '{ print $1 }')
     if [ -n "$_who" ]; then
-        echo "--- last KVM events of $_who, which shut down:"
+        echo "--- last KVM events of $_who, which shut down ($1, L1 tracefs):"
         awk -v w="$_who" '$1 == w' "$_tr" | tail -n 16 | cut -c1-200
     fi
+    echo "--- last KVM events of $1 (L1 tracefs):"
+    tail -n 40 "$_tr" | cut -c1-200
     rm -f "$_tr"
 }
 
+# kvm_trace_lost_fetch: prints the evidence when L1's trace shows a vCPU that shut down (a triple fault)
+# on a page fault or double fault at the very kernel address KVM had just entered it at:
+# the guest ran no instruction between the world switch and the fault, so the state it
+# lost (its page table root, as the stop line of a hung guest shows) was lost below it.
+# The evidence is that vCPU's entry and shutdown events; nothing when there is none.
+kvm_trace_lost_fetch() {
+    [ "${TESTBED_MODE:-}" = l1 ] && [ -r $KVM_TRACING/trace ] || return 0
+    grep -v '^#' $KVM_TRACING/trace | awk '
+        / kvm_entry: vcpu / { v = $0; sub(/.*kvm_entry: vcpu /, "", v); split(v, a, /[, ]+/)
+            if (a[2] == "rip") { entry[a[1]] = a[3]; line[a[1]] = $0 } }
+        / kvm_exit: vcpu [0-9]+ reason shutdown / { v = $0; sub(/.*kvm_exit: vcpu /, "", v); n = split(v, a, / +/)
+            ii = ""; for (i = 1; i < n; i++) if (a[i] == "intr_info") ii = a[i + 1]
+            if (a[4] == "rip" && a[5] ~ /^0xffff/ && ("x" entry[a[1]]) == ("x" a[5]) && ("x" ii == "x0x80000b0e" || "x" ii == "x0x80000b08")) {
+                print "  " line[a[1]]; print "  " $0 } }' | cut -c1-220
+}
+
 # again_if_root_lost RUN ARGS...: RUN ARGS (which leave swiftlet's output in $out and its
-# status in $rc), and once more when swiftlet had to stop a guest with a vCPU's page table
-# root outside guest RAM. swiftlet writes CR3 only before the first KVM_RUN, and a guest
+# status in $rc), and once more when the guest lost its paging state below swiftlet: a
+# vCPU's page table root outside guest RAM on swiftlet's stop line (a hung guest), or a
+# triple fault that L1's trace shows at the kernel address the vCPU was just entered at
+# (kvm_trace_lost_fetch). swiftlet writes CR3 only before the first KVM_RUN, and a guest
 # kernel that loaded such a root itself would fault in its own context-switch code, not
 # anywhere else: that state comes from the nested KVM below swiftlet. The repeat is
 # announced by a "testbed:" line (the test suite turns it into a warning) with the lost
 # boot's registers and KVM events; a second loss stands as the result.
 again_if_root_lost() {
     "$@"
-    [ $rc != 0 ] && grep -q 'page table root 0x[0-9a-f]* outside guest RAM' "$out" || return 0
-    echo "testbed: guest page tables lost below swiftlet during ${current:-start-up}; booting it once more:"
-    tr -d '\r' < "$out" | grep 'stopped at rip' | sed 's/^/  /'
+    [ $rc != 0 ] || return 0
+    if grep -q 'page table root 0x[0-9a-f]* outside guest RAM' "$out"; then
+        echo "testbed: guest page tables lost below swiftlet during ${current:-start-up}; booting it once more:"
+        tr -d '\r' < "$out" | grep 'stopped at rip' | sed 's/^/  /'
+    elif grep -q 'guest crashed: triple fault' "$out" && _lf=$(kvm_trace_lost_fetch) && [ -n "$_lf" ]; then
+        echo "testbed: guest faulted at the address it was entered at, below swiftlet, during ${current:-start-up}; booting it once more:"
+        tr -d '\r' < "$out" | grep 'guest crashed: triple fault' | sed 's/^/  /'
+        printf '%s\n' "$_lf"
+    else
+        return 0
+    fi
     kvm_trace_tail "${current:-start-up}"
     "$@"
 }
