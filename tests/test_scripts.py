@@ -240,6 +240,44 @@ def test_a_triple_fault_at_the_address_just_entered_runs_once_more(tmp_path):
         assert out == "runs=1 rc=4\n", (trace[-300:], mode, out)
 
 
+# A QEMU microvm guest hung in the testbed (net2 with L1 6.12): vCPU 1's page-table walk
+# reads 0x100c84fe0, above 4 GiB in a 512 MiB guest, and KVM injects #PF(0x10) again and
+# again; no triple fault and no stop line.
+LOST_WALK_TRACE = """# tracer: nop
+ qemu-system-x86-1276    [000] .....   319.306200: kvm_inj_exception: #PF (0x10)
+ qemu-system-x86-1276    [000] d..1.   319.306210: kvm_entry: vcpu 1, rip 0xffffffffc03855c0[immediate exit]
+ qemu-system-x86-1276    [000] d..1.   319.306248: kvm_exit: vcpu 1 reason npf rip 0xffffffffc03855c0 info1 0x000000020000000e info2 0x0000000100c84fe0 intr_info 0x80000b0e error_code 0x00000010
+ qemu-system-x86-1275    [001] .....   319.309000: kvm_inj_virq: IRQ 0xec
+ qemu-system-x86-1275    [001] d..1.   319.309095: kvm_entry: vcpu 0, rip 0xffffffffad817a0b
+ qemu-system-x86-1275    [001] d..1.   319.309398: kvm_exit: vcpu 0 reason msr rip 0xfffffffface73914 info1 0x0000000000000001 info2 0x0000000000000000 intr_info 0x000000ec error_code 0x00000000
+"""
+
+
+def lost_evidence(tmp_path, trace, mode="l1"):
+    (tmp_path / "trace").write_text(trace)
+    r = subprocess.run(["sh", "-c", '. "$1"; kvm_trace_lost_fetch', "sh", os.path.join(REPO, "scripts", "lib", "vmm.sh")],
+                       capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, KVM_TRACING=str(tmp_path), TESTBED_MODE=mode))
+    assert r.returncode == 0 and r.stderr == "", r
+    return r.stdout
+
+
+def test_lost_paging_evidence_in_l1s_trace(tmp_path):
+    out = lost_evidence(tmp_path, LOST_WALK_TRACE).splitlines()
+    assert len(out) == 1 and "reason npf" in out[0] and "info2 0x0000000100c84fe0" in out[0], out
+    out = lost_evidence(tmp_path, LOST_FETCH_TRACE).splitlines()
+    assert len(out) == 2 and out[0].endswith("kvm_entry: vcpu 1, rip 0xffffffffc02143a5") and "shutdown" in out[1], out
+    # an MMIO exit's walk-less npf, a walk below 4 GiB, a final-translation npf above it
+    # (bit 32 only), and the healthy part of a trace: no evidence
+    for trace in (LOST_WALK_TRACE.replace("info1 0x000000020000000e info2 0x0000000100c84fe0",
+                                          "info1 0x000000010000000e info2 0x00000000d0002050"),
+                  LOST_WALK_TRACE.replace("info2 0x0000000100c84fe0", "info2 0x000000001fc84fe0"),
+                  LOST_WALK_TRACE.replace("info1 0x000000020000000e", "info1 0x000000010000000e"),
+                  "\n".join(LOST_WALK_TRACE.splitlines()[4:]) + "\n"):
+        assert lost_evidence(tmp_path, trace) == "", trace
+    assert lost_evidence(tmp_path, LOST_WALK_TRACE, mode="direct") == ""
+
+
 # scripts/lib/vmm.sh's vmm_with_marks past its limit, with a stand-in VMM that never ends
 # by itself: swiftlet gets SIGTERM (and says where it stopped), any other VMM SIGKILL.
 def test_a_vmm_past_its_limit_swiftlet_is_stopped_by_sigterm_others_killed(tmp_path):

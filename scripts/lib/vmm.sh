@@ -216,27 +216,36 @@ kvm_trace_tail() {
     rm -f "$_tr"
 }
 
-# kvm_trace_lost_fetch: prints the evidence when L1's trace shows a vCPU that shut down (a triple fault)
-# on a page fault or double fault at the very kernel address KVM had just entered it at:
-# the guest ran no instruction between the world switch and the fault, so the state it
-# lost (its page table root, as the stop line of a hung guest shows) was lost below it.
-# The evidence is that vCPU's entry and shutdown events; nothing when there is none.
+# kvm_trace_lost_fetch: prints the evidence when L1's trace shows a guest whose paging
+# state was lost below its VMM, in one of two ways:
+#   - a vCPU that shut down (a triple fault) on a page fault or double fault at the very
+#     kernel address KVM had just entered it at: the guest ran no instruction between
+#     the world switch and the fault;
+#   - a vCPU whose page-table walk (npf with bit 33 of info1) reads a guest physical
+#     address at or above 4 GiB, where none of the testbed's guests (512 MiB) has RAM or
+#     devices: its page table root is not its own (a hung guest's stop line shows such a
+#     root directly; QEMU's guests hang the same way and print none).
+# The evidence is those events (at most 2 lines); nothing when there is none.
 kvm_trace_lost_fetch() {
     [ "${TESTBED_MODE:-}" = l1 ] && [ -r $KVM_TRACING/trace ] || return 0
     grep -v '^#' $KVM_TRACING/trace | awk '
         / kvm_entry: vcpu / { v = $0; sub(/.*kvm_entry: vcpu /, "", v); split(v, a, /[, ]+/)
             if (a[2] == "rip") { entry[a[1]] = a[3]; line[a[1]] = $0 } }
-        / kvm_exit: vcpu [0-9]+ reason shutdown / { v = $0; sub(/.*kvm_exit: vcpu /, "", v); n = split(v, a, / +/)
-            ii = ""; for (i = 1; i < n; i++) if (a[i] == "intr_info") ii = a[i + 1]
-            if (a[4] == "rip" && a[5] ~ /^0xffff/ && ("x" entry[a[1]]) == ("x" a[5]) && ("x" ii == "x0x80000b0e" || "x" ii == "x0x80000b08")) {
-                print "  " line[a[1]]; print "  " $0 } }' | cut -c1-220
+        / kvm_exit: vcpu [0-9]+ reason / { v = $0; sub(/.*kvm_exit: vcpu /, "", v); n = split(v, a, / +/)
+            ii = ""; i1 = ""; i2 = ""
+            for (i = 1; i < n; i++) { if (a[i] == "intr_info") ii = a[i + 1]; if (a[i] == "info1") i1 = a[i + 1]; if (a[i] == "info2") i2 = a[i + 1] }
+            if (a[3] == "shutdown" && a[4] == "rip" && a[5] ~ /^0xffff/ && ("x" entry[a[1]]) == ("x" a[5]) \
+                && ("x" ii == "x0x80000b0e" || "x" ii == "x0x80000b08") && !shown) {
+                print "  " line[a[1]]; print "  " $0; shown = 1 }
+            if (a[3] == "npf" && length(i1) == 18 && length(i2) == 18 && substr(i1, 10, 1) ~ /[2367abef]/ \
+                && substr(i2, 3, 8) != "00000000" && !walk) {
+                print "  " $0; walk = 1 } }' | cut -c1-220
 }
 
 # again_if_root_lost RUN ARGS...: RUN ARGS (which leave swiftlet's output in $out and its
 # status in $rc), and once more when the guest lost its paging state below swiftlet: a
-# vCPU's page table root outside guest RAM on swiftlet's stop line (a hung guest), or a
-# triple fault that L1's trace shows at the kernel address the vCPU was just entered at
-# (kvm_trace_lost_fetch). swiftlet writes CR3 only before the first KVM_RUN, and a guest
+# vCPU's page table root outside guest RAM on swiftlet's stop line (a hung guest), or,
+# for a triple fault, L1's trace showing it (kvm_trace_lost_fetch). swiftlet writes CR3 only before the first KVM_RUN, and a guest
 # kernel that loaded such a root itself would fault in its own context-switch code, not
 # anywhere else: that state comes from the nested KVM below swiftlet. The repeat is
 # announced by a "testbed:" line (the test suite turns it into a warning) with the lost
