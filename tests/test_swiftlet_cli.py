@@ -519,6 +519,14 @@ MISTAKES = [
     ("vsock-empty", ["--kernel", "K", "--vsock", ""], USAGE, ["empty option", "cid=N"], ROOT),
     ("vsock-uds-path", ["--kernel", "K", "--vsock", "cid=3,uds_path=/tmp/v.sock"], USAGE, ["unknown option 'uds_path'"], ROOT),
     ("vsock-cid-twice", ["--kernel", "K", "--vsock", "cid=3,cid=4"], USAGE, ["cid= given twice"], ROOT),
+    ("device-unknown-kind", ["--kernel", "K", "--device", "disk,path=x"], USAGE, ["--device 'disk,path=x'", "'disk' is not a device kind", "use one of rng, vsock,cid=N"], ROOT),
+    ("device-empty", ["--kernel", "K", "--device", ""], USAGE, ["is not a device kind"], ROOT),
+    ("device-rng-option", ["--kernel", "K", "--device", "rng,rate=1"], USAGE, ["--device rng: unknown option 'rate'", "--device rng"], ROOT),
+    ("device-rng-comma", ["--kernel", "K", "--device", "rng,"], USAGE, ["--device rng: empty option"], ROOT),
+    ("device-vsock-no-cid", ["--kernel", "K", "--device", "vsock"], USAGE, ["--device vsock: missing cid=", "--device vsock,cid=N"], ROOT),
+    ("device-vsock-cid-2", ["--kernel", "K", "--device", "vsock,cid=2"], USAGE, ["--device vsock: cid='2' is not valid"], ROOT),
+    ("device-vsock-twice", ["--kernel", "K", "--device", "vsock,cid=3,cid=3"], USAGE, ["--device vsock: cid= given twice"], ROOT),
+    ("device-escape", ["--kernel", "K", "--device", "\x1b[2J"], USAGE, ["\\u{1B}[2J"], ROOT),
     # where /dev/vhost-vsock exists these rows are skipped (it would open); the second one
     # shows the TAP opened before it gone again
     ("vsock-no-device", ["--kernel", "K", "--vsock", "cid=3"], HOST,
@@ -792,6 +800,29 @@ def test_config_file_vsock_and_flag(swiftlet, tmp_path):
     assert json.loads(r.stdout)["vsock"] == {"guest_cid": 4294967294, "uds_path": None}
     r = sw(swiftlet, "--config-file", write_config(tmp_path, FIRECRACKER_VM_CONFIG, "none.json"), "--print-config")
     assert r.returncode == 0 and json.loads(r.stdout)["vsock"] is None, r.stderr
+
+
+def test_config_file_devices_and_flag(swiftlet, tmp_path):
+    """swiftlet.devices lists --device values; --device replaces the list; --print-config
+    prints it and reads back the same; a bad entry names its index."""
+    cfg = write_config(tmp_path, dict(FIRECRACKER_VM_CONFIG, swiftlet={"devices": ["rng", "vsock,cid=9"]}))
+    r = sw(swiftlet, "--config-file", cfg, "--print-config")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["swiftlet"]["devices"] == ["rng", "vsock,cid=9"]
+    again = sw(swiftlet, "--config-file", write_config(tmp_path, r.stdout, "again.json"), "--print-config")
+    assert again.returncode == 0 and again.stdout == r.stdout, again.stderr
+    r = sw(swiftlet, "--config-file", cfg, "--device", "rng", "--device", "rng", "--print-config")
+    assert r.returncode == 0 and json.loads(r.stdout)["swiftlet"]["devices"] == ["rng", "rng"], r.stderr
+    r = sw(swiftlet, "--config-file", write_config(tmp_path, FIRECRACKER_VM_CONFIG, "none.json"), "--print-config")
+    assert r.returncode == 0 and json.loads(r.stdout)["swiftlet"]["devices"] == [], r.stderr
+    for devices, want in [(["rng", "vsock,cid=1"], "swiftlet.devices[1] vsock: cid='1' is not valid"),
+                          (["rng", 3], "swiftlet.devices[1]: expected a string"),
+                          ("rng", "swiftlet.devices: expected an array"),
+                          (["tap"], "swiftlet.devices[0] 'tap': 'tap' is not a device kind")]:
+        bad = write_config(tmp_path, dict(FIRECRACKER_VM_CONFIG, swiftlet={"devices": devices}), "bad.json")
+        r = sw(swiftlet, "--config-file", bad, "--print-config")
+        assert r.returncode == 64 and r.stdout == "", (devices, r)
+        assert r.stderr.startswith("swiftlet: " + want) and r.stderr.count("\n") == 1, (devices, r.stderr)
 
 
 def test_vhost_auto_without_vhost_net_says_why_once(swiftlet, kernel):

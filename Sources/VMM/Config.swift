@@ -1,33 +1,14 @@
 // The machine configuration and the parsers for user-supplied values.
 import Glibc
 import OS
+import Devices
 import Virtio
 @_exported import enum Seccomp.SeccompMode
-
-/// Exit statuses a CI script can rely on (README "Exit status").
-public enum ExitStatus: Int32, Sendable {
-    case poweredOff = 0
-    case runtimeError = 1
-    case rebooted = 3
-    case guestCrashed = 4
-    case usage = 64
-    case badInput = 65
-    case missingInput = 66
-    case hostUnavailable = 69
-    /// --timeout: the guest was still running at the deadline (as timeout(1) exits).
-    case timedOut = 124
-}
-
-/// A failure that ends swiftlet with one line on stderr and a documented status.
-public struct SwiftletError: Error, CustomStringConvertible {
-    public let status: ExitStatus
-    public let message: String
-    public init(_ status: ExitStatus, _ message: String) {
-        self.status = status
-        self.message = message
-    }
-    public var description: String { message }
-}
+@_exported import enum OS.ExitStatus
+@_exported import struct OS.SwiftletError
+@_exported import struct Devices.VsockOptions
+@_exported import func Devices.parseRng
+@_exported import func Virtio.parseDevice
 
 public enum SerialMode: Equatable {
     case none
@@ -150,6 +131,8 @@ public struct MachineConfig {
     public var rng = false
     /// --vsock: a virtio-vsock device on vhost-vsock (after the rng).
     public var vsock: VsockOptions? = nil
+    /// --device: devices by kind (`deviceKinds`), after all the others.
+    public var devices: [any VirtioDeviceSpec] = []
 
     public init(kernelPath: String, initrdPath: String? = nil, cmdline: String = MachineConfig.defaultCmdline,
                 cpus: Int = 1, memoryBytes: UInt64 = MachineConfig.defaultMemory, serial: SerialMode = .stdio,

@@ -31,6 +31,7 @@
 //     boot_args).
 import Glibc
 import OS
+import Devices
 import JSON
 
 /// One virtio-blk disk with its configuration-file identity.
@@ -86,6 +87,8 @@ public struct Settings: Equatable {
     public var rng: Bool?
     /// --vsock, or a `vsock` object in the file.
     public var vsock: VsockOptions?
+    /// --device values, or the file's swiftlet.devices (each checked by `parseDevice`).
+    public var devices: [String]?
 
     public init() {}
 
@@ -111,6 +114,7 @@ public struct Settings: Equatable {
         s.kernelCache = kernelCache ?? base.kernelCache
         s.rng = rng ?? base.rng
         s.vsock = vsock ?? base.vsock
+        s.devices = devices ?? base.devices
         return s
     }
 }
@@ -184,7 +188,7 @@ enum ConfigKeys {
     static let entropy = ["rate_limiter"]
     static let vsock = ["vsock_id", "guest_cid", "uds_path"]
     static let swiftlet = ["serial", "log_level", "timeout", "metrics", "isa_debug_exit", "virtio_discovery",
-                           "virtio_irq", "kernel_decompress", "kernel_cache"]
+                           "virtio_irq", "kernel_decompress", "kernel_cache", "devices"]
 }
 
 private func usage(_ message: String) -> SwiftletError { SwiftletError(.usage, message) }
@@ -477,6 +481,19 @@ public func parseConfig(_ doc: JSONValue) throws -> Settings {
         s.virtioIrq = try parsed("virtio_irq", "--virtio-irq", VirtioInterruptMode.parse)
         s.kernelDecompress = try w.bool("kernel_decompress")
         s.kernelCache = try w.nonEmptyString("kernel_cache", empty: "give auto, none or a directory")
+        if let v = w.value("devices") {
+            guard case .array(let items) = v else {
+                throw usage("\(w.path("devices")): expected an array of strings such as \"vsock,cid=3\", got \(v.kindName)")
+            }
+            s.devices = try items.enumerated().map { i, item in
+                let at = "\(w.path("devices"))[\(i)]"
+                guard case .string(let text) = item else {
+                    throw usage("\(at): expected a string such as \"vsock,cid=3\", got \(item.kindName)")
+                }
+                _ = try parseDevice(text, kinds: deviceKinds, flag: at)
+                return text
+            }
+        }
     }
     return s
 }
@@ -516,6 +533,7 @@ public func machineConfig(_ s: Settings, startNanos: UInt64) throws -> MachineCo
     c.metricsPath = s.metrics
     c.rng = s.rng ?? false
     c.vsock = s.vsock
+    c.devices = try (s.devices ?? []).map { try parseDevice($0, kinds: deviceKinds) }
     return c
 }
 
@@ -614,6 +632,7 @@ public func effectiveConfigDocument(_ s: Settings) throws -> JSONValue {
             JSONMember("virtio_irq", .string(irq)),
             JSONMember("kernel_decompress", .bool(s.kernelDecompress ?? true)),
             JSONMember("kernel_cache", .string(s.kernelCache ?? "auto")),
+            JSONMember("devices", .array((s.devices ?? []).map { .string($0) })),
         ])),
     ])
 }

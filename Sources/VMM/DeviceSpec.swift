@@ -1,11 +1,12 @@
-// The machine's virtio devices come from one list of device specs: each spec is a parsed
-// option (its own `--flag key=value` parser lives beside it), opens its backend, and
-// builds its device model with the --metrics members that device reports. The machine
-// knows no device type: it opens the backends in list order, then gives device i
-// virtio-mmio index i (its window, GSI and DSDT entry) in one loop.
+// The machine's virtio devices come from one list of device specs (the contract is in
+// Virtio/DeviceSpec.swift): each spec is a parsed option, opens its backend, and builds
+// its device model with the --metrics members that device reports. The machine knows no
+// device type: it opens the backends in list order, then gives device i virtio-mmio
+// index i (its window, GSI and DSDT entry) in one loop.
 //
-// The order is the virtio-mmio order a guest sees: disks, network interfaces, rng, vsock. A new
-// device is a spec type here (or in its options file) and one line in `deviceSpecs`.
+// The order is the virtio-mmio order a guest sees: disks, network interfaces, --rng,
+// --vsock, then each --device in the order given. A new device lives in its folder under
+// Sources/Devices with its `VirtioDeviceKind`, and takes one line in `deviceKinds`.
 import Glibc
 import OS
 import Devices
@@ -13,37 +14,11 @@ import Virtio
 import GuestMemory
 import Boot
 
-/// One virtio device the user asked for, before anything is opened.
-public protocol VirtioDeviceSpec: Sendable {
-    /// Prefix of the device's name ("blk", "net", "rng"): the machine appends the device's
-    /// position among the specs of its kind, and threads are named "\(name)-qN".
-    var kind: String { get }
-    /// Opens the backend (an image, a TAP, ...). `earlier`: the backends of the specs
-    /// before this one, for a spec that refuses to share its backend. Throws a
-    /// SwiftletError, with nothing left open, when the backend cannot be used.
-    func open(earlier: [any VirtioBackend]) throws -> any VirtioBackend
-}
-
-/// An opened backend, ready to become a device once the VM exists.
-public protocol VirtioBackend: AnyObject, Sendable {
-    /// The device model. `ordinal`: the device's position among those of its kind
-    /// (a network interface's default MAC comes from it).
-    func makeDevice(name: String, ordinal: Int, log: RateLimitedLog?) throws -> BuiltDevice
-    /// Lets go of the backend (a TAP swiftlet created disappears). Idempotent.
-    func close()
-}
-
-/// A device model and how it reports itself in --metrics.
-public struct BuiltDevice: Sendable {
-    public let device: any HostedVirtioDevice
-    /// JSON members (without braces) with the device's own counters.
-    public let metrics: @Sendable () -> String
-
-    public init(_ device: any HostedVirtioDevice, metrics: @escaping @Sendable () -> String) {
-        self.device = device
-        self.metrics = metrics
-    }
-}
+/// Every kind of device `--device KIND,...` (and the file's swiftlet.devices) can add.
+public let deviceKinds: [VirtioDeviceKind] = [
+    rngDeviceKind,
+    vsockDeviceKind,
+]
 
 /// The devices of `config`, in virtio-mmio order.
 public func deviceSpecs(_ config: MachineConfig) -> [any VirtioDeviceSpec] {
@@ -53,6 +28,7 @@ public func deviceSpecs(_ config: MachineConfig) -> [any VirtioDeviceSpec] {
     specs += config.nets.map { NetDeviceSpec(options: $0, info: { line in if infoOn { log(line) } }) }
     if config.rng { specs.append(RngDeviceSpec()) }
     if let v = config.vsock { specs.append(VsockDeviceSpec(options: v)) }
+    specs += config.devices
     return specs
 }
 
@@ -127,13 +103,4 @@ public func virtioDescriptions(count: Int, firstIndex: Int = 0, interrupts: Virt
         }
         return d
     }
-}
-
-/// Per-queue counters as --metrics JSON members, for a device that keeps QueueCounters.
-func queueMetricsJSON(_ counters: [QueueCounters]) -> String {
-    let qs = counters.enumerated().map { i, q in
-        "{\"queue\": \(i), \"served\": \(q.served), \"bytes\": \(q.bytes), \"drops\": \(q.drops), "
-            + "\"notifications\": \(q.notifications), \"interrupts\": \(q.interrupts)}"
-    }
-    return "\"queues\": [\(qs.joined(separator: ", "))]"
 }

@@ -25,24 +25,6 @@ import GuestMemory
 import KVM
 import Boot
 
-/// User text made safe for a one-line message: control characters escaped.
-func shown(_ s: String) -> String {
-    var out = ""
-    for u in s.unicodeScalars {
-        switch u {
-        case "\n": out += "\\n"
-        case "\t": out += "\\t"
-        case "\r": out += "\\r"
-        default:
-            if u.value < 0x20 || u.value == 0x7f || (u.value >= 0x80 && u.value < 0xa0) {
-                out += "\\u{\(String(u.value, radix: 16, uppercase: true))}"
-            } else {
-                out.unicodeScalars.append(u)
-            }
-        }
-    }
-    return out
-}
 
 public struct DiskOptions: Equatable, Sendable {
     public var path: String

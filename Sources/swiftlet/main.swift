@@ -71,6 +71,10 @@ struct Swiftlet: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("virtio-vsock served by the host kernel's vhost-vsock: cid=N, the guest's context ID (3 to 4294967294), which host programs reach over AF_VSOCK.", valueName: "cid=N"))
     var vsock: String?
 
+    @Option(name: .long, help: ArgumentHelp("A virtio device by kind: \(deviceKinds.map(\.usageForm).joined(separator: " or ")) (repeatable; after the disks, network interfaces, --rng and --vsock, in the order given).", valueName: "kind,options"),
+            completion: .list(deviceKinds.map(\.name)))
+    var device: [String] = []
+
     @Option(name: .long, help: ArgumentHelp("How the guest finds virtio devices: acpi (DSDT, stock kernels) or cmdline (virtio_mmio.device=). (default: acpi)", valueName: "mode"),
             completion: .list(["acpi", "cmdline"]))
     var virtioDiscovery: String?
@@ -127,6 +131,9 @@ struct Swiftlet: ParsableCommand {
         }
         if let rng { s.rng = try parseRng(rng) }
         if let vsock { s.vsock = try VsockOptions.parse(vsock) }
+        if !device.isEmpty {
+            s.devices = try device.map { _ = try parseDevice($0, kinds: deviceKinds); return $0 }
+        }
         if let virtioDiscovery { s.virtioDiscovery = try VirtioDiscovery.parse(virtioDiscovery) }
         s.kernelDecompress = kernelDecompress
         if let virtioIrq { s.virtioIrq = try VirtioInterruptMode.parse(virtioIrq) }

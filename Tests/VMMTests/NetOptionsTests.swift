@@ -3,8 +3,9 @@ import Glibc
 import OS
 import KVM
 import CLinux
-import Devices
+@testable import Devices
 import Vhost
+import Virtio
 @testable import VMM
 
 final class NetOptionsTests: XCTestCase {

@@ -2,6 +2,8 @@ import XCTest
 import Glibc
 import JSON
 import Vhost
+import Virtio
+@testable import Devices
 @testable import VMM
 
 /// --vsock, the configuration file's `vsock` object, and opening vhost-vsock.
@@ -126,9 +128,20 @@ final class VsockOptionsTests: XCTestCase {
                        "--vsock cid=3: /dev/vhost-vsock is missing: load the vhost_vsock module (modprobe vhost_vsock)")
         XCTAssertEqual(openError(.open(errno: EACCES))?.message.hasPrefix("--vsock cid=3: cannot open /dev/vhost-vsock: "), true)
         XCTAssertEqual(openError(.setup(VhostError(call: "VHOST_VSOCK_SET_GUEST_CID", errno: EADDRINUSE)), cid: 77)?.message,
-                       "--vsock cid=77: guest CID 77 is in use by another VM on this host: give this VM another --vsock cid=")
+                       "--vsock cid=77: guest CID 77 is in use by another VM on this host: give this VM another CID")
         XCTAssertEqual(openError(.setup(VhostError(call: "VHOST_SET_OWNER", errno: EBUSY)))?.message.hasPrefix(
             "--vsock cid=3: /dev/vhost-vsock: VHOST_SET_OWNER: "), true)
+        // --device names itself
+        do {
+            _ = try openVsock(VsockOptions(cid: 5), given: "--device vsock,cid=5") { (_: UInt64) throws(VhostOpenError) -> any VhostVsockBackend in
+                throw VhostOpenError.open(errno: ENOENT)
+            }
+            XCTFail("opened")
+        } catch let e as SwiftletError {
+            XCTAssertTrue(e.message.hasPrefix("--device vsock,cid=5: /dev/vhost-vsock is missing"), e.message)
+        }
+        XCTAssertEqual(try parseDevice("vsock,cid=6", kinds: deviceKinds).kind, "vsock")
+        XCTAssertEqual((try parseDevice("vsock,cid=6", kinds: deviceKinds) as? VsockDeviceSpec)?.given, "--device vsock,cid=6")
         for e in [VhostOpenError.open(errno: ENOENT), .open(errno: EPERM), .open(errno: EIO),
                   .setup(VhostError(call: "VHOST_VSOCK_SET_GUEST_CID", errno: EADDRINUSE))] {
             XCTAssertEqual(openError(e)?.status, .hostUnavailable)

@@ -2,7 +2,7 @@ import XCTest
 import Glibc
 import OS
 import GuestMemory
-import Devices
+@testable import Devices
 import Virtio
 import Vhost
 import Boot

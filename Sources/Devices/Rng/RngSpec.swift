@@ -1,14 +1,12 @@
-// --rng on|off, and the config file's `entropy` object: a virtio-rng device backed by the
-// host's getrandom(2).
+// virtio-rng's kind, spec and backend: `--device rng`, also spelt `--rng on` and the config
+// file's `entropy` object. A virtio-rng device backed by the host's getrandom(2).
 //
 // Off by default, as in QEMU and Firecracker, which add it only when asked: a machine
 // without the flag has exactly the devices it had before (the same virtio-mmio indices,
 // GSIs and boot time), and a guest kernel without virtio-rng loses nothing. The device
 // takes the virtio-mmio index after every disk and network interface.
 import OS
-import Devices
 import Virtio
-import GuestMemory
 
 /// Parses a --rng value: on or off.
 public func parseRng(_ text: String) throws -> Bool {
@@ -19,6 +17,9 @@ public func parseRng(_ text: String) throws -> Bool {
         throw SwiftletError(.usage, "--rng '\(shown(text))' is not valid: use on (a virtio-rng device fed by the host's getrandom) or off")
     }
 }
+
+/// `--device rng`: no options.
+public let rngDeviceKind = VirtioDeviceKind(name: "rng", form: "") { _ in RngDeviceSpec() }
 
 /// --rng on: a virtio-rng device fed by the host's getrandom(2).
 public struct RngDeviceSpec: VirtioDeviceSpec {

@@ -1,5 +1,6 @@
-// --vsock cid=N, and the config file's `vsock` object (guest_cid): a virtio-vsock device
-// served by the host kernel's vhost-vsock (Devices/Vsock/VirtioVsock.swift). Host programs
+// virtio-vsock's kind, spec and backend: `--device vsock,cid=N`, also spelt `--vsock cid=N`
+// and the config file's `vsock` object (guest_cid). A virtio-vsock device served by the
+// host kernel's vhost-vsock (VirtioVsock.swift). Host programs
 // reach the guest over AF_VSOCK at CID N; the guest reaches the host at CID 2.
 //
 // Decisions:
@@ -15,20 +16,25 @@
 //   - The device takes the virtio-mmio index after every disk, network interface and rng.
 import Glibc
 import OS
-import Devices
 import Virtio
 import Vhost
+
+/// `--device vsock,cid=N`.
+public let vsockDeviceKind = VirtioDeviceKind(name: "vsock", form: VsockOptions.form) { options in
+    let o = try VsockOptions.take(&options)
+    return VsockDeviceSpec(options: o, given: "--device vsock,cid=\(o.cid)")
+}
 
 public struct VsockOptions: Equatable, Sendable {
     public var cid: UInt64
 
     public init(cid: UInt64) { self.cid = cid }
 
-    static let form = "cid=N"
-    static let range = VirtioVsockLimits.cids
+    public static let form = "cid=N"
+    public static let range = VirtioVsockLimits.cids
 
     /// `text` (decimal digits only) as a guest CID, or nil.
-    static func cidValue(_ text: String) -> UInt64? {
+    public static func cidValue(_ text: String) -> UInt64? {
         guard !text.isEmpty, text.utf8.count <= 10, text.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }),
               let n = UInt64(text), range.contains(n) else { return nil }
         return n
@@ -36,45 +42,42 @@ public struct VsockOptions: Equatable, Sendable {
 
     /// Parses one --vsock value.
     public static func parse(_ text: String) throws -> VsockOptions {
-        func usage(_ s: String) -> SwiftletError { SwiftletError(.usage, "--vsock: \(s)") }
-        var cid: UInt64? = nil
-        var seen = Set<String>()
-        for item in text.split(separator: ",", omittingEmptySubsequences: false).map(String.init) {
-            guard !item.isEmpty else { throw usage("empty option in '\(shown(text))': use --vsock \(form)") }
-            guard let eq = item.firstIndex(of: "=") else { throw usage("'\(shown(item))' is not key=value: use --vsock \(form)") }
-            let key = String(item[..<eq])
-            let value = String(item[item.index(after: eq)...])
-            guard !seen.contains(key) else { throw usage("\(shown(key))= given twice") }
-            seen.insert(key)
-            switch key {
-            case "cid":
-                guard let n = cidValue(value) else {
-                    throw usage("cid='\(shown(value))' is not valid: use a context ID from \(range.lowerBound) to \(range.upperBound) (0-2 and 4294967295 are reserved), e.g. cid=3")
-                }
-                cid = n
-            default:
-                throw usage("unknown option '\(shown(key))': use --vsock \(form)")
-            }
+        guard !text.isEmpty else { throw SwiftletError(.usage, "--vsock: empty option in '': use --vsock \(form)") }
+        var options = try DeviceOptions(text, flag: "--vsock", form: form)
+        return try take(&options)
+    }
+
+    /// The options of one vsock device: cid= and nothing else.
+    public static func take(_ options: inout DeviceOptions) throws -> VsockOptions {
+        let value = options.take("cid")
+        try options.finish()
+        guard let value else { throw options.usage("missing cid=: use \(DeviceOptions.hint(options.flag, options.form)), e.g. cid=3") }
+        guard let n = cidValue(value) else {
+            throw options.usage("cid='\(shown(value))' is not valid: use a context ID from \(range.lowerBound) to \(range.upperBound) (0-2 and 4294967295 are reserved), e.g. cid=3")
         }
-        guard let cid else { throw usage("missing cid=: use --vsock \(form), e.g. --vsock cid=3") }
-        return VsockOptions(cid: cid)
+        return VsockOptions(cid: n)
     }
 }
 
 /// --vsock: a virtio-vsock device on /dev/vhost-vsock.
 public struct VsockDeviceSpec: VirtioDeviceSpec {
     public let options: VsockOptions
-    public init(options: VsockOptions) { self.options = options }
+    /// How the user asked for it, for error lines: "--vsock cid=3".
+    public let given: String
+    public init(options: VsockOptions, given: String? = nil) {
+        self.options = options
+        self.given = given ?? "--vsock cid=\(options.cid)"
+    }
     public var kind: String { "vsock" }
 
     public func open(earlier: [any VirtioBackend]) throws -> any VirtioBackend {
-        try openVsock(options) { (cid: UInt64) throws(VhostOpenError) -> any VhostVsockBackend in try VhostVsock(cid: cid) }
+        try openVsock(options, given: given) { (cid: UInt64) throws(VhostOpenError) -> any VhostVsockBackend in try VhostVsock(cid: cid) }
     }
 }
 
 /// Opens the vhost-vsock instance of `o` with `open` (VhostVsock in the machine; tests
 /// give a failing one), or throws one SwiftletError (status 69) saying why it cannot work.
-func openVsock(_ o: VsockOptions, open: (UInt64) throws(VhostOpenError) -> any VhostVsockBackend) throws -> VsockBackend {
+func openVsock(_ o: VsockOptions, given: String? = nil, open: (UInt64) throws(VhostOpenError) -> any VhostVsockBackend) throws -> VsockBackend {
     let path = VhostVsock.path
     let why: String
     let fix: String
@@ -98,7 +101,7 @@ func openVsock(_ o: VsockOptions, open: (UInt64) throws(VhostOpenError) -> any V
             fix = "check that the vhost_vsock module works"
         case .setup(let v) where v.errno == EADDRINUSE:
             why = "guest CID \(o.cid) is in use by another VM on this host"
-            fix = "give this VM another --vsock cid="
+            fix = "give this VM another CID"
         case .setup(let v):
             why = "\(path): \(v)"
             fix = "check that the vhost_vsock module works"
@@ -109,7 +112,7 @@ func openVsock(_ o: VsockOptions, open: (UInt64) throws(VhostOpenError) -> any V
         why = "\(path): \(error)"
         fix = "check that the vhost_vsock module works"
     }
-    throw SwiftletError(.hostUnavailable, "--vsock cid=\(o.cid): \(why): \(fix)")
+    throw SwiftletError(.hostUnavailable, "\(given ?? "--vsock cid=\(o.cid)"): \(why): \(fix)")
 }
 
 /// The vhost-vsock instance of one --vsock, owned (VHOST_SET_OWNER, the CID claimed).
