@@ -370,6 +370,24 @@ def test_bench_net_replay_summarises_a_saved_run_with_the_2_pair_column(tmp_path
     assert out.rstrip().splitlines()[-1].startswith("net: swiftlet/qemu-userspace ratio 1.12, "), out
 
 
+def test_bench_net_replay_prints_interrupts_per_queue(tmp_path):
+    # the -kvm mark lines carry the device's per-queue interrupt counts (irq_qN)
+    kvm = ("bench-net-exits-kvm swiftlet %d %s exits=9000 to_vmm=1000 irq_inj=2500 isr=%d ack=0 "
+           "irq_q0=%d irq_q1=%d irq_q2=0\n")
+    text = BENCH_NET_SAVE.replace("bench-net-exits swiftlet 1 rx 2636\n", "bench-net-exits swiftlet 1 rx 2636\n"
+                                  + kvm % (1, "rx", 1301, 653, 1306) + kvm % (1, "tx", 1796, 1240, 556))
+    text = text.replace("bench-net swiftlet 2 rx 1263 1529 753\n", "bench-net swiftlet 2 rx 1263 1529 753\n"
+                        + kvm % (2, "rx", 1529, 753, 1506) + kvm % (2, "tx", 2451, 2030, 421))
+    r = bench_replay(tmp_path, text)
+    assert r.returncode == 0, r
+    line = [l for l in r.stdout.splitlines() if l.startswith("net: swiftlet InterruptStatus/InterruptACK exits")]
+    assert len(line) == 1, r.stdout
+    # rx: q0 653/653 and 753/753 MiB = 1.0, q1 2.0; tx: q0 1240/248 = 5.0 and 2030/406 = 5.0
+    assert "rx reads/MiB 2.0 (2.0-2.0" in line[0] and ", q0 interrupts/MiB 1.0 (1.0-1.0" in line[0], line[0]
+    assert ", q1 interrupts/MiB 2.0 (2.0-2.0" in line[0] and ", q2 interrupts/MiB 0.0" in line[0], line[0]
+    assert "tx reads/MiB" in line[0] and "q0 interrupts/MiB 5.0 (5.0-5.0" in line[0], line[0]
+
+
 def test_bench_net_replay_of_a_hostile_save_fails_in_one_line(tmp_path):
     # no complete run: one FAILED line and status 1, never a traceback
     for text in ("", "bench-net swiftlet 1 tx x y z\nbench-net-status swiftlet 1 0\n",

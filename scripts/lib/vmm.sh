@@ -111,10 +111,12 @@ vmm_with_marks() {
                 _w=0; while [ ! -s "$_m" ] && [ $_w -lt 20 ]; do sleep 0.05; _w=$((_w + 1)); done
                 _e=$(sed -n 's/.*"kvm_run": \([0-9]*\).*/\1/p' "$_m" 2>/dev/null)
                 _k="$_k $(tr '{' '\n' < "$_m" 2>/dev/null | awk -v d="${MARKS_DEVICE:-}" '
-                    /"name": / { if (d != "" && index($0, "\"name\": \"" d) == 0) next
+                    /"name": / { mine = (d == "" || index($0, "\"name\": \"" d) > 0); if (!mine) next
                         if (match($0, /"interrupt_status_reads": [0-9]+/)) r += substr($0, RSTART + 26, RLENGTH - 26)
                         if (match($0, /"interrupt_acks": [0-9]+/)) a += substr($0, RSTART + 18, RLENGTH - 18) }
-                    END { printf "isr=%d ack=%d", r, a }')"
+                    /^"queue": [0-9]+, / { if (!mine) next; q = substr($0, 10) + 0; if (q > top) top = q
+                        if (match($0, /"interrupts": [0-9]+/)) irq[q] += substr($0, RSTART + 14, RLENGTH - 14) }
+                    END { printf "isr=%d ack=%d", r, a; for (q = 0; q <= top; q++) if (q in irq) printf " irq_q%d=%d", q, irq[q] }')"
             fi
             echo "$_name ${_e:--} $_k" >> "$_marks"
         done
