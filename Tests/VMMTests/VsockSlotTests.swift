@@ -54,6 +54,23 @@ final class VsockSlotTests: XCTestCase {
         s.write(offset: VirtioMMIOReg.status, size: 4, value: 0xF)
     }
 
+    /// Two vsock devices of one VM on one CID: a usage line naming both, before the
+    /// second is opened; another CID opens.
+    func testTwoDevicesOnOneCIDAreRefused() throws {
+        let first = try openVsock(VsockOptions(cid: 7)) { (_: UInt64) throws(VhostOpenError) -> any VhostVsockBackend in RecordingVsockVhost() }
+        let spec = try XCTUnwrap(try parseDevice("vsock,cid=7", kinds: deviceKinds) as? VsockDeviceSpec)
+        XCTAssertThrowsError(try spec.open(earlier: [first])) {
+            XCTAssertEqual(($0 as? SwiftletError)?.status, .usage)
+            XCTAssertEqual(($0 as? SwiftletError)?.message,
+                           "--device vsock,cid=7: guest CID 7 is also --vsock cid=7's: give each vsock device its own CID")
+        }
+        // a different CID gets as far as the kernel (missing here, or opened)
+        let other = VsockDeviceSpec(options: VsockOptions(cid: 8))
+        do { _ = try other.open(earlier: [first]) } catch let e as SwiftletError {
+            XCTAssertEqual(e.status, .hostUnavailable, e.message)
+        }
+    }
+
     func testKernelCallsRaiseTheLineAndResetStopsTheKernel() throws {
         let mem = try GuestMemory(layout: [(base: 0, size: 0x40_0000)])
         let vm = FakeVM()

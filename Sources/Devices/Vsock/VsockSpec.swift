@@ -71,7 +71,12 @@ public struct VsockDeviceSpec: VirtioDeviceSpec {
     public var kind: String { "vsock" }
 
     public func open(earlier: [any VirtioBackend]) throws -> any VirtioBackend {
-        try openVsock(options, given: given) { (cid: UInt64) throws(VhostOpenError) -> any VhostVsockBackend in try VhostVsock(cid: cid) }
+        // Two devices of this VM on one CID: the kernel would call the second one's CID
+        // taken by "another VM"; say what it is instead.
+        if let twin = earlier.compactMap({ $0 as? VsockBackend }).first(where: { $0.options.cid == options.cid }) {
+            throw SwiftletError(.usage, "\(given): guest CID \(options.cid) is also \(twin.given)'s: give each vsock device its own CID")
+        }
+        return try openVsock(options, given: given) { (cid: UInt64) throws(VhostOpenError) -> any VhostVsockBackend in try VhostVsock(cid: cid) }
     }
 }
 
@@ -87,7 +92,7 @@ func openVsock(_ o: VsockOptions, given: String? = nil, open: (UInt64) throws(Vh
         guard f & VirtioFeature.version1 != 0 else {
             throw SwiftletError(.hostUnavailable, "--vsock: \(path) does not offer VIRTIO_F_VERSION_1: use a newer host kernel")
         }
-        return VsockBackend(options: o, vhost: v, features: f)
+        return VsockBackend(options: o, given: given ?? "--vsock cid=\(o.cid)", vhost: v, features: f)
     } catch let e as VhostOpenError {
         switch e {
         case .open(let err) where err == ENOENT || err == ENODEV || err == ENXIO:
@@ -118,11 +123,14 @@ func openVsock(_ o: VsockOptions, given: String? = nil, open: (UInt64) throws(Vh
 /// The vhost-vsock instance of one --vsock, owned (VHOST_SET_OWNER, the CID claimed).
 final class VsockBackend: VirtioBackend {
     let options: VsockOptions
+    /// How the user asked for it ("--vsock cid=3").
+    let given: String
     let vhost: any VhostVsockBackend
     let features: UInt64
 
-    init(options: VsockOptions, vhost: any VhostVsockBackend, features: UInt64) {
+    init(options: VsockOptions, given: String, vhost: any VhostVsockBackend, features: UInt64) {
         self.options = options
+        self.given = given
         self.vhost = vhost
         self.features = features
     }
