@@ -259,7 +259,7 @@ LOST_WALK_TRACE = """# tracer: nop
 
 def lost_evidence(tmp_path, trace, mode="l1"):
     (tmp_path / "trace").write_text(trace)
-    r = subprocess.run(["sh", "-c", '. "$1"; kvm_trace_lost_fetch', "sh", os.path.join(REPO, "scripts", "lib", "vmm.sh")],
+    r = subprocess.run(["sh", "-c", '. "$1"; kvm_trace_lost_paging', "sh", os.path.join(REPO, "scripts", "lib", "vmm.sh")],
                        capture_output=True, text=True, timeout=60,
                        env=dict(os.environ, KVM_TRACING=str(tmp_path), TESTBED_MODE=mode))
     assert r.returncode == 0 and r.stderr == "", r

@@ -218,7 +218,7 @@ kvm_trace_tail() {
     rm -f "$_tr"
 }
 
-# kvm_trace_lost_fetch: prints the evidence when L1's trace shows a guest whose paging
+# kvm_trace_lost_paging: prints the evidence when L1's trace shows a guest whose paging
 # state was lost below its VMM, in one of two ways:
 #   - a vCPU that shut down (a triple fault) while an event was being delivered (a page
 #     fault, a double fault, an interrupt: intr_info valid) at the very kernel address
@@ -229,7 +229,7 @@ kvm_trace_tail() {
 #     devices: its page table root is not its own (a hung guest's stop line shows such a
 #     root directly; QEMU's guests hang the same way and print none).
 # The evidence is those events (at most 2 lines); nothing when there is none.
-kvm_trace_lost_fetch() {
+kvm_trace_lost_paging() {
     [ "${TESTBED_MODE:-}" = l1 ] && [ -r $KVM_TRACING/trace ] || return 0
     grep -v '^#' $KVM_TRACING/trace | awk '
         / kvm_entry: vcpu / { v = $0; sub(/.*kvm_entry: vcpu /, "", v); split(v, a, /[, ]+/)
@@ -248,7 +248,7 @@ kvm_trace_lost_fetch() {
 # again_if_root_lost RUN ARGS...: RUN ARGS (which leave swiftlet's output in $out and its
 # status in $rc), and once more when the guest lost its paging state below swiftlet: a
 # vCPU's page table root outside guest RAM on swiftlet's stop line (a hung guest), or,
-# for a triple fault, L1's trace showing it (kvm_trace_lost_fetch). swiftlet writes CR3 only before the first KVM_RUN, and a guest
+# for a triple fault, L1's trace showing it (kvm_trace_lost_paging). swiftlet writes CR3 only before the first KVM_RUN, and a guest
 # kernel that loaded such a root itself would fault in its own context-switch code, not
 # anywhere else: that state comes from the nested KVM below swiftlet. The repeat is
 # announced by a "testbed:" line (the test suite turns it into a warning) with the lost
@@ -259,7 +259,7 @@ again_if_root_lost() {
     if grep -q 'page table root 0x[0-9a-f]* outside guest RAM' "$out"; then
         echo "testbed: guest page tables lost below swiftlet during ${current:-start-up}; booting it once more:"
         tr -d '\r' < "$out" | grep 'stopped at rip' | sed 's/^/  /'
-    elif grep -q 'guest crashed: triple fault' "$out" && _lf=$(kvm_trace_lost_fetch) && [ -n "$_lf" ]; then
+    elif grep -q 'guest crashed: triple fault' "$out" && _lf=$(kvm_trace_lost_paging) && [ -n "$_lf" ]; then
         echo "testbed: guest faulted at the address it was entered at, below swiftlet, during ${current:-start-up}; booting it once more:"
         tr -d '\r' < "$out" | grep 'guest crashed: triple fault' | sed 's/^/  /'
         printf '%s\n' "$_lf"

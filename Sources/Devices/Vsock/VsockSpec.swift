@@ -66,8 +66,11 @@ public struct VsockDeviceSpec: VirtioDeviceSpec {
     public let given: String
     public init(options: VsockOptions, given: String? = nil) {
         self.options = options
-        self.given = given ?? "--vsock cid=\(options.cid)"
+        self.given = given ?? Self.flagText(options)
     }
+
+    /// "--vsock cid=N": how a device the user gave with --vsock is named in messages.
+    static func flagText(_ o: VsockOptions) -> String { "--vsock cid=\(o.cid)" }
     public var kind: String { "vsock" }
 
     public func open(earlier: [any VirtioBackend]) throws -> any VirtioBackend {
@@ -83,6 +86,7 @@ public struct VsockDeviceSpec: VirtioDeviceSpec {
 /// Opens the vhost-vsock instance of `o` with `open` (VhostVsock in the machine; tests
 /// give a failing one), or throws one SwiftletError (status 69) saying why it cannot work.
 func openVsock(_ o: VsockOptions, given: String? = nil, open: (UInt64) throws(VhostOpenError) -> any VhostVsockBackend) throws -> VsockBackend {
+    let given = given ?? VsockDeviceSpec.flagText(o)
     let path = VhostVsock.path
     let why: String
     let fix: String
@@ -92,7 +96,7 @@ func openVsock(_ o: VsockOptions, given: String? = nil, open: (UInt64) throws(Vh
         guard f & VirtioFeature.version1 != 0 else {
             throw SwiftletError(.hostUnavailable, "--vsock: \(path) does not offer VIRTIO_F_VERSION_1: use a newer host kernel")
         }
-        return VsockBackend(options: o, given: given ?? "--vsock cid=\(o.cid)", vhost: v, features: f)
+        return VsockBackend(options: o, given: given, vhost: v, features: f)
     } catch let e as VhostOpenError {
         switch e {
         case .open(let err) where err == ENOENT || err == ENODEV || err == ENXIO:
@@ -117,7 +121,7 @@ func openVsock(_ o: VsockOptions, given: String? = nil, open: (UInt64) throws(Vh
         why = "\(path): \(error)"
         fix = "check that the vhost_vsock module works"
     }
-    throw SwiftletError(.hostUnavailable, "\(given ?? "--vsock cid=\(o.cid)"): \(why): \(fix)")
+    throw SwiftletError(.hostUnavailable, "\(given): \(why): \(fix)")
 }
 
 /// The vhost-vsock instance of one --vsock, owned (VHOST_SET_OWNER, the CID claimed).
