@@ -5,8 +5,8 @@ crash a new one runs the checks of that session left."""
 import os
 import re
 import sys
-import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -61,18 +61,8 @@ def run_checks_resuming(swiftlet_release, l1_failures=2):
     """Every group of GROUPS in its own testbed, all at once (run_group; at most
     `l1_failures` L1 failures per group). Returns (the first failing group's testbed
     status, else 0; every group's output, in the order of GROUPS)."""
-    results = [None] * len(GROUPS)
-
-    def one(k):
-        try:
-            results[k] = run_group(GROUPS[k], swiftlet_release, l1_failures)
-        except Exception as e:  # reported by the caller's assertions, not lost in a thread
-            results[k] = (1, "run_group failed: %r\n" % e, [])
-    threads = [threading.Thread(target=one, args=(k,)) for k in range(len(GROUPS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(len(GROUPS)) as pool:
+        results = list(pool.map(lambda g: run_group(g, swiftlet_release, l1_failures), GROUPS))
     for _, _, notes in results:
         for n in notes:
             warnings.warn(n)
