@@ -1,4 +1,6 @@
 """Shared helpers for the script and testbed tests."""
+import contextlib
+import fcntl
 import os
 import subprocess
 import sys
@@ -34,17 +36,31 @@ def run_retrying_l1(argv, what, env=None, timeout=900):
     return r
 
 
+@contextlib.contextmanager
+def build_lock():
+    """Holds .build-tests/lock: scripts/test runs two pytest processes at once, and
+    each builds (or finds cached) the images and the release binary through the
+    fixtures below; one at a time, the second finds what the first built."""
+    d = os.path.join(REPO, ".build-tests")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 @pytest.fixture(scope="session")
 def images():
     """The default guest images (built once, cached)."""
-    r = run([os.path.join(GI, "build")])
+    with build_lock():
+        r = run([os.path.join(GI, "build")])
     assert r.returncode == 0, r.stderr
     return os.path.join(GI, "out")
 
 
 @pytest.fixture(scope="session")
 def testbed_image(images):
-    r = run([os.path.join(REPO, "scripts", "testbed-image")])
+    with build_lock():
+        r = run([os.path.join(REPO, "scripts", "testbed-image")])
     assert r.returncode == 0, r.stderr
     return os.path.join(images, "testbed", "static.cpio")
 
@@ -52,6 +68,7 @@ def testbed_image(images):
 @pytest.fixture(scope="session")
 def swiftlet_release():
     """swiftlet's release build (what the testbed ships), built if needed."""
-    r = run([os.path.join(REPO, "scripts", "build-swiftlet")], timeout=1800)
+    with build_lock():
+        r = run([os.path.join(REPO, "scripts", "build-swiftlet")], timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout.strip().splitlines()[-1]

@@ -72,6 +72,24 @@ def test_summary_line_and_status_follow_failures(tmp_path):
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
     assert r.returncode == 0, r.stdout
     assert r.stdout.strip().splitlines()[-1] == "1 passed, 0 failed"
+    # with a tests/test_swiftlet_guest.py, the guest checks run in a pytest process of
+    # their own beside the rest: both counted, and the other's output after the first's
+    (repo / "tests" / "test_swiftlet_guest.py").write_text(
+        "def test_guest_ok(): pass\n"
+        "def test_guest_bad(): assert False\n")
+    r = subprocess.run(["python3", str(repo / "scripts" / "test"), "--no-swift"], cwd=repo,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert r.returncode == 1, r.stdout
+    assert r.stdout.strip().splitlines()[-1] == "2 passed, 1 failed"
+    heads = [l for l in r.stdout.splitlines() if l.startswith("test: == ")]
+    assert heads == ["test: == python3 -m pytest -q tests/test_swiftlet_guest.py ==",
+                     "test: == python3 -m pytest -q tests/ --ignore tests/test_swiftlet_guest.py =="], r.stdout
+    assert r.stdout.index("test_guest_bad") < r.stdout.index(heads[1]), r.stdout
+    (repo / "tests" / "test_swiftlet_guest.py").write_text("def test_guest_ok(): pass\n")
+    r = subprocess.run(["python3", str(repo / "scripts" / "test"), "--no-swift"], cwd=repo,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout
+    assert r.stdout.strip().splitlines()[-1] == "2 passed, 0 failed"
 
 
 def test_one_package_list_shared_by_setup_and_ci():
