@@ -3,6 +3,7 @@ verdict, .ci/run's ThreadSanitizer verdict."""
 import os
 import re
 import subprocess
+import tempfile
 
 from conftest import REPO, run
 
@@ -408,6 +409,38 @@ def test_bench_net_replay_prints_interrupts_per_queue(tmp_path):
     assert "rx reads/MiB 2.0 (2.0-2.0" in line[0] and ", q0 interrupts/MiB 1.0 (1.0-1.0" in line[0], line[0]
     assert ", q1 interrupts/MiB 2.0 (2.0-2.0" in line[0] and ", q2 interrupts/MiB 0.0" in line[0], line[0]
     assert "tx reads/MiB" in line[0] and "q0 interrupts/MiB 5.0 (5.0-5.0" in line[0], line[0]
+
+
+def test_bench_net_replay_tags_a_run_whose_guest_lost_its_paging(tmp_path):
+    # a third swiftlet run that triple-faulted: not counted, and tagged when the inner
+    # script printed bench-lost for it (lib/vmm.sh paging_lost_line); a failed QEMU run
+    # without that line stays untagged
+    text = BENCH_NET_SAVE.replace("bench-net-phase swiftlet-2q\n", (
+        "bench-net-start swiftlet:3\n--- console of swiftlet run 3:\n"
+        "swiftlet: guest crashed: triple fault on vCPU 0 after 11376 ms\nbench-lost swiftlet 3\n"
+        "---\nbench-net-status swiftlet 3 4\nbench-net-start qemu:3\nbench-net-status qemu 3 1\n"
+        "bench-net-phase swiftlet-2q\n"))
+    r = bench_replay(tmp_path, text)
+    assert r.returncode == 0, r
+    line = [l for l in r.stdout.splitlines() if l.startswith("net: failed runs")]
+    assert line == ["net: failed runs (not counted): swiftlet run 3: status 4, 0 of 2 jobs [paging lost below "
+                    "the VMM]; qemu run 3: status 1, 0 of 2 jobs"], r.stdout
+
+
+def test_paging_lost_line_reads_swiftlets_stop_line():
+    # outside the testbed there is no L1 trace: only the console's stop line counts
+    def lost(console):
+        with tempfile.NamedTemporaryFile("w", suffix=".log") as f:
+            f.write(console)
+            f.flush()
+            return subprocess.run(["sh", "-c", '. "$1"; paging_lost_line swiftlet 3 "$2"', "sh",
+                                   os.path.join(REPO, "scripts", "lib", "vmm.sh"), f.name],
+                                  capture_output=True, text=True, timeout=60, env=dict(os.environ, TESTBED_MODE=""))
+    r = lost("swiftlet: guest hung: vCPU 0 stopped at rip 0xffffffff8106a13b with its page table root "
+             "0x10af38000 outside guest RAM\n")
+    assert r.returncode == 0 and r.stdout == "bench-lost swiftlet 3\n", r
+    r = lost("swiftlet: guest crashed: triple fault on vCPU 0 after 11376 ms\n")
+    assert r.returncode == 0 and r.stdout == "", r
 
 
 def test_bench_net_replay_of_a_hostile_save_fails_in_one_line(tmp_path):

@@ -245,6 +245,18 @@ kvm_trace_lost_paging() {
                 print "  " $0; walk = 1 } }' | cut -c1-220
 }
 
+# paging_lost_line VMM RUN CONSOLE: for a failed benchmark run, "bench-lost VMM RUN" when
+# its guest lost its paging state below the VMM (a page table root outside guest RAM on
+# swiftlet's stop line in CONSOLE, or kvm_trace_lost_paging's evidence, shown after it).
+paging_lost_line() {
+    _ev=$(kvm_trace_lost_paging)
+    if grep -q 'page table root 0x[0-9a-f]* outside guest RAM' "$3" 2>/dev/null || [ -n "$_ev" ]; then
+        echo "bench-lost $1 $2"
+        [ -n "$_ev" ] && printf '%s\n' "$_ev"
+    fi
+    return 0
+}
+
 # again_if_root_lost RUN ARGS...: RUN ARGS (which leave swiftlet's output in $out and its
 # status in $rc), and once more when the guest lost its paging state below swiftlet: a
 # vCPU's page table root outside guest RAM on swiftlet's stop line (a hung guest), or,
