@@ -245,15 +245,19 @@ kvm_trace_lost_paging() {
                 print "  " $0; walk = 1 } }' | cut -c1-220
 }
 
-# paging_lost_line VMM RUN CONSOLE: for a failed benchmark run, "bench-lost VMM RUN" when
-# its guest lost its paging state below the VMM (a page table root outside guest RAM on
-# swiftlet's stop line in CONSOLE, or kvm_trace_lost_paging's evidence, shown after it).
-paging_lost_line() {
+# paging_lost CONSOLE: status 0 when a failed run's guest lost its paging state below its
+# VMM: a page table root outside guest RAM on swiftlet's stop line in CONSOLE, or L1's
+# trace showing it (kvm_trace_lost_paging, whose evidence it prints).
+paging_lost() {
     _ev=$(kvm_trace_lost_paging)
-    if grep -q 'page table root 0x[0-9a-f]* outside guest RAM' "$3" 2>/dev/null || [ -n "$_ev" ]; then
-        echo "bench-lost $1 $2"
-        [ -n "$_ev" ] && printf '%s\n' "$_ev"
-    fi
+    [ -n "$_ev" ] && printf '%s\n' "$_ev"
+    [ -n "$_ev" ] || grep -q 'page table root 0x[0-9a-f]* outside guest RAM' "$1" 2>/dev/null
+}
+
+# paging_lost_line VMM RUN CONSOLE: for a failed benchmark run, "bench-lost VMM RUN" and
+# the evidence when paging_lost says so.
+paging_lost_line() {
+    _pl=$(paging_lost "$3") && { echo "bench-lost $1 $2"; [ -z "$_pl" ] || printf '%s\n' "$_pl"; }
     return 0
 }
 
