@@ -30,7 +30,7 @@ def test_l1_streams_output_passes_status_and_sets_paths(testbed_image, tmp_path)
               'test -c /dev/kvm && test -c /dev/net/tun && echo devices-ok; '
               '"$TESTBED_IP" tuntap help 2>&1 | grep -q tap && echo iproute2-ok; '
               'swiftlet --x y; echo to-stderr >&2; '
-              'echo first; sleep 4; echo second; exit 7')
+              'echo first; sleep 4; echo second; seq 1 4000; echo "$(printf "%3000s" | tr " " x)"; exit 7')
     env = dict(os.environ, SWIFTLET_BIN=str(fake))
     p = subprocess.Popen([TESTBED, "--l1", "--timeout", "300", "--", "sh", "-c", script], cwd=REPO,
                          env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -54,7 +54,11 @@ def test_l1_streams_output_passes_status_and_sets_paths(testbed_image, tmp_path)
     assert seen["first"][1] is None
     assert seen["second"][0] - seen["first"][0] > 2.5, out
     assert "@@" not in out and "\r" not in out
-    assert lines[-1] == "second", out
+    # the output a command writes just before it exits is not lost with the console's
+    # hangup when its session ends: all of seq's 4000 lines, and a last line of 3000
+    # bytes written at once (it fits the UART's buffer, so the write returns at once)
+    i = lines.index("second")
+    assert lines[i + 1:] == [str(n) for n in range(1, 4001)] + ["x" * 3000], out[-600:]
 
 
 def test_l1_crash_gives_its_own_status_and_line(testbed_image):
