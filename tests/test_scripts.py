@@ -57,6 +57,10 @@ def test_summary_line_and_status_follow_failures(tmp_path):
     (repo / "tests").mkdir()
     with open(TEST) as f:
         (repo / "scripts" / "test").write_text(f.read())
+
+    def run_test():
+        return subprocess.run(["python3", str(repo / "scripts" / "test"), "--no-swift"], cwd=repo,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
     (repo / "tests" / "test_x.py").write_text(
         "import pytest\n"
         "def test_ok(): pass\n"
@@ -64,13 +68,11 @@ def test_summary_line_and_status_follow_failures(tmp_path):
         "def test_bad(): assert False\n"
         "@pytest.mark.skip(reason='x')\n"
         "def test_skip(): pass\n")
-    r = subprocess.run(["python3", str(repo / "scripts" / "test"), "--no-swift"], cwd=repo,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    r = run_test()
     assert r.returncode == 1, r.stdout
     assert r.stdout.strip().splitlines()[-1] == "2 passed, 1 failed, 1 skipped"
     (repo / "tests" / "test_x.py").write_text("def test_ok(): pass\n")
-    r = subprocess.run(["python3", str(repo / "scripts" / "test"), "--no-swift"], cwd=repo,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    r = run_test()
     assert r.returncode == 0, r.stdout
     assert r.stdout.strip().splitlines()[-1] == "1 passed, 0 failed"
     # with a tests/test_swiftlet_guest.py, the guest checks run in a pytest process of
@@ -78,8 +80,7 @@ def test_summary_line_and_status_follow_failures(tmp_path):
     (repo / "tests" / "test_swiftlet_guest.py").write_text(
         "def test_guest_ok(): pass\n"
         "def test_guest_bad(): assert False\n")
-    r = subprocess.run(["python3", str(repo / "scripts" / "test"), "--no-swift"], cwd=repo,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    r = run_test()
     assert r.returncode == 1, r.stdout
     assert r.stdout.strip().splitlines()[-1] == "2 passed, 1 failed"
     heads = [l for l in r.stdout.splitlines() if l.startswith("test: == ")]
@@ -87,8 +88,7 @@ def test_summary_line_and_status_follow_failures(tmp_path):
                      "test: == python3 -m pytest -q tests/ --ignore tests/test_swiftlet_guest.py =="], r.stdout
     assert r.stdout.index("test_guest_bad") < r.stdout.index(heads[1]), r.stdout
     (repo / "tests" / "test_swiftlet_guest.py").write_text("def test_guest_ok(): pass\n")
-    r = subprocess.run(["python3", str(repo / "scripts" / "test"), "--no-swift"], cwd=repo,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    r = run_test()
     assert r.returncode == 0, r.stdout
     assert r.stdout.strip().splitlines()[-1] == "2 passed, 0 failed"
 
