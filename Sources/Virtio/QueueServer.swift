@@ -72,12 +72,14 @@ public final class QueueServer {
     let stopKind: StaticString
     let log: RateLimitedLog?
     let interruptsOnlyForNewEntries: Bool
+    // Touched per chain by the queue's thread alone: no runtime exclusivity check
+    // (see SplitQueue's indices).
     /// The guest broke the queue: nothing more is served until a reset.
-    public var broken = false
+    @exclusivity(unchecked) public var broken = false
     /// The handler was stopped (quiesce): nothing more is served.
-    public var quiesced = false
+    @exclusivity(unchecked) public var quiesced = false
     /// Used entries staged since the last publish.
-    public private(set) var staged = 0
+    @exclusivity(unchecked) public private(set) var staged = 0
 
     /// - stopKind: the log kind (rate-limited per kind) of the line written when the
     ///   guest breaks the queue.
@@ -130,6 +132,13 @@ public final class QueueServer {
             fail("\(error)")
             return false
         }
+    }
+
+    /// Makes the staged entries visible to the driver without deciding on an interrupt:
+    /// a polling driver takes them at once, and the next `publish` asks about every entry
+    /// made visible since the last one asked (so none is missed).
+    public func makeVisible() {
+        queue.publishUsed()
     }
 
     /// Makes the staged entries visible to the driver and interrupts it if it asked to

@@ -202,6 +202,45 @@ final class NetDeviceTests: XCTestCase {
         XCTAssertEqual(h.bytes(bufs[0] + 12, 1988) + h.bytes(bufs[1], 1012), frame(3000))
     }
 
+    /// A burst of frames read in one pass: every frame lands in its own buffer and is
+    /// counted, the interrupt decision is made once per `signalBatch` used buffers and
+    /// once more when the TAP runs dry, so the last frames are never left unannounced.
+    func testRxBurstAsksForAnInterruptPerBatchAndAtTheEnd() throws {
+        // Without EVENT_IDX (interrupts always wanted): one per 64 buffers, then the rest.
+        let h = try NetHarness(features: NetDeviceTests.noGuestGSO & ~VirtioFeature.eventIdx, queueSize: 256)
+        let bufs = (0..<200).map { _ in h.addRxBuffer(2048) }
+        h.rxHandler.kicked()
+        XCTAssertEqual(h.sink.used, 0)
+        for i in 0..<100 { h.hostSend(frame(60 + i, seed: UInt8(i))) }
+        h.rxHandler.completionsReady()
+        XCTAssertEqual(h.rx().usedIdx, 100)
+        XCTAssertEqual(h.sink.used, 2, "one at 64 buffers, one when the TAP ran dry")
+        for i in [0, 63, 64, 99] {
+            XCTAssertEqual(h.rx().usedElem(i).len, UInt32(12 + 60 + i))
+            XCTAssertEqual(h.bytes(bufs[i] + 12, 60 + i), frame(60 + i, seed: UInt8(i)))
+        }
+        XCTAssertEqual(h.device.stats[0].packets, 100)
+
+        // With EVENT_IDX: a driver that asked to hear of used entry 69 hears of it once,
+        // after the pass, with all 30 frames of the burst visible.
+        let e = try NetHarness(features: NetDeviceTests.noGuestGSO, queueSize: 256)
+        XCTAssertNotEqual(e.features & VirtioFeature.eventIdx, 0)
+        for _ in 0..<200 { e.addRxBuffer(2048) }
+        e.rxHandler.kicked()
+        e.hostSend(frame(60))
+        e.rxHandler.completionsReady()
+        XCTAssertEqual(e.sink.used, 1)
+        try e.mem.store(UInt16(69), at: e.rx().avail + 4 + 2 * 256)   // used_event
+        for i in 0..<70 { e.hostSend(frame(60 + i)) }
+        e.rxHandler.completionsReady()
+        XCTAssertEqual(e.rx().usedIdx, 71)
+        XCTAssertEqual(e.sink.used, 2, "the burst crossing used_event: one interrupt")
+        for i in 0..<30 { e.hostSend(frame(60 + i)) }
+        e.rxHandler.completionsReady()
+        XCTAssertEqual(e.rx().usedIdx, 101)
+        XCTAssertEqual(e.sink.used, 2, "used_event already passed: no interrupt")
+    }
+
     func testNoBuffersStopsPollingTheTapUntilKick() throws {
         let h = try NetHarness(features: NetDeviceTests.noGuestGSO)
         h.hostSend(frame(60))

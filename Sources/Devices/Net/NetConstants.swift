@@ -84,6 +84,9 @@ public enum VirtioNetLimits {
     public static let ctrlQueueSize: UInt16 = 64
     /// Packets served per wake-up of one queue thread.
     public static let budget = 256
+    /// rx: used buffers between two interrupt decisions while frames keep coming
+    /// (vhost-net's VHOST_NET_BATCH); the decision is also made when the TAP runs dry.
+    public static let signalBatch = 64
     /// Largest frame tun hands out with GSO: 64 KiB plus Ethernet and VLAN headers.
     public static let maxGSOFrame = 65536 + 14 + 4
 }

@@ -284,9 +284,75 @@ public final class VirtioNet: HostedVirtioDevice, VirtioStaticConfig {
 
 // MARK: rx
 
+/// A chain popped for a frame and not filled yet: its head, writable length and
+/// descriptor count, and how many of the pending iovecs are its buffers.
+struct RxChain {
+    let head: UInt16
+    let length: UInt32
+    let descriptors: Int
+    let iovecCount: Int
+}
+
+/// The chains popped but not filled yet, oldest first, and their writable buffers as
+/// iovecs in the same order, so the buffers of the first chains are one slice for readv.
+/// Kept across frames: a frame takes the first chains; their entries are dropped by
+/// moving a start index, and the arrays are compacted once the dropped part is large.
+/// Host pointers in the iovecs stay valid while the queue's GuestMemory lives.
+struct RxPending {
+    var chains: [RxChain] = []
+    var chainStart = 0
+    var iovs: [iovec] = []
+    var iovStart = 0
+
+    var count: Int { chains.count - chainStart }
+    var isEmpty: Bool { chainStart == chains.count }
+
+    subscript(i: Int) -> RxChain { chains[chainStart + i] }
+
+    mutating func append(_ chain: DescriptorChain) {
+        let before = iovs.count
+        chain.appendIovecs(writable: true, to: &iovs)
+        chains.append(RxChain(head: chain.head, length: chain.writableLength, descriptors: chain.descriptorCount,
+                              iovecCount: iovs.count - before))
+    }
+
+    /// Drops the first `n` chains (and their iovecs).
+    mutating func removeFirst(_ n: Int) {
+        for i in 0..<n { iovStart += chains[chainStart + i].iovecCount }
+        chainStart += n
+        if chainStart == chains.count {
+            chains.removeAll(keepingCapacity: true)
+            iovs.removeAll(keepingCapacity: true)
+            chainStart = 0
+            iovStart = 0
+        } else if chainStart >= 256 {
+            chains.removeFirst(chainStart)
+            iovs.removeFirst(iovStart)
+            chainStart = 0
+            iovStart = 0
+        }
+    }
+
+    /// Writes `bytes` `offset` bytes into the writable buffers of the first chain (which
+    /// holds them: chains shorter than a virtio-net header are never pending).
+    func writeFirst(_ bytes: UnsafeRawBufferPointer, offset: Int) {
+        var skip = offset, done = 0
+        var i = iovStart
+        while done < bytes.count && i < iovs.count {
+            let v = iovs[i]
+            i += 1
+            if skip >= v.iov_len { skip -= v.iov_len; continue }
+            let n = min(v.iov_len - skip, bytes.count - done)
+            (v.iov_base! + skip).copyMemory(from: bytes.baseAddress! + done, byteCount: n)
+            done += n
+            skip = 0
+        }
+    }
+}
+
 /// One receive queue: TAP -> guest.
 // @unchecked Sendable: made on the activating thread, then used by its queue thread alone
-// (`server`, `pending`, `iovs`, `loggedError`); other threads (the control queue's pairs
+// (`server`, `pending`, `loggedError`); other threads (the control queue's pairs
 // command, teardown) only call watchTap, which changes the epoll set, a kernel object.
 public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
     public let queueIndex: Int
@@ -300,10 +366,9 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
     let log: RateLimitedLog?
     /// Holds the TAP fd (for reading) while the guest has buffers: our completion fd.
     let tapWatch: Epoll
-    /// Chains popped but not filled yet (kept for the next frame).
-    var pending: [DescriptorChain] = []
-    /// The iovecs of the frame being read (kept: no allocation per frame).
-    var iovs: [iovec] = []
+    /// Chains popped but not filled yet (kept for the next frame). `receive` moves it
+    /// into a local while it runs, so the per-frame work touches no class property.
+    var pending = RxPending()
     var loggedError = false
 
     init(index: Int, queue: SplitQueue, fd: Int32, mergeable: Bool, minFrame: Int, interrupt: any VirtioInterruptSink,
@@ -350,14 +415,14 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
     public func quiesce() {
         server.quiesced = true
         watchTap(false)
-        pending = []
+        pending = RxPending()
     }
 
     /// Pops one usable chain into `pending`; false when the ring is empty (or broken).
     /// Chains that cannot hold the header are returned at once, empty, and counted; a
     /// chain of more buffers than one readv takes breaks the device (a frame is one read,
     /// so it cannot be split over several).
-    func popOne() -> Bool {
+    func popOne(_ pending: inout RxPending) -> Bool {
         while let chain = server.pop() {
             if chain.writableLength < UInt32(VirtioNetHeader.size) || chain.readableCount > 0 {
                 stats.drop()
@@ -375,30 +440,33 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
     }
 
     /// How many of the pending chains (the first ones) the next frame may fill, popping
-    /// more as needed: one chain, or with MRG_RXBUF chains adding up to `wanted` bytes,
-    /// the largest frame the TAP may hand out. tun cuts a frame short when the buffers
-    /// given to readv cannot hold it, and a cut GSO frame is lost (the guest drops it as
-    /// truncated and TCP must retransmit ~44 segments), so fewer bytes are read into only
-    /// when the guest cannot give more for this frame: it has handed over its whole ring,
-    /// or a cap is reached (chains per frame, iovecs per read). 0 only when the ring ran
-    /// empty first: then the thread waits for the guest's next rx kick; a Linux guest
-    /// refills its whole ring once it has taken what is used.
-    func gather() -> Int {
-        if !mergeable { return !pending.isEmpty || popOne() ? 1 : 0 }
+    /// more as needed, and how many iovecs they make: one chain, or with MRG_RXBUF chains
+    /// adding up to `wanted` bytes, the largest frame the TAP may hand out. tun cuts a
+    /// frame short when the buffers given to readv cannot hold it, and a cut GSO frame is
+    /// lost (the guest drops it as truncated and TCP must retransmit ~44 segments), so
+    /// fewer bytes are read into only when the guest cannot give more for this frame: it
+    /// has handed over its whole ring, or a cap is reached (chains per frame, iovecs per
+    /// read). 0 chains only when the ring ran empty first: then the thread waits for the
+    /// guest's next rx kick; a Linux guest refills its whole ring once it has taken what
+    /// is used.
+    func gather(_ pending: inout RxPending) -> (chains: Int, iovecs: Int) {
+        if !mergeable {
+            return !pending.isEmpty || popOne(&pending) ? (1, pending[0].iovecCount) : (0, 0)
+        }
         var total = 0, descriptors = 0, iovecs = 0, use = 0
         while total < wanted {
             if use == pending.count {
-                guard use < NetRxQueue.maxChainsPerFrame, popOne() else { break }
+                guard use < NetRxQueue.maxChainsPerFrame, popOne(&pending) else { break }
             }
             let c = pending[use]
-            if iovecs + c.writableCount > GuestMemory.maxIovecsPerCall { return use }
-            total += Int(c.writableLength)
-            descriptors += c.descriptorCount
-            iovecs += c.writableCount
+            if iovecs + c.iovecCount > GuestMemory.maxIovecsPerCall { return (use, iovecs) }
+            total += Int(c.length)
+            descriptors += c.descriptors
+            iovecs += c.iovecCount
             use += 1
         }
-        if total >= wanted || use >= NetRxQueue.maxChainsPerFrame || descriptors >= Int(queue.size) { return use }
-        return 0
+        if total >= wanted || use >= NetRxQueue.maxChainsPerFrame || descriptors >= Int(queue.size) { return (use, iovecs) }
+        return (0, 0)
     }
 
     /// Most chains one frame may fill (num_buffers); 64 of Linux's smallest mergeable
@@ -412,13 +480,17 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
             watchTap(false)
             return
         }
-        var served = 0
+        var p = RxPending()
+        swap(&p, &pending)
         defer {
+            swap(&p, &pending)
             server.publish()
             if broken { watchTap(false) }
         }
+        var served = 0
+        var sinceSignal = 0
         while served < VirtioNetLimits.budget && !broken {
-            let useCount = gather()
+            let (useCount, iovecCount) = gather(&p)
             if broken { return }
             if useCount == 0 {
                 // Out of buffers: sleep on the rx kick, not on the TAP. Buffers that came
@@ -427,9 +499,8 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
                 watchTap(false)
                 return
             }
-            iovs.removeAll(keepingCapacity: true)
-            for c in 0..<useCount { pending[c].appendIovecs(writable: true, to: &iovs) }
-            let n = iovs.withUnsafeBufferPointer { readv(fd, $0.baseAddress, Int32($0.count)) }
+            let start = p.iovStart
+            let n = p.iovs.withUnsafeBufferPointer { readv(fd, $0.baseAddress! + start, Int32(iovecCount)) }
             if n < 0 {
                 let e = errno
                 if e == EINTR { continue }
@@ -440,8 +511,8 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
                     // fails again and again still uses up the guest's buffers, never loops.
                     stats.drop()
                     served += 1
-                    guard server.stage(pending[0].head, length: 0) else { return }
-                    pending.removeFirst()
+                    guard server.stage(p[0].head, length: 0) else { return }
+                    p.removeFirst(1)
                     continue
                 }
                 if !loggedError {
@@ -459,20 +530,27 @@ public final class NetRxQueue: VirtioQueueHandler, @unchecked Sendable {
             var left = n
             var k = 0
             repeat {
-                let len = min(left, Int(pending[k].writableLength))
-                guard server.stage(pending[k].head, length: UInt32(len)) else { return }
+                let len = min(left, Int(p[k].length))
+                guard server.stage(p[k].head, length: UInt32(len)) else { return }
                 left -= len
                 k += 1
             } while left > 0 && k < useCount
             // tun skips num_buffers (it writes 10 header bytes of our 12): fill it in.
             var nb = UInt16(k).littleEndian
-            _ = withUnsafeBytes(of: &nb) { pending[0].writeWritable($0, offset: UInt64(VirtioNetHeader.numBuffersOffset)) }
-            pending.removeFirst(k)
+            withUnsafeBytes(of: &nb) { p.writeFirst($0, offset: VirtioNetHeader.numBuffersOffset) }
+            p.removeFirst(k)
             stats.count(bytes: max(0, n - VirtioNetHeader.size))
-            // Each frame is the guest's as soon as it is written (QEMU and vhost publish
-            // per packet too): its NAPI can take it while the next one is read, and
-            // EVENT_IDX still keeps interrupts to the ones it asked for.
-            server.publish()
+            // Each frame is the guest's as soon as it is written: a polling NAPI takes it
+            // while the next one is read. Whether to interrupt is asked once per
+            // `signalBatch` buffers and when the TAP runs dry (vhost-net's rx batching):
+            // a driver that sleeps hears of a burst once, not once per frame.
+            sinceSignal += k
+            if sinceSignal >= VirtioNetLimits.signalBatch {
+                sinceSignal = 0
+                server.publish()
+            } else {
+                server.makeVisible()
+            }
         }
     }
 }
