@@ -135,6 +135,23 @@ final class NetDeviceTests: XCTestCase {
         XCTAssertEqual(h.device.stats[0].bytes, 100)
     }
 
+    /// num_buffers (header bytes 10-11) lands in the chain's second buffer when the first
+    /// holds only 8 bytes, and in no other chain's buffers.
+    func testNumBuffersSplitAcrossTheChainsBuffers() throws {
+        let h = try NetHarness(features: NetDeviceTests.noGuestGSO)
+        let a = h.alloc(8, fill: 0xEE), b = h.alloc(2000, fill: 0xEE)
+        h.rx().offer(h.rx().chain([(a, 8, true), (b, 2000, true)]))
+        let next = h.addRxBuffer(2000)
+        h.rxHandler.kicked()
+        h.hostSend(frame(100))
+        h.rxHandler.completionsReady()
+        XCTAssertEqual(h.rx().usedIdx, 1)
+        XCTAssertEqual(h.rx().usedElem(0).len, 112)
+        XCTAssertEqual(h.bytes(b + 2, 2), [1, 0])
+        XCTAssertEqual(h.bytes(b + 4, 100), frame(100))
+        XCTAssertEqual(h.bytes(next, 16), [UInt8](repeating: 0xEE, count: 16))
+    }
+
     func testMergeableReceiveSpansSeveralBuffers() throws {
         // Without guest GSO a read waits for buffers worth an MTU-sized frame (1530 bytes
         // with the header): three of 600 here.

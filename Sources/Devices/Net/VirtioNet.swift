@@ -333,12 +333,15 @@ struct RxPending {
         }
     }
 
-    /// Writes `bytes` `offset` bytes into the writable buffers of the first chain (which
-    /// holds them: chains shorter than a virtio-net header are never pending).
+    /// Writes `bytes` `offset` bytes into the writable buffers of the first chain, and
+    /// never past them (chains shorter than a virtio-net header are never pending, so
+    /// the header's bytes are there).
     func writeFirst(_ bytes: UnsafeRawBufferPointer, offset: Int) {
+        guard !isEmpty else { return }
         var skip = offset, done = 0
         var i = iovStart
-        while done < bytes.count && i < iovs.count {
+        let end = iovStart + chains[chainStart].iovecCount
+        while done < bytes.count && i < end {
             let v = iovs[i]
             i += 1
             if skip >= v.iov_len { skip -= v.iov_len; continue }
