@@ -80,3 +80,55 @@ def test_hostile_lines_do_not_confuse_it(tmp_path):
     assert rc == 0 and runs == 2
     assert s.l1_failures == [(None, "crash", 1)]
     assert "a" in s.done and "c" in s.done
+
+
+# measured_swiftlet: what bench and stress ship to the testbed.
+
+def fake_swiftlet(path, version="swiftlet 9.9 (commit abc)"):
+    path.write_text("#!/bin/sh\necho '%s'\n" % version)
+    path.chmod(0o755)
+    return str(path)
+
+
+def measured(tmp_path, monkeypatch, capsys, build=None, bin_env=None):
+    """measured_swiftlet('t') with REPO's scripts/build-swiftlet replaced by `build` (a
+    shell body) and SWIFTLET_BIN set to `bin_env` (or unset): (path or exit status, stdout)."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True, exist_ok=True)
+    if build is not None:
+        b = repo / "scripts" / "build-swiftlet"
+        b.write_text("#!/bin/sh\n" + build + "\n")
+        b.chmod(0o755)
+    monkeypatch.setattr(testbed_session, "REPO", str(repo))
+    if bin_env is None:
+        monkeypatch.delenv("SWIFTLET_BIN", raising=False)
+    else:
+        monkeypatch.setenv("SWIFTLET_BIN", bin_env)
+    try:
+        r = testbed_session.measured_swiftlet("t")
+    except SystemExit as e:
+        r = e.code
+    return r, capsys.readouterr().out
+
+
+def test_measured_swiftlet_builds_this_tree_and_names_the_binary(tmp_path, monkeypatch, capsys):
+    b = fake_swiftlet(tmp_path / "swiftlet")
+    calls = tmp_path / "calls"
+    r, out = measured(tmp_path, monkeypatch, capsys, build="echo built >> %s; echo noise; echo %s" % (calls, b))
+    assert r == b
+    assert calls.read_text() == "built\n"
+    assert os.environ["SWIFTLET_BIN"] == b
+    assert out == "t: measuring swiftlet 9.9 (commit abc) (%s)\n" % b
+
+
+def test_measured_swiftlet_takes_swiftlet_bin_without_building(tmp_path, monkeypatch, capsys):
+    b = fake_swiftlet(tmp_path / "other")
+    r, out = measured(tmp_path, monkeypatch, capsys, build="exit 7", bin_env=b)
+    assert r == b and "measuring swiftlet 9.9" in out
+
+
+def test_measured_swiftlet_failures_are_one_line_and_status_1(tmp_path, monkeypatch, capsys):
+    r, out = measured(tmp_path, monkeypatch, capsys, build="echo 'error: broken' >&2; exit 3")
+    assert r == 1 and out == "t: FAILED scripts/build-swiftlet (status 3)\n"
+    r, out = measured(tmp_path, monkeypatch, capsys, bin_env=str(tmp_path / "missing"))
+    assert r == 1 and out == "t: FAILED no swiftlet binary at %s\n" % (tmp_path / "missing")

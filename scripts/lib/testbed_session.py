@@ -21,6 +21,31 @@ TESTBED = os.path.join(REPO, "scripts", "testbed")
 L1_FAILURES = {121: "crash", 124: "wedge"}
 
 
+def measured_swiftlet(tool):
+    """The swiftlet binary a measurement ships: SWIFTLET_BIN, else the release build of
+    this tree, brought up to date with scripts/build-swiftlet (incremental: about 1 s
+    when nothing changed), so a benchmark never measures a binary older than the
+    sources. Exports it as SWIFTLET_BIN for the testbed, prints one line naming it
+    (`swiftlet --version`: the commit it was built from) and returns its path; on a
+    failed build, one line and exit status 1."""
+    b = os.environ.get("SWIFTLET_BIN")
+    if not b:
+        p = subprocess.run([os.path.join(REPO, "scripts", "build-swiftlet")], capture_output=True, text=True)
+        if p.returncode != 0:
+            sys.stderr.write(p.stdout[-3000:] + p.stderr[-3000:])
+            print("%s: FAILED scripts/build-swiftlet (status %d)" % (tool, p.returncode))
+            sys.exit(1)
+        b = p.stdout.strip().splitlines()[-1]
+    if not os.access(b, os.X_OK):
+        print("%s: FAILED no swiftlet binary at %s" % (tool, b))
+        sys.exit(1)
+    os.environ["SWIFTLET_BIN"] = os.path.abspath(b)
+    v = subprocess.run([b, "--version"], capture_output=True, text=True).stdout.strip()
+    print("%s: measuring %s (%s)" % (tool, v or "swiftlet of unknown version", os.path.abspath(b)))
+    sys.stdout.flush()
+    return os.path.abspath(b)
+
+
 class Session:
     def __init__(self, items, argv_for, start_re, done_re, max_l1_failures=3,
                  idle_timeout=240, timeout_for=lambda n: 600 + 120 * n, retry_item=False,
