@@ -1,5 +1,7 @@
 """scripts/test's counting, scripts/deps as the one package list, the stress console
 verdict, .ci/run's ThreadSanitizer verdict."""
+import importlib.machinery
+import importlib.util
 import os
 import re
 import subprocess
@@ -527,3 +529,53 @@ def test_ci_runs_tsan_on_real_test_targets_into_an_ignored_scratch_path():
     assert "-sanitize=fuzzer,address" in src
     for d in (".build-tsan/x", ".build-fuzz/x"):
         assert subprocess.run(["git", "check-ignore", "-q", d], cwd=REPO).returncode == 0, d
+
+
+# scripts/bench boot --exits: bench-boot-inner's histogram lines (the format L1's
+# hist triggers print, as captured from a testbed run) summed per kind and place
+BENCH_EXITS_LINES = """bench-exits swiftlet msr { ecx: 6e0, write:          1 } hitcount:        479
+bench-exits swiftlet msr { ecx: 80b, write:          1 } hitcount:         13
+bench-exits swiftlet msr { ecx: c0010010, write:          0 } hitcount:          3
+bench-exits swiftlet cpuid { function: 80000000 } hitcount:        220
+bench-exits swiftlet cpuid { function: 4000f300 } hitcount:          1
+bench-exits swiftlet pio { rw:          1, port: 3f8 } hitcount:        208
+bench-exits swiftlet pio { rw:          0, port: cfc } hitcount:         85
+bench-exits swiftlet mmio { type:          2, gpa: fec00000 } hitcount:        263
+bench-exits swiftlet mmio { type:          1, gpa: fec00010 } hitcount:        153
+bench-exits qemu msr { ecx: 6e0, write:          1 } hitcount:        659
+bench-exits qemu msr { ecx: 6e0, write:          1 } hitcount:          1
+bench-exits qemu cpuid { function: 80000000 } hitcount:        226
+bench-exits qemu mmio { type:          0, gpa: fec00010 } hitcount:        156
+bench-exits qemu mmio { type:          2, gpa: fec00000 } hitcount:        273
+bench-exits qemu pio { rw:          1, port: 3f8 } hitcount:        400
+bench-exits qemu tlb { gpa: 1 } hitcount: 5
+bench-exits qemu msr {} hitcount: x
+bench-exits nobody msr { ecx: 6e0, write: 1 } hitcount: 9
+"""
+
+
+def load_bench():
+    loader = importlib.machinery.SourceFileLoader("bench", os.path.join(REPO, "scripts", "bench"))
+    spec = importlib.util.spec_from_loader("bench", loader)
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    return mod
+
+
+def test_bench_boot_exits_by_place_sums_each_vmms_histograms():
+    lines = load_bench().exits_by_place(BENCH_EXITS_LINES.splitlines(), top=2)
+    assert lines == [
+        "boot: msr exits by place, one boot each: swiftlet 495, qemu-microvm 660; write 0x6e0 479 / 660; write 0x80b 13 / 0",
+        "boot: cpuid exits by place, one boot each: swiftlet 221, qemu-microvm 226; leaf 0x80000000 220 / 226; "
+        "leaf 0x4000f300 1 / 0",
+        "boot: pio exits by place, one boot each: swiftlet 293, qemu-microvm 400; out 0x3f8 208 / 400; in 0xcfc 85 / 0",
+        "boot: mmio exits by place, one boot each: swiftlet 416, qemu-microvm 429; write 0xfec00000 263 / 273; "
+        "unsatisfied read 0xfec00010 0 / 156",
+    ], lines
+    assert load_bench().exits_by_place(["bench-exits swiftlet msr garbage", ""]) == []
+
+
+def test_bench_exits_is_a_boot_option():
+    for args in (["blk", "--exits"], ["net", "--exits"], ["boot", "--exits", "--exits-too"]):
+        r = subprocess.run([os.path.join(REPO, "scripts", "bench")] + args, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 64 and r.stderr.startswith("bench: usage:"), (args, r)
