@@ -82,48 +82,77 @@ enum Outcome {
     }
 }
 
-/// KVM's CPUID and MSR lists for the vCPUs. KVM_GET_SUPPORTED_CPUID executes CPUID for
-/// every leaf, and on a nested or PVM host each CPUID is an exit to the hypervisor below
-/// (about 1 ms in all on this project's machines), so `fetchInBackground` asks for both
-/// on a thread of their own while the main thread loads the kernel and builds the VM.
-/// Anything that fails there is asked again, on the main thread, where errors are reported.
-final class HostCPULists: Sendable {
-    private final class Fetched: Sendable {
-        let lists = Locked<(cpuid: [CPUIDEntry], msrs: [UInt32])?>(nil)
+/// The KVM work every start needs whatever its configuration: /dev/kvm opened, the VM
+/// created, and KVM's CPUID and MSR lists for the vCPUs. On a nested or PVM host
+/// KVM_CREATE_VM takes 0.4 to 1.3 ms (it switches static keys, which patches kernel text
+/// on every CPU) and KVM_GET_SUPPORTED_CPUID about 1 ms (every CPUID it executes is an
+/// exit to the hypervisor below), so `start()` does all of it on a thread of its own,
+/// from the first line of `main`, while the main thread parses the command line and
+/// loads the kernel. Whatever failed there is done again on the main thread, where its
+/// error is reported; a VM made for a start that stops early (--help, a usage error, a
+/// bad kernel) is closed with the process.
+public final class KVMPrefetch: Sendable {
+    private struct Fetched: Sendable {
+        var kvm: Hypervisor?
+        var vm: VirtualMachine?
+        var lists: (cpuid: [CPUIDEntry], msrs: [UInt32])?
     }
-    private let fetched: Fetched
+    private final class Box: Sendable {
+        let fetched = Locked(Fetched())
+    }
+    private let box = Box()
     private let thread: OSThread?
 
-    /// background false: no thread, `lists` asks KVM on the calling thread.
-    init(background: Bool = false) {
-        let fetched = Fetched()
-        self.fetched = fetched
-        thread = !background ? nil : try? spawnThread(name: "cpuid") {
-            guard access("/dev/kvm", F_OK) == 0, let kvm = try? Hypervisor(),
-                  let cpuid = try? kvm.supportedCPUID(), let msrs = try? kvm.msrIndexList() else { return }
-            fetched.lists.withLock { $0 = (cpuid, msrs) }
+    /// background false: no thread; everything is asked of KVM on the calling thread.
+    init(background: Bool) {
+        let box = self.box
+        thread = !background ? nil : try? spawnThread(name: "kvm-prefetch") {
+            guard access("/dev/kvm", F_OK) == 0, let kvm = try? Hypervisor() else { return }
+            box.fetched.withLock { $0.kvm = kvm }
+            if let vm = try? kvm.createVM() { box.fetched.withLock { $0.vm = vm } }
+            if let cpuid = try? kvm.supportedCPUID(), let msrs = try? kvm.msrIndexList() {
+                box.fetched.withLock { $0.lists = (cpuid, msrs) }
+            }
         }
     }
 
-    static func fetchInBackground() -> HostCPULists { HostCPULists(background: true) }
+    /// Starts the background work.
+    public static func start() -> KVMPrefetch { KVMPrefetch(background: true) }
 
-    /// Waits for the background fetch (if any). Idempotent.
+    /// Waits for the background work (if any). Idempotent.
     func join() { thread?.join() }
 
-    /// The lists: from the background fetch if it worked, otherwise from `kvm` now.
+    /// /dev/kvm as the background thread opened it, nil if it could not.
+    func hypervisor() -> Hypervisor? {
+        join()
+        return box.fetched.withLock { $0.kvm }
+    }
+
+    /// The VM the background thread created on `kvm`, handed out once; otherwise a new one.
+    func createVM(_ kvm: Hypervisor) throws -> VirtualMachine {
+        join()
+        let vm = box.fetched.withLock { f -> VirtualMachine? in
+            defer { f.vm = nil }
+            return f.vm.flatMap { $0.hypervisor === kvm ? $0 : nil }
+        }
+        return try vm ?? kvm.createVM()
+    }
+
+    /// The CPUID and MSR lists: from the background thread if it got them, otherwise from `kvm` now.
     func lists(_ kvm: Hypervisor) throws -> (cpuid: [CPUIDEntry], msrs: [UInt32]) {
         join()
-        if let f = fetched.lists.withLock({ $0 }) { return f }
+        if let f = box.fetched.withLock({ $0.lists }) { return f }
         return (try kvm.supportedCPUID(), try kvm.msrIndexList())
     }
 }
 
 /// Runs the VM described by `config` to its end. Returns the exit status; throws
 /// `SwiftletError` for anything that stops it from starting.
-public func run(_ config: MachineConfig) throws -> Int32 {
+/// `prefetch`: the KVM work started before the command line was parsed (started here if nil).
+public func run(_ config: MachineConfig, prefetch: KVMPrefetch? = nil) throws -> Int32 {
     try validate(config)
-    let hostCPU = HostCPULists.fetchInBackground()
-    defer { hostCPU.join() }
+    let prefetch = prefetch ?? KVMPrefetch.start()
+    defer { prefetch.join() }
     // Inputs first: a bad kernel or initrd is reported the same on every host.
     let memory: GuestMemory
     do {
@@ -160,7 +189,11 @@ public func run(_ config: MachineConfig) throws -> Int32 {
     let kvm: Hypervisor
     switch host {
     case .usable, .pvmHost:
-        do { kvm = try Hypervisor() } catch { throw SwiftletError(.hostUnavailable, "\(error)") }
+        if let k = prefetch.hypervisor() {
+            kvm = k
+        } else {
+            do { kvm = try Hypervisor() } catch { throw SwiftletError(.hostUnavailable, "\(error)") }
+        }
     default:
         throw SwiftletError(.hostUnavailable, host.message)
     }
@@ -180,7 +213,7 @@ public func run(_ config: MachineConfig) throws -> Int32 {
         let e = Seccomp.installViolationHandler()
         if e != 0 { throw SwiftletError(.runtimeError, "seccomp: cannot install the SIGSYS handler: \(errnoText(e))") }
     }
-    let machine = try Machine(config: config, kvm: kvm, memory: memory, boot: boot, devices: devices, hostCPU: hostCPU)
+    let machine = try Machine(config: config, kvm: kvm, memory: memory, boot: boot, devices: devices, prefetch: prefetch)
     return machine.run()
 }
 
@@ -257,7 +290,7 @@ final class Machine: @unchecked Sendable {
     #endif
 
     init(config: MachineConfig, kvm: Hypervisor, memory: GuestMemory, boot: BootCPUState, devices: [OpenedDevice],
-         hostCPU: HostCPULists? = nil) throws {
+         prefetch: KVMPrefetch? = nil) throws {
         self.config = config
         debugExits = config.logLevel >= .debug
         self.memory = memory
@@ -277,7 +310,7 @@ final class Machine: @unchecked Sendable {
         console = try ConsoleOutput(mode: config.serial)
 
         phase("KVM opened")
-        vm = try kvm.createVM()
+        vm = try (prefetch ?? KVMPrefetch(background: false)).createVM(kvm)
         // RAM before the irqchip: once the irqchip exists, installing a memory slot waits
         // for an SRCU grace period that `scripts/bench startup` shows as milliseconds.
         _ = try vm.registerMemory(memory)
@@ -322,7 +355,7 @@ final class Machine: @unchecked Sendable {
         // vCPUs: CPUID and MSRs from KVM's own lists, FPU, LAPIC LINT0/1; the boot vCPU
         // enters the kernel's 64-bit entry point, the others wait for INIT/SIPI.
         phase("devices wired")
-        let (cpuid, msrs) = try (hostCPU ?? HostCPULists()).lists(kvm)
+        let (cpuid, msrs) = try (prefetch ?? KVMPrefetch(background: false)).lists(kvm)
         let tscDeadline = kvm.has(.tscDeadlineTimer)
         for id in 0..<config.cpus {
             let v = try vm.createVCPU(id: UInt32(id))

@@ -11,6 +11,8 @@ var earlySignals = sigset_t()
 sigemptyset(&earlySignals)
 sigaddset(&earlySignals, SIGUSR1)
 pthread_sigmask(SIG_BLOCK, &earlySignals, nil)
+// /dev/kvm, the VM and KVM's CPU lists, on a thread of their own while the arguments are parsed.
+let prefetch = KVMPrefetch.start()
 
 struct Swiftlet: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -182,7 +184,7 @@ do {
         throw SwiftletError(.usage, "--seccomp '\(command.seccomp)' is not valid: use on, log or off")
     }
     config.seccomp = sc
-    let outcome = try VMM.run(config)
+    let outcome = try VMM.run(config, prefetch: prefetch)
     exit(outcome)
 } catch let e as SwiftletError {
     fail(e.status.rawValue, e.message)
