@@ -103,10 +103,10 @@ public final class KVMPrefetch: Sendable {
     private let box = Box()
     private let thread: OSThread?
 
-    /// background false: no thread; everything is asked of KVM on the calling thread.
-    init(background: Bool) {
+    private init() {
         let box = self.box
-        thread = !background ? nil : try? spawnThread(name: "kvm-prefetch") {
+        // No thread (pthread_create failed): everything is asked of KVM on the main thread.
+        thread = try? spawnThread(name: "kvm-prefetch") {
             guard access("/dev/kvm", F_OK) == 0, let kvm = try? Hypervisor() else { return }
             box.fetched.withLock { $0.kvm = kvm }
             if let vm = try? kvm.createVM() { box.fetched.withLock { $0.vm = vm } }
@@ -117,7 +117,7 @@ public final class KVMPrefetch: Sendable {
     }
 
     /// Starts the background work.
-    public static func start() -> KVMPrefetch { KVMPrefetch(background: true) }
+    public static func start() -> KVMPrefetch { KVMPrefetch() }
 
     /// Waits for the background work (if any). Idempotent.
     func join() { thread?.join() }
@@ -290,7 +290,7 @@ final class Machine: @unchecked Sendable {
     #endif
 
     init(config: MachineConfig, kvm: Hypervisor, memory: GuestMemory, boot: BootCPUState, devices: [OpenedDevice],
-         prefetch: KVMPrefetch? = nil) throws {
+         prefetch: KVMPrefetch) throws {
         self.config = config
         debugExits = config.logLevel >= .debug
         self.memory = memory
@@ -310,7 +310,7 @@ final class Machine: @unchecked Sendable {
         console = try ConsoleOutput(mode: config.serial)
 
         phase("KVM opened")
-        vm = try (prefetch ?? KVMPrefetch(background: false)).createVM(kvm)
+        vm = try prefetch.createVM(kvm)
         // RAM before the irqchip: once the irqchip exists, installing a memory slot waits
         // for an SRCU grace period that `scripts/bench startup` shows as milliseconds.
         _ = try vm.registerMemory(memory)
@@ -355,7 +355,7 @@ final class Machine: @unchecked Sendable {
         // vCPUs: CPUID and MSRs from KVM's own lists, FPU, LAPIC LINT0/1; the boot vCPU
         // enters the kernel's 64-bit entry point, the others wait for INIT/SIPI.
         phase("devices wired")
-        let (cpuid, msrs) = try (prefetch ?? KVMPrefetch(background: false)).lists(kvm)
+        let (cpuid, msrs) = try prefetch.lists(kvm)
         let tscDeadline = kvm.has(.tscDeadlineTimer)
         for id in 0..<config.cpus {
             let v = try vm.createVCPU(id: UInt32(id))
