@@ -961,3 +961,29 @@ def test_config_file_runs_the_guest(swiftlet, tmp_path):
     assert r.returncode == 7, r.stderr
     assert r.stdout == "K\n"
     assert json.loads(metrics.read_text())["exit"] == {"status": 7, "by": "guest", "reason": "exit-register"}
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["-h"], ["--generate-completion-script", "bash"],
+                                  ["--kernel", "K", "--print-config"]])
+def test_text_only_commands_leave_kvm_alone(swiftlet, args):
+    """A command line that only asks for text opens no /dev/kvm (no VM made for nothing)."""
+    if not shutil.which("strace"):
+        pytest.fail("strace is missing: scripts/deps --install")
+    r = run(["strace", "-f", "-e", "trace=openat,open", swiftlet, *args], timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "/dev/kvm" not in r.stderr, [l for l in r.stderr.splitlines() if "/dev/kvm" in l]
+
+
+
+def test_a_run_opens_kvm_once(swiftlet, tmp_path):
+    """The control for the test above (strace sees swiftlet open /dev/kvm when it runs a
+    VM), and the device is opened once: by the prefetch thread, not again by the host check."""
+    if not os.path.exists("/dev/kvm"):
+        pytest.fail("no /dev/kvm on this host")
+    tiny = str(tmp_path / "tiny.elf")
+    subprocess.run([sys.executable, os.path.join(REPO, "scripts", "lib", "tinyguest.py"), tiny], check=True)
+    r = run(["strace", "-f", "-e", "trace=openat,open", swiftlet, "--kernel", tiny, "--memory", "128M",
+             "--serial", "none"], env={"SWIFTLET_ALLOW_PVM": "1"}, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    opens = [l for l in r.stderr.splitlines() if '"/dev/kvm"' in l]
+    assert len(opens) == 1, opens

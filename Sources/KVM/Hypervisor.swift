@@ -198,7 +198,10 @@ public enum HostStatus: Equatable, Sendable {
 
 public enum HostCheck {
     /// Checks, in order: the device exists, it opens O_RDWR, the host is not PVM.
-    public static func classify(device: String = "/dev/kvm", pvmMarker: String = "/sys/module/kvm_pvm") -> HostStatus {
+    /// `opened`: the device was already opened O_RDWR (a `Hypervisor` exists): only PVM is checked.
+    public static func classify(device: String = "/dev/kvm", pvmMarker: String = "/sys/module/kvm_pvm",
+                                opened: Bool = false) -> HostStatus {
+        if opened { return access(pvmMarker, F_OK) == 0 ? .pvmHost : .usable }
         var st = stat()
         if stat(device, &st) != 0 {
             let e = errno

@@ -185,11 +185,12 @@ public func run(_ config: MachineConfig, prefetch: KVMPrefetch? = nil) throws ->
 
     // The vCPU limit is checked before refusing a PVM host, so that a bad --cpus is a
     // usage error everywhere.
-    let host = HostCheck.classify()
+    let fetched = prefetch.hypervisor()
+    let host = HostCheck.classify(opened: fetched != nil)
     let kvm: Hypervisor
     switch host {
     case .usable, .pvmHost:
-        if let k = prefetch.hypervisor() {
+        if let k = fetched {
             kvm = k
         } else {
             do { kvm = try Hypervisor() } catch { throw SwiftletError(.hostUnavailable, "\(error)") }

@@ -11,8 +11,15 @@ var earlySignals = sigset_t()
 sigemptyset(&earlySignals)
 sigaddset(&earlySignals, SIGUSR1)
 pthread_sigmask(SIG_BLOCK, &earlySignals, nil)
-// /dev/kvm, the VM and KVM's CPU lists, on a thread of their own while the arguments are parsed.
-let prefetch = KVMPrefetch.start()
+// /dev/kvm, the VM and KVM's CPU lists, on a thread of their own while the arguments are
+// parsed; not for a command line that only asks for text (help, version, the effective
+// configuration, a completion script), which must not touch /dev/kvm.
+let prefetch: KVMPrefetch? = CommandLine.arguments.dropFirst().contains(where: asksOnlyForText) ? nil : KVMPrefetch.start()
+
+func asksOnlyForText(_ argument: String) -> Bool {
+    ["--help", "-h", "--version", "--print-config", "--experimental-dump-help"].contains(argument)
+        || argument.hasPrefix("--generate-completion-script")
+}
 
 struct Swiftlet: ParsableCommand {
     static let configuration = CommandConfiguration(

@@ -334,6 +334,13 @@ final class HostCheckTests: XCTestCase {
         XCTAssertEqual(HostCheck.classify(pvmMarker: "/nonexistent/kvm_pvm"), .usable)
     }
 
+    /// With the device already open (the KVM prefetch thread's Hypervisor), only the PVM
+    /// marker is looked at: the device path is not opened again.
+    func testAlreadyOpened() {
+        XCTAssertEqual(HostCheck.classify(device: "/nonexistent/kvm", pvmMarker: "/nonexistent/kvm_pvm", opened: true), .usable)
+        XCTAssertEqual(HostCheck.classify(device: "/nonexistent/kvm", pvmMarker: "/proc/self", opened: true), .pvmHost)
+    }
+
     func testErrorsAreOneClearLine() throws {
         XCTAssertThrowsError(try Hypervisor(path: "/nonexistent/kvm")) { e in
             XCTAssertEqual("\(e)", "cannot open /nonexistent/kvm: No such file or directory")
