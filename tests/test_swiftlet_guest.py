@@ -25,7 +25,8 @@ CHECKS = ["metrics-json", "one-cpu-cmdline-initrd", "boot-marker", "boot-no-kern
           "net-iperf-host-to-guest", "net-offload-off", "net-ethtool-L", "net-mq-traffic-both-queues", "net-jumbo-mtu",
           "net-vhost-ping", "net-vhost-jumbo-mtu", "net-driver-reload", "net-vhost-iperf-guest-to-host",
           "net-vhost-iperf-host-to-guest", "net-vhost-offload-off", "net-vhost-ethtool-L",
-          "net-vhost-mq-traffic-both-queues", "virtio-irq-edge-ack-in-kvm", "virtio-irq-line-ack-exits"]
+          "net-vhost-mq-traffic-both-queues", "virtio-irq-edge-ack-in-kvm", "virtio-irq-line-ack-exits",
+          "virtio-registers-exit"]
 
 
 # The checks run in two testbeds at once, the network ones in the second: most checks

@@ -18,6 +18,7 @@ public struct Capability: Hashable, Sendable, CustomStringConvertible {
     public static let pit2 = Capability("KVM_CAP_PIT2", KVM_CAP_PIT2)
     public static let pitState2 = Capability("KVM_CAP_PIT_STATE2", KVM_CAP_PIT_STATE2)
     public static let irqfd = Capability("KVM_CAP_IRQFD", KVM_CAP_IRQFD)
+    public static let readonlyMem = Capability("KVM_CAP_READONLY_MEM", KVM_CAP_READONLY_MEM)
     public static let irqfdResample = Capability("KVM_CAP_IRQFD_RESAMPLE", KVM_CAP_IRQFD_RESAMPLE)
     public static let ioeventfd = Capability("KVM_CAP_IOEVENTFD", KVM_CAP_IOEVENTFD)
     public static let extCPUID = Capability("KVM_CAP_EXT_CPUID", KVM_CAP_EXT_CPUID)

@@ -73,6 +73,34 @@ public final class VirtualMachine: Sendable {
         try check(clinux_ioctl_ptr(fd, clinux_KVM_SET_USER_MEMORY_REGION(), &r), "KVM_SET_USER_MEMORY_REGION")
     }
 
+    /// The first slot `mapReadOnly` hands out (guest RAM takes the slots from 0).
+    public static let firstReadOnlySlot: UInt32 = 256
+    private let nextReadOnlySlot = Locked<UInt32>(VirtualMachine.firstReadOnlySlot)
+
+    /// Maps `size` bytes at `host` (page aligned, kept mapped by the caller until `unmap`)
+    /// read-only at `guestBase` (KVM_MEM_READONLY): guest reads come from that memory
+    /// without an exit, guest writes exit as MMIO (or reach an ioeventfd there). Returns
+    /// the slot. Throws when KVM has no read-only memory or refuses the slot.
+    /// `owner`, if given, is kept alive as long as the VM (the memory's owner: KVM must
+    /// never see it freed while the slot exists).
+    public func mapReadOnly(host: UnsafeMutableRawPointer, guestBase: UInt64, size: UInt64,
+                            owner: (any AnyObject & Sendable)? = nil) throws -> UInt32 {
+        guard checkExtension(.readonlyMem) > 0 else { throw KVMError.missingCapabilities([Capability.readonlyMem.name]) }
+        let slot = try nextReadOnlySlot.withLock { next in
+            try setUserMemoryRegion(slot: next, guestBase: guestBase, size: size, host: host, flags: UInt32(KVM_MEM_READONLY))
+            defer { next += 1 }
+            return next
+        }
+        if let owner { keepAliveOwners.withLock { $0.append(owner) } }
+        return slot
+    }
+    private let keepAliveOwners = Locked<[any AnyObject & Sendable]>([])
+
+    /// Deletes a slot `mapReadOnly` made.
+    public func unmap(slot: UInt32, guestBase: UInt64) throws {
+        try setUserMemoryRegion(slot: slot, guestBase: guestBase, size: 0, host: nil, flags: UInt32(KVM_MEM_READONLY))
+    }
+
     /// Registers every region of `memory` as consecutive slots from `firstSlot`; returns the slots.
     /// The VM keeps `memory` alive.
     @discardableResult

@@ -59,7 +59,9 @@ public enum VirtioInterruptMode: Equatable, Sendable {
     /// thread sets an InterruptStatus bit (one edge until the driver's next InterruptStatus
     /// read lowers it), and the driver's InterruptACK of 0-3 is caught by ioeventfds and
     /// applied at its next InterruptStatus read, so an interrupt costs the guest one exit
-    /// to swiftlet (the read). The default.
+    /// to swiftlet (the read). With the register page (the default) the read is a read of
+    /// memory, each edge is raised and lowered at once, and the next signal takes the
+    /// ACKs: no exit to swiftlet. The default.
     case edge
 
     public static func parse(_ s: String) throws -> VirtioInterruptMode {
@@ -118,6 +120,8 @@ public struct MachineConfig {
     public var kernelCacheDir: String? = nil
     /// --virtio-irq: how virtio interrupt lines are driven.
     public var virtioInterrupts: VirtioInterruptMode = .edge
+    /// Where the guest's reads of the virtio-mmio windows go (SWIFTLET_VIRTIO_REGISTERS).
+    public var virtioRegisters: VirtioRegisterMode = .fromEnvironment
     /// --metrics: "-" (stderr) or a file, written at exit and on SIGUSR1.
     public var metricsPath: String? = nil
     /// --timeout: nanoseconds after swiftlet's start (`startNanos`) at which a guest still

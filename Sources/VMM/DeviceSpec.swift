@@ -62,6 +62,7 @@ public func openDevices(_ specs: [any VirtioDeviceSpec]) throws -> [OpenedDevice
 /// returned slot after the vCPU threads have been joined. Returns each slot's metrics.
 func attachDevices(_ devices: [OpenedDevice], vm: any VirtioVM, memory: GuestMemory,
                    mmio: inout RangeMap<MMIODevice>, interrupts: VirtioInterruptMode = .line,
+                   registers: VirtioRegisterMode = .exit,
                    log: LogSink? = nil) throws -> [(slot: VirtioMMIOSlot, metrics: @Sendable () -> String)] {
     var metrics: [@Sendable () -> String] = []
     let slots = try attachSlots(count: devices.count, mmio: &mmio) { i in
@@ -70,7 +71,7 @@ func attachDevices(_ devices: [OpenedDevice], vm: any VirtioVM, memory: GuestMem
         let built = try d.backend.makeDevice(name: d.name, ordinal: d.ordinal, log: deviceLog)
         metrics.append(built.metrics)
         return try VirtioMMIOSlot(vm: vm, memory: memory, device: built.device, index: i, name: d.name,
-                                  interrupts: interrupts, log: deviceLog)
+                                  interrupts: interrupts, registers: registers, log: deviceLog)
     }
     return Array(zip(slots, metrics)).map { (slot: $0.0, metrics: $0.1) }
 }

@@ -254,9 +254,9 @@ extension VirtioMMIOSlot {
     /// X86Layout), with queue threads named "\(name)-qN".
     public static func block(_ disk: OpenDisk, index: Int, name: String, vm: any VirtioVM, memory: GuestMemory,
                              engine: BlockEngine? = nil, interrupts: VirtioInterruptMode = .line,
-                             log: LogSink? = nil) throws -> VirtioMMIOSlot {
+                             registers: VirtioRegisterMode = .exit, log: LogSink? = nil) throws -> VirtioMMIOSlot {
         let deviceLog = log.map { RateLimitedLog(name: name, sink: $0) }
         return try VirtioMMIOSlot(vm: vm, memory: memory, device: disk.makeDevice(name: name, engine: engine, log: deviceLog),
-                                  index: index, name: name, interrupts: interrupts, log: deviceLog)
+                                  index: index, name: name, interrupts: interrupts, registers: registers, log: deviceLog)
     }
 }

@@ -348,7 +348,8 @@ final class Machine: @unchecked Sendable {
         }
         let deviceLog = logSink(level: config.logLevel)
         let attached = try attachDevices(devices, vm: vm, memory: memory, mmio: &mmio,
-                                         interrupts: config.virtioInterrupts, log: deviceLog)
+                                         interrupts: config.virtioInterrupts, registers: config.virtioRegisters,
+                                         log: deviceLog)
         slots = attached.map(\.slot)
         (mmio, windows) = Machine.countingWindows(
             mmio, metrics: Dictionary(uniqueKeysWithValues: attached.map { (ObjectIdentifier($0.slot), $0.metrics) }))

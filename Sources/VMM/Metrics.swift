@@ -96,7 +96,8 @@ extension Machine {
                 + "\"interrupt_acks_in_kvm\": \(w.slot.acks?.caught.load(ordering: .relaxed) ?? 0), "
                 + "\"notify_exits\": \(w.notifyExits.load(ordering: .relaxed)), "
                 + "\"interrupts_raised\": \(w.slot.transport.interruptsRaised.load(ordering: .relaxed)), "
-                + "\"interrupts_coalesced\": \(w.slot.transport.interruptsCoalesced.load(ordering: .relaxed)), \(w.deviceJSON())}"
+                + "\"interrupts_coalesced\": \(w.slot.transport.interruptsCoalesced.load(ordering: .relaxed)), "
+                + "\"register_page\": \(w.slot.readsWithoutExit), \(w.deviceJSON())}"
         }
         return "{\"exits\": {\"kvm_run\": \(e.runs.load(ordering: .relaxed)), \"pio\": \(e.pio.load(ordering: .relaxed)), "
             + "\"mmio\": \(e.mmio.load(ordering: .relaxed)), \"other\": \(e.other.load(ordering: .relaxed))}, "

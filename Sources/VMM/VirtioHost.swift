@@ -28,7 +28,10 @@
 // queue thread makes one ioctl per interrupt; `AckIoeventfds` registers an ioeventfd per InterruptACK
 // value 0-3 (4 bytes, datamatch), so Linux's ACK completes in KVM; the transport takes the
 // values at the next InterruptStatus read (its generation rule keeps a bit set again
-// after that read). An interrupt then costs the guest one exit to swiftlet, the read.
+// after that read). An interrupt then costs the guest one exit to swiftlet, the read; with
+// the register page (`VirtioRegisterMode.page`, the default) none: the read is a read of
+// memory, each pulse is raised and lowered at once, and the ACKs are taken by the next
+// signal (MMIOTransport's `pagedEdgeSet`).
 // Other ACK writes (other values or sizes) still exit and are applied at once.
 //
 // The slot needs three things of the VM, behind `VirtioVM`: the irqchip line, irqfds and
@@ -64,9 +67,34 @@ public protocol VirtioVM: AnyObject, Sendable {
     /// without an exit.
     func registerIoeventfd(_ eventfd: EventFD, address: UInt64, length: UInt32, datamatch: UInt64?, pio: Bool) throws
     func deassignIoeventfd(_ eventfd: EventFD, address: UInt64, length: UInt32, datamatch: UInt64?, pio: Bool) throws
+    /// Maps `page` read-only at `address`, so that the guest's reads there do not exit,
+    /// and keeps `page` as long as the VM lives; returns the token `unmapRegisterPage` takes.
+    func mapRegisterPage(_ page: RegisterPage, at address: UInt64) throws -> UInt32
+    func unmapRegisterPage(_ token: UInt32, at address: UInt64) throws
 }
 
-extension VirtualMachine: VirtioVM {}
+extension VirtualMachine: VirtioVM {
+    public func mapRegisterPage(_ page: RegisterPage, at address: UInt64) throws -> UInt32 {
+        try mapReadOnly(host: page.bytes, guestBase: address, size: UInt64(RegisterPage.size), owner: page)
+    }
+
+    public func unmapRegisterPage(_ token: UInt32, at address: UInt64) throws {
+        try unmap(slot: token, guestBase: address)
+    }
+}
+
+/// Where the guest's reads of a virtio-mmio window go.
+public enum VirtioRegisterMode: Equatable, Sendable {
+    /// A read-only page of the window's registers (RegisterPage): reads do not exit.
+    case page
+    /// Every read exits to swiftlet.
+    case exit
+
+    /// SWIFTLET_VIRTIO_REGISTERS=exit: every read exits; `page` otherwise.
+    public static var fromEnvironment: VirtioRegisterMode {
+        getenv("SWIFTLET_VIRTIO_REGISTERS").map { String(cString: $0) == "exit" } == true ? .exit : .page
+    }
+}
 
 /// One running group of queues (one queue, or a virtio-net rx/tx pair): a kick eventfd
 /// per queue, one stop eventfd, one thread.
@@ -234,6 +262,9 @@ public final class VirtioMMIOSlot: MMIODevice, Sendable {
     let irqfd: ResampledIrqfd?
     /// The InterruptACK ioeventfds (VirtioInterruptMode.edge), else nil.
     let acks: AckIoeventfds?
+    /// The register page's mapping in the VM (its token), nil when reads exit.
+    private let pageMapping: Locked<UInt32?>
+    let vm: any VirtioVM
     public let interrupts: VirtioInterruptMode
     /// The device's log, shared by the transport, the device model and its threads.
     let log: RateLimitedLog?
@@ -243,8 +274,12 @@ public final class VirtioMMIOSlot: MMIODevice, Sendable {
     /// `gsi` (`interrupts`). `vm` must have the in-kernel irqchip and `memory` registered.
     /// Nothing runs until the driver sets DRIVER_OK. `log`: the device's (the one its
     /// device model was made with).
+    /// `registers`: `.page` maps a read-only register page at `base` (one warning and
+    /// `.exit` when the VM refuses it).
     public init(vm: any VirtioVM, memory: GuestMemory, device: any HostedVirtioDevice, base: UInt64, gsi: UInt32,
-                name: String, interrupts: VirtioInterruptMode = .line, log: RateLimitedLog? = nil) throws {
+                name: String, interrupts: VirtioInterruptMode = .line, registers: VirtioRegisterMode = .exit,
+                log: RateLimitedLog? = nil) throws {
+        self.vm = vm
         self.base = base
         self.gsi = gsi
         self.name = name
@@ -268,19 +303,50 @@ public final class VirtioMMIOSlot: MMIODevice, Sendable {
             trigger = .edge(acks: a)
             (irqfd, acks) = (nil, a)
         }
-        transport = VirtioMMIOTransport(device: adapter, memory: memory, line: line, trigger: trigger, log: log)
-        try irqfd?.start(transport: transport, name: name, log: log)
+        var page: RegisterPage?
+        var mapping: UInt32?
+        if registers == .page {
+            do {
+                let p = try RegisterPage()
+                mapping = try vm.mapRegisterPage(p, at: base)
+                page = p
+            } catch {
+                log?.warn("no register page", "\(name): no read-only register page (\(error)): every register read exits")
+            }
+        }
+        pageMapping = Locked(mapping)
+        // The page holds what reads return from the moment the transport exists; the guest
+        // runs only later.
+        transport = VirtioMMIOTransport(device: adapter, memory: memory, line: line, trigger: trigger, log: log,
+                                        registerPage: page)
+        do {
+            try irqfd?.start(transport: transport, name: name, log: log)
+        } catch {
+            unmapPage()
+            throw error
+        }
     }
+
+    /// Takes the register page out of the VM (a slot that failed to build). Idempotent.
+    private func unmapPage() {
+        guard let token = pageMapping.withLock({ m -> UInt32? in defer { m = nil }; return m }) else { return }
+        do { try vm.unmapRegisterPage(token, at: base) } catch {
+            log?.warn("cannot unmap the register page", "\(name): cannot remove the register page: \(error)")
+        }
+    }
+
+    /// Reads of the window come from the read-only register page (no exit).
+    public var readsWithoutExit: Bool { transport.registerPage != nil }
 
     /// Device `index` at X86Layout.virtioMMIOAddress(index:) with GSI X86Layout.virtioGSI(index:).
     public convenience init(vm: any VirtioVM, memory: GuestMemory, device: any HostedVirtioDevice, index: Int,
-                            name: String, interrupts: VirtioInterruptMode = .line,
+                            name: String, interrupts: VirtioInterruptMode = .line, registers: VirtioRegisterMode = .exit,
                             log: RateLimitedLog? = nil) throws {
         guard index >= 0, index < X86Layout.maxVirtioDevices, let gsi = X86Layout.virtioGSI(index: index) else {
             throw SwiftletError(.usage, "too many virtio devices: at most \(X86Layout.maxVirtioDevices)")
         }
         try self.init(vm: vm, memory: memory, device: device, base: X86Layout.virtioMMIOAddress(index: index),
-                      gsi: gsi, name: name, interrupts: interrupts, log: log)
+                      gsi: gsi, name: name, interrupts: interrupts, registers: registers, log: log)
     }
 
     deinit { stop() }
@@ -310,6 +376,8 @@ public final class VirtioMMIOSlot: MMIODevice, Sendable {
         adapter.shutdown()
         irqfd?.stop()
         acks?.stop()
+        // The register page stays in the VM until the VM goes (which keeps the page): the
+        // vCPUs are joined, nothing reads it, and main's seccomp filter allows no new slot.
         log?.flush()
     }
 

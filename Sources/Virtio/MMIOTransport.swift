@@ -29,6 +29,10 @@
 // or folded into a pulse sent after the read: a pulse whose handler has not read yet
 // brings one more read (the local APIC holds an edge that arrives while the vector is in
 // service), which sees the bit.
+//
+// With the register page (RegisterPage.swift) no InterruptStatus read exits, so a pulse
+// ends when the next signal finds an ACK the guest wrote since (`pagedEdgeSet`), and each
+// pulse is a whole edge (raised and lowered at once).
 import OS
 import GuestMemory
 import Synchronization
@@ -169,6 +173,9 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
         var generation: (UInt64, UInt64) = (0, 0)
         var seen: (UInt64, UInt64) = (0, 0)
         var pulsedSinceRead = false
+        /// With the register page (where reads do not exit, and an ACK the VMM saw ends
+        /// the pulse instead): the bits InterruptStatus had when the pending pulse went out.
+        var pulseBits: UInt32 = 0
     }
 
     let state: Locked<State>
@@ -180,7 +187,12 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
     /// Edge-triggered: guards InterruptStatus changes, the generations and the pulses
     /// (taken after `state` where both are; never held while the device is stopped).
     let edgeLock = Locked(EdgeState())
-    let interruptBits = Atomic<UInt32>(0)
+    /// InterruptStatus: the register page's word, or (no page) a word of our own.
+    let interruptBits: SharedWord
+    nonisolated(unsafe) private let ownInterruptWord: UnsafeMutableRawPointer?
+    /// The page the guest reads the registers from without an exit (RegisterPage.swift),
+    /// nil when every read exits.
+    public let registerPage: RegisterPage?
     let needsResetFlag = Atomic<Bool>(false)
     let driverOKFlag = Atomic<Bool>(false)
     let generation = Atomic<UInt32>(0)
@@ -194,8 +206,10 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
     /// - log: the device's log (every line the transport writes can be caused by the guest).
     /// - trigger: level (the line follows InterruptStatus) or edge (a pulse per new
     ///   interrupt; deferred InterruptACKs).
+    /// - registerPage: the page the guest reads as the register window (mapped read-only
+    ///   into the VM by the caller); nil: reads exit.
     public init(device: any VirtioDevice, memory: GuestMemory, line: any InterruptLine, trigger: InterruptTrigger = .level,
-                log: RateLimitedLog? = nil) {
+                log: RateLimitedLog? = nil, registerPage: RegisterPage? = nil) {
         self.device = device
         self.memory = memory
         self.offeredFeatures = (device.deviceFeatures & (VirtioFeature.deviceSpecificMask | VirtioFeature.transportSupported))
@@ -208,7 +222,20 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
         case .edge(let acks): (isEdge, edgeAcks) = (true, acks)
         }
         self.state = Locked(State(queues: maxSizes.map { QueueRegs(size: UInt32($0)) }))
+        self.registerPage = registerPage
+        if let registerPage {
+            ownInterruptWord = nil
+            interruptBits = SharedWord(registerPage.bytes + Int(VirtioMMIOReg.interruptStatus))
+        } else {
+            let w = UnsafeMutableRawPointer.allocate(byteCount: 4, alignment: 4)
+            ownInterruptWord = w
+            interruptBits = SharedWord(w)
+        }
+        interruptBits.store(0)
+        state.withLock { render($0, config: true) }
     }
+
+    deinit { ownInterruptWord?.deallocate() }
 
     // MARK: observers (VMM, tests)
 
@@ -216,7 +243,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
     public var status: UInt32 {
         state.withLock { $0.status } | (needsResetFlag.load(ordering: .acquiring) ? VirtioStatus.needsReset : 0)
     }
-    public var interruptStatus: UInt32 { interruptBits.load(ordering: .acquiring) }
+    public var interruptStatus: UInt32 { interruptBits.load() }
     public var isActivated: Bool { state.withLock { $0.activated } }
     public var needsReset: Bool { needsResetFlag.load(ordering: .acquiring) }
     public var configGeneration: UInt32 { generation.load(ordering: .acquiring) }
@@ -237,14 +264,14 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
     /// Raises the line if InterruptStatus is (still) nonzero.
     func raiseLine() {
         lineLock.withLock { _ in
-            if interruptBits.load(ordering: .acquiring) != 0 { line.raise() }
+            if interruptBits.load() != 0 { line.raise() }
         }
     }
 
     /// Lowers the line if InterruptStatus is (still) zero.
     func lowerLineIfClear() {
         lineLock.withLock { _ in
-            if interruptBits.load(ordering: .acquiring) == 0 { line.lower() }
+            if interruptBits.load() == 0 { line.lower() }
         }
     }
 
@@ -260,7 +287,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
     /// (`reassertIfPending`).
     public func signalUsedBuffer() {
         if isEdge { return edgeSet(VirtioInterrupt.usedBuffer) }
-        let (old, _) = interruptBits.bitwiseOr(VirtioInterrupt.usedBuffer, ordering: .acquiringAndReleasing)
+        let (old, _) = interruptBits.bitwiseOr(VirtioInterrupt.usedBuffer)
         if old != 0 {
             interruptsCoalesced.wrappingAdd(1, ordering: .relaxed)
             return
@@ -272,15 +299,16 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
     /// The interrupt line was deasserted at the guest's EOI (irqfd resample): raise it
     /// again if InterruptStatus is still nonzero.
     public func reassertIfPending() {
-        guard interruptBits.load(ordering: .acquiring) != 0 else { return }
+        guard interruptBits.load() != 0 else { return }
         interruptsRaised.wrappingAdd(1, ordering: .relaxed)
         raiseLine()
     }
 
     public func signalConfigChange() {
         generation.wrappingAdd(1, ordering: .acquiringAndReleasing)
+        renderGeneration()
         if isEdge { return edgeSet(VirtioInterrupt.configChange) }
-        interruptBits.bitwiseOr(VirtioInterrupt.configChange, ordering: .acquiringAndReleasing)
+        interruptBits.bitwiseOr(VirtioInterrupt.configChange)
         interruptsRaised.wrappingAdd(1, ordering: .relaxed)
         raiseLine()
     }
@@ -288,6 +316,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
     public func markNeedsReset() {
         let (was, _) = needsResetFlag.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing)
         guard was else { return }
+        if let registerPage { SharedWord(registerPage.bytes + Int(VirtioMMIOReg.status)).bitwiseOr(VirtioStatus.needsReset) }
         log?.warn("device needs reset", "virtio-mmio device type \(device.deviceType): DEVICE_NEEDS_RESET")
         if driverOKFlag.load(ordering: .acquiring) { raiseConfigChange() }
     }
@@ -295,7 +324,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
     /// Sets the configuration-change bit and signals it (NEEDS_RESET).
     func raiseConfigChange() {
         if isEdge { return edgeSet(VirtioInterrupt.configChange) }
-        interruptBits.bitwiseOr(VirtioInterrupt.configChange, ordering: .acquiringAndReleasing)
+        interruptBits.bitwiseOr(VirtioInterrupt.configChange)
         raiseLine()
     }
 
@@ -307,7 +336,8 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
     /// generation moved).
     func edgeSet(_ bit: UInt32) {
         edgeLock.withLock { e in
-            interruptBits.bitwiseOr(bit, ordering: .acquiringAndReleasing)
+            if registerPage != nil { return pagedEdgeSet(&e, bit) }
+            interruptBits.bitwiseOr(bit)
             if bit == VirtioInterrupt.usedBuffer { e.generation.0 &+= 1 } else { e.generation.1 &+= 1 }
             if e.pulsedSinceRead {
                 interruptsCoalesced.wrappingAdd(1, ordering: .relaxed)
@@ -319,6 +349,39 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
         }
     }
 
+    /// edgeSet with the register page, where the guest's InterruptStatus reads do not
+    /// exit. A pulse ends when the VMM sees an InterruptACK the guest wrote after it (taken
+    /// from the deferred ACKs here, or an ACK that exited); the ACKed bits are cleared then.
+    /// Until then a used-buffer set is folded into the pulse if the pulse went out with the
+    /// used-buffer bit: the handler of that pulse reads the bit (it stays set until its
+    /// ACK is seen) and, as Linux's vm_interrupt does, looks at the queues after its ACK,
+    /// so it finds buffers used before that ACK; anything else pulses again.
+    func pagedEdgeSet(_ e: inout EdgeState, _ bit: UInt32) {
+        if e.pulsedSinceRead { takePagedAcks(&e, exited: 0) }
+        let now = interruptBits.bitwiseOr(bit).newValue
+        if bit == VirtioInterrupt.usedBuffer { e.generation.0 &+= 1 } else { e.generation.1 &+= 1 }
+        if e.pulsedSinceRead && bit == VirtioInterrupt.usedBuffer && e.pulseBits & bit != 0 {
+            interruptsCoalesced.wrappingAdd(1, ordering: .relaxed)
+            return
+        }
+        e.pulsedSinceRead = true
+        e.pulseBits = now
+        interruptsRaised.wrappingAdd(1, ordering: .relaxed)
+        // One edge: no read exit lowers the line.
+        line.raise()
+        line.lower()
+    }
+
+    /// With the register page: the ACKs written since the last look (and `exited`, an ACK
+    /// that exited); any nonzero one ends the pending pulse and clears the bits it names.
+    func takePagedAcks(_ e: inout EdgeState, exited: UInt32) {
+        let acked = (edgeAcks?.take() ?? 0) | exited
+        guard acked != 0 else { return }
+        interruptBits.bitwiseAnd(~acked)
+        e.pulsedSinceRead = false
+        e.pulseBits = 0
+    }
+
     /// Applies the InterruptACKs that did not exit: a bit is cleared only if it was not
     /// set again since the last InterruptStatus read (its generation equals that read's).
     func applyDeferredAcks(_ e: inout EdgeState) {
@@ -327,7 +390,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
         var clear: UInt32 = 0
         if v & VirtioInterrupt.usedBuffer != 0, e.generation.0 == e.seen.0 { clear |= VirtioInterrupt.usedBuffer }
         if v & VirtioInterrupt.configChange != 0, e.generation.1 == e.seen.1 { clear |= VirtioInterrupt.configChange }
-        if clear != 0 { interruptBits.bitwiseAnd(~clear, ordering: .acquiringAndReleasing) }
+        if clear != 0 { interruptBits.bitwiseAnd(~clear) }
     }
 
     /// An InterruptStatus read (edge-triggered): applies the deferred ACKs, then snapshots
@@ -337,7 +400,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
             applyDeferredAcks(&e)
             e.seen = e.generation
             endPulse(&e)
-            return interruptBits.load(ordering: .acquiring)
+            return interruptBits.load()
         }
     }
 
@@ -345,6 +408,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
     func endPulse(_ e: inout EdgeState) {
         guard e.pulsedSinceRead else { return }
         e.pulsedSinceRead = false
+        e.pulseBits = 0
         line.lower()
     }
 
@@ -352,8 +416,9 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
     /// written before it), then this one at once, as level-triggered.
     func edgeAck(_ value: UInt32) {
         edgeLock.withLock { e in
+            if registerPage != nil { return takePagedAcks(&e, exited: value) }
             applyDeferredAcks(&e)
-            interruptBits.bitwiseAnd(~value, ordering: .acquiringAndReleasing)
+            interruptBits.bitwiseAnd(~value)
         }
     }
 
@@ -389,7 +454,10 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
                 return
             }
             // Config writes are serialized with register accesses.
-            state.withLock { _ in device.writeConfig(offset: off, bytes: data) }
+            state.withLock { s in
+                device.writeConfig(offset: off, bytes: data)
+                render(s, config: true)
+            }
             return
         }
         guard data.count == 4, offset % 4 == 0 else {
@@ -427,36 +495,43 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
 
     func readRegister(_ offset: UInt64) -> UInt32 {
         switch offset {
+        case VirtioMMIOReg.interruptStatus:
+            // With the register page a read ends no pulse (an ACK does): none exits anyway.
+            return isEdge && registerPage == nil ? edgeReadStatus() : interruptBits.load()
+        case VirtioMMIOReg.configGeneration: return generation.load(ordering: .acquiring)
+        case VirtioMMIOReg.status: return status
+        default: break
+        }
+        return state.withLock { registerValue(offset, $0) }
+    }
+
+    /// A register's value that `s` decides: the fixed ones, features, the selected
+    /// queue's registers; 0 for write-only and reserved ones. Not InterruptStatus, Status
+    /// or ConfigGeneration (readRegister has those).
+    func registerValue(_ offset: UInt64, _ s: State) -> UInt32 {
+        let q: QueueRegs? = s.queueSel < UInt32(s.queues.count) ? s.queues[Int(s.queueSel)] : nil
+        switch offset {
         case VirtioMMIOReg.magicValue: return Self.magic
         case VirtioMMIOReg.version: return Self.version
         case VirtioMMIOReg.deviceID: return device.deviceType
         case VirtioMMIOReg.vendorID: return Self.vendorID
-        case VirtioMMIOReg.interruptStatus: return isEdge ? edgeReadStatus() : interruptBits.load(ordering: .acquiring)
-        case VirtioMMIOReg.configGeneration: return generation.load(ordering: .acquiring)
         case VirtioMMIOReg.shmLenLow, VirtioMMIOReg.shmLenHigh, VirtioMMIOReg.shmBaseLow, VirtioMMIOReg.shmBaseHigh:
             return 0xFFFF_FFFF  // no shared memory regions: length (and base) -1
-        case VirtioMMIOReg.status: return status
-        default: break
-        }
-        return state.withLock { s -> UInt32 in
-            let q: QueueRegs? = s.queueSel < UInt32(s.queues.count) ? s.queues[Int(s.queueSel)] : nil
-            switch offset {
-            case VirtioMMIOReg.deviceFeatures:
-                switch s.deviceFeaturesSel {
-                case 0: return UInt32(truncatingIfNeeded: offeredFeatures)
-                case 1: return UInt32(truncatingIfNeeded: offeredFeatures >> 32)
-                default: return 0
-                }
-            case VirtioMMIOReg.queueNumMax: return q.map { _ in UInt32(maxSizes[Int(s.queueSel)]) } ?? 0
-            case VirtioMMIOReg.queueReady: return q?.ready == true ? 1 : 0
-            case VirtioMMIOReg.queueDescLow: return UInt32(truncatingIfNeeded: q?.desc ?? 0)
-            case VirtioMMIOReg.queueDescHigh: return UInt32(truncatingIfNeeded: (q?.desc ?? 0) >> 32)
-            case VirtioMMIOReg.queueDriverLow: return UInt32(truncatingIfNeeded: q?.driver ?? 0)
-            case VirtioMMIOReg.queueDriverHigh: return UInt32(truncatingIfNeeded: (q?.driver ?? 0) >> 32)
-            case VirtioMMIOReg.queueDeviceLow: return UInt32(truncatingIfNeeded: q?.device ?? 0)
-            case VirtioMMIOReg.queueDeviceHigh: return UInt32(truncatingIfNeeded: (q?.device ?? 0) >> 32)
-            default: return 0  // write-only, reserved, QueueReset (RING_RESET not offered)
+        case VirtioMMIOReg.deviceFeatures:
+            switch s.deviceFeaturesSel {
+            case 0: return UInt32(truncatingIfNeeded: offeredFeatures)
+            case 1: return UInt32(truncatingIfNeeded: offeredFeatures >> 32)
+            default: return 0
             }
+        case VirtioMMIOReg.queueNumMax: return q.map { _ in UInt32(maxSizes[Int(s.queueSel)]) } ?? 0
+        case VirtioMMIOReg.queueReady: return q?.ready == true ? 1 : 0
+        case VirtioMMIOReg.queueDescLow: return UInt32(truncatingIfNeeded: q?.desc ?? 0)
+        case VirtioMMIOReg.queueDescHigh: return UInt32(truncatingIfNeeded: (q?.desc ?? 0) >> 32)
+        case VirtioMMIOReg.queueDriverLow: return UInt32(truncatingIfNeeded: q?.driver ?? 0)
+        case VirtioMMIOReg.queueDriverHigh: return UInt32(truncatingIfNeeded: (q?.driver ?? 0) >> 32)
+        case VirtioMMIOReg.queueDeviceLow: return UInt32(truncatingIfNeeded: q?.device ?? 0)
+        case VirtioMMIOReg.queueDeviceHigh: return UInt32(truncatingIfNeeded: (q?.device ?? 0) >> 32)
+        default: return 0  // write-only, reserved, QueueReset (RING_RESET not offered)
         }
     }
 
@@ -464,7 +539,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
         switch offset {
         case VirtioMMIOReg.interruptACK:
             if isEdge { edgeAck(value); return }
-            interruptBits.bitwiseAnd(~value, ordering: .acquiringAndReleasing)
+            interruptBits.bitwiseAnd(~value)
             lowerLineIfClear()
             return
         case VirtioMMIOReg.queueNotify:
@@ -503,6 +578,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
             default:
                 ignored("ignored register write", "write to read-only or reserved register", offset, 4)
             }
+            render(s, config: false)
         }
         if markBroken { markNeedsReset() }
     }
@@ -644,14 +720,15 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
             // reset are dropped, and the next set pulses.
             edgeLock.withLock { e in
                 edgeAcks?.drain()
-                interruptBits.store(0, ordering: .releasing)
+                interruptBits.store(0)
                 e.seen = e.generation
                 endPulse(&e)
             }
         } else {
-            interruptBits.store(0, ordering: .releasing)
+            interruptBits.store(0)
             lowerLineIfClear()
         }
         s = State(queues: maxSizes.map { QueueRegs(size: UInt32($0)) })
+        render(s, config: true)
     }
 }

@@ -5,6 +5,7 @@
 import Glibc
 import OS
 @testable import VMM
+import Virtio
 
 final class FakeVM: VirtioVM {
     struct Ioeventfd {
@@ -24,6 +25,11 @@ final class FakeVM: VirtioVM {
         var ioeventfds: [Ioeventfd] = []
         /// Refuse ioeventfds (as KVM does when it has no room).
         var refuseIoeventfds = false
+        /// Read-only pages mapped, by token: the page and its guest address.
+        var pages: [UInt32: (page: RegisterPage, address: UInt64)] = [:]
+        var nextPageToken: UInt32 = 256
+        /// Refuse read-only pages (a KVM without KVM_CAP_READONLY_MEM).
+        var refusePages = false
     }
     let state = Locked(State())
 
@@ -64,6 +70,37 @@ final class FakeVM: VirtioVM {
             s.ioeventfds.remove(at: i)
         }
     }
+
+    func mapRegisterPage(_ page: RegisterPage, at address: UInt64) throws -> UInt32 {
+        try state.withLock { s in
+            if s.refusePages { throw SystemError(call: "KVM_SET_USER_MEMORY_REGION", errno: EINVAL) }
+            guard !s.pages.values.contains(where: { $0.address == address }) else {
+                throw SystemError(call: "KVM_SET_USER_MEMORY_REGION", errno: EEXIST)
+            }
+            defer { s.nextPageToken += 1 }
+            s.pages[s.nextPageToken] = (page, address)
+            return s.nextPageToken
+        }
+    }
+
+    func unmapRegisterPage(_ token: UInt32, at address: UInt64) throws {
+        try state.withLock { s in
+            guard s.pages[token]?.address == address else { throw SystemError(call: "KVM_SET_USER_MEMORY_REGION", errno: ENOENT) }
+            s.pages[token] = nil
+        }
+    }
+
+    /// The guest's read of `size` bytes at `address` from a mapped register page (as KVM
+    /// serves it without an exit); nil where no page is mapped.
+    func readPage(_ address: UInt64, size: Int = 4) -> UInt32? {
+        state.withLock { s -> UInt32? in
+            guard let (page, base) = s.pages.values.first(where: { address >= $0.address && address + UInt64(size) <= $0.address + UInt64(RegisterPage.size) }).map({ ($0.page, $0.address) }) else { return nil }
+            var v: UInt32 = 0
+            withUnsafeMutableBytes(of: &v) { $0.copyMemory(from: UnsafeRawBufferPointer(start: page.bytes + Int(address - base), count: size)) }
+            return UInt32(littleEndian: v)
+        }
+    }
+    var mappedPages: Int { state.withLock { $0.pages.count } }
 
     func levels(_ gsi: UInt32) -> [Bool] { state.withLock { $0.levels[gsi] ?? [] } }
     func irqfd(_ gsi: UInt32) -> Irqfd? { state.withLock { $0.irqfds[gsi] } }

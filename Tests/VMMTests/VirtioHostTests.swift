@@ -282,6 +282,66 @@ final class VirtioHostTests: XCTestCase, @unchecked Sendable {
         XCTAssertEqual(lines.all.withLock { $0 }, [], "nothing refused, nothing failed to deregister")
     }
 
+    /// The register page on this machine's KVM: a read-only memory slot at the window
+    /// (KVM_MEM_READONLY) that KVM takes, InterruptStatus set in it by the queue thread
+    /// and cleared when the ACK (caught by its ioeventfd) is seen; machine stop removes it.
+    func testRegisterPageOnKVM() throws {
+        let env = try makeEnv()
+        final class Lines: Sendable { let all = Locked<[String]>([]) }
+        let lines = Lines()
+        let disk = try openDisk(DiskOptions(path: env.image, numQueues: 1))
+        let slot = try VirtioMMIOSlot.block(disk, index: 5, name: "tblkp", vm: env.vm, memory: env.mem, interrupts: .edge,
+                                            registers: .page, log: { _, line in lines.all.withLock { $0.append(line) } })
+        defer { slot.stop() }
+        XCTAssertTrue(slot.readsWithoutExit, "KVM took the read-only slot: \(lines.all.withLock { $0 })")
+        let page = try XCTUnwrap(slot.transport.registerPage)
+        func word(_ off: UInt64) -> UInt32 { UInt32(littleEndian: page.bytes.loadUnaligned(fromByteOffset: Int(off), as: UInt32.self)) }
+        XCTAssertEqual(word(VirtioMMIOReg.magicValue), 0x7472_6976)
+        driverInit(slot, queues: 1, features: VirtioFeature.version1)
+        XCTAssertEqual(UInt64(word(VirtioMMIOReg.status)), slot.read(offset: VirtioMMIOReg.status, size: 4))
+        _ = try postWrite(env.mem, queue: 0, n: 0, sector: 3, data: [UInt8](repeating: 3, count: 512))
+        try slot.adapter.workers[0].kicks[0].write(1)
+        waitUsed(env.mem, 0, 1)
+        waitFor { word(VirtioMMIOReg.interruptStatus) != 0 }
+        XCTAssertEqual(word(VirtioMMIOReg.interruptStatus), 1)
+        try XCTUnwrap(slot.acks?.fds[1]).write(1)  // as KVM does on the guest's 4-byte write of 1
+        _ = try postWrite(env.mem, queue: 0, n: 1, sector: 4, data: [UInt8](repeating: 4, count: 512))
+        try slot.adapter.workers[0].kicks[0].write(1)
+        waitUsed(env.mem, 0, 2)
+        waitFor { slot.transport.interruptsRaised.load(ordering: .relaxed) == 2 }
+        XCTAssertEqual(word(VirtioMMIOReg.interruptStatus), 1, "the ACK ended the first pulse; the second set the bit again")
+        slot.stop()
+        XCTAssertEqual(lines.all.withLock { $0 }, [], "nothing refused")
+    }
+
+    /// The register page on a fake VM: mapped at the window's base for the slot's life;
+    /// a VM that refuses it leaves every read exiting, with one warning.
+    func testRegisterPageOnAFakeVMAndItsRefusal() throws {
+        let env = try makeFakeEnv()
+        let disk = try openDisk(DiskOptions(path: env.image))
+        let slot = try VirtioMMIOSlot.block(disk, index: 3, name: "tfakep", vm: env.vm, memory: env.mem, registers: .page)
+        XCTAssertEqual(env.vm.mappedPages, 1)
+        XCTAssertEqual(env.vm.readPage(slot.base + VirtioMMIOReg.magicValue), 0x7472_6976)
+        XCTAssertEqual(env.vm.readPage(slot.base + VirtioMMIOReg.deviceID), 2)
+        driverInit(slot, queues: 1, features: VirtioFeature.version1)
+        XCTAssertEqual(env.vm.readPage(slot.base + VirtioMMIOReg.status).map(UInt64.init), slot.read(offset: VirtioMMIOReg.status, size: 4))
+        slot.stop()
+        XCTAssertEqual(env.vm.mappedPages, 1, "the page stays in the VM (which keeps it) until the VM goes")
+
+        let env2 = try makeFakeEnv()
+        env2.vm.state.withLock { $0.refusePages = true }
+        final class Lines: Sendable { let all = Locked<[String]>([]) }
+        let lines = Lines()
+        let disk2 = try openDisk(DiskOptions(path: env2.image))
+        let refused = try VirtioMMIOSlot.block(disk2, index: 4, name: "tfakeq", vm: env2.vm, memory: env2.mem, registers: .page,
+                                               log: { _, line in lines.all.withLock { $0.append(line) } })
+        defer { refused.stop() }
+        XCTAssertFalse(refused.readsWithoutExit)
+        XCTAssertNil(refused.transport.registerPage)
+        XCTAssertEqual(lines.all.withLock { $0.filter { $0.contains("no read-only register page") }.count }, 1)
+        driverInit(refused, queues: 1, features: VirtioFeature.version1)
+    }
+
     func testManyKicksAndBatchesOnePoolQueue() throws {
         let env = try makeEnv()
         let disk = try openDisk(DiskOptions(path: env.image, direct: true))
