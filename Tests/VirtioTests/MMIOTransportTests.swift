@@ -609,13 +609,12 @@ final class TransportConcurrencyTests: XCTestCase {
     }
 }
 
-/// The lost-interrupt race on the bare transport, edge-triggered: a device thread uses
-/// buffer i, signals, and uses the next only once the driver has looked at the queue after
-/// an interrupt; the driver handles each pulse as Linux's vm_interrupt (read
-/// InterruptStatus, ACK it, caught without an exit, then look at the queue only if the
-/// used-buffer bit was read). Every round's signal comes after the previous round's
-/// ACK, which is applied only at the next read: the generation rule must keep the bit.
-final class EdgeLostInterruptTests: XCTestCase {
+/// The lost-interrupt race on a bare edge-triggered transport: a device thread uses buffer
+/// i, signals, and (with `waitForDriver`) uses the next only once the driver has looked at
+/// the queue after an interrupt; the driver handles each pulse as Linux's vm_interrupt
+/// (`readStatus`, `ack` it, then look at the queue only if the used-buffer bit was read).
+/// Returns how far the driver saw and how many pulses went out.
+struct LostInterruptRace {
     final class Shared: Sendable {
         let published = Atomic<Int>(0)
         let seen = Atomic<Int>(0)
@@ -627,45 +626,61 @@ final class EdgeLostInterruptTests: XCTestCase {
         func raise() { shared.pulses.wrappingAdd(1, ordering: .acquiringAndReleasing) }
         func lower() {}
     }
+    final class Job: @unchecked Sendable {
+        let t: VirtioMMIOTransport
+        let sh: Shared
+        let rounds: Int
+        let waitForDriver: Bool
+        init(_ t: VirtioMMIOTransport, _ sh: Shared, _ rounds: Int, _ wait: Bool) { self.t = t; self.sh = sh; self.rounds = rounds; waitForDriver = wait }
+    }
 
-    func testEveryUsedBufferReachesTheDriver() throws {
-        let mem = try GuestMemory(layout: [(0, 0x1000)])
+    static func run(rounds: Int, waitForDriver: Bool, make: (any InterruptLine) throws -> VirtioMMIOTransport,
+                    readStatus: (VirtioMMIOTransport) -> UInt32, ack: (UInt32) -> Void) throws -> (seen: Int, pulses: Int) {
         let sh = Shared()
-        let acks = FakeAcks()
-        let t = VirtioMMIOTransport(device: MockDevice(), memory: mem, line: Pulse(sh), trigger: .edge(acks: acks))
-        let rounds = 2000
-        final class Job: @unchecked Sendable {
-            let t: VirtioMMIOTransport
-            let sh: Shared
-            let rounds: Int
-            init(_ t: VirtioMMIOTransport, _ sh: Shared, _ rounds: Int) { self.t = t; self.sh = sh; self.rounds = rounds }
-        }
+        let t = try make(Pulse(sh))
         var th = pthread_t()
         pthread_create(&th, nil, { p in
             let j = Unmanaged<Job>.fromOpaque(p!).takeRetainedValue()
             for i in 1...j.rounds {
                 j.sh.published.store(i, ordering: .releasing)
                 j.t.signalUsedBuffer()
+                guard j.waitForDriver else { continue }
                 let deadline = monotonicNanos() + 2_000_000_000
                 while j.sh.seen.load(ordering: .acquiring) < i && monotonicNanos() < deadline { sched_yield() }
                 if j.sh.seen.load(ordering: .acquiring) < i { return nil }
             }
             return nil
-        }, Unmanaged.passRetained(Job(t, sh, rounds)).toOpaque())
+        }, Unmanaged.passRetained(Job(t, sh, rounds, waitForDriver)).toOpaque())
         var handled = 0
         var giveUp = monotonicNanos() + 2_000_000_000
         while sh.seen.load(ordering: .acquiring) < rounds && monotonicNanos() < giveUp {
             let p = sh.pulses.load(ordering: .acquiring)
             guard p > handled else { sched_yield(); continue }
             handled = p
-            let s = t.read(offset: VirtioMMIOReg.interruptStatus, size: 4)
-            acks.ack(s)
+            let s = readStatus(t)
+            ack(s)
+            // After the ACK: look at the queue (everything published so far).
             if s & VirtioInterrupt.usedBuffer != 0 { sh.seen.store(sh.published.load(ordering: .acquiring), ordering: .releasing) }
             giveUp = monotonicNanos() + 2_000_000_000
         }
         pthread_join(th, nil)
-        XCTAssertEqual(sh.seen.load(ordering: .acquiring), rounds, "lost interrupt")
-        XCTAssertLessThanOrEqual(sh.pulses.load(ordering: .acquiring), rounds, "at most one pulse per used buffer")
+        return (sh.seen.load(ordering: .acquiring), sh.pulses.load(ordering: .acquiring))
+    }
+}
+
+/// The lost-interrupt race with InterruptStatus reads that exit: every round's signal
+/// comes after the previous round's ACK, which is applied only at the next read: the
+/// generation rule must keep the bit.
+final class EdgeLostInterruptTests: XCTestCase {
+    func testEveryUsedBufferReachesTheDriver() throws {
+        let mem = try GuestMemory(layout: [(0, 0x1000)])
+        let acks = FakeAcks()
+        let rounds = 2000
+        let r = try LostInterruptRace.run(rounds: rounds, waitForDriver: true,
+                                          make: { VirtioMMIOTransport(device: MockDevice(), memory: mem, line: $0, trigger: .edge(acks: acks)) },
+                                          readStatus: { $0.read(offset: VirtioMMIOReg.interruptStatus, size: 4) }, ack: { acks.ack($0) })
+        XCTAssertEqual(r.seen, rounds, "lost interrupt")
+        XCTAssertLessThanOrEqual(r.pulses, rounds, "at most one pulse per used buffer")
     }
 }
 

@@ -229,62 +229,19 @@ final class RegisterPageEdgeTests: XCTestCase {
 /// looking at the queue if the used-buffer bit was read. No used buffer may go unseen, and
 /// in the second variant the device keeps using buffers while the driver handles pulses.
 final class RegisterPageLostInterruptTests: XCTestCase {
-    final class Shared: Sendable {
-        let published = Atomic<Int>(0)
-        let seen = Atomic<Int>(0)
-        let pulses = Atomic<Int>(0)
-    }
-    final class Pulse: InterruptLine {
-        let shared: Shared
-        init(_ s: Shared) { shared = s }
-        func raise() { shared.pulses.wrappingAdd(1, ordering: .acquiringAndReleasing) }
-        func lower() {}
-    }
-    final class Job: @unchecked Sendable {
-        let t: VirtioMMIOTransport
-        let sh: Shared
-        let rounds: Int
-        let waitForDriver: Bool
-        init(_ t: VirtioMMIOTransport, _ sh: Shared, _ rounds: Int, _ wait: Bool) { self.t = t; self.sh = sh; self.rounds = rounds; waitForDriver = wait }
-    }
-
     func testEveryUsedBufferReachesTheDriver() throws { try race(waitForDriver: true, rounds: 2000) }
     func testBuffersUsedWhileTheDriverHandlesPulses() throws { try race(waitForDriver: false, rounds: 200_000) }
 
     func race(waitForDriver: Bool, rounds: Int) throws {
         let mem = try GuestMemory(layout: [(0, 0x1000)])
-        let sh = Shared()
         let acks = FakeAcks()
         let page = try RegisterPage()
-        let t = VirtioMMIOTransport(device: MockDevice(), memory: mem, line: Pulse(sh), trigger: .edge(acks: acks), registerPage: page)
-        var th = pthread_t()
-        pthread_create(&th, nil, { p in
-            let j = Unmanaged<Job>.fromOpaque(p!).takeRetainedValue()
-            for i in 1...j.rounds {
-                j.sh.published.store(i, ordering: .releasing)
-                j.t.signalUsedBuffer()
-                guard j.waitForDriver else { continue }
-                let deadline = monotonicNanos() + 2_000_000_000
-                while j.sh.seen.load(ordering: .acquiring) < i && monotonicNanos() < deadline { sched_yield() }
-                if j.sh.seen.load(ordering: .acquiring) < i { return nil }
-            }
-            return nil
-        }, Unmanaged.passRetained(Job(t, sh, rounds, waitForDriver)).toOpaque())
-        var handled = 0
-        var giveUp = monotonicNanos() + 2_000_000_000
-        while sh.seen.load(ordering: .acquiring) < rounds && monotonicNanos() < giveUp {
-            let p = sh.pulses.load(ordering: .acquiring)
-            guard p > handled else { sched_yield(); continue }
-            handled = p
-            let s = SharedWord(page.bytes + Int(VirtioMMIOReg.interruptStatus)).load()
-            acks.ack(s)
-            // After the ACK: look at the queue (everything published so far).
-            if s & VirtioInterrupt.usedBuffer != 0 { sh.seen.store(sh.published.load(ordering: .acquiring), ordering: .releasing) }
-            giveUp = monotonicNanos() + 2_000_000_000
-        }
-        pthread_join(th, nil)
-        XCTAssertEqual(sh.seen.load(ordering: .acquiring), rounds, "lost interrupt")
-        XCTAssertLessThanOrEqual(sh.pulses.load(ordering: .acquiring), rounds, "at most one pulse per used buffer")
-        if !waitForDriver { XCTAssertLessThan(sh.pulses.load(ordering: .acquiring), rounds, "no folding at all") }
+        let r = try LostInterruptRace.run(rounds: rounds, waitForDriver: waitForDriver,
+                                          make: { VirtioMMIOTransport(device: MockDevice(), memory: mem, line: $0, trigger: .edge(acks: acks), registerPage: page) },
+                                          readStatus: { _ in SharedWord(page.bytes + Int(VirtioMMIOReg.interruptStatus)).load() },
+                                          ack: { acks.ack($0) })
+        XCTAssertEqual(r.seen, rounds, "lost interrupt")
+        XCTAssertLessThanOrEqual(r.pulses, rounds, "at most one pulse per used buffer")
+        if !waitForDriver { XCTAssertLessThan(r.pulses, rounds, "no folding at all") }
     }
 }
