@@ -262,9 +262,6 @@ public final class VirtioMMIOSlot: MMIODevice, Sendable {
     let irqfd: ResampledIrqfd?
     /// The InterruptACK ioeventfds (VirtioInterruptMode.edge), else nil.
     let acks: AckIoeventfds?
-    /// The register page's mapping in the VM (its token), nil when reads exit.
-    private let pageMapping: Locked<UInt32?>
-    let vm: any VirtioVM
     public let interrupts: VirtioInterruptMode
     /// The device's log, shared by the transport, the device model and its threads.
     let log: RateLimitedLog?
@@ -279,7 +276,6 @@ public final class VirtioMMIOSlot: MMIODevice, Sendable {
     public init(vm: any VirtioVM, memory: GuestMemory, device: any HostedVirtioDevice, base: UInt64, gsi: UInt32,
                 name: String, interrupts: VirtioInterruptMode = .line, registers: VirtioRegisterMode = .exit,
                 log: RateLimitedLog? = nil) throws {
-        self.vm = vm
         self.base = base
         self.gsi = gsi
         self.name = name
@@ -314,7 +310,6 @@ public final class VirtioMMIOSlot: MMIODevice, Sendable {
                 log?.warn("no register page", "\(name): no read-only register page (\(error)): every register read exits")
             }
         }
-        pageMapping = Locked(mapping)
         // The page holds what reads return from the moment the transport exists; the guest
         // runs only later.
         transport = VirtioMMIOTransport(device: adapter, memory: memory, line: line, trigger: trigger, log: log,
@@ -322,16 +317,13 @@ public final class VirtioMMIOSlot: MMIODevice, Sendable {
         do {
             try irqfd?.start(transport: transport, name: name, log: log)
         } catch {
-            unmapPage()
+            // A slot that failed to build takes its register page out of the VM.
+            if let mapping {
+                do { try vm.unmapRegisterPage(mapping, at: base) } catch {
+                    log?.warn("cannot unmap the register page", "\(name): cannot remove the register page: \(error)")
+                }
+            }
             throw error
-        }
-    }
-
-    /// Takes the register page out of the VM (a slot that failed to build). Idempotent.
-    private func unmapPage() {
-        guard let token = pageMapping.withLock({ m -> UInt32? in defer { m = nil }; return m }) else { return }
-        do { try vm.unmapRegisterPage(token, at: base) } catch {
-            log?.warn("cannot unmap the register page", "\(name): cannot remove the register page: \(error)")
         }
     }
 

@@ -359,7 +359,6 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
     func pagedEdgeSet(_ e: inout EdgeState, _ bit: UInt32) {
         if e.pulsedSinceRead { takePagedAcks(&e, exited: 0) }
         let now = interruptBits.bitwiseOr(bit).newValue
-        if bit == VirtioInterrupt.usedBuffer { e.generation.0 &+= 1 } else { e.generation.1 &+= 1 }
         if e.pulsedSinceRead && bit == VirtioInterrupt.usedBuffer && e.pulseBits & bit != 0 {
             interruptsCoalesced.wrappingAdd(1, ordering: .relaxed)
             return
