@@ -305,7 +305,7 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
     }
 
     public func signalConfigChange() {
-        generation.wrappingAdd(1, ordering: .acquiringAndReleasing)
+        generation.wrappingAdd(1, ordering: .sequentiallyConsistent)
         renderGeneration()
         if isEdge { return edgeSet(VirtioInterrupt.configChange) }
         interruptBits.bitwiseOr(VirtioInterrupt.configChange)
@@ -314,9 +314,11 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
     }
 
     public func markNeedsReset() {
-        let (was, _) = needsResetFlag.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing)
+        let (was, _) = needsResetFlag.compareExchange(expected: false, desired: true, ordering: .sequentiallyConsistent)
         guard was else { return }
-        if let registerPage { SharedWord(registerPage.bytes + Int(VirtioMMIOReg.status)).bitwiseOr(VirtioStatus.needsReset) }
+        if let registerPage {
+            SharedWord(registerPage.bytes + Int(VirtioMMIOReg.status)).bitwiseOrThenCheck(VirtioStatus.needsReset)
+        }
         log?.warn("device needs reset", "virtio-mmio device type \(device.deviceType): DEVICE_NEEDS_RESET")
         if driverOKFlag.load(ordering: .acquiring) { raiseConfigChange() }
     }
@@ -675,8 +677,15 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
         if isEdge {
             // The driver's handler is registered by now (Linux requests the interrupt
             // before DRIVER_OK); a pulse sent before it may have found no handler, so
-            // the next set pulses whatever went out before.
-            edgeLock.withLock { endPulse(&$0) }
+            // the next set pulses whatever went out before. With the register page the
+            // ACKs written before DRIVER_OK go too (a handler of the driver before a reset
+            // can ACK after reset's drain): the next signal takes ACKs only while a
+            // pulse is pending, and such a stale ACK would clear a bit of a pulse that
+            // its handler has not read yet.
+            edgeLock.withLock { e in
+                if registerPage != nil { edgeAcks?.drain() }
+                endPulse(&e)
+            }
         }
         if needsResetFlag.load(ordering: .acquiring) {
             // Marked before DRIVER_OK (e.g. a bad queue layout): now tell the driver.

@@ -41,6 +41,11 @@ struct SharedWord: @unchecked Sendable {
     func load() -> UInt32 { UInt32(littleEndian: pointer.pointee.load(ordering: .acquiring)) }
     /// Releasing.
     func store(_ v: UInt32) { pointer.pointee.store(v.littleEndian, ordering: .releasing) }
+    /// Sequentially consistent: a later sequentially consistent load of another variable
+    /// cannot be ordered before it (the store-then-check of renderStatus/renderGeneration).
+    func storeThenCheck(_ v: UInt32) { pointer.pointee.store(v.littleEndian, ordering: .sequentiallyConsistent) }
+    /// Sequentially consistent (markNeedsReset's side of renderStatus's store-then-check).
+    func bitwiseOrThenCheck(_ v: UInt32) { pointer.pointee.bitwiseOr(v.littleEndian, ordering: .sequentiallyConsistent) }
     /// Acquiring and releasing; returns the old and new values.
     @discardableResult
     func bitwiseOr(_ v: UInt32) -> (oldValue: UInt32, newValue: UInt32) {
@@ -83,22 +88,26 @@ extension VirtioMMIOTransport {
     }
 
     /// Status as the driver reads it: `status` and DEVICE_NEEDS_RESET. A device thread that
-    /// sets NEEDS_RESET meanwhile ORs it in after its flag: the second look keeps it.
+    /// sets NEEDS_RESET meanwhile ORs it in after its flag (markNeedsReset): the second look
+    /// keeps it. Both sides are sequentially consistent: with only release and acquire,
+    /// the second look could be done before the store lands, miss the flag, and the store
+    /// would then overwrite the device thread's OR.
     func renderStatus(_ status: UInt32) {
         guard let page = registerPage?.bytes else { return }
         let w = SharedWord(page + Int(VirtioMMIOReg.status))
-        w.store(status | (needsResetFlag.load(ordering: .acquiring) ? VirtioStatus.needsReset : 0))
-        if needsResetFlag.load(ordering: .acquiring) { w.bitwiseOr(VirtioStatus.needsReset) }
+        w.storeThenCheck(status | (needsResetFlag.load(ordering: .sequentiallyConsistent) ? VirtioStatus.needsReset : 0))
+        if needsResetFlag.load(ordering: .sequentiallyConsistent) { w.bitwiseOr(VirtioStatus.needsReset) }
     }
 
-    /// ConfigGeneration into the page, again until the stored value is the current one.
+    /// ConfigGeneration into the page, again until the stored value is the current one
+    /// (sequentially consistent for the reason renderStatus gives).
     func renderGeneration() {
         guard let page = registerPage?.bytes else { return }
         let w = SharedWord(page + Int(VirtioMMIOReg.configGeneration))
-        var g = generation.load(ordering: .acquiring)
+        var g = generation.load(ordering: .sequentiallyConsistent)
         while true {
-            w.store(g)
-            let now = generation.load(ordering: .acquiring)
+            w.storeThenCheck(g)
+            let now = generation.load(ordering: .sequentiallyConsistent)
             if now == g { return }
             g = now
         }

@@ -220,6 +220,30 @@ final class RegisterPageEdgeTests: XCTestCase {
         XCTAssertEqual(line.pulses, 2)
         XCTAssertEqual(status(), 1)
     }
+
+    /// An ACK that the previous driver's handler wrote after the reset (reset dropped the
+    /// ones before it) is gone by DRIVER_OK: the new driver's first pulse carries the
+    /// used-buffer bit, and a configuration change on top of it must not take that stale
+    /// ACK as the pulse's and clear the bit before the handler reads it.
+    func testAnAckFromBeforeDriverOKClearsNothingAfterIt() {
+        let s = VirtioStatus.acknowledge | VirtioStatus.driver | VirtioStatus.featuresOK
+        t.write(offset: R.status, size: 4, value: VirtioStatus.acknowledge)
+        t.write(offset: R.status, size: 4, value: 0)
+        acks.ack(VirtioInterrupt.usedBuffer)
+        t.write(offset: R.status, size: 4, value: VirtioStatus.acknowledge)
+        t.write(offset: R.status, size: 4, value: VirtioStatus.acknowledge | VirtioStatus.driver)
+        t.write(offset: R.driverFeaturesSel, size: 4, value: 1)
+        t.write(offset: R.driverFeatures, size: 4, value: 1)  // VERSION_1
+        t.write(offset: R.status, size: 4, value: s)
+        t.write(offset: R.status, size: 4, value: s | VirtioStatus.driverOK)
+        XCTAssertEqual(t.read(offset: R.status, size: 4), s | VirtioStatus.driverOK)
+        XCTAssertEqual(acks.pending.load(ordering: .acquiring), 0, "DRIVER_OK drops the ACKs written before it")
+        t.signalUsedBuffer()
+        t.signalConfigChange()
+        XCTAssertEqual(status(), VirtioInterrupt.usedBuffer | VirtioInterrupt.configChange,
+                       "the used-buffer bit stays until an ACK written after its pulse")
+        XCTAssertEqual(line.pulses, 2)
+    }
 }
 
 /// The lost-interrupt race with the register page, edge-triggered: a device thread uses
