@@ -485,7 +485,7 @@ final class ResampledIrqfd: InterruptLine {
 /// (VirtioInterruptMode.edge). The transport takes them at the next InterruptStatus read.
 /// A value whose ioeventfd KVM refused exits as before and is applied at once. Writing 0
 /// acknowledges nothing (Linux writes back what it read, 0 after a spurious interrupt):
-/// its eventfd is only emptied at a reset.
+/// its eventfd is only emptied at a reset, and at DRIVER_OK with the register page.
 final class AckIoeventfds: DeferredInterruptAcks {
     let vm: any VirtioVM
     let address: UInt64

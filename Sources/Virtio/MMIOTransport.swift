@@ -66,7 +66,8 @@ public protocol DeferredInterruptAcks: AnyObject, Sendable {
     /// The values written since the last call, ORed together (0 if none). Called with the
     /// transport's `edgeLock` held.
     func take() -> UInt32
-    /// Forgets the values written so far (device reset).
+    /// Forgets the values written so far (a device reset, and DRIVER_OK with the register
+    /// page).
     func drain()
 }
 
@@ -314,11 +315,24 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
     }
 
     public func markNeedsReset() {
+        if setNeedsResetFlag() { announceNeedsReset() }
+    }
+
+    /// Sets DEVICE_NEEDS_RESET in the flag and on the register page; true if it was clear.
+    /// A register write that breaks the device calls it under the state lock, so a reset
+    /// on another vCPU comes wholly before or after it.
+    private func setNeedsResetFlag() -> Bool {
         let (was, _) = needsResetFlag.compareExchange(expected: false, desired: true, ordering: .sequentiallyConsistent)
-        guard was else { return }
+        guard was else { return false }
         if let registerPage {
             SharedWord(registerPage.bytes + Int(VirtioMMIOReg.status)).bitwiseOrThenCheck(VirtioStatus.needsReset)
         }
+        return true
+    }
+
+    /// The warning and, once the driver is running, the configuration-change interrupt for
+    /// a NEEDS_RESET just set (called without the state lock).
+    private func announceNeedsReset() {
         log?.warn("device needs reset", "virtio-mmio device type \(device.deviceType): DEVICE_NEEDS_RESET")
         if driverOKFlag.load(ordering: .acquiring) { raiseConfigChange() }
     }
@@ -579,9 +593,10 @@ public final class VirtioMMIOTransport: VirtioInterruptSink {
             default:
                 ignored("ignored register write", "write to read-only or reserved register", offset, 4)
             }
+            if markBroken { markBroken = setNeedsResetFlag() }
             render(s, config: false)
         }
-        if markBroken { markNeedsReset() }
+        if markBroken { announceNeedsReset() }
     }
 
     /// Returns true if the device must be marked NEEDS_RESET.
