@@ -210,6 +210,27 @@ def test_a_boot_whose_page_tables_were_lost_below_swiftlet_runs_once_more(tmp_pa
         assert out == "runs=1 rc=%d\n" % (0 if first.startswith("ok") else 143), (first, out)
 
 
+# Every swiftlet the guest checks start is stopped with SIGTERM before SIGKILL, so a hung
+# guest prints the stop line again_if_root_lost reads, and every boot in them is one it
+# wraps (boot(), or an X_once function passed to it).
+def test_guest_checks_stop_swiftlet_with_term_and_repeat_every_boot():
+    text = open(os.path.join(REPO, "scripts", "swiftlet-guest-checks")).read()
+    runs = [l for l in text.splitlines() if re.search(r'\btimeout\b[^"]*"\$sw"', l)]
+    assert len(runs) >= 6, runs
+    for l in runs:
+        assert re.search(r'\btimeout -k \d+ -s TERM \d+ "\$sw"', l), l
+    # each function that runs the first swiftlet of a check is wrapped
+    onces = set(re.findall(r"^(\w+_once)\(\) \{", text, re.M))
+    assert {"boot_once", "netping_once", "timeout_once", "console_once"} <= onces, onces
+    for f in onces:
+        assert re.search(r"again_if_root_lost %s\b" % f, text), f
+    bare = [l for l in text.splitlines() if re.match(r'\s*(\$netns sh -c .*)?timeout [^"]*"\$sw"', l)]
+    inside = set()
+    for m in re.finditer(r"^\w+_once\(\) \{\n(.*?)^\}", text, re.M | re.S):
+        inside.update(m.group(1).splitlines())
+    assert [l for l in bare if l not in inside] == [], "a swiftlet boot outside again_if_root_lost"
+
+
 # L1's trace of a 2-vCPU guest whose vCPU 1 shut down on an instruction-fetch page fault
 # at the address KVM had just entered it at (a stress run of fio2, abridged).
 LOST_FETCH_TRACE = """# tracer: nop
