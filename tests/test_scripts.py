@@ -231,6 +231,40 @@ def test_guest_checks_stop_swiftlet_with_term_and_repeat_every_boot():
     assert [l for l in bare if l not in inside] == [], "a swiftlet boot outside again_if_root_lost"
 
 
+# scripts/smoke-inner with a stand-in swiftlet that prints STOP and ends with status 143
+# (a guest stopped by a signal), in a private network namespace (smoke makes a TAP)
+def smoke_inner_with(tmp_path, stop):
+    if os.geteuid() != 0 or subprocess.run(["unshare", "-n", "true"]).returncode != 0:
+        import pytest
+        pytest.skip("smoke-inner makes a TAP: needs root and unshare -n")
+    images = tmp_path / "images"
+    (tmp_path / "tracing" / "events" / "kvm").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "tracing" / "trace").write_text("")
+    images.mkdir(exist_ok=True)
+    for f in ("vmlinuz", "initramfs.cpio.gz", "rootfs.ext4"):
+        (images / f).write_text("x")
+    fake = tmp_path / "swiftlet"
+    fake.write_text("#!/bin/sh\necho 'swiftlet-guest: userspace'\necho '%s'\nexit 143\n" % stop)
+    fake.chmod(0o755)
+    env = dict(os.environ, TESTBED_MODE="l1", KVM_TRACING=str(tmp_path / "tracing"), TESTBED_IMAGES=str(images),
+               TESTBED_SCRATCH=str(tmp_path), TESTBED_SWIFTLET=str(fake), SMOKE_VMM_TIMEOUT="20")
+    r = subprocess.run(["unshare", "-n", "sh", "-c", 'ip link set lo up; exec "$0" swiftlet',
+                        os.path.join(REPO, "scripts", "smoke-inner")],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 1, r
+    return r.stdout.splitlines()
+
+
+def test_smoke_says_when_the_testbed_lost_the_guests_paging(tmp_path):
+    lines = smoke_inner_with(tmp_path, "swiftlet: " + LOST[len("swiftlet: "):])
+    assert lines[-2:] == ["smoke: testbed: the guest's paging state was lost below swiftlet (lib/vmm.sh paging_lost)",
+                          "smoke: FAILED guest did not see its disk vda"], lines
+    # an ordinary hang is swiftlet's failure, with no testbed line
+    lines = smoke_inner_with(tmp_path, HUNG)
+    assert lines[-1] == "smoke: FAILED guest did not see its disk vda", lines
+    assert not [l for l in lines if l.startswith("smoke: testbed:")], lines
+
+
 # L1's trace of a 2-vCPU guest whose vCPU 1 shut down on an instruction-fetch page fault
 # at the address KVM had just entered it at (a stress run of fio2, abridged).
 LOST_FETCH_TRACE = """# tracer: nop

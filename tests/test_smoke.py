@@ -2,6 +2,7 @@
 (inside the testbed here), and the swiftlet-not-built line."""
 import os
 import re
+import warnings
 
 from conftest import REPO, run, run_retrying_l1
 
@@ -9,8 +10,15 @@ SMOKE = os.path.join(REPO, "scripts", "smoke")
 
 
 def smoke(vmm, env=None):
-    """scripts/smoke --vmm VMM, run once more after an L1 failure (run_retrying_l1)."""
-    return run_retrying_l1([SMOKE, "--vmm", vmm], "smoke --vmm " + vmm, env=env, timeout=1300)
+    """scripts/smoke --vmm VMM, run once more after an L1 failure (run_retrying_l1), or
+    after a failure whose guest lost its paging state below the VMM (smoke's "testbed:"
+    line, the testbed's own fault); the retry is a warning, a second failure stands."""
+    r = run_retrying_l1([SMOKE, "--vmm", vmm], "smoke --vmm " + vmm, env=env, timeout=1300)
+    lost = [l for l in r.stdout.splitlines() if l.startswith("smoke: testbed: ")]
+    if r.returncode != 0 and lost:
+        warnings.warn("smoke --vmm %s retried: %s" % (vmm, lost[0]))
+        r = run_retrying_l1([SMOKE, "--vmm", vmm], "smoke --vmm " + vmm, env=env, timeout=1300)
+    return r
 
 
 def test_smoke_qemu_end_to_end(testbed_image):
