@@ -229,22 +229,27 @@ def test_guest_checks_stop_swiftlet_with_term_and_repeat_every_boot():
     for m in re.finditer(r"^\w+_once\(\) \{\n(.*?)^\}", text, re.M | re.S):
         inside.update(m.group(1).splitlines())
     assert [l for l in bare if l not in inside] == [], "a swiftlet boot outside again_if_root_lost"
+    # at --log-level info, so a stop by signal prints the vCPUs' stop line
+    for l in bare:
+        assert "--log-level info" in l, l
 
 
 # scripts/smoke-inner with a stand-in swiftlet that prints STOP and ends with status 143
 # (a guest stopped by a signal), in a private network namespace (smoke makes a TAP)
-def smoke_inner_with(tmp_path, stop):
-    if os.geteuid() != 0 or subprocess.run(["unshare", "-n", "true"]).returncode != 0:
+def smoke_inner_with(tmp_path, stop, trace="", status=143):
+    import shutil
+    if (os.geteuid() != 0 or not os.path.exists("/dev/net/tun") or not shutil.which("iperf3")
+            or subprocess.run(["unshare", "-n", "true"]).returncode != 0):
         import pytest
-        pytest.skip("smoke-inner makes a TAP: needs root and unshare -n")
+        pytest.skip("smoke-inner makes a TAP and runs iperf3: needs root, /dev/net/tun, iperf3, unshare -n")
     images = tmp_path / "images"
     (tmp_path / "tracing" / "events" / "kvm").mkdir(parents=True, exist_ok=True)
-    (tmp_path / "tracing" / "trace").write_text("")
+    (tmp_path / "tracing" / "trace").write_text(trace)
     images.mkdir(exist_ok=True)
     for f in ("vmlinuz", "initramfs.cpio.gz", "rootfs.ext4"):
         (images / f).write_text("x")
     fake = tmp_path / "swiftlet"
-    fake.write_text("#!/bin/sh\necho 'swiftlet-guest: userspace'\necho '%s'\nexit 143\n" % stop)
+    fake.write_text("#!/bin/sh\necho 'swiftlet-guest: userspace'\necho '%s'\nexit %d\n" % (stop, status))
     fake.chmod(0o755)
     env = dict(os.environ, TESTBED_MODE="l1", KVM_TRACING=str(tmp_path / "tracing"), TESTBED_IMAGES=str(images),
                TESTBED_SCRATCH=str(tmp_path), TESTBED_SWIFTLET=str(fake), SMOKE_VMM_TIMEOUT="20")
@@ -256,11 +261,19 @@ def smoke_inner_with(tmp_path, stop):
 
 
 def test_smoke_says_when_the_testbed_lost_the_guests_paging(tmp_path):
-    lines = smoke_inner_with(tmp_path, "swiftlet: " + LOST[len("swiftlet: "):])
-    assert lines[-2:] == ["smoke: testbed: the guest's paging state was lost below swiftlet (lib/vmm.sh paging_lost)",
-                          "smoke: FAILED guest did not see its disk vda"], lines
-    # an ordinary hang is swiftlet's failure, with no testbed line
-    lines = smoke_inner_with(tmp_path, HUNG)
+    # a hung guest (smoke kills the VMM: no stop line) whose page-table walk L1's trace shows
+    # above guest RAM
+    lines = smoke_inner_with(tmp_path, HUNG, LOST_WALK_TRACE)
+    i = lines.index("smoke: testbed: the guest's paging state was lost below swiftlet (lib/vmm.sh paging_lost)")
+    assert "reason npf" in lines[i + 1] and "info2 0x0000000100c84fe0" in lines[i + 1], lines
+    assert lines[-1] == "smoke: FAILED guest did not see its disk vda", lines
+    # the same hang with no such trace is swiftlet's failure, with no testbed line
+    for trace in ("", LOST_WALK_TRACE.replace("info2 0x0000000100c84fe0", "info2 0x000000001fc84fe0")):
+        lines = smoke_inner_with(tmp_path, HUNG, trace)
+        assert lines[-1] == "smoke: FAILED guest did not see its disk vda", lines
+        assert not [l for l in lines if l.startswith("smoke: testbed:")], lines
+    # a VMM that ended with status 0 ran its guest to poweroff: whatever the trace, not the testbed
+    lines = smoke_inner_with(tmp_path, "", LOST_WALK_TRACE, status=0)
     assert lines[-1] == "smoke: FAILED guest did not see its disk vda", lines
     assert not [l for l in lines if l.startswith("smoke: testbed:")], lines
 
