@@ -2,6 +2,7 @@
 import contextlib
 import fcntl
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -10,6 +11,17 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GI = os.path.join(REPO, "guest-images")
+
+
+def unshare_refused():
+    """Why this host cannot run the benchmark (not root, no netns, no TAP), or None."""
+    if os.geteuid() != 0:
+        return "not root: unshare(CLONE_NEWNET) and TAP creation need root"
+    if not os.path.exists("/dev/net/tun"):
+        return "no /dev/net/tun"
+    if shutil.which("unshare") and subprocess.run(["unshare", "-n", "true"]).returncode != 0:
+        return "unshare(CLONE_NEWNET) refused on this host"
+    return None
 
 
 def run(argv, env=None, timeout=900, **kw):

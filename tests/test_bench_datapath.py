@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, run
+from conftest import REPO, run, unshare_refused
 
 BENCH = os.path.join(REPO, "scripts", "bench")
 BIN = os.path.join(REPO, ".build-release", "release", "swiftlet-datapath-bench")
@@ -17,17 +17,6 @@ LAST = re.compile(
     r"^datapath: " + "; ".join(r"%s %s swiftlet (%s)/frame raw (%s)/frame ratio (%s)" % (d, s, NUM, NUM, NUM)
                                for d in ("tx", "rx") for s in ("1500B", "64K"))
     + r"; 2-pair/1-pair scaling tx (%s) rx (%s)$" % (NUM, NUM))
-
-
-def unshare_refused():
-    """Why this host cannot run the benchmark (not root, no netns, no TAP), or None."""
-    if os.geteuid() != 0:
-        return "not root: unshare(CLONE_NEWNET) and TAP creation need root"
-    if not os.path.exists("/dev/net/tun"):
-        return "no /dev/net/tun"
-    if shutil.which("unshare") and subprocess.run(["unshare", "-n", "true"]).returncode != 0:
-        return "unshare(CLONE_NEWNET) refused on this host"
-    return None
 
 
 def test_datapath_one_round_parses():

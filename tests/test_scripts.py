@@ -4,10 +4,13 @@ import importlib.machinery
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 
-from conftest import REPO, run
+import pytest
+
+from conftest import REPO, run, unshare_refused
 
 TEST = os.path.join(REPO, "scripts", "test")
 
@@ -234,14 +237,12 @@ def test_guest_checks_stop_swiftlet_with_term_and_repeat_every_boot():
         assert "--log-level info" in l, l
 
 
-# scripts/smoke-inner with a stand-in swiftlet that prints STOP and ends with status 143
-# (a guest stopped by a signal), in a private network namespace (smoke makes a TAP)
+# scripts/smoke-inner with a stand-in swiftlet that prints STOP and ends with STATUS, L1's
+# KVM trace being TRACE, in a private network namespace (smoke makes a TAP)
 def smoke_inner_with(tmp_path, stop, trace="", status=143):
-    import shutil
-    if (os.geteuid() != 0 or not os.path.exists("/dev/net/tun") or not shutil.which("iperf3")
-            or subprocess.run(["unshare", "-n", "true"]).returncode != 0):
-        import pytest
-        pytest.skip("smoke-inner makes a TAP and runs iperf3: needs root, /dev/net/tun, iperf3, unshare -n")
+    why = unshare_refused() or (None if shutil.which("iperf3") else "no iperf3")
+    if why:
+        pytest.skip(why)
     images = tmp_path / "images"
     (tmp_path / "tracing" / "events" / "kvm").mkdir(parents=True, exist_ok=True)
     (tmp_path / "tracing" / "trace").write_text(trace)

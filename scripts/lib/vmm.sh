@@ -254,10 +254,16 @@ paging_lost() {
     [ -n "$_ev" ] || grep -q 'page table root 0x[0-9a-f]* outside guest RAM' "$1" 2>/dev/null
 }
 
+# paging_lost_say LINE CONSOLE: when paging_lost says so, LINE and the evidence; status 0
+# then, 1 otherwise.
+paging_lost_say() {
+    _pl=$(paging_lost "$2") && { echo "$1"; [ -z "$_pl" ] || printf '%s\n' "$_pl"; }
+}
+
 # paging_lost_line VMM RUN CONSOLE: for a failed benchmark run, "bench-lost VMM RUN" and
 # the evidence when paging_lost says so.
 paging_lost_line() {
-    _pl=$(paging_lost "$3") && { echo "bench-lost $1 $2"; [ -z "$_pl" ] || printf '%s\n' "$_pl"; }
+    paging_lost_say "bench-lost $1 $2" "$3"
     return 0
 }
 
